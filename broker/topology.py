@@ -1,0 +1,58 @@
+"""Declaring what every process relies on: idempotent, safe to run at each start."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiormq
+from aio_pika import ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from broker.errors import BrokerUnavailable
+from schemas.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_QUEUE_ARGUMENTS,
+    WORK_QUEUE_ARGUMENTS,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def declare_dead_letters(channel: AbstractChannel) -> None:
+    """The exchange every queue dead-letters to, and the queue that keeps what it gets."""
+    exchange = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
+    )
+    await queue.bind(exchange)
+
+
+async def declare_queue(
+    connection: AbstractConnection, name: str, arguments: dict[str, Any]
+) -> None:
+    """Declare a durable queue on a short-lived channel.
+
+    A queue that already exists with other arguments (declared by a process
+    configured differently, e.g. another ``max_length``) is used as it is: the
+    broker refuses the redeclare and closes the channel, so we check it exists
+    with a passive declare on a fresh one.
+    """
+    try:
+        try:
+            async with connection.channel() as channel:
+                await channel.declare_queue(name, durable=True, arguments=arguments)
+            return
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            log.warning("queue %s exists with other arguments; using it as it is: %s", name, exc)
+        async with connection.channel() as channel:
+            await channel.declare_queue(name, passive=True)
+    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"cannot declare {name!r}: {exc!r}") from exc
+
+
+async def declare_work_queue(connection: AbstractConnection, name: str) -> None:
+    await declare_queue(connection, name, WORK_QUEUE_ARGUMENTS)

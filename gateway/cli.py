@@ -1,0 +1,80 @@
+"""``python -m gateway``: serve, or administer projects, keys and deployments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from broker.registry import register_deployment
+from gateway.app import create_app
+from gateway.auth import create_key, revoke_key
+from gateway.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the HTTP gateway (the default)")
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create a key for a project; prints it once")
+    create.add_argument("--project", required=True)
+    create.add_argument(
+        "--key", help="record this key instead of generating one (development setups)"
+    )
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("--id", required=True)
+
+    deployments = sub.add_parser("deployments", help="registry").add_subparsers(
+        dest="deployments_command", required=True
+    )
+    register = deployments.add_parser(
+        "register", help="record a deployment and its workflows (what a worker fleet does)"
+    )
+    register.add_argument("--project", required=True)
+    register.add_argument("--deployment", required=True)
+    register.add_argument("--workflow", action="append", required=True, dest="workflows")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command in (None, "serve"):
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+            handle_signals=True,
+            access_log=None,
+        )
+        return 0
+    if args.command == "keys":
+        if args.keys_command == "create":
+            key, key_id = create_key(settings.projects_file, args.project, args.key)
+            print(key)
+            print(f"# key id {key_id} for project {args.project}", file=sys.stderr)
+            return 0
+        if revoke_key(settings.projects_file, args.id):
+            print(f"revoked {args.id}; send SIGHUP to running gateways", file=sys.stderr)
+            return 0
+        print(f"no key {args.id}", file=sys.stderr)
+        return 1
+    asyncio.run(
+        register_deployment(
+            settings.amqp_url.get_secret_value(), args.project, args.deployment, args.workflows
+        )
+    )
+    print(f"registered {args.project}/{args.deployment}: {', '.join(args.workflows)}")
+    return 0

@@ -1,0 +1,191 @@
+"""HTTP handlers: submit, health, readiness, the API description."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from broker.errors import BrokerUnavailable, PublishRejected, Unroutable
+from gateway.auth import api_key_from
+from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.errors import ApiError
+from schemas.api import QUEUE_NAME_PATTERN, SubmitWorkflowRequest
+from schemas.envelope import encode_submission
+from schemas.ids import new_execution_id
+
+_QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
+_JSON = "application/json"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON)
+
+
+def _validation_details(exc: ValidationError) -> tuple[str, str, list[dict[str, str]]]:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return "INVALID_JSON", "The request body is not valid JSON.", []
+    if any(e["type"] == "model_type" for e in errors):
+        return "INVALID_REQUEST", "The request body must be a JSON object.", []
+    details = [
+        {"field": ".".join(str(part) for part in e["loc"]) or "body", "message": e["msg"]}
+        for e in errors
+    ]
+    fields = ", ".join(d["field"] for d in details)
+    return "VALIDATION_ERROR", f"Invalid request field(s): {fields}.", details
+
+
+def _unavailable(message: str, retry_after: int) -> ApiError:
+    return ApiError(503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)})
+
+
+async def submit_workflow(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[APP_SETTINGS]
+    principal = app[APP_KEYS].authorize(_api_key(request), request.headers.get("X-Project-ID"))
+    project_id = principal.project_id
+    workflow_id = request.match_info["workflow_id"]
+
+    if request.content_type != _JSON:
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise _too_large(settings.max_body_bytes)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(settings.max_body_bytes) from None
+    try:
+        body = SubmitWorkflowRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        error_type, message, details = _validation_details(exc)
+        raise ApiError(400, error_type, message, details) from None
+
+    link = app[APP_LINK]
+    deployment = link.state.resolve(project_id, body.deployment_id)
+    if deployment is None:
+        if body.deployment_id is None:
+            raise ApiError(
+                404, "DEPLOYMENT_NOT_FOUND", f"Project {project_id!r} has no registered deployment."
+            )
+        raise ApiError(404, "DEPLOYMENT_NOT_FOUND", f"Deployment {body.deployment_id!r} not found.")
+    if workflow_id not in deployment.workflows:
+        raise ApiError(
+            404,
+            "WORKFLOW_NOT_FOUND",
+            f"Workflow {workflow_id!r} is not registered in deployment "
+            f"{deployment.deployment_id!r}.",
+        )
+
+    run_timeout = body.run_timeout_seconds or settings.default_run_timeout_seconds
+    if run_timeout > settings.max_run_timeout_seconds:
+        raise ApiError(
+            400,
+            "VALIDATION_ERROR",
+            "Invalid request field(s): run_timeout_seconds.",
+            [
+                {
+                    "field": "run_timeout_seconds",
+                    "message": f"must be at most {settings.max_run_timeout_seconds}",
+                }
+            ],
+        )
+    queue_name = body.queue_name or workflow_id
+    if body.queue_name is None and not _QUEUE_NAME_RE.match(queue_name):
+        raise ApiError(
+            400,
+            "VALIDATION_ERROR",
+            "Invalid request field(s): queue_name.",
+            [
+                {
+                    "field": "queue_name",
+                    "message": "the workflow id is not a valid queue name; set queue_name",
+                }
+            ],
+        )
+
+    queues, publisher = link.queues, link.publisher
+    if queues is None or publisher is None or not publisher.available:
+        raise _unavailable("The message broker is unavailable.", settings.retry_after_seconds)
+
+    execution_id, created_at = new_execution_id()
+    envelope = encode_submission(
+        execution_id=execution_id,
+        created_at=created_at,
+        project_id=project_id,
+        workflow_id=workflow_id,
+        deployment_id=deployment.deployment_id,
+        queue_name=queue_name,
+        queue_concurrency_limit=body.queue_concurrency_limit,
+        concurrency_key=body.concurrency_key,
+        run_timeout_seconds=run_timeout,
+        payload=body.payload,
+        initial_state=body.initial_state,
+        session_id=body.session_id or str(uuid.uuid4()),
+        user_id=body.user_id,
+        otel_traceparent=body.otel_traceparent,
+        parent_execution_id=body.parent_execution_id,
+        root_execution_id=body.root_execution_id,
+        step_key=body.step_key,
+        wait_for_subworkflow=bool(body.wait_for_subworkflow),
+        submitted_by=principal.key_id,
+    )
+    try:
+        routing_key = await queues.ensure(project_id, queue_name, body.queue_concurrency_limit)
+        try:
+            await publisher.publish(routing_key, envelope, message_id=execution_id)
+        except Unroutable:
+            # Deleted behind our back: declare again and retry once.
+            queues.forget(routing_key)
+            routing_key = await queues.ensure(project_id, queue_name, None)
+            await publisher.publish(routing_key, envelope, message_id=execution_id)
+    except PublishRejected:
+        raise ApiError(
+            429,
+            "QUEUE_FULL",
+            f"Queue {queue_name!r} is at its maximum length; retry later.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        ) from None
+    except (BrokerUnavailable, Unroutable) as exc:
+        raise _unavailable(
+            f"The submission was not accepted by the broker: {exc}", settings.retry_after_seconds
+        ) from None
+    return _json({"execution_id": execution_id, "created_at": created_at})
+
+
+def _api_key(request: web.Request) -> str | None:
+    return api_key_from(request.headers.get("Authorization"), request.cookies.get("polos_auth"))
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, "PAYLOAD_TOO_LARGE", f"The request body exceeds the limit of {limit} bytes."
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    link = request.app[APP_LINK]
+    if link.ready:
+        return _json({"status": "ready"})
+    follower = link.follower
+    return _json(
+        {
+            "status": "not_ready",
+            "broker_connected": link.publisher is not None and link.publisher.available,
+            "registry_replayed": follower is not None and follower.replayed.is_set(),
+        },
+        status=503,
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[APP_OPENAPI], content_type=_JSON)

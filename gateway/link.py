@@ -1,0 +1,104 @@
+"""The gateway's link to RabbitMQ.
+
+It connects in the background and retries until the broker answers, so the
+gateway starts (and answers ``/health``, and 503 on submit) while the broker
+is down. Once connected, aio-pika's robust connection restores channels by
+itself after a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aio_pika.abc import AbstractRobustConnection
+
+from broker.connection import connect_robust
+from broker.publisher import ConfirmedPublisher
+from broker.registry import RegistryFollower, RegistryState, RegistryWriter
+from broker.topology import declare_dead_letters
+from gateway.queues import QueueDirectory
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class BrokerLink:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.state = RegistryState()
+        self.connection: AbstractRobustConnection | None = None
+        self.publisher: ConfirmedPublisher | None = None
+        self.follower: RegistryFollower | None = None
+        self.queues: QueueDirectory | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._connect_until_done(), name="broker-connect")
+
+    async def wait_connected(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.publisher is not None
+            and self.publisher.available
+            and self.follower is not None
+            and self.follower.replayed.is_set()
+        )
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.follower is not None:
+            await self.follower.close()
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self.connection is not None:
+            await self.connection.close()
+
+    async def _connect_until_done(self) -> None:
+        settings = self._settings
+        while True:
+            connection: AbstractRobustConnection | None = None
+            try:
+                connection = await connect_robust(settings.amqp_url.get_secret_value(), "gateway")
+                publisher = ConfirmedPublisher(
+                    connection,
+                    confirm_timeout=settings.confirm_timeout_seconds,
+                    channels=settings.publish_channels,
+                )
+                await publisher.start()
+                async with connection.channel() as channel:
+                    await declare_dead_letters(channel)
+                writer = RegistryWriter(publisher)
+                follower = RegistryFollower(connection, writer, self.state)
+                await follower.start()
+            except asyncio.CancelledError:
+                if connection is not None:
+                    await connection.close()
+                raise
+            except Exception as exc:
+                log.warning(
+                    "broker not reachable (%r); retrying in %ss",
+                    exc,
+                    settings.reconnect_interval_seconds,
+                )
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                await asyncio.sleep(settings.reconnect_interval_seconds)
+                continue
+            self.connection = connection
+            self.publisher = publisher
+            self.follower = follower
+            self.queues = QueueDirectory(
+                connection, writer, self.state, max_length=settings.queue_max_length
+            )
+            log.info("connected to the broker")
+            return

@@ -1,0 +1,80 @@
+"""Submission queues as the gateway sees them: declared once, recorded in the registry.
+
+The hot path calls ``ensure`` for every submission; after the first one per
+queue it is a set lookup (plus a dict lookup when the submission carries a
+concurrency limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aio_pika.abc import AbstractConnection
+
+from broker.registry import RegistryState, RegistryWriter
+from broker.topology import declare_queue
+from schemas.ids import now_rfc3339
+from schemas.registry import QueueDeclared, QueueLimitSet
+from schemas.topology import submit_queue, submit_queue_arguments
+
+
+class QueueDirectory:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        writer: RegistryWriter,
+        state: RegistryState,
+        *,
+        max_length: int,
+    ) -> None:
+        self._connection = connection
+        self._writer = writer
+        self._state = state
+        self._arguments = submit_queue_arguments(max_length=max_length)
+        self._declared: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def ensure(self, project_id: str, queue_name: str, limit: int | None) -> str:
+        """The broker name of the queue, declared and recorded; raises BrokerError."""
+        name = submit_queue(project_id, queue_name)
+        if name in self._declared:
+            if limit is not None:
+                config = self._state.queues.get((project_id, queue_name))
+                if config is None or config.concurrency_limit != limit:
+                    await self._record(project_id, queue_name, limit, name)
+            return name
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name not in self._declared:
+                await declare_queue(self._connection, name, self._arguments)
+                await self._record(project_id, queue_name, limit, name)
+                self._declared.add(name)
+        self._locks.pop(name, None)
+        return name
+
+    def forget(self, name: str) -> None:
+        """The queue vanished (deleted by an operator): declare it again next time."""
+        self._declared.discard(name)
+
+    async def _record(self, project_id: str, queue_name: str, limit: int | None, name: str) -> None:
+        config = self._state.queues.get((project_id, queue_name))
+        if config is None:
+            event: QueueDeclared | QueueLimitSet = QueueDeclared(
+                at=now_rfc3339(),
+                project_id=project_id,
+                queue_name=queue_name,
+                concurrency_limit=limit,
+            )
+        elif limit is not None and config.concurrency_limit != limit:
+            event = QueueLimitSet(
+                at=now_rfc3339(),
+                project_id=project_id,
+                queue_name=queue_name,
+                concurrency_limit=limit,
+            )
+        else:
+            return
+        await self._writer.append(event)
+        # Apply now rather than wait for the stream to echo it back, so the
+        # next submission does not record the same change again.
+        self._state.apply(event)

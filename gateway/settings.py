@@ -1,0 +1,40 @@
+"""Gateway configuration, from ``POLOS_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.api import DEFAULT_RUN_TIMEOUT_SECONDS
+from schemas.topology import MAX_RUN_TIMEOUT_CAP_S
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    projects_file: Path = Field(
+        default=Path("polos-projects.json"),
+        description="Projects and their API key hashes; reloaded on SIGHUP.",
+    )
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    default_run_timeout_seconds: int = Field(default=DEFAULT_RUN_TIMEOUT_SECONDS, ge=1)
+    max_run_timeout_seconds: int = Field(default=24 * 3600, ge=1, le=MAX_RUN_TIMEOUT_CAP_S)
+    queue_max_length: int = Field(
+        default=1_000_000, ge=1, description="x-max-length of new submission queues"
+    )
+    confirm_timeout_seconds: float = Field(default=5.0, gt=0)
+    retry_after_seconds: int = Field(default=1, ge=1)
+    publish_channels: int = Field(default=2, ge=1, le=64)
+    shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
+    reconnect_interval_seconds: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> Settings:
+        if self.default_run_timeout_seconds > self.max_run_timeout_seconds:
+            raise ValueError("default_run_timeout_seconds exceeds max_run_timeout_seconds")
+        return self

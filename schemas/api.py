@@ -1,0 +1,60 @@
+"""HTTP wire format of the Polos Orchestrator submit operation (``submit_workflow``).
+
+Field for field the OpenAPI ``SubmitWorkflowRequest`` / ``SubmitWorkflowResponse``
+(``spec/submit-workflow.openapi.yaml``), with DESIGN §2's rules as constraints.
+Unknown fields are ignored: the Polos SDK sends ``batch_id``, ``channel_context``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT32_MAX = 2**31 - 1
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+DEFAULT_RUN_TIMEOUT_SECONDS = 3600
+
+QueueName = Annotated[str, Field(pattern=QUEUE_NAME_PATTERN, min_length=1, max_length=128)]
+
+
+class SubmitWorkflowRequest(BaseModel):
+    """Request to submit a workflow for execution."""
+
+    # strict: "5" is not an int and 1 is not a string; the API is typed, not guessed.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    payload: Any = Field(description="Input payload for the workflow (any JSON, null allowed)")
+    deployment_id: str | None = Field(default=None, min_length=1, max_length=255)
+    queue_name: QueueName | None = None
+    queue_concurrency_limit: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    concurrency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    run_timeout_seconds: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    initial_state: Any = None
+    session_id: str | None = Field(default=None, max_length=255)
+    user_id: str | None = Field(default=None, max_length=255)
+    otel_traceparent: str | None = Field(default=None, max_length=512)
+    parent_execution_id: str | None = Field(default=None, max_length=255)
+    root_execution_id: str | None = Field(default=None, max_length=255)
+    step_key: str | None = Field(default=None, max_length=512)
+    wait_for_subworkflow: bool | None = None
+
+
+class SubmitWorkflowResponse(BaseModel):
+    """Response after submitting a workflow."""
+
+    execution_id: str = Field(description="Execution ID (UUIDv7)")
+    created_at: str = Field(description="Creation timestamp (RFC3339, UTC)")
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the gateway answers with."""
+
+    error: str
+    error_type: str
+    details: list[ErrorDetail] = Field(default_factory=list)

@@ -1,0 +1,96 @@
+"""The submission envelope: what the gateway publishes to a submission queue.
+
+The gateway stamps it (execution id, creation time, resolved deployment, the
+defaults applied) so that nothing downstream needs the HTTP request again.
+``encode_submission`` is the hot path's encoder; ``SubmissionEnvelope`` is the
+decoder every consumer uses and the reference the encoder is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+
+class SubmissionEnvelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: Literal["submission"] = "submission"
+    schema_version: int = SCHEMA_VERSION
+    execution_id: str
+    created_at: str
+    project_id: str
+    workflow_id: str
+    deployment_id: str
+    queue_name: str
+    queue_concurrency_limit: int | None = None
+    concurrency_key: str | None = None
+    run_timeout_seconds: int
+    payload: Any = None
+    initial_state: Any = None
+    session_id: str
+    user_id: str | None = None
+    otel_traceparent: str | None = None
+    parent_execution_id: str | None = None
+    root_execution_id: str | None = None
+    step_key: str | None = None
+    wait_for_subworkflow: bool = False
+    submitted_by: str
+
+
+def encode_submission(
+    *,
+    execution_id: str,
+    created_at: str,
+    project_id: str,
+    workflow_id: str,
+    deployment_id: str,
+    queue_name: str,
+    queue_concurrency_limit: int | None,
+    concurrency_key: str | None,
+    run_timeout_seconds: int,
+    payload: Any,
+    initial_state: Any,
+    session_id: str,
+    user_id: str | None,
+    otel_traceparent: str | None,
+    parent_execution_id: str | None,
+    root_execution_id: str | None,
+    step_key: str | None,
+    wait_for_subworkflow: bool,
+    submitted_by: str,
+) -> bytes:
+    """Serialize an envelope without building a model (the submit hot path)."""
+    return orjson.dumps(
+        {
+            "type": "submission",
+            "schema_version": SCHEMA_VERSION,
+            "execution_id": execution_id,
+            "created_at": created_at,
+            "project_id": project_id,
+            "workflow_id": workflow_id,
+            "deployment_id": deployment_id,
+            "queue_name": queue_name,
+            "queue_concurrency_limit": queue_concurrency_limit,
+            "concurrency_key": concurrency_key,
+            "run_timeout_seconds": run_timeout_seconds,
+            "payload": payload,
+            "initial_state": initial_state,
+            "session_id": session_id,
+            "user_id": user_id,
+            "otel_traceparent": otel_traceparent,
+            "parent_execution_id": parent_execution_id,
+            "root_execution_id": root_execution_id,
+            "step_key": step_key,
+            "wait_for_subworkflow": wait_for_subworkflow,
+            "submitted_by": submitted_by,
+        }
+    )
+
+
+def decode_submission(raw: bytes) -> SubmissionEnvelope:
+    return SubmissionEnvelope.model_validate_json(raw)

@@ -1,0 +1,64 @@
+"""Registry events: the durable log (a RabbitMQ stream) of deployments and queues.
+
+Worker fleets append ``deployment_registered``; gateways append
+``queue_declared`` (first submission to a queue) and ``queue_limit_set`` (a
+submission carrying a different ``queue_concurrency_limit``). Every gateway and
+dispatcher replays the log from the start and follows it, so the log *is* the
+configuration: the latest event wins.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    at: str = Field(description="RFC 3339 UTC time the event was written")
+
+
+class DeploymentRegistered(_Event):
+    type: Literal["deployment_registered"] = "deployment_registered"
+    project_id: str
+    deployment_id: str
+    workflows: tuple[str, ...]
+
+
+class QueueDeclared(_Event):
+    type: Literal["queue_declared"] = "queue_declared"
+    project_id: str
+    queue_name: str
+    concurrency_limit: int | None = None
+
+
+class QueueLimitSet(_Event):
+    type: Literal["queue_limit_set"] = "queue_limit_set"
+    project_id: str
+    queue_name: str
+    concurrency_limit: int
+
+
+class ReplayMarker(_Event):
+    """Written by a reader on start; reading it back means the replay is complete."""
+
+    type: Literal["replay_marker"] = "replay_marker"
+    nonce: str
+
+
+RegistryEvent = Annotated[
+    DeploymentRegistered | QueueDeclared | QueueLimitSet | ReplayMarker,
+    Field(discriminator="type"),
+]
+REGISTRY_EVENT: TypeAdapter[RegistryEvent] = TypeAdapter(RegistryEvent)
+
+
+def encode_event(event: RegistryEvent) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json"))
+
+
+def decode_event(raw: bytes) -> RegistryEvent:
+    return REGISTRY_EVENT.validate_json(raw)

@@ -1,0 +1,64 @@
+"""Names and arguments of everything declared on the broker.
+
+Submission queues are quorum queues, one per (project, queue_name), consumed by
+a single active dispatcher. The registry is a stream every process replays.
+Work queues are quorum queues, one per (project, deployment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REGISTRY_STREAM = "polos.registry"
+DEAD_LETTER_EXCHANGE = "polos.dlx"
+DEAD_LETTER_QUEUE = "polos.dead"
+
+SUBMIT_PREFIX = "polos.submit."
+WORK_PREFIX = "polos.work."
+
+PROJECT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+# The longest run_timeout_seconds any deployment may configure. Queue arguments
+# derive from it, and they must be identical in every process that declares a
+# queue (RabbitMQ refuses a redeclare with other values), so it is a constant.
+MAX_RUN_TIMEOUT_CAP_S = 7 * 24 * 3600
+
+# RabbitMQ's x-consumer-timeout (3.12+) must outlive the longest run: a
+# submission stays unacknowledged from admission until its execution is
+# terminal. 3.10/3.11 store the argument and ignore it; there the broker-wide
+# consumer_timeout (rabbitmq.conf, see compose/) must be raised instead.
+CONSUMER_TIMEOUT_MS = (MAX_RUN_TIMEOUT_CAP_S + 3600) * 1000
+
+
+def submit_queue(project_id: str, queue_name: str) -> str:
+    return f"{SUBMIT_PREFIX}{project_id}.{queue_name}"
+
+
+def work_queue(project_id: str, deployment_id: str) -> str:
+    return f"{WORK_PREFIX}{project_id}.{deployment_id}"
+
+
+def submit_queue_arguments(*, max_length: int) -> dict[str, Any]:
+    """Arguments of a submission queue.
+
+    These are fixed at declaration (RabbitMQ refuses a redeclare with different
+    values), so nothing here may depend on a single submission: the queue's
+    concurrency limit lives in the registry stream, never in an argument.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-max-length": max_length,
+        "x-overflow": "reject-publish",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
+    }
+
+
+WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
+}
+DEAD_LETTER_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+REGISTRY_STREAM_ARGUMENTS: dict[str, Any] = {"x-queue-type": "stream"}

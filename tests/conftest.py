@@ -1,0 +1,196 @@
+"""Fixtures: a real RabbitMQ, unique names per test, cleanup registered by each fixture.
+
+The broker is the one on 127.0.0.1 (or ``POLOS_AMQP_URL``); where neither
+answers and a Docker engine exists, a testcontainers RabbitMQ. With none of
+them the run stops at once with a clear message: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from broker.registry import register_deployment
+from gateway.app import create_app
+from gateway.auth import create_key
+from gateway.context import APP_LINK
+from gateway.settings import Settings
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+async def _broker_answers(url: str) -> bool:
+    try:
+        connection = await aio_pika.connect(url, timeout=5)
+    except Exception:
+        return False
+    await connection.close()
+    return True
+
+
+def _find_broker() -> tuple[str, Any]:
+    url = os.environ.get("POLOS_AMQP_URL", DEFAULT_AMQP_URL)
+    if asyncio.run(_broker_answers(url)):
+        return url, None
+    if shutil.which("docker") and os.path.exists("/var/run/docker.sock"):
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:3.13-management")
+        container.start()
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(container.port)
+        return f"amqp://guest:guest@{host}:{port}/", container
+    pytest.exit(
+        f"No RabbitMQ answers at {url} and no Docker engine is available. Start one "
+        "(`rabbitmq-server -detached`) or set POLOS_AMQP_URL. Tests never skip for this.",
+        returncode=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    url, container = _find_broker()
+    yield url
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    """A short unique id for names this test creates."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def amqp(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[AbstractConnection]:
+    """A plain connection named after the test, for inspecting the broker."""
+    connection = await aio_pika.connect(
+        amqp_url, client_properties={"connection_name": f"test-{request.node.name}"[:200]}
+    )
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def delete_queues(amqp: AbstractConnection) -> AsyncIterator[Callable[[str], None]]:
+    """Register a queue name to delete when the test ends."""
+    names: list[str] = []
+    yield names.append
+    channel = await amqp.channel()
+    for name in names:
+        try:
+            await channel.queue_delete(name)
+        except aio_pika.exceptions.ChannelClosed:
+            channel = await amqp.channel()
+    await channel.close()
+
+
+class Tenant:
+    """A project with an API key in a projects file of the test's own."""
+
+    def __init__(self, projects_file: Path, project_id: str, api_key: str) -> None:
+        self.projects_file = projects_file
+        self.project_id = project_id
+        self.api_key = api_key
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "X-Project-ID": self.project_id}
+
+
+@pytest.fixture
+def tenant(tmp_path: Path, uid: str) -> Tenant:
+    projects_file = tmp_path / "projects.json"
+    key, _ = create_key(projects_file, uid)
+    return Tenant(projects_file, uid, key)
+
+
+@pytest.fixture
+def register(amqp_url: str) -> Callable[[str, str, list[str]], Awaitable[None]]:
+    async def _register(project_id: str, deployment_id: str, workflows: list[str]) -> None:
+        await register_deployment(amqp_url, project_id, deployment_id, workflows)
+
+    return _register
+
+
+@pytest.fixture
+def gateway_settings(amqp_url: str, tenant: Tenant) -> Settings:
+    return Settings(
+        amqp_url=amqp_url,
+        projects_file=tenant.projects_file,
+        confirm_timeout_seconds=3.0,
+    )
+
+
+GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def make_gateway(
+    aiohttp_client: Any, gateway_settings: Settings
+) -> GatewayFactory:
+    """Start a gateway app (settings overridable) and wait until it is ready."""
+
+    async def _make(**overrides: Any) -> TestClient[web.Request, web.Application]:
+        settings = gateway_settings.model_copy(update=overrides)
+        app = create_app(settings)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        link = app[APP_LINK]
+        async with asyncio.timeout(15):
+            while not link.ready:
+                await asyncio.sleep(0.02)
+        return client
+
+    return _make
+
+
+async def take_messages(
+    connection: AbstractConnection, queue_name: str, count: int, *, timeout: float = 10.0
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Consume (and ack) exactly ``count`` messages; fail if fewer arrive in time.
+
+    Submission queues are single-active-consumer quorum queues, which refuse
+    ``basic.get``, so tests read them as a consumer does.
+    """
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=min(count, 1000) or 1)
+    queue = await channel.declare_queue(queue_name, passive=True)
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    done = asyncio.Event()
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await message.ack()
+        got.append(message)
+        if len(got) >= count:
+            done.set()
+
+    tag = await queue.consume(on_message)
+    try:
+        async with asyncio.timeout(timeout):
+            await done.wait()
+    except TimeoutError:
+        raise AssertionError(f"{queue_name}: {len(got)} of {count} messages") from None
+    finally:
+        await queue.cancel(tag)
+        await channel.close()
+    return got
+
+
+async def queue_depth(connection: AbstractConnection, queue_name: str) -> int:
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(queue_name, passive=True)
+        return queue.declaration_result.message_count or 0
+    finally:
+        await channel.close()
