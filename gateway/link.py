@@ -37,9 +37,12 @@ class BrokerLink:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._connect_until_done(), name="broker-connect")
 
-    async def wait_connected(self) -> None:
+    async def wait_ready(self) -> None:
+        """Until connected and the registry replayed (tests, scripts)."""
         if self._task is not None:
             await asyncio.shield(self._task)
+        if self.follower is not None:
+            await self.follower.replayed.wait()
 
     @property
     def ready(self) -> bool:

@@ -137,19 +137,15 @@ GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application
 
 
 @pytest.fixture
-async def make_gateway(
-    aiohttp_client: Any, gateway_settings: Settings
-) -> GatewayFactory:
+async def make_gateway(aiohttp_client: Any, gateway_settings: Settings) -> GatewayFactory:
     """Start a gateway app (settings overridable) and wait until it is ready."""
 
     async def _make(**overrides: Any) -> TestClient[web.Request, web.Application]:
         settings = gateway_settings.model_copy(update=overrides)
         app = create_app(settings)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
-        link = app[APP_LINK]
         async with asyncio.timeout(15):
-            while not link.ready:
-                await asyncio.sleep(0.02)
+            await app[APP_LINK].wait_ready()
         return client
 
     return _make
