@@ -11,9 +11,12 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from broker.errors import BrokerUnavailable
 from schemas.topology import (
+    CANCEL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_QUEUE_ARGUMENTS,
+    EVENTS_EXCHANGE,
+    RESULTS_QUEUE_ARGUMENTS,
     WORK_QUEUE_ARGUMENTS,
 )
 
@@ -56,3 +59,13 @@ async def declare_queue(
 
 async def declare_work_queue(connection: AbstractConnection, name: str) -> None:
     await declare_queue(connection, name, WORK_QUEUE_ARGUMENTS)
+
+
+async def declare_dispatch_exchanges(channel: AbstractChannel) -> None:
+    """The cancel (direct) and lifecycle events (topic) exchanges."""
+    await channel.declare_exchange(CANCEL_EXCHANGE, ExchangeType.DIRECT, durable=True)
+    await channel.declare_exchange(EVENTS_EXCHANGE, ExchangeType.TOPIC, durable=True)
+
+
+async def declare_results_queue(connection: AbstractConnection, name: str) -> None:
+    await declare_queue(connection, name, RESULTS_QUEUE_ARGUMENTS)

@@ -62,3 +62,45 @@ WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
 }
 DEAD_LETTER_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 REGISTRY_STREAM_ARGUMENTS: dict[str, Any] = {"x-queue-type": "stream"}
+
+# -- dispatch -------------------------------------------------------------------
+
+RESULTS_PREFIX = "polos.results."
+# Direct exchange: routing key = the work queue name, so a cancel reaches every
+# worker of that deployment (each binds an exclusive queue) and no one else.
+CANCEL_EXCHANGE = "polos.cancel"
+# Topic exchange of lifecycle events; see ``event_routing_key``.
+EVENTS_EXCHANGE = "polos.events"
+
+
+def results_queue(project_id: str, queue_name: str) -> str:
+    """Where workers report on executions of one submission queue (and where the
+    owning dispatcher keeps its ``dispatched`` markers)."""
+    return f"{RESULTS_PREFIX}{project_id}.{queue_name}"
+
+
+# Only the owner of the submission queue consumes its results queue; single
+# active consumer makes a stale consumer (an owner that is letting go) block a
+# new one instead of splitting the results between them.
+RESULTS_QUEUE_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-single-active-consumer": True,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
+}
+
+
+def _topic_word(value: str) -> str:
+    # Topic routing splits on dots; queue names and workflow ids may contain them.
+    return value.replace(".", "_") or "_"
+
+
+def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execution_id: str) -> str:
+    """``<project>.<queue>.<workflow>.<execution_id>``, dots inside words replaced by ``_``.
+
+    Bind ``acme.#`` for a project, ``acme.emails.#`` for a queue,
+    ``*.*.summarize.*`` for a workflow, ``#.<execution_id>`` for one execution.
+    """
+    return ".".join(
+        (_topic_word(project_id), _topic_word(queue_name), _topic_word(workflow_id), execution_id)
+    )

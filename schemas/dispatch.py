@@ -1,0 +1,195 @@
+"""Wire formats between dispatcher and workers, and the lifecycle events.
+
+    dispatcher ──WorkMessage──► polos.work.<project>.<deployment> ──► worker
+    worker ──Running/Completed/Failed/Cancelled──► polos.results.<project>.<queue> ──► owner
+    owner  ──Dispatched (its own marker)─────────► polos.results.<project>.<queue>
+    owner  ──CancelMessage──► polos.cancel (routing key = work queue) ──► workers
+    owner  ──LifecycleEvent─► polos.events (topic) ──► anyone (recorder, tests, metrics)
+
+``dispatch_id`` identifies one hand-over of an execution to the workers; a
+re-dispatch after a takeover gets a new one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from schemas.envelope import SubmissionEnvelope
+
+
+class ExecutionStatus(StrEnum):
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    DEDUPLICATED = "deduplicated"
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        ExecutionStatus.COMPLETED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.TIMED_OUT,
+        ExecutionStatus.CANCELLED,
+        ExecutionStatus.DEDUPLICATED,
+    }
+)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class WorkMessage(_Message):
+    """An admitted execution handed to the worker fleet of its deployment."""
+
+    type: Literal["work"] = "work"
+    dispatch_id: str
+    deadline: float = Field(description="Unix seconds; the run is cancelled at this time")
+    results_queue: str
+    submission: SubmissionEnvelope
+
+
+def encode_work(
+    *, dispatch_id: str, deadline: float, results_queue: str, submission_raw: bytes
+) -> bytes:
+    """Embed the submission as received, without decoding and re-encoding it."""
+    return orjson.dumps(
+        {
+            "type": "work",
+            "dispatch_id": dispatch_id,
+            "deadline": deadline,
+            "results_queue": results_queue,
+            "submission": orjson.Fragment(submission_raw),
+        }
+    )
+
+
+# -- results queue ----------------------------------------------------------------
+
+
+class Dispatched(_Message):
+    """The owner's marker: this execution was handed to the workers.
+
+    The owner keeps it unacknowledged until the execution is terminal, so a
+    dispatcher taking over finds it (requeued) and knows not to dispatch again.
+    """
+
+    type: Literal["dispatched"] = "dispatched"
+    execution_id: str
+    dispatch_id: str
+    deadline: float
+    at: str
+
+
+class Running(_Message):
+    type: Literal["running"] = "running"
+    execution_id: str
+    dispatch_id: str
+    worker_id: str
+    at: str
+
+
+class Completed(_Message):
+    type: Literal["completed"] = "completed"
+    execution_id: str
+    dispatch_id: str
+    worker_id: str
+    at: str
+    result: Any = None
+
+
+class ErrorInfo(_Message):
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class Failed(_Message):
+    type: Literal["failed"] = "failed"
+    execution_id: str
+    dispatch_id: str
+    worker_id: str
+    at: str
+    error: ErrorInfo
+
+
+class Cancelled(_Message):
+    """The worker stopped the run because it was told to (or its deadline passed)."""
+
+    type: Literal["cancelled"] = "cancelled"
+    execution_id: str
+    dispatch_id: str
+    worker_id: str
+    at: str
+    reason: str
+
+
+ResultMessage = Annotated[
+    Dispatched | Running | Completed | Failed | Cancelled, Field(discriminator="type")
+]
+RESULT_MESSAGE: TypeAdapter[ResultMessage] = TypeAdapter(ResultMessage)
+
+
+def decode_result(raw: bytes) -> ResultMessage:
+    return RESULT_MESSAGE.validate_json(raw)
+
+
+# -- cancel -------------------------------------------------------------------------
+
+
+class CancelMessage(_Message):
+    type: Literal["cancel"] = "cancel"
+    execution_id: str
+    reason: Literal["timeout", "user"]
+    at: str
+
+
+# -- lifecycle events -----------------------------------------------------------------
+
+
+class LifecycleEvent(_Message):
+    """One transition of one execution, published on ``polos.events``.
+
+    ``submission`` is carried on the first event of an execution (``admitted``
+    or ``deduplicated``) so followers can build a full record without asking.
+    """
+
+    type: Literal["lifecycle"] = "lifecycle"
+    status: ExecutionStatus
+    execution_id: str
+    project_id: str
+    workflow_id: str
+    deployment_id: str
+    queue_name: str
+    concurrency_key: str | None = None
+    at: str
+    dispatch_id: str | None = None
+    worker_id: str | None = None
+    duplicate_of: str | None = None
+    result: Any = None
+    error: ErrorInfo | None = None
+    submission: SubmissionEnvelope | None = None
+
+
+def encode(message: _Message) -> bytes:
+    return orjson.dumps(message.model_dump(mode="json"))
+
+
+def decode_work(raw: bytes) -> WorkMessage:
+    return WorkMessage.model_validate_json(raw)
+
+
+def decode_cancel(raw: bytes) -> CancelMessage:
+    return CancelMessage.model_validate_json(raw)
+
+
+def decode_lifecycle(raw: bytes) -> LifecycleEvent:
+    return LifecycleEvent.model_validate_json(raw)
