@@ -27,7 +27,8 @@ TRANSIENT = 1
 
 
 class ConfirmedPublisher:
-    """Publishes to the default exchange (routing key = queue name), ``mandatory``."""
+    """Publishes to the default exchange (routing key = queue name), ``mandatory``, unless told
+    otherwise."""
 
     def __init__(
         self, connection: AbstractConnection, *, confirm_timeout: float, channels: int = 2
@@ -66,8 +67,13 @@ class ConfirmedPublisher:
         persistent: bool = True,
         headers: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        exchange: str = "",
+        mandatory: bool = True,
     ) -> None:
         """Publish and wait for the broker's confirm.
+
+        ``exchange``/``mandatory`` serve fan-out publishes (cancels, lifecycle
+        events) where no bound queue is a normal case, not an error.
 
         Raises ``BrokerUnavailable`` (no connection, channel lost), ``ConfirmTimeout``,
         ``PublishRejected`` (nack: the queue is full) or ``Unroutable`` (no such queue).
@@ -84,9 +90,10 @@ class ConfirmedPublisher:
             async with asyncio.timeout(timeout or self._confirm_timeout):
                 await underlay.basic_publish(
                     body,
+                    exchange=exchange,
                     routing_key=routing_key,
                     properties=properties,
-                    mandatory=True,
+                    mandatory=mandatory,
                 )
         except TimeoutError as exc:
             raise ConfirmTimeout(f"no confirm for {routing_key!r} within the timeout") from exc
