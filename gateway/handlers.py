@@ -28,10 +28,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _validation_details(exc: ValidationError) -> tuple[str, str, list[dict[str, str]]]:
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    if any(e["type"] == "json_invalid" for e in errors):
-        return "INVALID_JSON", "The request body is not valid JSON.", []
-    if any(e["type"] == "model_type" for e in errors):
-        return "INVALID_REQUEST", "The request body must be a JSON object.", []
+    # Even a body that is not JSON, or not an object, names what is wrong in
+    # ``details`` (the field is the body itself), as every other 400 does.
+    for e in errors:
+        if e["type"] == "json_invalid":
+            detail = {"field": "body", "message": e["msg"]}
+            return "INVALID_JSON", "The request body is not valid JSON.", [detail]
+        if e["type"] == "model_type" and not e["loc"]:
+            detail = {"field": "body", "message": "must be a JSON object"}
+            return "INVALID_REQUEST", "The request body must be a JSON object.", [detail]
     details = [
         {"field": ".".join(str(part) for part in e["loc"]) or "body", "message": e["msg"]}
         for e in errors

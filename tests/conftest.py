@@ -8,7 +8,9 @@ them the run stops at once with a clear message: nothing is skipped silently.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,14 +20,16 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.auth import create_key
 from gateway.context import APP_LINK
 from gateway.settings import Settings
+from tests.proxy import TcpProxy, running_proxy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -190,3 +194,53 @@ async def queue_depth(connection: AbstractConnection, queue_name: str) -> int:
         return queue.declaration_result.message_count or 0
     finally:
         await channel.close()
+
+
+# -- broker loss, subprocess gateways (gateway tests) ------------------------------
+
+
+@pytest.fixture
+async def broker_proxy(amqp_url: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy to the broker that the test can cut, hold and restore."""
+    url = URL(amqp_url)
+    async with running_proxy(url.host or "127.0.0.1", url.port or 5672) as proxy:
+        yield proxy
+
+
+ERROR_TYPE_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+async def assert_error(
+    response: ClientResponse, status: int, error_type: str | None = None
+) -> dict[str, Any]:
+    """The response is ``status`` with the one error shape: {error, error_type, details}."""
+    text = await response.text()
+    assert response.status == status, f"expected {status}, got {response.status}: {text}"
+    assert response.content_type == "application/json", response.content_type
+    body: dict[str, Any] = json.loads(text)
+    assert set(body) == {"error", "error_type", "details"}, body
+    assert isinstance(body["error"], str), body
+    assert body["error"], body
+    assert ERROR_TYPE_RE.match(body["error_type"]), body
+    if error_type is not None:
+        assert body["error_type"] == error_type, body
+    assert isinstance(body["details"], list), body
+    for detail in body["details"]:
+        assert set(detail) == {"field", "message"}, detail
+        assert isinstance(detail["field"], str), detail
+        assert isinstance(detail["message"], str), detail
+    return body
+
+
+def detail_fields(body: dict[str, Any]) -> list[str]:
+    return [detail["field"] for detail in body["details"]]
+
+
+async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(queue_name, passive=True)
+    except aio_pika.exceptions.ChannelClosed:
+        return False
+    await channel.close()
+    return True

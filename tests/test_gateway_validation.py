@@ -1,0 +1,223 @@
+"""Bad input: 400 / 413 / 415 with a JSON error naming the field, and nothing published (G6)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from schemas.api import INT32_MAX
+from schemas.topology import submit_queue
+from tests.conftest import (
+    GatewayFactory,
+    Tenant,
+    assert_error,
+    detail_fields,
+    queue_depth,
+    queue_exists,
+)
+
+MAX_RUN_TIMEOUT = 7200
+STRING_FIELDS = [
+    "deployment_id",
+    "queue_name",
+    "concurrency_key",
+    "session_id",
+    "user_id",
+    "otel_traceparent",
+    "parent_execution_id",
+    "root_execution_id",
+    "step_key",
+]
+
+# (body, the field that ``details`` must name)
+INVALID_FIELDS: list[tuple[dict[str, Any], str]] = [
+    ({}, "payload"),
+    ({"queue_name": "hello"}, "payload"),
+    ({"payload": 1, "queue_name": "bad name!"}, "queue_name"),
+    ({"payload": 1, "queue_name": "a/b"}, "queue_name"),
+    ({"payload": 1, "queue_name": "q" * 129}, "queue_name"),
+    ({"payload": 1, "queue_name": ""}, "queue_name"),
+    ({"payload": 1, "queue_concurrency_limit": 0}, "queue_concurrency_limit"),
+    ({"payload": 1, "queue_concurrency_limit": -3}, "queue_concurrency_limit"),
+    ({"payload": 1, "queue_concurrency_limit": INT32_MAX + 1}, "queue_concurrency_limit"),
+    ({"payload": 1, "queue_concurrency_limit": "5"}, "queue_concurrency_limit"),
+    ({"payload": 1, "queue_concurrency_limit": 2.5}, "queue_concurrency_limit"),
+    ({"payload": 1, "queue_concurrency_limit": True}, "queue_concurrency_limit"),
+    ({"payload": 1, "concurrency_key": "k" * 256}, "concurrency_key"),
+    ({"payload": 1, "run_timeout_seconds": 0}, "run_timeout_seconds"),
+    ({"payload": 1, "run_timeout_seconds": -60}, "run_timeout_seconds"),
+    ({"payload": 1, "run_timeout_seconds": MAX_RUN_TIMEOUT + 1}, "run_timeout_seconds"),
+    ({"payload": 1, "run_timeout_seconds": INT32_MAX + 1}, "run_timeout_seconds"),
+    ({"payload": 1, "run_timeout_seconds": "60"}, "run_timeout_seconds"),
+    ({"payload": 1, "wait_for_subworkflow": "yes"}, "wait_for_subworkflow"),
+    ({"payload": 1, "wait_for_subworkflow": 1}, "wait_for_subworkflow"),
+    *[({"payload": 1, field: 123}, field) for field in STRING_FIELDS],
+    *[({"payload": 1, field: ["x"]}, field) for field in STRING_FIELDS],
+]
+
+
+def _case_id(case: tuple[dict[str, Any], str]) -> str:
+    body, field = case
+    value = body.get(field, "<missing>")
+    return f"{field}={str(value)[:20]}"
+
+
+@pytest.fixture
+async def gateway(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Callable[[str, str, list[str]], Awaitable[None]],
+    amqp: AbstractConnection,
+    delete_queues: Callable[[str], None],
+) -> AsyncIterator[Any]:
+    """A gateway with a deployment, and the check that bad input declared no queue at all."""
+    delete_queues(submit_queue(tenant.project_id, "hello"))
+    await register(tenant.project_id, "v1", ["hello", "needs space"])
+    client = await make_gateway(max_run_timeout_seconds=MAX_RUN_TIMEOUT, max_body_bytes=1024)
+    yield client
+    # Only names the broker could hold: the others cannot have been declared.
+    for queue in ("hello", "q" * 129):
+        name = submit_queue(tenant.project_id, queue)
+        assert not await queue_exists(amqp, name), f"bad input declared {name}"
+
+
+@pytest.mark.parametrize(("body", "field"), INVALID_FIELDS, ids=map(_case_id, INVALID_FIELDS))
+async def test_invalid_field_is_400_naming_it(
+    gateway: Any, tenant: Tenant, body: dict[str, Any], field: str
+) -> None:
+    response = await gateway.post("/api/v1/workflows/hello/run", json=body, headers=tenant.headers)
+
+    error = await assert_error(response, 400, "VALIDATION_ERROR")
+    assert field in detail_fields(error)
+    assert field in error["error"]
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"{'payload': 1}", b'{"payload": }', b"\xff\xfe"])
+async def test_malformed_json_is_400(gateway: Any, tenant: Tenant, raw: bytes) -> None:
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        data=raw,
+        headers={**tenant.headers, "Content-Type": "application/json"},
+    )
+
+    error = await assert_error(response, 400, "INVALID_JSON")
+    assert detail_fields(error) == ["body"]
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"payload"', b"1", b"null", b'[{"payload": 1}]'])
+async def test_body_not_an_object_is_400(gateway: Any, tenant: Tenant, raw: bytes) -> None:
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        data=raw,
+        headers={**tenant.headers, "Content-Type": "application/json"},
+    )
+
+    error = await assert_error(response, 400, "INVALID_REQUEST")
+    assert detail_fields(error) == ["body"]
+
+
+async def test_several_invalid_fields_are_all_named(gateway: Any, tenant: Tenant) -> None:
+    body = {"queue_name": "", "queue_concurrency_limit": 0, "run_timeout_seconds": "x"}
+
+    response = await gateway.post("/api/v1/workflows/hello/run", json=body, headers=tenant.headers)
+
+    error = await assert_error(response, 400, "VALIDATION_ERROR")
+    assert set(detail_fields(error)) == {
+        "payload",
+        "queue_name",
+        "queue_concurrency_limit",
+        "run_timeout_seconds",
+    }
+
+
+async def test_workflow_id_that_is_no_queue_name_needs_an_explicit_queue_name(
+    gateway: Any, tenant: Tenant
+) -> None:
+    response = await gateway.post(
+        "/api/v1/workflows/needs%20space/run", json={"payload": 1}, headers=tenant.headers
+    )
+
+    error = await assert_error(response, 400, "VALIDATION_ERROR")
+    assert detail_fields(error) == ["queue_name"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+)
+async def test_wrong_content_type_is_415(gateway: Any, tenant: Tenant, content_type: str) -> None:
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        data=b'{"payload": 1}',
+        headers={**tenant.headers, "Content-Type": content_type},
+    )
+
+    await assert_error(response, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+async def test_missing_content_type_is_415(gateway: Any, tenant: Tenant) -> None:
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        data=b'{"payload": 1}',
+        headers=tenant.headers,
+        skip_auto_headers=["Content-Type"],
+    )
+
+    await assert_error(response, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+def _body_of_size(size: int) -> bytes:
+    raw = orjson.dumps({"payload": ""})
+    body = orjson.dumps({"payload": "x" * (size - len(raw))})
+    assert len(body) == size
+    return body
+
+
+async def test_body_over_the_limit_is_413(gateway: Any, tenant: Tenant) -> None:
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        data=_body_of_size(1025),
+        headers={**tenant.headers, "Content-Type": "application/json"},
+    )
+
+    await assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+async def test_chunked_body_over_the_limit_is_413(gateway: Any, tenant: Tenant) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        body = _body_of_size(4096)
+        for start in range(0, len(body), 500):
+            yield body[start : start + 500]
+
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        data=chunks(),
+        headers={**tenant.headers, "Content-Type": "application/json"},
+    )
+
+    await assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+async def test_body_at_the_limit_is_accepted(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Callable[[str, str, list[str]], Awaitable[None]],
+    amqp: AbstractConnection,
+    delete_queues: Callable[[str], None],
+) -> None:
+    await register(tenant.project_id, "v1", ["hello"])
+    client = await make_gateway(max_body_bytes=1024)
+    queue = submit_queue(tenant.project_id, "hello")
+    delete_queues(queue)
+
+    response = await client.post(
+        "/api/v1/workflows/hello/run",
+        data=_body_of_size(1024),
+        headers={**tenant.headers, "Content-Type": "application/json"},
+    )
+
+    assert response.status == 200, await response.text()
+    assert await queue_depth(amqp, queue) == 1
