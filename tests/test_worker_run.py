@@ -1,0 +1,268 @@
+"""The worker runs what it is handed and reports it: running, then one terminal result."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from broker.deadletter import REASON_HEADER
+from schemas.dispatch import Cancelled, Completed, Failed, Running
+from schemas.topology import work_queue
+from tests.conftest import queue_depth
+from tests.worker_harness import FakeDispatcher, take_dead_letters
+from tests.workflows import add_workflows
+from worker import ExecutionContext, Handler, Worker
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def dispatcher(
+    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[FakeDispatcher]:
+    fake = FakeDispatcher(amqp, uid, "v1")
+    delete_queues(fake.results_queue)
+    delete_queues(fake.work_queue)
+    await fake.open()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[StartWorker]:
+    workers: list[Worker] = []
+
+    async def _start(workflows: dict[str, Handler] | None = None, **kwargs: Any) -> Worker:
+        worker = add_workflows(Worker(project=uid, deployment="v1", amqp_url=amqp_url, **kwargs))
+        for workflow_id, handler in (workflows or {}).items():
+            worker.add_workflow(workflow_id, handler)
+        await worker.start()
+        workers.append(worker)
+        return worker
+
+    yield _start
+    for worker in workers:
+        await worker.stop(drain_timeout=0)
+
+
+async def test_runs_workflow_and_reports_running_then_completed(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    worker = await start_worker()
+
+    execution_id = await dispatcher.dispatch("echo", {"greeting": "hi", "n": [1, 2]})
+
+    completed = await dispatcher.wait_for(execution_id, "completed")
+    assert isinstance(completed, Completed)
+    assert completed.result == {"greeting": "hi", "n": [1, 2]}
+    assert completed.worker_id == worker.worker_id
+    kinds = [result.type for result in dispatcher.results_of(execution_id)]
+    assert kinds == ["running", "completed"]
+    running = dispatcher.results_of(execution_id)[0]
+    assert isinstance(running, Running)
+    assert running.dispatch_id == completed.dispatch_id
+    await worker.stop()
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_failure_reports_type_message_and_traceback(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    await start_worker()
+
+    execution_id = await dispatcher.dispatch("fail", "bad input")
+
+    failed = await dispatcher.wait_for(execution_id, "failed")
+    assert isinstance(failed, Failed)
+    assert failed.error.type == "ValueError"
+    assert failed.error.message == "cannot handle 'bad input'"
+    assert failed.error.traceback is not None
+    assert "tests/workflows.py" in failed.error.traceback
+    assert "raise ValueError" in failed.error.traceback
+
+
+async def test_unserializable_result_is_a_failure(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    await start_worker()
+
+    execution_id = await dispatcher.dispatch("unserializable")
+
+    failed = await dispatcher.wait_for(execution_id, "failed")
+    assert isinstance(failed, Failed)
+    assert failed.error.type == "TypeError"
+    assert "not JSON-serializable" in failed.error.message
+
+
+async def test_context_carries_the_submission(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, uid: str
+) -> None:
+    worker = await start_worker()
+    deadline = time.time() + 30
+
+    execution_id = await dispatcher.dispatch(
+        "context",
+        deadline=deadline,
+        dispatch_id="d-1",
+        user_id="u-1",
+        initial_state={"step": 2},
+        parent_execution_id="p-1",
+        root_execution_id="r-1",
+        concurrency_key="k-1",
+    )
+
+    completed = await dispatcher.wait_for(execution_id, "completed")
+    assert isinstance(completed, Completed)
+    assert completed.result == {
+        "execution_id": execution_id,
+        "workflow_id": "context",
+        "project_id": uid,
+        "deployment_id": "v1",
+        "queue_name": "q",
+        "dispatch_id": "d-1",
+        "deadline": deadline,
+        "session_id": f"s-{execution_id}",
+        "user_id": "u-1",
+        "initial_state": {"step": 2},
+        "parent_execution_id": "p-1",
+        "root_execution_id": "r-1",
+        "concurrency_key": "k-1",
+        "worker_id": worker.worker_id,
+        "submitted_by": "key_test",
+    }
+
+
+async def test_duplicate_delivery_of_a_running_execution_runs_once(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    calls = 0
+    release = asyncio.Event()
+
+    async def gated(ctx: ExecutionContext, payload: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return "once"
+
+    worker = await start_worker({"gated": gated})
+    execution_id, body = dispatcher.work("gated")
+    await dispatcher.publish(body)
+    await dispatcher.wait_for(execution_id, "running")
+
+    await dispatcher.publish(body)
+    await dispatcher.publish(body)
+    # A later execution behind the duplicates shows they were all handled.
+    later = await dispatcher.dispatch("echo", "after")
+    await dispatcher.wait_for(later, "completed")
+    release.set()
+
+    await dispatcher.wait_for(execution_id, "completed")
+    await worker.stop()
+    assert calls == 1
+    assert [r.type for r in dispatcher.results_of(execution_id)] == ["running", "completed"]
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_past_deadline_delivery_is_dropped(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    worker = await start_worker(concurrency=1)
+
+    late = await dispatcher.dispatch("echo", "too late", deadline=time.time() - 1)
+    later = await dispatcher.dispatch("echo", "in time")
+
+    await dispatcher.wait_for(later, "completed")
+    await worker.stop()
+    assert dispatcher.results_of(late) == []
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_local_deadline_cancels_the_task(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    stopped = asyncio.Event()
+
+    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    worker = await start_worker({"forever": forever})
+
+    execution_id = await dispatcher.dispatch("forever", deadline=time.time() + 0.5)
+
+    cancelled = await dispatcher.wait_for(execution_id, "cancelled", timeout=5)
+    assert isinstance(cancelled, Cancelled)
+    assert cancelled.reason == "timeout"
+    assert stopped.is_set()
+    await worker.stop()
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_cancel_message_cancels_the_running_task(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    stopped = asyncio.Event()
+
+    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    worker = await start_worker({"forever": forever})
+    execution_id, body = dispatcher.work("forever")
+    await dispatcher.publish(body)
+    await dispatcher.wait_for(execution_id, "running")
+
+    await dispatcher.cancel(execution_id, "user")
+
+    cancelled = await dispatcher.wait_for(execution_id, "cancelled")
+    assert isinstance(cancelled, Cancelled)
+    assert cancelled.reason == "user"
+    assert stopped.is_set()
+    assert worker.running == frozenset()
+
+    # A later delivery of the cancelled execution is dropped, not run again.
+    await dispatcher.publish(body)
+    later = await dispatcher.dispatch("echo", "after")
+    await dispatcher.wait_for(later, "completed")
+    await worker.stop()
+    assert [r.type for r in dispatcher.results_of(execution_id)] == ["running", "cancelled"]
+    assert await queue_depth(amqp, work_queue(dispatcher.project, "v1")) == 0
+
+
+async def test_poison_messages_are_dead_lettered_once_with_the_reason(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection, uid: str
+) -> None:
+    worker = await start_worker()
+    garbage = b'{"type": "work", "oops'
+    _, unknown = dispatcher.work("no-such-workflow")
+    _, foreign = dispatcher.work("echo", project_id=f"{uid}x")
+
+    await dispatcher.publish(garbage, message_id=f"{uid}-garbage")
+    await dispatcher.publish(unknown, message_id=f"{uid}-unknown")
+    await dispatcher.publish(foreign, message_id=f"{uid}-foreign")
+    later = await dispatcher.dispatch("echo", "after")
+    await dispatcher.wait_for(later, "completed")
+    await worker.stop()
+
+    dead = await take_dead_letters(amqp, dispatcher.work_queue)
+    by_id = {str(message.message_id): message for message in dead}
+    assert sorted(by_id) == [f"{uid}-foreign", f"{uid}-garbage", f"{uid}-unknown"]
+    assert len(dead) == 3
+    assert by_id[f"{uid}-garbage"].body == garbage
+    assert by_id[f"{uid}-unknown"].body == unknown
+    reasons = {key: str((m.headers or {})[REASON_HEADER]) for key, m in by_id.items()}
+    assert reasons[f"{uid}-garbage"].startswith("undecodable work message")
+    assert "unknown workflow 'no-such-workflow'" in reasons[f"{uid}-unknown"]
+    assert f"work for {uid}x/v1" in reasons[f"{uid}-foreign"]
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0

@@ -1,0 +1,232 @@
+"""Playing the dispatcher's part in worker tests: publish work, read results, cancel.
+
+The worker is tested on the wire protocol alone (``schemas.dispatch``), so
+these tests do not depend on the dispatcher's implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from broker.deadletter import SOURCE_HEADER
+from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_results_queue
+from schemas.dispatch import (
+    CancelMessage,
+    ResultMessage,
+    decode_result,
+    encode,
+    encode_work,
+)
+from schemas.envelope import encode_submission
+from schemas.ids import new_execution_id, now_rfc3339
+from schemas.topology import CANCEL_EXCHANGE, DEAD_LETTER_QUEUE, results_queue, work_queue
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeDispatcher:
+    """Owns the results queue of one submission queue, like the real dispatcher."""
+
+    def __init__(
+        self, connection: AbstractConnection, project: str, deployment: str, queue_name: str = "q"
+    ) -> None:
+        self.connection = connection
+        self.project = project
+        self.deployment = deployment
+        self.queue_name = queue_name
+        self.work_queue = work_queue(project, deployment)
+        self.results_queue = results_queue(project, queue_name)
+        self.results: list[ResultMessage] = []
+        self._arrived = asyncio.Condition()
+        self._channel: AbstractChannel | None = None
+
+    async def open(self) -> None:
+        await declare_results_queue(self.connection, self.results_queue)
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        await declare_dispatch_exchanges(channel)
+        await declare_dead_letters(channel)
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.declare_queue(self.results_queue, passive=True)
+        await queue.consume(self._on_result)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        async with self._arrived:
+            self.results.append(decode_result(message.body))
+            self._arrived.notify_all()
+
+    # -- work -----------------------------------------------------------------------
+
+    def work(
+        self,
+        workflow_id: str,
+        payload: Any = None,
+        *,
+        deadline: float | None = None,
+        execution_id: str | None = None,
+        dispatch_id: str | None = None,
+        **submission: Any,
+    ) -> tuple[str, bytes]:
+        """An execution id and the body of a work message for it."""
+        if execution_id is None:
+            execution_id, created_at = new_execution_id()
+        else:
+            created_at = now_rfc3339()
+        fields: dict[str, Any] = {
+            "execution_id": execution_id,
+            "created_at": created_at,
+            "project_id": self.project,
+            "workflow_id": workflow_id,
+            "deployment_id": self.deployment,
+            "queue_name": self.queue_name,
+            "queue_concurrency_limit": None,
+            "concurrency_key": None,
+            "run_timeout_seconds": 60,
+            "payload": payload,
+            "initial_state": None,
+            "session_id": f"s-{execution_id}",
+            "user_id": None,
+            "otel_traceparent": None,
+            "parent_execution_id": None,
+            "root_execution_id": None,
+            "step_key": None,
+            "wait_for_subworkflow": False,
+            "submitted_by": "key_test",
+        }
+        fields.update(submission)
+        body = encode_work(
+            dispatch_id=dispatch_id or uuid.uuid4().hex,
+            deadline=deadline if deadline is not None else time.time() + 60,
+            results_queue=self.results_queue,
+            submission_raw=encode_submission(**fields),
+        )
+        return execution_id, body
+
+    async def publish(self, body: bytes, *, message_id: str | None = None) -> None:
+        assert self._channel is not None
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message_id or uuid.uuid4().hex,
+                content_type="application/json",
+            ),
+            routing_key=self.work_queue,
+            mandatory=True,
+        )
+
+    async def dispatch(self, workflow_id: str, payload: Any = None, **kwargs: Any) -> str:
+        """Publish a work message; returns its execution id."""
+        execution_id, body = self.work(workflow_id, payload, **kwargs)
+        await self.publish(body)
+        return execution_id
+
+    async def cancel(self, execution_id: str, reason: str = "user") -> None:
+        assert self._channel is not None
+        exchange = await self._channel.get_exchange(CANCEL_EXCHANGE, ensure=False)
+        cancel = CancelMessage(execution_id=execution_id, reason=reason, at=now_rfc3339())
+        await exchange.publish(aio_pika.Message(encode(cancel)), routing_key=self.work_queue)
+
+    # -- results --------------------------------------------------------------------
+
+    def results_of(self, execution_id: str) -> list[ResultMessage]:
+        return [r for r in self.results if r.execution_id == execution_id]
+
+    async def wait_for(
+        self, execution_id: str, kind: str, *, timeout: float = 10.0
+    ) -> ResultMessage:
+        """The first result of ``kind`` for ``execution_id``; fails if none arrives in time."""
+
+        def found() -> ResultMessage | None:
+            for result in self.results_of(execution_id):
+                if result.type == kind:
+                    return result
+            return None
+
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(lambda: found() is not None)
+        except TimeoutError:
+            seen = [r.type for r in self.results_of(execution_id)]
+            raise AssertionError(
+                f"no {kind} for {execution_id} in {timeout}s (saw {seen})"
+            ) from None
+        result = found()
+        assert result is not None
+        return result
+
+
+async def take_dead_letters(
+    connection: AbstractConnection, source_queue: str, *, timeout: float = 10.0
+) -> list[AbstractIncomingMessage]:
+    """Remove and return the dead letters that came from ``source_queue``.
+
+    ``polos.dead`` is shared by every test: read everything it holds now, ack
+    only ours, and leave the others in place (they are requeued when the
+    channel closes, never acknowledged).
+    """
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        present = queue.declaration_result.message_count or 0
+        if present == 0:
+            return []
+        await channel.set_qos(prefetch_count=min(present, 10_000))
+        ours: list[AbstractIncomingMessage] = []
+        seen = 0
+        done = asyncio.Event()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal seen
+            seen += 1
+            if (message.headers or {}).get(SOURCE_HEADER) == source_queue:
+                await message.ack()
+                ours.append(message)
+            if seen >= present:
+                done.set()
+
+        await queue.consume(on_message)
+        try:
+            async with asyncio.timeout(timeout):
+                await done.wait()
+        except TimeoutError:
+            raise AssertionError(f"read {seen} of {present} dead letters") from None
+        return ours
+    finally:
+        await channel.close()
+
+
+def worker_process(
+    amqp_url: str, project: str, deployment: str, log: Path, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    """``python -m worker tests.workflows:make_worker`` for ``project``/``deployment``,
+    logging to ``log``."""
+    with log.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", *args, "tests.workflows:make_worker"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "POLOS_AMQP_URL": amqp_url,
+                "POLOS_TEST_PROJECT": project,
+                "POLOS_TEST_DEPLOYMENT": deployment,
+                **env,
+            },
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )

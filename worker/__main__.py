@@ -1,0 +1,5 @@
+import sys
+
+from worker._cli import main
+
+sys.exit(main())

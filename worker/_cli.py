@@ -1,0 +1,49 @@
+"""``python -m worker [--burst] module:attr``: run a fleet's worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from worker._worker import Worker
+
+
+def load(target: str) -> Worker:
+    """``module:attr`` names a ``Worker``, or a function returning one."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"expected module:attr, got {target!r}")
+    module = importlib.import_module(module_name)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise SystemExit(f"{module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, Worker) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Worker):
+        raise SystemExit(f"{target} is not a worker.Worker (got {type(obj).__name__})")
+    return obj
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("target", help="module:attr of a Worker (or of a function returning one)")
+    parser.add_argument(
+        "--burst", action="store_true", help="exit once the work queue is empty and nothing runs"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    worker = load(args.target)
+    asyncio.run(worker.run(burst=args.burst))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

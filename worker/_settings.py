@@ -1,0 +1,24 @@
+"""Worker configuration, from ``POLOS_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    worker_concurrency: int = Field(
+        default=16, ge=1, le=10_000, description="executions run at once (the prefetch)"
+    )
+    worker_drain_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="SIGTERM: how long running executions may take before they are handed back",
+    )
+    confirm_timeout_seconds: float = Field(default=5.0, gt=0)
+    worker_reconnect_interval_seconds: float = Field(
+        default=1.0, gt=0, description="wait between attempts to reach the broker on start"
+    )

@@ -1,0 +1,175 @@
+"""``Worker``: what a fleet builds, decorates with its workflows, and runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import re
+import signal
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from pydantic import SecretStr
+
+from schemas.topology import PROJECT_ID_PATTERN, work_queue
+from worker._consumer import Consumer
+from worker._runner import Handler
+from worker._settings import WorkerSettings
+
+log = logging.getLogger("worker")
+
+H = TypeVar("H", bound=Handler)
+
+
+class Worker:
+    """Runs the workflows of one deployment of one project.
+
+    ``amqp_url``, ``concurrency`` and ``drain_timeout`` default to
+    ``POLOS_AMQP_URL``, ``POLOS_WORKER_CONCURRENCY`` and
+    ``POLOS_WORKER_DRAIN_TIMEOUT_SECONDS`` (see ``WorkerSettings``).
+    """
+
+    def __init__(
+        self,
+        project: str,
+        deployment: str,
+        *,
+        concurrency: int | None = None,
+        amqp_url: str | None = None,
+        drain_timeout: float | None = None,
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        if not re.fullmatch(PROJECT_ID_PATTERN, project):
+            raise ValueError(f"invalid project id {project!r}")
+        if not deployment:
+            raise ValueError("deployment must not be empty")
+        updates: dict[str, object] = {}
+        if concurrency is not None:
+            updates["worker_concurrency"] = concurrency
+        if amqp_url is not None:
+            updates["amqp_url"] = SecretStr(amqp_url)
+        if drain_timeout is not None:
+            updates["worker_drain_timeout_seconds"] = drain_timeout
+        base = settings or WorkerSettings()
+        # model_validate re-checks the bounds of the overrides.
+        self.settings = WorkerSettings.model_validate({**base.model_dump(), **updates})
+        self.project = project
+        self.deployment = deployment
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._workflows: dict[str, Handler] = {}
+        self._consumer: Consumer | None = None
+
+    @property
+    def concurrency(self) -> int:
+        return self.settings.worker_concurrency
+
+    @property
+    def work_queue(self) -> str:
+        return work_queue(self.project, self.deployment)
+
+    @property
+    def workflows(self) -> Mapping[str, Handler]:
+        return MappingProxyType(self._workflows)
+
+    @property
+    def running(self) -> frozenset[str]:
+        """Execution ids this worker holds right now."""
+        return frozenset(self._consumer.running) if self._consumer is not None else frozenset()
+
+    def workflow(self, workflow_id: str) -> Callable[[H], H]:
+        """Register ``async def handler(ctx, payload)`` as the workflow ``workflow_id``."""
+
+        def register(handler: H) -> H:
+            self.add_workflow(workflow_id, handler)
+            return handler
+
+        return register
+
+    def add_workflow(self, workflow_id: str, handler: Handler) -> None:
+        if not workflow_id:
+            raise ValueError("workflow_id must not be empty")
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"workflow {workflow_id!r}: the handler must be an async function")
+        if workflow_id in self._workflows:
+            raise ValueError(f"workflow {workflow_id!r} is already registered")
+        if self._consumer is not None:
+            raise RuntimeError("workflows must be registered before the worker starts")
+        self._workflows[workflow_id] = handler
+
+    async def start(self) -> None:
+        """Connect, register the deployment, and start consuming; returns once consuming."""
+        if self._consumer is not None:
+            raise RuntimeError("the worker is already started")
+        if not self._workflows:
+            raise RuntimeError("no workflow registered")
+        settings = self.settings
+        consumer = Consumer(
+            amqp_url=settings.amqp_url.get_secret_value(),
+            project=self.project,
+            deployment=self.deployment,
+            workflows=self._workflows,
+            concurrency=settings.worker_concurrency,
+            worker_id=self.worker_id,
+            confirm_timeout=settings.confirm_timeout_seconds,
+            reconnect_interval=settings.worker_reconnect_interval_seconds,
+        )
+        await consumer.start()
+        self._consumer = consumer
+
+    async def stop(self, *, drain_timeout: float | None = None) -> None:
+        """Stop taking work; let running executions finish for up to ``drain_timeout``
+        seconds; hand back (requeue) what still runs then; disconnect."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        if drain_timeout is None:
+            drain_timeout = self.settings.worker_drain_timeout_seconds
+        await consumer.stop(drain_timeout)
+
+    async def wait_idle(self) -> None:
+        """Until nothing runs here and the work queue is empty (what burst mode waits for)."""
+        if self._consumer is None:
+            raise RuntimeError("the worker is not started")
+        await self._consumer.wait_idle()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Run until SIGTERM/SIGINT (then drain), or with ``burst`` until idle.
+
+        A second signal during the drain hands back what still runs at once.
+        """
+        await self.start()
+        assert self._consumer is not None
+        consumer = self._consumer
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                consumer.hurry()
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_signal)
+                installed.append(sig)
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+        if burst:
+            waiters.append(asyncio.create_task(consumer.wait_idle()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            log.info("worker %s stopping", self.worker_id)
+            try:
+                await self.stop()
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
