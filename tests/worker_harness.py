@@ -19,7 +19,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from broker.deadletter import SOURCE_HEADER
-from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_results_queue
+from broker.topology import (
+    declare_dead_letters,
+    declare_dispatch_exchanges,
+    declare_results_queue,
+    declare_work_queue,
+)
 from schemas.dispatch import (
     CancelMessage,
     ResultMessage,
@@ -52,6 +57,7 @@ class FakeDispatcher:
 
     async def open(self) -> None:
         await declare_results_queue(self.connection, self.results_queue)
+        await declare_work_queue(self.connection, self.work_queue)
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await declare_dispatch_exchanges(channel)
