@@ -35,9 +35,11 @@ def spawn(amqp_url: str, uid: str, tmp_path: Path) -> Iterator[Spawn]:
     """Start worker processes for this test's project; any left running are killed."""
     processes: list[subprocess.Popen[bytes]] = []
 
-    def _spawn(*args: str, **env: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        *args: str, target: str = "tests.workflows:make_worker", **env: str
+    ) -> subprocess.Popen[bytes]:
         log = tmp_path / f"worker-{len(processes)}.log"
-        process = worker_process(amqp_url, uid, "v1", log, *args, **env)
+        process = worker_process(amqp_url, uid, "v1", log, *args, target=target, **env)
         processes.append(process)
         return process
 
@@ -111,5 +113,24 @@ async def test_sigterm_hands_back_what_outlives_the_drain_timeout(
     completed = await dispatcher.wait_for(execution_id, "completed", timeout=15)
     assert isinstance(completed, Completed)
     assert completed.result["redelivered"] is True
+    assert await exit_code(burst) == 0
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_example_fleet_in_burst_mode_greets_and_exits(
+    dispatcher: FakeDispatcher, spawn: Spawn, uid: str, amqp: AbstractConnection
+) -> None:
+    execution_id = await dispatcher.dispatch("hello", {"name": "Ada"})
+
+    burst = spawn(
+        "--burst",
+        target="examples.hello_worker:worker",
+        POLOS_DEV_PROJECT=uid,
+        POLOS_DEV_DEPLOYMENT="v1",
+    )
+
+    completed = await dispatcher.wait_for(execution_id, "completed", timeout=15)
+    assert isinstance(completed, Completed)
+    assert completed.result == {"greeting": "Hello, Ada!", "execution_id": execution_id}
     assert await exit_code(burst) == 0
     assert await queue_depth(amqp, dispatcher.work_queue) == 0

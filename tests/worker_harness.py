@@ -218,13 +218,18 @@ async def take_dead_letters(
 
 
 def worker_process(
-    amqp_url: str, project: str, deployment: str, log: Path, *args: str, **env: str
+    amqp_url: str,
+    project: str,
+    deployment: str,
+    log: Path,
+    *args: str,
+    target: str = "tests.workflows:make_worker",
+    **env: str,
 ) -> subprocess.Popen[bytes]:
-    """``python -m worker tests.workflows:make_worker`` for ``project``/``deployment``,
-    logging to ``log``."""
+    """``python -m worker [args] target`` for ``project``/``deployment``, logging to ``log``."""
     with log.open("ab") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker", *args, "tests.workflows:make_worker"],
+            [sys.executable, "-m", "worker", *args, target],
             cwd=ROOT,
             env={
                 **os.environ,
