@@ -1,0 +1,101 @@
+"""The limit: a bare aio-pika loop publishing with confirms, many in flight.
+
+What the gateway could at best do per process if HTTP cost nothing: persistent
+messages of the gateway's envelope size, ``mandatory``, to a quorum queue
+declared with the submission queues' arguments, on one channel with publisher
+confirms, ``inflight`` publishes outstanding at any time (as many as the
+gateway has requests in flight with that many connections). Written as a user
+of aio-pika would write it: ``exchange.publish(Message(...))`` in a loop per
+task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import aio_pika
+
+from bench.harness import PerfWindow, child_failed, wait_for_window
+from bench.stats import WorkerReport
+from schemas.topology import submit_queue_arguments
+
+
+@dataclass(frozen=True, slots=True)
+class PublishSpec:
+    amqp_url: str
+    queue: str
+    body: bytes
+    inflight: int
+    queue_max_length: int = 1_000_000
+
+
+async def _drive(
+    exchange: aio_pika.abc.AbstractExchange,
+    spec: PublishSpec,
+    window: PerfWindow,
+    report: WorkerReport,
+    task_index: int,
+) -> None:
+    perf = time.perf_counter
+    start, end = window.start, window.end
+    latencies = report.latencies_ms
+    n = 0
+    while True:
+        sent = perf()
+        if sent >= end:
+            return
+        n += 1
+        message = aio_pika.Message(
+            spec.body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"{task_index}-{n}",
+        )
+        try:
+            await exchange.publish(message, routing_key=spec.queue, mandatory=True)
+        except Exception as exc:
+            if sent >= start:
+                report.error(exc)
+            continue
+        done = perf()
+        if start <= done < end:
+            report.ok += 1
+            latencies.append((done - sent) * 1000.0)
+
+
+async def _run(spec: PublishSpec, conn: Connection) -> WorkerReport:
+    connection = await aio_pika.connect(
+        spec.amqp_url, client_properties={"connection_name": "bench-bare-publish"}
+    )
+    report = WorkerReport()
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.declare_queue(
+            spec.queue,
+            durable=True,
+            arguments=submit_queue_arguments(max_length=spec.queue_max_length),
+        )
+        window = await wait_for_window(conn)
+        await asyncio.gather(
+            *(
+                _drive(channel.default_exchange, spec, window, report, i)
+                for i in range(spec.inflight)
+            )
+        )
+        report.statuses = {200: report.ok}
+    finally:
+        await connection.close()
+    return report
+
+
+def publish_process(spec: PublishSpec, conn: Connection) -> None:
+    """Entry point of the bare publish process (``bench.harness.run_processes`` target)."""
+    try:
+        report = asyncio.run(_run(spec, conn))
+    except BaseException as exc:
+        child_failed(conn, exc)
+        raise
+    conn.send(report)

@@ -1,0 +1,105 @@
+"""Who used the CPU during a window, from /proc (Linux only).
+
+On a 2-core machine the broker, the system under test and the load generator
+share the cores, and so do other people's test runs. Sampling each process's
+CPU time and the machine's total busy time around the measurement window says
+where the cores went, and how much went to processes that are not ours
+("other"): a window with much "other" is a noisy one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads); 0 if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # The command name (field 2) may contain spaces; fields after it are fixed.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _TICKS
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU seconds all cores spent not idle since boot, and of those in interrupts.
+
+    Interrupt time (mostly softirq: the loopback network stack) belongs to no
+    process, so it is reported on its own rather than as "other".
+    """
+    try:
+        line = Path("/proc/stat").read_text().splitlines()[0]
+    except OSError:
+        return 0.0, 0.0
+    values = [int(v) for v in line.split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    # guest time is already counted in user/nice.
+    busy = sum(values[:8]) - idle
+    return busy / _TICKS, (values[5] + values[6]) / _TICKS
+
+
+def loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return 0.0
+
+
+def find_broker_pids() -> list[int]:
+    """The Erlang VM(s) of RabbitMQ on this machine (read-only look at /proc)."""
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "beam.smp":
+            pids.append(int(entry.name))
+    return pids
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    at: float
+    machine: float
+    interrupts: float
+    roles: Mapping[str, float]
+
+
+def snapshot(now: float, roles: Mapping[str, Iterable[int]]) -> CpuSnapshot:
+    machine, interrupts = machine_busy_seconds()
+    return CpuSnapshot(
+        at=now,
+        machine=machine,
+        interrupts=interrupts,
+        roles={role: sum(process_cpu_seconds(p) for p in pids) for role, pids in roles.items()},
+    )
+
+
+def cores_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """Cores busy on average between two snapshots: per role, in interrupts ("irq"), on the
+    whole machine, and by processes that are not ours ("other")."""
+    wall = after.at - before.at
+    if wall <= 0:
+        return {}
+    used = {
+        role: round((after.roles[role] - before.roles.get(role, 0.0)) / wall, 2)
+        for role in after.roles
+    }
+    machine = (after.machine - before.machine) / wall
+    ours = sum(used.values())
+    irq = (after.interrupts - before.interrupts) / wall
+    used["irq"] = round(irq, 2)
+    used["machine"] = round(machine, 2)
+    used["other"] = round(max(0.0, machine - ours - irq), 2)
+    return used
