@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from typing import Any
@@ -10,7 +11,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from broker.errors import BrokerUnavailable, PublishRejected, Unroutable
+from broker.errors import BrokerUnavailable, ConfirmTimeout, PublishRejected, Unroutable
 from gateway.auth import api_key_from
 from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import ApiError
@@ -141,14 +142,23 @@ async def submit_workflow(request: web.Request) -> web.Response:
         submitted_by=principal.key_id,
     )
     try:
-        routing_key = await queues.ensure(project_id, queue_name, body.queue_concurrency_limit)
-        try:
-            await publisher.publish(routing_key, envelope, message_id=execution_id)
-        except Unroutable:
-            # Deleted behind our back: declare again and retry once.
-            queues.forget(routing_key)
-            routing_key = await queues.ensure(project_id, queue_name, None)
-            await publisher.publish(routing_key, envelope, message_id=execution_id)
+        # One deadline for everything this request asks of the broker: a broker
+        # that stopped answering must not hold a first-use queue declaration (which
+        # has no timeout of its own) or a registry append beyond it.
+        async with asyncio.timeout(settings.confirm_timeout_seconds):
+            routing_key = await queues.ensure(project_id, queue_name, body.queue_concurrency_limit)
+            try:
+                await publisher.publish(routing_key, envelope, message_id=execution_id)
+            except Unroutable:
+                # Deleted behind our back: declare again and retry once.
+                queues.forget(routing_key)
+                routing_key = await queues.ensure(project_id, queue_name, None)
+                await publisher.publish(routing_key, envelope, message_id=execution_id)
+    except (TimeoutError, ConfirmTimeout):
+        raise _unavailable(
+            "The message broker did not confirm the submission in time.",
+            settings.retry_after_seconds,
+        ) from None
     except PublishRejected:
         raise ApiError(
             429,
