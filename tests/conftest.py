@@ -244,3 +244,48 @@ async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
         return False
     await channel.close()
     return True
+
+
+# -- dispatcher tests (helpers in tests/dispatcher_support.py) -----------------------
+
+from dispatcher import Dispatcher  # noqa: E402
+from dispatcher import Settings as DispatcherSettings  # noqa: E402
+from tests.dispatcher_support import EventLog, QueueKit  # noqa: E402
+
+
+@pytest.fixture
+async def queue_kit(amqp: AbstractConnection, uid: str) -> AsyncIterator[QueueKit]:
+    """Submission queues of the test's project (``uid``), deleted at the end."""
+    kit = QueueKit(amqp, uid)
+    await kit.open()
+    yield kit
+    await kit.close()
+
+
+@pytest.fixture
+async def event_log(amqp: AbstractConnection, uid: str) -> AsyncIterator[EventLog]:
+    """Lifecycle events of the test's project, bound before anything is published."""
+    log = EventLog(amqp, uid)
+    await log.open()
+    yield log
+    await log.close()
+
+
+DispatcherFactory = Callable[..., Awaitable[Dispatcher]]
+
+
+@pytest.fixture
+async def make_dispatcher(amqp_url: str, uid: str) -> AsyncIterator[DispatcherFactory]:
+    """Start an in-process dispatcher owning ``<uid>/*`` (settings overridable)."""
+    started: list[Dispatcher] = []
+
+    async def _make(**overrides: Any) -> Dispatcher:
+        settings = DispatcherSettings(amqp_url=amqp_url, dispatcher_queues=f"{uid}/*", **overrides)
+        dispatcher = Dispatcher(settings)
+        started.append(dispatcher)
+        await dispatcher.start()
+        return dispatcher
+
+    yield _make
+    for dispatcher in started:
+        await dispatcher.stop(drain=False)

@@ -1,0 +1,168 @@
+"""Many consumers on a few channels, each consumer with its own prefetch.
+
+``basic.qos`` with ``global=false`` applies to the consumers started after it
+on a channel, so setting it right before each ``basic.consume`` (under a lock,
+so no other consume slips in between) gives every consumer its own window
+without a channel per queue: a dispatcher owning thousands of queues needs
+``queues / consumers_per_channel`` channels, far below ``channel_max``.
+
+A channel that closes under us hands every delivery we hold on it back to its
+queue, so the state kept for those deliveries is void: ``on_lost`` tells the
+session, which is then rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+log = logging.getLogger(__name__)
+
+# What a closed channel or connection raises from aiormq on ack/nack/cancel.
+CHANNEL_GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One delivered message we have not settled yet."""
+
+    channel: aiormq.abc.AbstractChannel
+    tag: int
+    body: bytes
+    redelivered: bool
+
+    async def ack(self) -> None:
+        # A channel that is gone has requeued the message already; the next
+        # owner settles it.
+        with contextlib.suppress(*CHANNEL_GONE):
+            await self.channel.basic_ack(self.tag)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        with contextlib.suppress(*CHANNEL_GONE):
+            await self.channel.basic_nack(self.tag, requeue=requeue)
+
+
+OnMessage = Callable[[Delivery], None]
+OnCancelled = Callable[[], None]
+
+
+@dataclass(slots=True, eq=False)
+class Consumer:
+    queue: str
+    prefetch: int
+    on_message: OnMessage
+    on_cancelled: OnCancelled
+    slot: _Slot
+    tag: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    channel: AbstractChannel
+    underlay: aiormq.abc.AbstractChannel
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    consumers: dict[str, Consumer] = field(default_factory=dict)
+    reserved: int = 0
+
+
+class ConsumerPool:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        *,
+        per_channel: int,
+        on_lost: Callable[[BaseException | None], None],
+    ) -> None:
+        self._connection = connection
+        self._per_channel = per_channel
+        self._on_lost = on_lost
+        self._slots: list[_Slot] = []
+        self._open_lock = asyncio.Lock()
+        self._closing = False
+
+    @property
+    def channels(self) -> int:
+        return len(self._slots)
+
+    async def consume(
+        self, queue: str, *, prefetch: int, on_message: OnMessage, on_cancelled: OnCancelled
+    ) -> Consumer:
+        """Start consuming ``queue``; ``on_message`` is called in delivery order.
+
+        Raises aiormq/aio-pika errors; a failed consume closes its channel and
+        so ends the session (``on_lost``).
+        """
+        slot = await self._reserve()
+        consumer = Consumer(queue, prefetch, on_message, on_cancelled, slot)
+
+        async def deliver(message: DeliveredMessage) -> None:
+            # aiormq runs one task per delivery, in order; everything the
+            # owner does with it happens before the first await, so order holds.
+            frame = message.delivery
+            assert isinstance(frame, spec.Basic.Deliver)
+            consumer.on_message(
+                Delivery(message.channel, frame.delivery_tag or 0, message.body, frame.redelivered)
+            )
+
+        try:
+            async with slot.lock:
+                await slot.underlay.basic_qos(prefetch_count=prefetch)
+                ok = await slot.underlay.basic_consume(queue, deliver)
+        except BaseException:
+            slot.reserved -= 1
+            raise
+        consumer.tag = ok.consumer_tag or ""
+        slot.consumers[consumer.tag] = consumer
+        return consumer
+
+    async def cancel(self, consumer: Consumer) -> None:
+        slot = consumer.slot
+        if slot.consumers.pop(consumer.tag, None) is None:
+            return
+        slot.reserved -= 1
+        with contextlib.suppress(*CHANNEL_GONE):
+            await slot.underlay.basic_cancel(consumer.tag)
+
+    async def close(self) -> None:
+        self._closing = True
+        for slot in self._slots:
+            with contextlib.suppress(*CHANNEL_GONE):
+                await slot.channel.close()
+        self._slots.clear()
+
+    async def _reserve(self) -> _Slot:
+        async with self._open_lock:
+            for slot in self._slots:
+                if slot.reserved < self._per_channel and not slot.channel.is_closed:
+                    slot.reserved += 1
+                    return slot
+            channel = await self._connection.channel(publisher_confirms=False)
+            underlay = await channel.get_underlay_channel()
+            slot = _Slot(channel, underlay, reserved=1)
+            underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker(slot))
+            channel.close_callbacks.add(self._channel_closed)
+            self._slots.append(slot)
+            return slot
+
+    def _cancelled_by_broker(self, slot: _Slot) -> Callable[[spec.Basic.Cancel], None]:
+        def on_cancel(frame: spec.Basic.Cancel) -> None:
+            consumer = slot.consumers.pop(frame.consumer_tag or "", None)
+            if consumer is not None:
+                slot.reserved -= 1
+                log.warning("the broker cancelled our consumer of %s", consumer.queue)
+                consumer.on_cancelled()
+
+        return on_cancel
+
+    def _channel_closed(self, _channel: object, exc: BaseException | None) -> None:
+        if not self._closing:
+            log.warning("a consumer channel closed: %r", exc)
+            self._on_lost(exc)

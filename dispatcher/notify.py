@@ -1,0 +1,111 @@
+"""Telling the world: lifecycle events on ``polos.events``, cancels on ``polos.cancel``.
+
+Both are published with a confirm but are best effort: a failed publish is
+logged and the transition it reports has happened all the same (an execution
+is never held back because nobody could be told). The events of one execution
+always go through the same channel, so a follower sees them in order; they are
+at-least-once (a takeover may repeat a terminal event), so followers key them
+by (execution_id, status).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from aio_pika.abc import AbstractConnection
+
+from broker.errors import BrokerError
+from broker.publisher import ConfirmedPublisher
+from schemas.dispatch import CancelMessage, ErrorInfo, ExecutionStatus, LifecycleEvent, encode
+from schemas.envelope import SubmissionEnvelope
+from schemas.ids import now_rfc3339
+from schemas.topology import CANCEL_EXCHANGE, EVENTS_EXCHANGE, event_routing_key
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    def __init__(
+        self, connection: AbstractConnection, *, confirm_timeout: float, channels: int
+    ) -> None:
+        # One channel per publisher: order per channel is what keeps events in order.
+        self._publishers = [
+            ConfirmedPublisher(connection, confirm_timeout=confirm_timeout, channels=1)
+            for _ in range(max(1, channels))
+        ]
+
+    async def start(self) -> None:
+        for publisher in self._publishers:
+            await publisher.start()
+
+    async def close(self) -> None:
+        for publisher in self._publishers:
+            await publisher.close()
+
+    def _for(self, execution_id: str) -> ConfirmedPublisher:
+        return self._publishers[hash(execution_id) % len(self._publishers)]
+
+    async def event(
+        self,
+        status: ExecutionStatus,
+        envelope: SubmissionEnvelope,
+        *,
+        dispatch_id: str | None = None,
+        worker_id: str | None = None,
+        duplicate_of: str | None = None,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        with_submission: bool = False,
+    ) -> None:
+        event = LifecycleEvent(
+            status=status,
+            execution_id=envelope.execution_id,
+            project_id=envelope.project_id,
+            workflow_id=envelope.workflow_id,
+            deployment_id=envelope.deployment_id,
+            queue_name=envelope.queue_name,
+            concurrency_key=envelope.concurrency_key,
+            at=now_rfc3339(),
+            dispatch_id=dispatch_id,
+            worker_id=worker_id,
+            duplicate_of=duplicate_of,
+            result=result,
+            error=error,
+            submission=envelope if with_submission else None,
+        )
+        routing_key = event_routing_key(
+            envelope.project_id, envelope.queue_name, envelope.workflow_id, envelope.execution_id
+        )
+        try:
+            await self._for(envelope.execution_id).publish(
+                routing_key,
+                encode(event),
+                message_id=uuid.uuid4().hex,
+                exchange=EVENTS_EXCHANGE,
+                mandatory=False,
+            )
+        except BrokerError as exc:
+            log.warning(
+                "lifecycle event %s of %s not published: %s", status, envelope.execution_id, exc
+            )
+
+    async def cancel(self, execution_id: str, work_queue: str, reason: str) -> None:
+        """Tell the workers of ``work_queue`` to stop ``execution_id``."""
+        message = CancelMessage(
+            execution_id=execution_id,
+            reason="timeout" if reason == "timeout" else "user",
+            at=now_rfc3339(),
+        )
+        try:
+            await self._for(execution_id).publish(
+                work_queue,
+                encode(message),
+                message_id=uuid.uuid4().hex,
+                persistent=False,
+                exchange=CANCEL_EXCHANGE,
+                mandatory=False,
+            )
+        except BrokerError as exc:
+            log.warning("cancel of %s not published: %s", execution_id, exc)

@@ -1,0 +1,474 @@
+"""One submission queue, as its owner runs it: consume, admit, dispatch, settle.
+
+Every dispatcher that matches a queue consumes it; single active consumer
+makes exactly one of them the owner, and only the owner gets deliveries. So
+the results consumer starts lazily, on the first delivery, and is cancelled
+whenever we let go of the queue (the other consumers of the results queue are
+owners-to-be; it is single-active too).
+
+A submission stays unacknowledged until its execution is terminal; so does
+the ``dispatched`` marker the owner writes to the results queue before it
+hands the execution to the workers. Whoever owns the queue next finds both
+(requeued) and knows the execution is running: see ``results.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
+
+from pydantic import ValidationError
+
+from broker.deadletter import dead_letter
+from broker.errors import BrokerError
+from dispatcher.admission import Execution, Gate, Phase, Verdict
+from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
+from dispatcher.results import ResultsHandler
+from dispatcher.work import Links, ready_count
+from schemas.dispatch import Dispatched, ErrorInfo, ExecutionStatus, encode, encode_work
+from schemas.envelope import decode_submission
+from schemas.ids import now_rfc3339
+from schemas.topology import results_queue, submit_queue, work_queue
+
+log = logging.getLogger(__name__)
+
+RECENT_TERMINAL = 4096  # terminal execution ids remembered, so late markers are settled at once
+
+
+class _Token:
+    """Deliveries of a consumer we cancelled are handed back, not handled."""
+
+    __slots__ = ("live",)
+
+    def __init__(self) -> None:
+        self.live = True
+
+
+class QueueOwner:
+    def __init__(self, links: Links, project_id: str, queue_name: str, limit: int | None) -> None:
+        self.links = links
+        self.settings = links.settings
+        self.project_id = project_id
+        self.queue_name = queue_name
+        self.name = submit_queue(project_id, queue_name)
+        self.results_name = results_queue(project_id, queue_name)
+        self.gate = Gate(limit)
+        self.window = self.settings.window_for(limit)
+        self.loop = asyncio.get_running_loop()
+        self.results = ResultsHandler(self)
+        self._submissions: Consumer | None = None
+        self._submissions_token = _Token()
+        self._results: Consumer | None = None
+        self._results_token = _Token()
+        self._results_starting = False
+        self._reconsume_wanted = False
+        self._letting_go = False
+        self._draining = False
+        self._stopped = False
+        self._busy = False
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<QueueOwner {self.name}>"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Consume the queue; False if it does not exist (deleted)."""
+        if await ready_count(self.links.connection, self.name) is None:
+            log.warning("%s does not exist; not consuming it", self.name)
+            return False
+        await self._consume()
+        return True
+
+    def set_limit(self, limit: int | None) -> None:
+        """A new limit applies at once; a window too small for it is renewed when idle."""
+        if limit == self.gate.limit:
+            return
+        log.info("%s: concurrency limit %s -> %s", self.name, self.gate.limit, limit)
+        self.gate.limit = limit
+        cap = self.settings.window_for(None) if limit is None else limit
+        if cap > self.window:
+            self._reconsume_wanted = True
+        self.pump()
+
+    def drain(self) -> None:
+        """Admit nothing more; what is in flight runs to its end."""
+        self._draining = True
+        self._reconsume_wanted = False
+        self.gate.admitting = False
+
+    @property
+    def held(self) -> int:
+        return len(self.gate.held)
+
+    def stop(self) -> None:
+        """Forget everything (the connection is closing, or the queue is gone)."""
+        self._stopped = True
+        self._submissions_token.live = False
+        self._results_token.live = False
+        for execution in list(self.gate.held.values()) + list(self.gate.pending):
+            if execution.timer is not None:
+                execution.timer.cancel()
+        for orphan in self.gate.orphans.values():
+            if orphan.timer is not None:
+                orphan.timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self._set_busy(False)
+
+    async def _consume(self) -> None:
+        token = self._submissions_token = _Token()
+        self._submissions = await self.links.pool.consume(
+            self.name,
+            prefetch=self.window,
+            on_message=lambda delivery: self._on_submission(delivery, token),
+            on_cancelled=self._on_gone,
+        )
+
+    def _on_gone(self) -> None:
+        log.warning(
+            "%s: consumer cancelled by the broker (queue deleted); letting it go", self.name
+        )
+        self.stop()
+        self.links.gone(self.project_id, self.queue_name)
+
+    # -- submissions -----------------------------------------------------------------
+
+    def _on_submission(self, delivery: Delivery, token: _Token) -> None:
+        self.links.activity()
+        if not token.live or self._letting_go or self._stopped:
+            self.spawn(delivery.nack(requeue=True))
+            return
+        try:
+            envelope = decode_submission(delivery.body)
+        except ValidationError as exc:
+            self.spawn(self.poison(delivery, self.name, f"undecodable submission: {exc}"))
+            return
+        self._ensure_results()
+        execution = Execution(envelope, delivery.body, delivery)
+        orphan = None
+        if delivery.redelivered:
+            # It may be running on a worker, dispatched by an owner that is gone:
+            # its marker may be here already, or arrive within the grace.
+            orphan = self.gate.orphans.pop(envelope.execution_id, None)
+            if orphan is None:
+                execution.recover_until = self.loop.time() + self.settings.recovery_grace_seconds
+        self.gate.enqueue(execution)
+        if orphan is not None:
+            self.results.adopt(execution, orphan)
+        self.pump()
+
+    def pump(self) -> None:
+        """Settle the head of the queue for as long as it can be."""
+        if self._stopped:
+            return
+        now = self.loop.time()
+        while (decision := self.gate.next(now)) is not None:
+            execution = decision.execution
+            if decision.verdict is Verdict.RECOVER:
+                assert execution.recover_until is not None
+                execution.timer = self.loop.call_at(
+                    execution.recover_until, self._recovery_over, execution
+                )
+            elif decision.verdict is Verdict.DEDUPLICATE:
+                assert decision.duplicate_of is not None
+                self._deduplicate(execution, decision.duplicate_of)
+            else:
+                self._admit(execution)
+        self._maybe_reconsume()
+        self._set_busy(self.gate.busy)
+
+    def _recovery_over(self, execution: Execution) -> None:
+        execution.timer = None
+        if execution.phase is not Phase.RECOVERING:
+            return
+        decision = self.gate.resolve_recovering(execution)
+        if decision is not None:
+            if decision.verdict is Verdict.DEDUPLICATE:
+                assert decision.duplicate_of is not None
+                self._deduplicate(execution, decision.duplicate_of)
+            else:
+                self._admit(execution)
+        self.pump()
+
+    def _deduplicate(self, execution: Execution, holder: str) -> None:
+        self.remember(execution.execution_id)
+        self.spawn(self._settle_duplicate(execution, holder))
+
+    async def _settle_duplicate(self, execution: Execution, holder: str) -> None:
+        await self.links.notifier.event(
+            ExecutionStatus.DEDUPLICATED,
+            execution.envelope,
+            duplicate_of=holder,
+            with_submission=True,
+        )
+        await execution.submission.ack()
+
+    # -- admission -------------------------------------------------------------------
+
+    def _admit(self, execution: Execution) -> None:
+        envelope = execution.envelope
+        execution.dispatch_id = uuid.uuid4().hex
+        execution.deadline = time.time() + envelope.run_timeout_seconds
+        execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
+        execution.announced = asyncio.Event()
+        self.arm_deadline(execution)
+        self.spawn(self._dispatch(execution))
+
+    async def _dispatch(self, execution: Execution) -> None:
+        assert execution.dispatch_id is not None
+        assert execution.deadline is not None
+        assert execution.announced is not None
+        marker = Dispatched(
+            execution_id=execution.execution_id,
+            dispatch_id=execution.dispatch_id,
+            deadline=execution.deadline,
+            at=now_rfc3339(),
+        )
+        try:
+            # The marker first: once the work is out, a successor must be able to
+            # tell that it is (so it does not dispatch it again).
+            await self.links.publisher.publish(
+                self.results_name, encode(marker), message_id=execution.dispatch_id
+            )
+            if execution.phase is Phase.TERMINAL:
+                return
+            await self.links.work_queues.publish(
+                execution.work_queue,
+                encode_work(
+                    dispatch_id=execution.dispatch_id,
+                    deadline=execution.deadline,
+                    results_queue=self.results_name,
+                    submission_raw=execution.raw,
+                ),
+                message_id=execution.dispatch_id,
+            )
+        except BrokerError as exc:
+            execution.announced.set()
+            if execution.phase is not Phase.TERMINAL:
+                log.error("%s: dispatch of %s failed: %s", self.name, execution.execution_id, exc)
+                self.links.fail(exc)
+            return
+        try:
+            await self.links.notifier.event(
+                ExecutionStatus.ADMITTED,
+                execution.envelope,
+                dispatch_id=execution.dispatch_id,
+                with_submission=True,
+            )
+        finally:
+            execution.announced.set()
+
+    # -- deadlines and the end -------------------------------------------------------
+
+    def arm_deadline(self, execution: Execution) -> None:
+        if execution.timer is not None:
+            execution.timer.cancel()
+        assert execution.deadline is not None
+        delay = max(0.0, execution.deadline - time.time())
+        execution.timer = self.loop.call_later(delay, self._deadline_passed, execution)
+
+    def _deadline_passed(self, execution: Execution) -> None:
+        execution.timer = None
+        if execution.phase not in (Phase.DISPATCHING, Phase.IN_FLIGHT):
+            return
+        timeout = execution.envelope.run_timeout_seconds
+        self.finish(
+            execution,
+            ExecutionStatus.TIMED_OUT,
+            error=ErrorInfo(type="timeout", message=f"not finished within {timeout}s"),
+            cancel=True,
+        )
+
+    def finish(
+        self,
+        execution: Execution,
+        status: ExecutionStatus,
+        *,
+        result_delivery: Delivery | None = None,
+        worker_id: str | None = None,
+        dispatch_id: str | None = None,
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        cancel: bool = False,
+    ) -> None:
+        """Terminal: free slot and key now, tell, then acknowledge (submission first)."""
+        if execution.timer is not None:
+            execution.timer.cancel()
+            execution.timer = None
+        self.gate.finish(execution)
+        self.remember(execution.execution_id)
+        self.spawn(
+            self._settle(
+                execution, status, result_delivery, worker_id, dispatch_id, result, error, cancel
+            )
+        )
+        self.pump()
+
+    async def _settle(
+        self,
+        execution: Execution,
+        status: ExecutionStatus,
+        result_delivery: Delivery | None,
+        worker_id: str | None,
+        dispatch_id: str | None,
+        result: Any,
+        error: ErrorInfo | None,
+        cancel: bool,
+    ) -> None:
+        notifier = self.links.notifier
+        if execution.announced is not None:
+            await execution.announced.wait()
+        if cancel and execution.work_queue:
+            await notifier.cancel(execution.execution_id, execution.work_queue, "timeout")
+        await notifier.event(
+            status,
+            execution.envelope,
+            dispatch_id=dispatch_id or execution.dispatch_id,
+            worker_id=worker_id,
+            result=result,
+            error=error,
+        )
+        # Submission first: a crash after it leaves at worst an orphan marker, which
+        # the next owner drops; the other way round it would dispatch again.
+        await execution.submission.ack()
+        if execution.marker is not None:
+            await execution.marker.ack()
+        if result_delivery is not None:
+            await result_delivery.ack()
+
+    def remember(self, execution_id: str) -> None:
+        self._recent[execution_id] = None
+        if len(self._recent) > RECENT_TERMINAL:
+            self._recent.popitem(last=False)
+
+    def is_recent(self, execution_id: str) -> bool:
+        return execution_id in self._recent
+
+    # -- the results consumer --------------------------------------------------------
+
+    def _ensure_results(self) -> None:
+        if self._results is None and not self._results_starting and not self._letting_go:
+            self._results_starting = True
+            self.spawn(self._start_results())
+
+    async def _start_results(self) -> None:
+        token = self._results_token = _Token()
+        # Markers stay unacked while their executions run, and orphans while
+        # settled: the window must hold all of them and leave room for results.
+        prefetch = min(2 * self.window + 64, 65535)
+        try:
+            consumer = await self.links.pool.consume(
+                self.results_name,
+                prefetch=prefetch,
+                on_message=lambda delivery: self._on_result(delivery, token),
+                on_cancelled=self._on_gone,
+            )
+        except CHANNEL_GONE as exc:
+            self.links.fail(exc)
+            return
+        finally:
+            self._results_starting = False
+        if not token.live or self._letting_go or self._stopped:
+            await self.links.pool.cancel(consumer)
+            return
+        self._results = consumer
+
+    def _on_result(self, delivery: Delivery, token: _Token) -> None:
+        self.links.activity()
+        if not token.live or self._stopped:
+            self.spawn(delivery.nack(requeue=True))
+            return
+        self.results.handle(delivery)
+        self.pump()
+
+    async def poison(self, delivery: Delivery, source: str, reason: str) -> None:
+        """Keep it once in the dead-letter queue, then drop it: it never loops."""
+        log.warning("%s: dead-lettering a message: %s", source, reason[:200])
+        try:
+            await dead_letter(
+                self.links.publisher, delivery.body, source_queue=source, reason=reason
+            )
+        except BrokerError as exc:
+            self.links.fail(exc)
+            return
+        await delivery.ack()
+
+    # -- letting go, to consume again with a larger window ---------------------------
+
+    def _maybe_reconsume(self) -> None:
+        if (
+            self._reconsume_wanted
+            and not self._letting_go
+            and not self._stopped
+            and self.gate.used == 0
+        ):
+            self._letting_go = True
+            self.gate.admitting = False
+            self.spawn(self._reconsume())
+
+    async def _reconsume(self) -> None:
+        # Never while we hold an admitted execution: a standby would take the
+        # queue over and admit up to the limit beside ours.
+        log.info("%s: consuming again for a larger window", self.name)
+        try:
+            await self._let_go()
+            self.window = self.settings.window_for(self.gate.limit)
+            self._reconsume_wanted = False
+            self._letting_go = False
+            self.gate.admitting = not self._draining
+            if not self._stopped:
+                await self._consume()
+        except CHANNEL_GONE as exc:
+            self.links.fail(exc)
+
+    async def _let_go(self) -> None:
+        # Results first: once we stop consuming submissions another owner may
+        # start, and its markers and results must not reach us.
+        results, self._results = self._results, None
+        self._results_token.live = False
+        if results is not None:
+            await self.links.pool.cancel(results)
+        for orphan in self.gate.orphans.values():
+            if orphan.timer is not None:
+                orphan.timer.cancel()
+            await orphan.marker.nack(requeue=True)
+            if orphan.result is not None:
+                await orphan.result[0].nack(requeue=True)
+        self.gate.orphans.clear()
+        submissions, self._submissions = self._submissions, None
+        self._submissions_token.live = False
+        if submissions is not None:
+            await self.links.pool.cancel(submissions)
+        for execution in self.gate.take_all_pending():
+            await execution.submission.nack(requeue=True)
+        self._set_busy(self.gate.busy)
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s: background task failed", self.name, exc_info=exc)
+
+    def _set_busy(self, busy: bool) -> None:
+        if busy != self._busy:
+            self._busy = busy
+            self.links.busy_changed(busy)
+
+    async def wait_tasks(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,211 @@
+"""One connection's worth of dispatcher, built from scratch and torn down whole.
+
+The connection is a plain one, not robust: when it is lost the broker requeues
+every submission and marker we held, and whoever owns each queue next (maybe
+us, in a new session) recovers them from the broker. Nothing is restored here;
+the supervisor (``service.py``) builds a new session.
+
+Queues are discovered from the registry stream: after the replay, every queue
+recorded there that matches ``POLOS_DISPATCHER_QUEUES`` gets an owner, and so
+does every queue declared later; limit changes reach the owner at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from aio_pika.abc import AbstractConnection
+
+from broker.connection import connect
+from broker.publisher import ConfirmedPublisher
+from broker.registry import RegistryFollower, RegistryState, RegistryWriter
+from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_results_queue
+from dispatcher.consumers import CHANNEL_GONE, ConsumerPool
+from dispatcher.notify import Notifier
+from dispatcher.owner import QueueOwner
+from dispatcher.settings import Settings
+from dispatcher.work import Links, WorkQueues, ready_count
+from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
+from schemas.topology import results_queue
+
+log = logging.getLogger(__name__)
+
+QueueKey = tuple[str, str]
+DISCOVERY_CONCURRENCY = 16
+REPLAY_TIMEOUT_SECONDS = 60.0
+
+
+class Session:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        busy_changed: Callable[[bool], None],
+        activity: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.broken = asyncio.Event()
+        self.owners: dict[QueueKey, QueueOwner] = {}
+        self._busy_changed = busy_changed
+        self._activity = activity
+        self._state = RegistryState()
+        self._connection: AbstractConnection | None = None
+        self._links: Links | None = None
+        self._replayed = False
+        self._closing = False
+        self._discovering: set[QueueKey] = set()
+        self._semaphore = asyncio.Semaphore(DISCOVERY_CONCURRENCY)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Connect, replay the registry, own the matching queues; raises on failure."""
+        settings = self.settings
+        connection = self._connection = await connect(
+            settings.amqp_url.get_secret_value(), "dispatcher"
+        )
+        connection.close_callbacks.add(self._connection_closed)
+        publisher = ConfirmedPublisher(
+            connection,
+            confirm_timeout=settings.confirm_timeout_seconds,
+            channels=settings.publish_channels,
+        )
+        await publisher.start()
+        notifier = Notifier(
+            connection,
+            confirm_timeout=settings.confirm_timeout_seconds,
+            channels=settings.event_channels,
+        )
+        await notifier.start()
+        async with connection.channel() as channel:
+            await declare_dead_letters(channel)
+            await declare_dispatch_exchanges(channel)
+        self._links = Links(
+            settings=settings,
+            connection=connection,
+            publisher=publisher,
+            notifier=notifier,
+            pool=ConsumerPool(
+                connection, per_channel=settings.consumers_per_channel, on_lost=self._lost
+            ),
+            work_queues=WorkQueues(connection, publisher),
+            fail=self.fail,
+            gone=self._gone,
+            busy_changed=self._busy_changed,
+            activity=self._activity,
+        )
+        follower = RegistryFollower(connection, RegistryWriter(publisher), self._state)
+        follower.add_listener(self._on_registry_event)
+        await follower.start()
+        async with asyncio.timeout(REPLAY_TIMEOUT_SECONDS):
+            await follower.replayed.wait()
+        self._replayed = True
+        keys = [key for key in self._state.queues if settings.owns(*key)]
+        await asyncio.gather(*(self._discover(key) for key in keys))
+        log.info("dispatcher session up: %d queue(s) matched", len(self.owners))
+
+    def fail(self, exc: BaseException | None) -> None:
+        if not self._closing and not self.broken.is_set():
+            log.warning("dispatcher session broken: %r", exc)
+            self.broken.set()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.fail(exc)
+
+    def _connection_closed(self, _connection: object, exc: BaseException | None) -> None:
+        self.fail(exc)
+
+    # -- discovery -------------------------------------------------------------------
+
+    def _on_registry_event(self, event: RegistryEvent) -> None:
+        if not self._replayed or self._closing:
+            return
+        if not isinstance(event, QueueDeclared | QueueLimitSet):
+            return
+        key = (event.project_id, event.queue_name)
+        if not self.settings.owns(*key):
+            return
+        owner = self.owners.get(key)
+        if owner is not None:
+            owner.set_limit(self._limit_of(key))
+        else:
+            self._spawn(self._discover(key))
+
+    def _limit_of(self, key: QueueKey) -> int | None:
+        config = self._state.queues.get(key)
+        return self.settings.limit_for(config.concurrency_limit if config else None)
+
+    async def _discover(self, key: QueueKey) -> None:
+        if key in self.owners or key in self._discovering or self._links is None:
+            return
+        self._discovering.add(key)
+        try:
+            async with self._semaphore:
+                await declare_results_queue(self._links.connection, results_queue(*key))
+                # Registered before it starts, so a limit change reaches it meanwhile.
+                owner = self.owners[key] = QueueOwner(self._links, *key, self._limit_of(key))
+                if not await owner.start():
+                    self.owners.pop(key, None)
+        except Exception as exc:
+            self.owners.pop(key, None)
+            if not self._closing:
+                log.error("cannot own %s/%s: %r", *key, exc)
+                self.fail(exc)
+        finally:
+            self._discovering.discard(key)
+
+    def _gone(self, project_id: str, queue_name: str) -> None:
+        self.owners.pop((project_id, queue_name), None)
+
+    # -- the end ---------------------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        return sum(owner.held for owner in self.owners.values())
+
+    async def drain(self, timeout: float) -> None:
+        """Admit nothing more; wait (up to ``timeout``) for what is in flight to end."""
+        for owner in self.owners.values():
+            owner.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and not self.broken.is_set():
+            if self.held == 0:
+                # Let the last acknowledgements go out before the connection closes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                        await asyncio.gather(*(o.wait_tasks() for o in self.owners.values()))
+                return
+            await asyncio.sleep(0.05)
+        log.warning("drain: %d execution(s) still in flight; the next owner takes them", self.held)
+
+    async def close(self) -> None:
+        """Close the connection: the broker requeues whatever we still hold."""
+        self._closing = True
+        for owner in self.owners.values():
+            owner.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self._links is not None:
+            await self._links.pool.close()
+        if self._connection is not None:
+            with contextlib.suppress(*CHANNEL_GONE):
+                await self._connection.close()
+
+    async def queues_empty(self, names: Iterable[str] | None = None) -> bool:
+        """Whether no owned queue has ready messages (burst mode's last check)."""
+        if self._connection is None:
+            return False
+        for name in names if names is not None else (o.name for o in self.owners.values()):
+            count = await ready_count(self._connection, name)
+            if count:
+                return False
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,73 @@
+"""Dispatcher configuration, from ``POLOS_*`` environment variables."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# basic.qos prefetch_count is an AMQP short.
+MAX_PREFETCH = 65535
+MIN_LIMITED_WINDOW = 32
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    dispatcher_queues: str = Field(
+        default="*",
+        description='Comma-separated fnmatch patterns over "<project>/<queue>" this '
+        'dispatcher owns (with the others that match), e.g. "acme/*,beta/emails".',
+    )
+    default_concurrency_limit: int | None = Field(
+        default=None, ge=1, description="Limit of a queue never given one; unset = unlimited"
+    )
+    unlimited_window: int = Field(
+        default=1000,
+        ge=1,
+        le=MAX_PREFETCH,
+        description="Prefetch of an unlimited queue: how many submissions are held in memory",
+    )
+    recovery_grace_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="After a takeover, how long a redelivered submission waits for its "
+        "dispatched marker before it is dispatched again",
+    )
+    orphan_marker_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a dispatched marker without its submission is kept (and "
+        "counted against the limit) before it is dropped",
+    )
+    drain_timeout_seconds: float = Field(
+        default=30.0, ge=0, description="SIGTERM: how long in-flight executions may take"
+    )
+    confirm_timeout_seconds: float = Field(default=5.0, gt=0)
+    publish_channels: int = Field(default=2, ge=1, le=64)
+    event_channels: int = Field(default=2, ge=1, le=64)
+    consumers_per_channel: int = Field(
+        default=200, ge=1, description="Consumers sharing one AMQP channel"
+    )
+    reconnect_max_seconds: float = Field(default=10.0, gt=0)
+
+    def queue_patterns(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.dispatcher_queues.split(",") if p.strip())
+
+    def owns(self, project_id: str, queue_name: str) -> bool:
+        name = f"{project_id}/{queue_name}"
+        return any(fnmatchcase(name, pattern) for pattern in self.queue_patterns())
+
+    def limit_for(self, configured: int | None) -> int | None:
+        return configured if configured is not None else self.default_concurrency_limit
+
+    def window_for(self, limit: int | None) -> int:
+        """The prefetch of a submission consumer: what the gate can choose from.
+
+        Twice the limit leaves room to raise the limit without re-consuming.
+        """
+        if limit is None:
+            return self.unlimited_window
+        return min(max(2 * limit, MIN_LIMITED_WINDOW), MAX_PREFETCH)

@@ -1,0 +1,75 @@
+"""The broker side of a dispatch: the links an owner uses, and the work queues it fills."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+from broker.errors import Unroutable
+from broker.publisher import ConfirmedPublisher
+from broker.topology import declare_work_queue
+from dispatcher.consumers import ConsumerPool
+from dispatcher.notify import Notifier
+from dispatcher.settings import Settings
+
+
+class WorkQueues:
+    """Work queues are declared on the first dispatch to a deployment, and again
+    if the broker returns a publish as unroutable (the queue was deleted)."""
+
+    def __init__(self, connection: AbstractConnection, publisher: ConfirmedPublisher) -> None:
+        self._connection = connection
+        self._publisher = publisher
+        self._declared: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def publish(self, name: str, body: bytes, *, message_id: str) -> None:
+        """Publish with confirm; raises BrokerError."""
+        if name not in self._declared:
+            await self._declare(name)
+        try:
+            await self._publisher.publish(name, body, message_id=message_id)
+        except Unroutable:
+            self._declared.discard(name)
+            await self._declare(name)
+            await self._publisher.publish(name, body, message_id=message_id)
+
+    async def _declare(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name not in self._declared:
+                await declare_work_queue(self._connection, name)
+                self._declared.add(name)
+
+
+async def ready_count(connection: AbstractConnection, name: str) -> int | None:
+    """Messages ready in ``name``, None if it does not exist.
+
+    A passive declare, on a channel of its own: a failed one closes its channel.
+    """
+    try:
+        async with connection.channel() as channel:
+            queue = await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    return queue.declaration_result.message_count or 0
+
+
+@dataclass(slots=True)
+class Links:
+    """What every queue owner of one connection shares."""
+
+    settings: Settings
+    connection: AbstractConnection
+    publisher: ConfirmedPublisher
+    notifier: Notifier
+    pool: ConsumerPool
+    work_queues: WorkQueues
+    fail: Callable[[BaseException], None]
+    gone: Callable[[str, str], None]
+    busy_changed: Callable[[bool], None]
+    activity: Callable[[], None]

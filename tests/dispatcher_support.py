@@ -1,0 +1,277 @@
+"""Driving the dispatcher in tests.
+
+- ``QueueKit``: submission queues declared the way the gateway declares them
+  (quorum, single active consumer) and recorded in the registry, and
+  submissions published straight to them with a confirm;
+- ``EventLog``: the lifecycle events of one project, as a follower sees them;
+- ``Probe`` + ``probe_worker``: an in-process worker (the SDK) whose workflow
+  measures how many executions run at once, and which ones were cancelled;
+- ``dispatcher_process``: ``python -m dispatcher`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from broker.publisher import ConfirmedPublisher
+from broker.registry import RegistryWriter
+from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_queue
+from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_lifecycle
+from schemas.envelope import encode_submission
+from schemas.ids import new_execution_id, now_rfc3339
+from schemas.registry import QueueDeclared, QueueLimitSet
+from schemas.topology import (
+    EVENTS_EXCHANGE,
+    results_queue,
+    submit_queue,
+    submit_queue_arguments,
+    work_queue,
+)
+from worker import ExecutionContext, Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENT = "v1"
+
+
+class QueueKit:
+    """The submission queues of one test project."""
+
+    def __init__(self, connection: AbstractConnection, project: str) -> None:
+        self.connection = connection
+        self.project = project
+        self.deployment = DEPLOYMENT
+        self._publisher = ConfirmedPublisher(connection, confirm_timeout=10.0, channels=1)
+        self._writer = RegistryWriter(self._publisher)
+        self._queues: set[str] = set()
+
+    async def open(self) -> None:
+        await self._publisher.start()
+        async with self.connection.channel() as channel:
+            await declare_dead_letters(channel)
+            await declare_dispatch_exchanges(channel)
+
+    async def close(self) -> None:
+        await self._publisher.close()
+        names = [work_queue(self.project, self.deployment)]
+        for queue in self._queues:
+            names += [submit_queue(self.project, queue), results_queue(self.project, queue)]
+        for name in names:
+            with contextlib.suppress(Exception):
+                async with self.connection.channel() as channel:
+                    await channel.queue_delete(name)
+
+    async def declare(self, queue: str, *, limit: int | None = None) -> str:
+        """Declare the queue as the gateway does and append ``queue_declared``."""
+        name = submit_queue(self.project, queue)
+        await declare_queue(self.connection, name, submit_queue_arguments(max_length=100_000))
+        self._queues.add(queue)
+        await self._writer.append(
+            QueueDeclared(
+                at=now_rfc3339(), project_id=self.project, queue_name=queue, concurrency_limit=limit
+            )
+        )
+        return name
+
+    async def set_limit(self, queue: str, limit: int) -> None:
+        await self._writer.append(
+            QueueLimitSet(
+                at=now_rfc3339(), project_id=self.project, queue_name=queue, concurrency_limit=limit
+            )
+        )
+
+    async def submit(
+        self,
+        queue: str,
+        payload: Any = None,
+        *,
+        workflow: str = "sleep",
+        key: str | None = None,
+        run_timeout: int = 60,
+    ) -> str:
+        """Publish one submission (confirmed); returns its execution id."""
+        execution_id, created_at = new_execution_id()
+        body = encode_submission(
+            execution_id=execution_id,
+            created_at=created_at,
+            project_id=self.project,
+            workflow_id=workflow,
+            deployment_id=self.deployment,
+            queue_name=queue,
+            queue_concurrency_limit=None,
+            concurrency_key=key,
+            run_timeout_seconds=run_timeout,
+            payload=payload,
+            initial_state=None,
+            session_id=str(uuid.uuid4()),
+            user_id=None,
+            otel_traceparent=None,
+            parent_execution_id=None,
+            root_execution_id=None,
+            step_key=None,
+            wait_for_subworkflow=False,
+            submitted_by="key_test",
+        )
+        await self.publish_raw(queue, body, message_id=execution_id)
+        return execution_id
+
+    async def publish_raw(self, queue: str, body: bytes, *, message_id: str = "") -> None:
+        await self._publisher.publish(
+            submit_queue(self.project, queue), body, message_id=message_id or uuid.uuid4().hex
+        )
+
+
+class EventLog:
+    """Every lifecycle event of one project, in the order they arrive."""
+
+    def __init__(self, connection: AbstractConnection, project: str) -> None:
+        self.connection = connection
+        self.project = project
+        self.events: list[LifecycleEvent] = []
+        self.arrived_at: list[float] = []  # monotonic time each event arrived
+        self._changed = asyncio.Condition()
+        self._channel: AbstractChannel | None = None
+
+    async def open(self) -> None:
+        channel = self._channel = await self.connection.channel()
+        await declare_dispatch_exchanges(channel)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(EVENTS_EXCHANGE, routing_key=f"{self.project}.#")
+        await queue.consume(self._on_event, no_ack=True)
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        async with self._changed:
+            self.events.append(decode_lifecycle(message.body))
+            self.arrived_at.append(time.monotonic())
+            self._changed.notify_all()
+
+    def of(self, execution_id: str) -> list[LifecycleEvent]:
+        return [e for e in self.events if e.execution_id == execution_id]
+
+    def statuses(self, execution_id: str) -> list[ExecutionStatus]:
+        return [e.status for e in self.of(execution_id)]
+
+    def terminal(self, execution_id: str) -> list[LifecycleEvent]:
+        return [e for e in self.of(execution_id) if e.status in TERMINAL_STATUSES]
+
+    def first(self, execution_id: str, status: ExecutionStatus) -> LifecycleEvent:
+        return next(e for e in self.of(execution_id) if e.status is status)
+
+    def arrival(self, execution_id: str, status: ExecutionStatus) -> float:
+        for event, at in zip(self.events, self.arrived_at, strict=True):
+            if event.execution_id == execution_id and event.status is status:
+                return at
+        raise AssertionError(f"no {status} event for {execution_id}")
+
+    async def wait_for(
+        self, predicate: Callable[[], bool], *, timeout: float = 10.0, what: str = "events"
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(predicate)
+        except TimeoutError:
+            seen = [(e.execution_id[-6:], e.status.value) for e in self.events[-30:]]
+            raise AssertionError(f"timed out waiting for {what}; last events: {seen}") from None
+
+    async def wait_status(
+        self, execution_id: str, status: ExecutionStatus, *, timeout: float = 10.0
+    ) -> LifecycleEvent:
+        await self.wait_for(
+            lambda: status in self.statuses(execution_id),
+            timeout=timeout,
+            what=f"{status} of {execution_id}",
+        )
+        return self.first(execution_id, status)
+
+    async def wait_terminal(
+        self, execution_ids: list[str], *, timeout: float = 20.0
+    ) -> dict[str, LifecycleEvent]:
+        await self.wait_for(
+            lambda: all(self.terminal(e) for e in execution_ids),
+            timeout=timeout,
+            what=f"{len(execution_ids)} terminal executions "
+            f"({sum(1 for e in execution_ids if self.terminal(e))} so far)",
+        )
+        return {e: self.terminal(e)[0] for e in execution_ids}
+
+
+class Probe:
+    """What the workers saw: executions running at once, and which were cancelled."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.max_running = 0
+        self.runs: list[str] = []
+        self.cancelled: list[str] = []
+
+    async def sleep(self, ctx: ExecutionContext, payload: Any) -> Any:
+        """Runs ``payload["seconds"]`` (default 0.2), counting itself while it does."""
+        seconds = float((payload or {}).get("seconds", 0.2))
+        self.running.add(ctx.execution_id)
+        self.runs.append(ctx.execution_id)
+        self.max_running = max(self.max_running, len(self.running))
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.append(ctx.execution_id)
+            raise
+        finally:
+            self.running.discard(ctx.execution_id)
+        return {"slept": seconds}
+
+
+def probe_worker(amqp_url: str, project: str, probe: Probe, *, concurrency: int = 32) -> Worker:
+    worker = Worker(
+        project=project, deployment=DEPLOYMENT, concurrency=concurrency, amqp_url=amqp_url
+    )
+    worker.add_workflow("sleep", probe.sleep)
+    return worker
+
+
+def dispatcher_process(
+    amqp_url: str, project: str, log: Path, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    """``python -m dispatcher [args]`` owning ``<project>/*``, logging to ``log``."""
+    with log.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", *args],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "POLOS_AMQP_URL": amqp_url,
+                "POLOS_DISPATCHER_QUEUES": f"{project}/*",
+                **env,
+            },
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def read_log(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+async def wait_for_log(log: Path, text: str, *, timeout: float = 15.0, count: int = 1) -> None:
+    """Until ``text`` appears ``count`` times in ``log``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if read_log(log).count(text) >= count:
+            return
+        await asyncio.sleep(0.05)
+    tail = read_log(log)[-3000:]
+    raise AssertionError(f"{text!r} not in {log.name} after {timeout}s:\n{tail}")
