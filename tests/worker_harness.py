@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from schemas.dispatch import (
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, DEAD_LETTER_QUEUE, results_queue, work_queue
+from tests.conftest import queue_depth
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,6 +177,22 @@ class FakeDispatcher:
         result = found()
         assert result is not None
         return result
+
+
+async def until(condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await condition():
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"condition not met within {timeout}s") from None
+
+
+async def has_depth(connection: AbstractConnection, queue_name: str, depth: int) -> bool:
+    return await queue_depth(connection, queue_name) == depth
 
 
 async def take_dead_letters(

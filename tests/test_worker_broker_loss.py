@@ -1,0 +1,123 @@
+"""Broker loss, through a TCP proxy the test cuts (the shared broker is never stopped).
+
+A result decided while the broker is unreachable is delivered once it is back,
+and the work message is acknowledged only after the broker confirmed its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from schemas.dispatch import Completed
+from tests.conftest import queue_depth
+from tests.proxy import TcpProxy
+from tests.worker_harness import FakeDispatcher, has_depth, until
+from worker import ExecutionContext, Worker, WorkerSettings
+
+
+@pytest.fixture
+async def dispatcher(
+    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[FakeDispatcher]:
+    fake = FakeDispatcher(amqp, uid, "v1")
+    delete_queues(fake.results_queue)
+    delete_queues(fake.work_queue)
+    await fake.open()
+    yield fake
+    await fake.close()
+
+
+class Gated:
+    """A workflow that runs until the test releases it, counting its runs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def __call__(self, ctx: ExecutionContext, payload: Any) -> Any:
+        self.calls += 1
+        await self.release.wait()
+        self.finished.set()
+        return "done"
+
+
+@pytest.fixture
+async def gated_worker(
+    amqp_url: str, uid: str, broker_proxy: TcpProxy
+) -> AsyncIterator[tuple[Worker, Gated]]:
+    gated = Gated()
+    # aio-pika reads the robust reconnect interval from the URL.
+    url = f"{broker_proxy.url(amqp_url)}?reconnect_interval=0.2"
+    worker = Worker(
+        project=uid,
+        deployment="v1",
+        amqp_url=url,
+        settings=WorkerSettings(confirm_timeout_seconds=0.5),
+    )
+
+    async def gate(ctx: ExecutionContext, payload: Any) -> Any:
+        return await gated(ctx, payload)
+
+    worker.add_workflow("gated", gate)
+    await worker.start()
+    yield worker, gated
+    await worker.stop(drain_timeout=0)
+
+
+async def test_result_decided_during_an_outage_is_delivered_when_the_broker_returns(
+    dispatcher: FakeDispatcher,
+    gated_worker: tuple[Worker, Gated],
+    broker_proxy: TcpProxy,
+    amqp: AbstractConnection,
+) -> None:
+    worker, gated = gated_worker
+    execution_id = await dispatcher.dispatch("gated")
+    await dispatcher.wait_for(execution_id, "running")
+
+    broker_proxy.cut()
+    gated.release.set()
+    await gated.finished.wait()
+    await asyncio.sleep(0.3)  # the worker tries to publish while the broker is unreachable
+    broker_proxy.restore()
+
+    completed = await dispatcher.wait_for(execution_id, "completed", timeout=15)
+    assert isinstance(completed, Completed)
+    assert completed.result == "done"
+    async with asyncio.timeout(10):
+        await worker.wait_idle()
+    await worker.stop()
+    assert gated.calls == 1
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_work_is_acknowledged_only_after_its_result_is_confirmed(
+    dispatcher: FakeDispatcher,
+    gated_worker: tuple[Worker, Gated],
+    broker_proxy: TcpProxy,
+    amqp: AbstractConnection,
+) -> None:
+    worker, gated = gated_worker
+    execution_id = await dispatcher.dispatch("gated")
+    await dispatcher.wait_for(execution_id, "running")
+
+    # The broker stores the result but its confirm never reaches the worker...
+    broker_proxy.hold()
+    gated.release.set()
+    await dispatcher.wait_for(execution_id, "completed")
+    # ...so the work message is still unacknowledged: losing the link returns it.
+    broker_proxy.cut()
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 1))
+
+    broker_proxy.restore()
+    async with asyncio.timeout(15):
+        await worker.wait_idle()
+    await worker.stop()
+    assert gated.calls == 1
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+    assert {r.type for r in dispatcher.results_of(execution_id)} == {"running", "completed"}
