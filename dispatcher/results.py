@@ -159,6 +159,10 @@ class ResultsHandler:
             status, result, error = ExecutionStatus.COMPLETED, message.result, None
         elif isinstance(message, Failed):
             status, result, error = ExecutionStatus.FAILED, None, message.error
+        elif message.reason == "timeout":
+            # The worker enforces the same deadline and may report it first.
+            status, result = ExecutionStatus.TIMED_OUT, None
+            error = ErrorInfo(type="timeout", message="the worker stopped it at its deadline")
         else:
             status, result = ExecutionStatus.CANCELLED, None
             error = ErrorInfo(type="cancelled", message=message.reason)

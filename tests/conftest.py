@@ -280,7 +280,8 @@ async def make_dispatcher(amqp_url: str, uid: str) -> AsyncIterator[DispatcherFa
     started: list[Dispatcher] = []
 
     async def _make(**overrides: Any) -> Dispatcher:
-        settings = DispatcherSettings(amqp_url=amqp_url, dispatcher_queues=f"{uid}/*", **overrides)
+        fields: dict[str, Any] = {"amqp_url": amqp_url, "dispatcher_queues": f"{uid}/*"}
+        settings = DispatcherSettings(**{**fields, **overrides})
         dispatcher = Dispatcher(settings)
         started.append(dispatcher)
         await dispatcher.start()
