@@ -72,22 +72,6 @@ async def submit_workflow(request: web.Request) -> web.Response:
         error_type, message, details = _validation_details(exc)
         raise ApiError(400, error_type, message, details) from None
 
-    link = app[APP_LINK]
-    deployment = link.state.resolve(project_id, body.deployment_id)
-    if deployment is None:
-        if body.deployment_id is None:
-            raise ApiError(
-                404, "DEPLOYMENT_NOT_FOUND", f"Project {project_id!r} has no registered deployment."
-            )
-        raise ApiError(404, "DEPLOYMENT_NOT_FOUND", f"Deployment {body.deployment_id!r} not found.")
-    if workflow_id not in deployment.workflows:
-        raise ApiError(
-            404,
-            "WORKFLOW_NOT_FOUND",
-            f"Workflow {workflow_id!r} is not registered in deployment "
-            f"{deployment.deployment_id!r}.",
-        )
-
     run_timeout = body.run_timeout_seconds or settings.default_run_timeout_seconds
     if run_timeout > settings.max_run_timeout_seconds:
         raise ApiError(
@@ -113,6 +97,28 @@ async def submit_workflow(request: web.Request) -> web.Response:
                     "message": "the workflow id is not a valid queue name; set queue_name",
                 }
             ],
+        )
+
+    link = app[APP_LINK]
+    if not link.registry_replayed:
+        # Deployments are not known yet (the broker was unreachable since the
+        # start): "not found" would be a lie the client does not retry.
+        raise _unavailable(
+            "The gateway has not read the deployment registry yet.", settings.retry_after_seconds
+        )
+    deployment = link.state.resolve(project_id, body.deployment_id)
+    if deployment is None:
+        if body.deployment_id is None:
+            raise ApiError(
+                404, "DEPLOYMENT_NOT_FOUND", f"Project {project_id!r} has no registered deployment."
+            )
+        raise ApiError(404, "DEPLOYMENT_NOT_FOUND", f"Deployment {body.deployment_id!r} not found.")
+    if workflow_id not in deployment.workflows:
+        raise ApiError(
+            404,
+            "WORKFLOW_NOT_FOUND",
+            f"Workflow {workflow_id!r} is not registered in deployment "
+            f"{deployment.deployment_id!r}.",
         )
 
     queues, publisher = link.queues, link.publisher

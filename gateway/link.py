@@ -45,13 +45,13 @@ class BrokerLink:
             await self.follower.replayed.wait()
 
     @property
+    def registry_replayed(self) -> bool:
+        """Whether the deployments and queues registered before we started are known."""
+        return self.follower is not None and self.follower.replayed.is_set()
+
+    @property
     def ready(self) -> bool:
-        return (
-            self.publisher is not None
-            and self.publisher.available
-            and self.follower is not None
-            and self.follower.replayed.is_set()
-        )
+        return self.publisher is not None and self.publisher.available and self.registry_replayed
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

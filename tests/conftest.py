@@ -14,6 +14,7 @@ import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from broker.registry import register_deployment
@@ -290,3 +291,27 @@ async def make_dispatcher(amqp_url: str, uid: str) -> AsyncIterator[DispatcherFa
     yield _make
     for dispatcher in started:
         await dispatcher.stop(drain=False)
+
+
+@asynccontextmanager
+async def running_gateway(
+    settings: Settings, *, wait_ready: bool = True
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """A gateway app on a real port, for fixtures wider than one test.
+
+    Every start replays the whole registry stream, so a module whose tests only
+    need *a* gateway shares one.
+    """
+    app = create_app(settings)
+    async with TestClient(TestServer(app)) as client:
+        if wait_ready:
+            async with asyncio.timeout(15):
+                await app[APP_LINK].wait_ready()
+        yield client
+
+
+def new_tenant(projects_file: Path, project_id: str | None = None) -> Tenant:
+    """A project with a fresh key, in ``projects_file``."""
+    project_id = project_id or f"t{uuid.uuid4().hex[:10]}"
+    key, _ = create_key(projects_file, project_id)
+    return Tenant(projects_file, project_id, key)

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
+import pytest_asyncio
 from aio_pika.abc import AbstractConnection
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
+from broker.registry import register_deployment
+from gateway.settings import Settings
 from schemas.api import INT32_MAX
 from schemas.topology import submit_queue
 from tests.conftest import (
-    GatewayFactory,
     Tenant,
     assert_error,
     detail_fields,
+    new_tenant,
     queue_depth,
     queue_exists,
+    running_gateway,
 )
+
+Client = TestClient[web.Request, web.Application]
 
 MAX_RUN_TIMEOUT = 7200
 STRING_FIELDS = [
@@ -66,28 +75,49 @@ def _case_id(case: tuple[dict[str, Any], str]) -> str:
     return f"{field}={str(value)[:20]}"
 
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(
+    amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Client, Tenant, AbstractConnection]]:
+    """One gateway for the module: none of these tests changes it."""
+    tenant = new_tenant(tmp_path_factory.mktemp("validation") / "projects.json")
+    await register_deployment(amqp_url, tenant.project_id, "v1", ["hello", "needs space"])
+    settings = Settings(
+        amqp_url=amqp_url,
+        projects_file=tenant.projects_file,
+        max_run_timeout_seconds=MAX_RUN_TIMEOUT,
+        max_body_bytes=1024,
+    )
+    connection = await aio_pika.connect(amqp_url)
+    async with running_gateway(settings) as client:
+        yield client, tenant, connection
+    channel = await connection.channel()
+    await channel.queue_delete(submit_queue(tenant.project_id, "hello"))
+    await connection.close()
+
+
 @pytest.fixture
-async def gateway(
-    make_gateway: GatewayFactory,
-    tenant: Tenant,
-    register: Callable[[str, str, list[str]], Awaitable[None]],
-    amqp: AbstractConnection,
-    delete_queues: Callable[[str], None],
-) -> AsyncIterator[Any]:
-    """A gateway with a deployment, and the check that bad input declared no queue at all."""
-    delete_queues(submit_queue(tenant.project_id, "hello"))
-    await register(tenant.project_id, "v1", ["hello", "needs space"])
-    client = await make_gateway(max_run_timeout_seconds=MAX_RUN_TIMEOUT, max_body_bytes=1024)
+def tenant(shared: tuple[Client, Tenant, AbstractConnection]) -> Tenant:
+    return shared[1]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def gateway(shared: tuple[Client, Tenant, AbstractConnection]) -> AsyncIterator[Client]:
+    """The shared gateway, and after the test the check that bad input declared no queue."""
+    client, tenant, connection = shared
     yield client
     # Only names the broker could hold: the others cannot have been declared.
     for queue in ("hello", "q" * 129):
         name = submit_queue(tenant.project_id, queue)
-        assert not await queue_exists(amqp, name), f"bad input declared {name}"
+        assert not await queue_exists(connection, name), f"bad input declared {name}"
 
 
 @pytest.mark.parametrize(("body", "field"), INVALID_FIELDS, ids=map(_case_id, INVALID_FIELDS))
 async def test_invalid_field_is_400_naming_it(
-    gateway: Any, tenant: Tenant, body: dict[str, Any], field: str
+    gateway: Client, tenant: Tenant, body: dict[str, Any], field: str
 ) -> None:
     response = await gateway.post("/api/v1/workflows/hello/run", json=body, headers=tenant.headers)
 
@@ -97,7 +127,7 @@ async def test_invalid_field_is_400_naming_it(
 
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"{'payload': 1}", b'{"payload": }', b"\xff\xfe"])
-async def test_malformed_json_is_400(gateway: Any, tenant: Tenant, raw: bytes) -> None:
+async def test_malformed_json_is_400(gateway: Client, tenant: Tenant, raw: bytes) -> None:
     response = await gateway.post(
         "/api/v1/workflows/hello/run",
         data=raw,
@@ -109,7 +139,7 @@ async def test_malformed_json_is_400(gateway: Any, tenant: Tenant, raw: bytes) -
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"payload"', b"1", b"null", b'[{"payload": 1}]'])
-async def test_body_not_an_object_is_400(gateway: Any, tenant: Tenant, raw: bytes) -> None:
+async def test_body_not_an_object_is_400(gateway: Client, tenant: Tenant, raw: bytes) -> None:
     response = await gateway.post(
         "/api/v1/workflows/hello/run",
         data=raw,
@@ -120,7 +150,7 @@ async def test_body_not_an_object_is_400(gateway: Any, tenant: Tenant, raw: byte
     assert detail_fields(error) == ["body"]
 
 
-async def test_several_invalid_fields_are_all_named(gateway: Any, tenant: Tenant) -> None:
+async def test_several_invalid_fields_are_all_named(gateway: Client, tenant: Tenant) -> None:
     body = {"queue_name": "", "queue_concurrency_limit": 0, "run_timeout_seconds": "x"}
 
     response = await gateway.post("/api/v1/workflows/hello/run", json=body, headers=tenant.headers)
@@ -135,7 +165,7 @@ async def test_several_invalid_fields_are_all_named(gateway: Any, tenant: Tenant
 
 
 async def test_workflow_id_that_is_no_queue_name_needs_an_explicit_queue_name(
-    gateway: Any, tenant: Tenant
+    gateway: Client, tenant: Tenant
 ) -> None:
     response = await gateway.post(
         "/api/v1/workflows/needs%20space/run", json={"payload": 1}, headers=tenant.headers
@@ -148,7 +178,9 @@ async def test_workflow_id_that_is_no_queue_name_needs_an_explicit_queue_name(
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
 )
-async def test_wrong_content_type_is_415(gateway: Any, tenant: Tenant, content_type: str) -> None:
+async def test_wrong_content_type_is_415(
+    gateway: Client, tenant: Tenant, content_type: str
+) -> None:
     response = await gateway.post(
         "/api/v1/workflows/hello/run",
         data=b'{"payload": 1}',
@@ -158,7 +190,7 @@ async def test_wrong_content_type_is_415(gateway: Any, tenant: Tenant, content_t
     await assert_error(response, 415, "UNSUPPORTED_MEDIA_TYPE")
 
 
-async def test_missing_content_type_is_415(gateway: Any, tenant: Tenant) -> None:
+async def test_missing_content_type_is_415(gateway: Client, tenant: Tenant) -> None:
     response = await gateway.post(
         "/api/v1/workflows/hello/run",
         data=b'{"payload": 1}',
@@ -169,14 +201,14 @@ async def test_missing_content_type_is_415(gateway: Any, tenant: Tenant) -> None
     await assert_error(response, 415, "UNSUPPORTED_MEDIA_TYPE")
 
 
-def _body_of_size(size: int) -> bytes:
-    raw = orjson.dumps({"payload": ""})
-    body = orjson.dumps({"payload": "x" * (size - len(raw))})
+def _body_of_size(size: int, **fields: Any) -> bytes:
+    raw = orjson.dumps({**fields, "payload": ""})
+    body = orjson.dumps({**fields, "payload": "x" * (size - len(raw))})
     assert len(body) == size
     return body
 
 
-async def test_body_over_the_limit_is_413(gateway: Any, tenant: Tenant) -> None:
+async def test_body_over_the_limit_is_413(gateway: Client, tenant: Tenant) -> None:
     response = await gateway.post(
         "/api/v1/workflows/hello/run",
         data=_body_of_size(1025),
@@ -186,7 +218,7 @@ async def test_body_over_the_limit_is_413(gateway: Any, tenant: Tenant) -> None:
     await assert_error(response, 413, "PAYLOAD_TOO_LARGE")
 
 
-async def test_chunked_body_over_the_limit_is_413(gateway: Any, tenant: Tenant) -> None:
+async def test_chunked_body_over_the_limit_is_413(gateway: Client, tenant: Tenant) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         body = _body_of_size(4096)
         for start in range(0, len(body), 500):
@@ -202,22 +234,20 @@ async def test_chunked_body_over_the_limit_is_413(gateway: Any, tenant: Tenant) 
 
 
 async def test_body_at_the_limit_is_accepted(
-    make_gateway: GatewayFactory,
-    tenant: Tenant,
-    register: Callable[[str, str, list[str]], Awaitable[None]],
-    amqp: AbstractConnection,
-    delete_queues: Callable[[str], None],
+    shared: tuple[Client, Tenant, AbstractConnection],
 ) -> None:
-    await register(tenant.project_id, "v1", ["hello"])
-    client = await make_gateway(max_body_bytes=1024)
-    queue = submit_queue(tenant.project_id, "hello")
-    delete_queues(queue)
+    client, tenant, connection = shared
+    queue = submit_queue(tenant.project_id, "at-limit")
+    try:
+        response = await client.post(
+            "/api/v1/workflows/hello/run",
+            data=_body_of_size(1024, queue_name="at-limit"),
+            headers={**tenant.headers, "Content-Type": "application/json"},
+        )
 
-    response = await client.post(
-        "/api/v1/workflows/hello/run",
-        data=_body_of_size(1024),
-        headers={**tenant.headers, "Content-Type": "application/json"},
-    )
-
-    assert response.status == 200, await response.text()
-    assert await queue_depth(amqp, queue) == 1
+        assert response.status == 200, await response.text()
+        assert await queue_depth(connection, queue) == 1
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.close()
