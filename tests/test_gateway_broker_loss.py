@@ -103,7 +103,8 @@ async def test_broker_loss_answers_503_fast_then_recovers_without_restart(
     assert (await client.get("/health")).status == 200
 
     broker_proxy.restore()
-    accepted.append(await _until_accepted(client, tenant, within=10))
+    # Back within a few reconnect intervals (0.2 s here), not aio-pika's default 5 s.
+    accepted.append(await _until_accepted(client, tenant, within=2))
     await _until_ready_is(client, 200, within=2)
     accepted.append(await _until_accepted(client, tenant, within=1, queue_name="new-during-outage"))
 
