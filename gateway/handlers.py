@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from typing import Any
@@ -21,6 +22,8 @@ from schemas.ids import new_execution_id
 
 _QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
 _JSON = "application/json"
+
+log = logging.getLogger(__name__)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -173,8 +176,11 @@ async def submit_workflow(request: web.Request) -> web.Response:
             headers={"Retry-After": str(settings.retry_after_seconds)},
         ) from None
     except (BrokerUnavailable, Unroutable) as exc:
+        # The cause names broker internals (connection reprs, queue names): it is
+        # for the operator's log, not for the client.
+        log.warning("submission to %s/%s not accepted: %s", project_id, queue_name, exc)
         raise _unavailable(
-            f"The submission was not accepted by the broker: {exc}", settings.retry_after_seconds
+            "The message broker is unavailable.", settings.retry_after_seconds
         ) from None
     return _json({"execution_id": execution_id, "created_at": created_at})
 

@@ -44,7 +44,8 @@ async def _submit(
 
 async def _assert_503_fast(client: Client, tenant: Tenant, **body: Any) -> None:
     response, elapsed = await _submit(client, tenant, **body)
-    await assert_error(response, 503, "BROKER_UNAVAILABLE")
+    error = await assert_error(response, 503, "BROKER_UNAVAILABLE")
+    assert "amqp" not in error["error"].lower(), "broker internals leaked to the client"
     assert response.headers["Retry-After"] == "1"
     assert elapsed < FAST, f"503 took {elapsed:.2f}s"
 
