@@ -17,6 +17,7 @@ from schemas.dispatch import Completed
 from tests.conftest import queue_depth
 from tests.proxy import TcpProxy
 from tests.worker_harness import FakeDispatcher, has_depth, until
+from tests.workflows import add_workflows
 from worker import ExecutionContext, Worker, WorkerSettings
 
 
@@ -121,3 +122,32 @@ async def test_work_is_acknowledged_only_after_its_result_is_confirmed(
     assert gated.calls == 1
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
     assert {r.type for r in dispatcher.results_of(execution_id)} == {"running", "completed"}
+
+
+async def test_worker_started_while_the_broker_is_unreachable_starts_when_it_returns(
+    dispatcher: FakeDispatcher, amqp_url: str, uid: str, broker_proxy: TcpProxy
+) -> None:
+    broker_proxy.cut()
+    worker = add_workflows(
+        Worker(
+            project=uid,
+            deployment="v1",
+            amqp_url=broker_proxy.url(amqp_url),
+            settings=WorkerSettings(worker_reconnect_interval_seconds=0.1),
+        )
+    )
+    starting = asyncio.create_task(worker.start())
+    try:
+        await asyncio.sleep(0.3)  # a few failed attempts
+        assert not starting.done()
+        broker_proxy.restore()
+        async with asyncio.timeout(10):
+            await starting
+
+        execution_id = await dispatcher.dispatch("echo", "late start")
+        completed = await dispatcher.wait_for(execution_id, "completed")
+        assert isinstance(completed, Completed)
+        assert completed.result == "late start"
+    finally:
+        starting.cancel()
+        await worker.stop()

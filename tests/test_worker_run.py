@@ -266,3 +266,22 @@ async def test_poison_messages_are_dead_lettered_once_with_the_reason(
     assert "unknown workflow 'no-such-workflow'" in reasons[f"{uid}-unknown"]
     assert f"work for {uid}x/v1" in reasons[f"{uid}-foreign"]
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_work_whose_results_queue_is_missing_is_dead_lettered_not_lost(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection, uid: str
+) -> None:
+    worker = await start_worker()
+    missing = f"polos.results.{uid}.never-declared"
+    _, body = dispatcher.work("echo", "lost?", results_queue=missing)
+
+    await dispatcher.publish(body, message_id=f"{uid}-orphan")
+    async with asyncio.timeout(15):
+        await worker.wait_idle()
+    await worker.stop()
+
+    [dead] = await take_dead_letters(amqp, dispatcher.work_queue)
+    assert dead.message_id == f"{uid}-orphan"
+    assert dead.body == body
+    assert str((dead.headers or {})[REASON_HEADER]) == f"results queue {missing!r} does not exist"
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0

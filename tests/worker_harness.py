@@ -88,6 +88,7 @@ class FakeDispatcher:
         deadline: float | None = None,
         execution_id: str | None = None,
         dispatch_id: str | None = None,
+        results_queue: str | None = None,
         **submission: Any,
     ) -> tuple[str, bytes]:
         """An execution id and the body of a work message for it."""
@@ -120,7 +121,7 @@ class FakeDispatcher:
         body = encode_work(
             dispatch_id=dispatch_id or uuid.uuid4().hex,
             deadline=deadline if deadline is not None else time.time() + 60,
-            results_queue=self.results_queue,
+            results_queue=results_queue or self.results_queue,
             submission_raw=encode_submission(**fields),
         )
         return execution_id, body

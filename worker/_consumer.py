@@ -34,6 +34,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 from pydantic import ValidationError
+from yarl import URL
 
 from broker.connection import connect_robust
 from broker.errors import BrokerError, Unroutable
@@ -59,6 +60,13 @@ HAND_BACK_GRACE_S = 5.0
 BURST_IDLE_S = 0.5
 PUBLISH_CHANNELS = 2
 
+_START_ERRORS = (
+    BrokerError,
+    aiormq.exceptions.AMQPError,
+    ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
+)
 _SETTLE_ERRORS = (
     ChannelInvalidStateError,
     MessageProcessError,
@@ -108,23 +116,32 @@ class Consumer:
     # -- start ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect (retrying until the broker answers), register, and consume."""
+        """Connect, register and consume; retries until the broker answers."""
+        # The robust connection's own reconnect interval (aio-pika reads it
+        # from the URL) follows ours unless the URL sets it.
+        url = URL(self._amqp_url)
+        if "reconnect_interval" not in url.query:
+            url = url.update_query(reconnect_interval=str(self._reconnect_interval))
         while True:
+            connection: AbstractRobustConnection | None = None
             try:
-                self._connection = await connect_robust(
-                    self._amqp_url, f"worker-{self._project}-{self._deployment}"
+                connection = await connect_robust(
+                    str(url), f"worker-{self._project}-{self._deployment}"
                 )
-                break
-            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                await self._setup(connection)
+                self._connection = connection
+                return
+            except _START_ERRORS as exc:
                 log.warning(
-                    "broker not reachable (%r); retrying in %ss", exc, self._reconnect_interval
+                    "cannot start on the broker (%r); retrying in %ss",
+                    exc,
+                    self._reconnect_interval,
                 )
+                await _close_quietly(connection)
                 await asyncio.sleep(self._reconnect_interval)
-        try:
-            await self._setup(self._connection)
-        except BaseException:
-            await self._connection.close()
-            raise
+            except BaseException:
+                await _close_quietly(connection)
+                raise
 
     async def _setup(self, connection: AbstractRobustConnection) -> None:
         self._publisher = ConfirmedPublisher(
@@ -379,6 +396,12 @@ class Consumer:
                 await self._publisher.close()
         if self._connection is not None:
             await self._connection.close()
+
+
+async def _close_quietly(connection: AbstractRobustConnection | None) -> None:
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await connection.close()
 
 
 async def _settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> None:

@@ -11,7 +11,7 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -141,16 +141,14 @@ class Worker:
     async def run(self, *, burst: bool = False) -> None:
         """Run until SIGTERM/SIGINT (then drain), or with ``burst`` until idle.
 
-        A second signal during the drain hands back what still runs at once.
+        A signal while still connecting exits at once (nothing is held yet); a
+        second signal during the drain hands back what still runs at once.
         """
-        await self.start()
-        assert self._consumer is not None
-        consumer = self._consumer
         stop = asyncio.Event()
 
         def on_signal() -> None:
-            if stop.is_set():
-                consumer.hurry()
+            if stop.is_set() and self._consumer is not None:
+                self._consumer.hurry()
             stop.set()
 
         loop = asyncio.get_running_loop()
@@ -159,17 +157,39 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, on_signal)
                 installed.append(sig)
-        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
-        if burst:
-            waiters.append(asyncio.create_task(consumer.wait_idle()))
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            log.info("worker %s stopping", self.worker_id)
+            if await _first(self.start(), stop.wait()) != 0:
+                log.info("worker %s stopped before it started", self.worker_id)
+                await self.stop()  # in case it started while the signal was handled
+                return
+            assert self._consumer is not None
+            consumer = self._consumer
             try:
-                await self.stop()
+                await _first(stop.wait(), consumer.wait_idle() if burst else _forever())
             finally:
-                for sig in installed:
-                    loop.remove_signal_handler(sig)
+                log.info("worker %s stopping", self.worker_id)
+                await self.stop()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> int:
+    """Run ``aws`` until one ends; cancel the others; the index of the one that ended.
+
+    Its exception, if any, propagates.
+    """
+    tasks = [asyncio.create_task(aw) for aw in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    index = next(i for i, task in enumerate(tasks) if task in done)
+    tasks[index].result()
+    return index
