@@ -151,3 +151,35 @@ async def test_worker_started_while_the_broker_is_unreachable_starts_when_it_ret
     finally:
         starting.cancel()
         await worker.stop()
+
+
+async def test_stopping_while_the_broker_is_unreachable_leaves_the_work_to_be_redone(
+    dispatcher: FakeDispatcher,
+    gated_worker: tuple[Worker, Gated],
+    broker_proxy: TcpProxy,
+    amqp: AbstractConnection,
+    amqp_url: str,
+    uid: str,
+) -> None:
+    worker, gated = gated_worker
+    execution_id = await dispatcher.dispatch("gated")
+    await dispatcher.wait_for(execution_id, "running")
+    broker_proxy.cut()
+    gated.release.set()
+    await gated.finished.wait()
+
+    async with asyncio.timeout(10):
+        await worker.stop(drain_timeout=0.5)
+
+    assert await queue_depth(amqp, dispatcher.work_queue) == 1
+    rerun = Worker(project=uid, deployment="v1", amqp_url=amqp_url)
+    released = Gated()
+    released.release.set()
+    rerun.add_workflow("gated", released.__call__)
+    await rerun.start()
+    try:
+        completed = await dispatcher.wait_for(execution_id, "completed")
+    finally:
+        await rerun.stop(drain_timeout=0)
+    assert isinstance(completed, Completed)
+    assert completed.worker_id == rerun.worker_id

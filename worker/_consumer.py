@@ -281,6 +281,10 @@ class Consumer:
                 )
             reported = True
             await _settle(execution.message)
+        except BrokerError as exc:
+            # Stopping while the broker is away, or no dead-letter queue to keep
+            # the work in: the delivery goes back to the queue with the channel.
+            log.error("could not report %s: %r", ctx.execution_id, exc)
         except asyncio.CancelledError:
             # Stopping past the drain grace: whatever was not reported is redone.
             announce.cancel()
@@ -297,12 +301,18 @@ class Consumer:
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         assert self._reporter is not None
         log.error("dead-lettering a message from %s: %s", self.work_queue, reason)
-        await self._reporter.dead_letter(
-            message.body,
-            source_queue=self.work_queue,
-            reason=reason,
-            message_id=message.message_id,
-        )
+        try:
+            await self._reporter.dead_letter(
+                message.body,
+                source_queue=self.work_queue,
+                reason=reason,
+                message_id=message.message_id,
+            )
+        except BrokerError as exc:
+            # Stopping, or no dead-letter queue: leave it unsettled; the broker
+            # takes it back with the channel.
+            log.error("could not dead-letter a message from %s: %r", self.work_queue, exc)
+            return
         await _settle(message)
 
     # -- cancel -------------------------------------------------------------------
@@ -379,6 +389,10 @@ class Consumer:
         for execution in list(self.running.values()):
             execution.hand_back = True
             execution.handler_task.cancel()
+        # Past the drain deadline a result the broker cannot take now is not
+        # waited for: its delivery goes back to the queue with the channel.
+        if self._reporter is not None:
+            self._reporter.close()
         if self._supervisors:
             await asyncio.wait(list(self._supervisors), timeout=HAND_BACK_GRACE_S)
         for supervisor in list(self._supervisors):

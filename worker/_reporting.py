@@ -9,6 +9,7 @@ A queue that really is missing is reported as ``Unroutable`` after a few tries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,11 @@ UNROUTABLE_ATTEMPTS = 4
 class Reporter:
     def __init__(self, publisher: ConfirmedPublisher) -> None:
         self._publisher = publisher
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        """Stop retrying: the worker is shutting down, its deliveries go back anyway."""
+        self._closed.set()
 
     async def publish(self, queue: str, body: bytes, *, message_id: str) -> None:
         """Publish persistent and mandatory; return once the broker confirmed it.
@@ -56,6 +62,8 @@ class Reporter:
         backoff = INITIAL_BACKOFF_S
         unroutable = 0
         while True:
+            if self._closed.is_set():
+                raise BrokerUnavailable(f"worker stopped before {where} confirmed")
             try:
                 await publish()
                 return
@@ -66,5 +74,7 @@ class Reporter:
                 log.warning("publish to %s: no such queue (attempt %d)", where, unroutable)
             except (BrokerUnavailable, PublishRejected) as exc:
                 log.warning("publish to %s failed (%r); retrying in %.1fs", where, exc, backoff)
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await self._closed.wait()
             backoff = min(backoff * 2, MAX_BACKOFF_S)
