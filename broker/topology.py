@@ -7,7 +7,7 @@ from typing import Any
 
 import aiormq
 from aio_pika import ExchangeType
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from broker.errors import BrokerUnavailable
 from schemas.topology import (
@@ -16,6 +16,9 @@ from schemas.topology import (
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_QUEUE_ARGUMENTS,
     EVENTS_EXCHANGE,
+    RECORDER_BINDING_KEY,
+    RECORDER_QUEUE,
+    RECORDER_QUEUE_ARGUMENTS,
     RESULTS_QUEUE_ARGUMENTS,
     WORK_QUEUE_ARGUMENTS,
 )
@@ -69,3 +72,13 @@ async def declare_dispatch_exchanges(channel: AbstractChannel) -> None:
 
 async def declare_results_queue(connection: AbstractConnection, name: str) -> None:
     await declare_queue(connection, name, RESULTS_QUEUE_ARGUMENTS)
+
+
+async def declare_recorder_queue(
+    channel: AbstractChannel, name: str = RECORDER_QUEUE, binding_key: str = RECORDER_BINDING_KEY
+) -> AbstractQueue:
+    """The recorders' queue, bound to the lifecycle events exchange (declared here too)."""
+    exchange = await channel.declare_exchange(EVENTS_EXCHANGE, ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(name, durable=True, arguments=RECORDER_QUEUE_ARGUMENTS)
+    await queue.bind(exchange, binding_key)
+    return queue

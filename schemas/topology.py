@@ -104,3 +104,16 @@ def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execut
     return ".".join(
         (_topic_word(project_id), _topic_word(queue_name), _topic_word(workflow_id), execution_id)
     )
+
+
+# -- execution store ---------------------------------------------------------------
+
+# Every recorder consumes this one queue (competing consumers: run more to
+# scale). Bound to every event; it keeps events while Redis or the recorders
+# are down, so nothing published after its first declaration is lost.
+RECORDER_QUEUE = "polos.recorder"
+RECORDER_BINDING_KEY = "#"
+RECORDER_QUEUE_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+}

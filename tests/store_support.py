@@ -10,17 +10,21 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aio_pika
 import pytest
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent
+from recorder import Recorder, RecorderSettings
+from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from schemas.envelope import SubmissionEnvelope
 from schemas.ids import rfc3339
+from schemas.topology import EVENTS_EXCHANGE, event_routing_key
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -56,11 +60,14 @@ async def redis_client(key_prefix: str) -> AsyncIterator[aioredis.Redis]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 10.0, what: str = "condition"
 ) -> None:
-    """Poll ``check`` until it holds; fail after ``timeout``."""
+    """Poll ``check`` (sync or async) until it holds; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not await check():
+    while True:
+        outcome = check()
+        if outcome if isinstance(outcome, bool) else await outcome:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
@@ -161,3 +168,79 @@ class Run:
     def lifecycle(self) -> list[LifecycleEvent]:
         """admitted → running → completed, in order."""
         return [self.admitted(), self.running(), self.completed()]
+
+
+async def publish_events(connection: AbstractConnection, events: Sequence[LifecycleEvent]) -> None:
+    """Publish as the dispatcher does: persistent, to ``polos.events``, confirmed."""
+    await publish_raw(
+        connection,
+        [
+            (
+                event_routing_key(e.project_id, e.queue_name, e.workflow_id, e.execution_id),
+                encode(e),
+            )
+            for e in events
+        ],
+    )
+
+
+async def publish_raw(
+    connection: AbstractConnection, messages: Sequence[tuple[str, bytes]]
+) -> None:
+    async with connection.channel(publisher_confirms=True) as channel:
+        exchange = await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key,
+                )
+                for routing_key, body in messages
+            )
+        )
+
+
+def recorder_settings(amqp_url: str, uid: str, **overrides: Any) -> RecorderSettings:
+    """A recorder of this test's own: its queue gets only the events of project ``uid``."""
+    values: dict[str, Any] = {
+        "amqp_url": amqp_url,
+        "redis_url": redis_url(),
+        "redis_key_prefix": f"test:{uid}:",
+        "redis_timeout_seconds": 0.5,
+        "recorder_queue": f"polos.recorder.{uid}",
+        "recorder_binding_key": f"{uid}.#",
+        "recorder_prefetch": 100,
+        "recorder_batch_size": 50,
+        "recorder_retry_initial_seconds": 0.05,
+        "recorder_retry_max_seconds": 0.2,
+        "shutdown_timeout_seconds": 5.0,
+    }
+    values.update(overrides)
+    return RecorderSettings(**values)
+
+
+RecorderFactory = Callable[..., Awaitable[Recorder]]
+
+
+@asynccontextmanager
+async def recorders(
+    amqp_url: str, uid: str, delete_queue: Callable[[str], None]
+) -> AsyncIterator[RecorderFactory]:
+    """Start recorders (settings overridable); every one still running is stopped at the end."""
+    started: list[Recorder] = []
+
+    async def make(**overrides: Any) -> Recorder:
+        settings = recorder_settings(amqp_url, uid, **overrides)
+        delete_queue(settings.recorder_queue)
+        recorder = Recorder(settings)
+        await recorder.start()
+        started.append(recorder)
+        return recorder
+
+    try:
+        yield make
+    finally:
+        for recorder in started:
+            await recorder.stop(timeout=1.0)

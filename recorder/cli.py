@@ -1,0 +1,54 @@
+"""``python -m recorder``: record lifecycle events until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from broker.errors import BrokerUnavailable
+from recorder.service import Recorder
+from recorder.settings import RecorderSettings
+
+log = logging.getLogger("recorder")
+
+
+async def serve(settings: RecorderSettings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    recorder = Recorder(settings)
+    # The broker may still be starting: keep trying until it answers or we are told to stop.
+    while True:
+        try:
+            await recorder.start()
+            break
+        except BrokerUnavailable as exc:
+            log.warning("%s; retrying in 1 s", exc)
+            recorder = Recorder(settings)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await stop.wait()
+        if stop.is_set():
+            return 0
+
+    stopped = asyncio.create_task(stop.wait())
+    loop_ended = asyncio.create_task(recorder.wait_stopped())
+    await asyncio.wait({stopped, loop_ended}, return_when=asyncio.FIRST_COMPLETED)
+    failed = loop_ended.done() and loop_ended.exception() is not None
+    stopped.cancel()
+    if not loop_ended.done():
+        loop_ended.cancel()
+    log.info("stopping")
+    await recorder.stop()
+    return 1 if failed else 0
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(RecorderSettings()))

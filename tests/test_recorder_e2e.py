@@ -1,0 +1,184 @@
+"""The recorder turns lifecycle events published on ``polos.events`` into records."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
+
+from broker.topology import declare_recorder_queue
+from schemas.dispatch import ExecutionStatus
+from schemas.topology import event_routing_key
+from store import ExecutionStore
+from tests.conftest import queue_depth
+from tests.store_support import (
+    RecorderFactory,
+    Run,
+    eventually,
+    publish_events,
+    publish_raw,
+    recorder_settings,
+    recorders,
+    redis_client,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
+    async with redis_client(f"test:{uid}:") as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
+    """Reads what the recorders of this test wrote."""
+    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
+
+
+@pytest.fixture
+async def make_recorder(
+    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[RecorderFactory]:
+    async with recorders(amqp_url, uid, delete_queues) as make:
+        yield make
+
+
+async def all_in(store: ExecutionStore, runs: list[Run], status: ExecutionStatus) -> bool:
+    for run in runs:
+        record = await store.get(run.project_id, run.execution_id)
+        if record is None or record.status != status:
+            return False
+    return True
+
+
+async def test_published_events_become_records(
+    make_recorder: RecorderFactory, amqp: AbstractConnection, store: ExecutionStore, uid: str
+) -> None:
+    recorder = await make_recorder()
+    runs = [Run(uid, payload={"i": i}) for i in range(40)]
+
+    await publish_events(amqp, [event for run in runs for event in run.lifecycle()])
+
+    await eventually(lambda: all_in(store, runs, ExecutionStatus.COMPLETED), what="records")
+    record = await store.get(uid, runs[7].execution_id)
+    assert record is not None
+    assert record.payload == {"i": 7}
+    assert record.result == {"done": runs[7].execution_id}
+    assert record.started_at is not None
+    await eventually(lambda: recorder.pending == 0, what="acks")
+    assert recorder.stats.acked == 120
+    assert await queue_depth(amqp, recorder_settings("", uid).recorder_queue) == 0
+
+
+async def test_events_published_out_of_order_end_terminal(
+    make_recorder: RecorderFactory, amqp: AbstractConnection, store: ExecutionStore, uid: str
+) -> None:
+    await make_recorder()
+    runs = [Run(uid) for _ in range(10)]
+
+    # Terminal first, then what happened before it, in separate publishes.
+    await publish_events(amqp, [run.lifecycle()[2] for run in runs])
+    await eventually(lambda: all_in(store, runs, ExecutionStatus.COMPLETED), what="completed")
+    await publish_events(amqp, [e for run in runs for e in reversed(run.lifecycle()[:2])])
+
+    async def submissions_merged() -> bool:
+        for run in runs:
+            record = await store.get(uid, run.execution_id)
+            if record is None or record.payload != run.payload or record.admitted_at is None:
+                return False
+        return True
+
+    await eventually(submissions_merged, what="late submissions merged")
+    assert await all_in(store, runs, ExecutionStatus.COMPLETED)
+
+
+async def test_poison_events_are_dead_lettered_and_the_rest_recorded(
+    make_recorder: RecorderFactory, amqp: AbstractConnection, store: ExecutionStore, uid: str
+) -> None:
+    recorder = await make_recorder()
+    good = Run(uid)
+    key = event_routing_key(uid, "emails", "summarize", good.execution_id)
+
+    await publish_raw(
+        amqp,
+        [
+            (key, b"not json at all"),
+            (key, b'{"type": "lifecycle", "status": "exploded"}'),
+        ],
+    )
+    await publish_events(amqp, good.lifecycle())
+
+    await eventually(lambda: all_in(store, [good], ExecutionStatus.COMPLETED), what="record")
+    await eventually(lambda: recorder.pending == 0, what="everything settled")
+    assert recorder.stats.dead_lettered == 2
+    assert recorder.stats.acked == 3
+    assert await queue_depth(amqp, recorder_settings("", uid).recorder_queue) == 0
+
+
+async def test_recorders_share_one_queue(
+    make_recorder: RecorderFactory, amqp: AbstractConnection, store: ExecutionStore, uid: str
+) -> None:
+    # Small prefetch and batches so the broker spreads deliveries over both.
+    first = await make_recorder(recorder_prefetch=5, recorder_batch_size=5)
+    second = await make_recorder(recorder_prefetch=5, recorder_batch_size=5)
+    runs = [Run(uid) for _ in range(100)]
+
+    await publish_events(amqp, [event for run in runs for event in run.lifecycle()])
+
+    await eventually(lambda: all_in(store, runs, ExecutionStatus.COMPLETED), what="records")
+    assert first.stats.recorded > 0
+    assert second.stats.recorded > 0
+    await eventually(lambda: first.pending + second.pending == 0, what="acks")
+    assert first.stats.acked + second.stats.acked == 300
+
+
+async def test_python_m_recorder_records_and_stops_on_sigterm(
+    amqp_url: str,
+    amqp: AbstractConnection,
+    store: ExecutionStore,
+    uid: str,
+    delete_queues: Callable[[str], None],
+) -> None:
+    settings = recorder_settings(amqp_url, uid)
+    delete_queues(settings.recorder_queue)
+    # Declared before any recorder runs (as a deployment does): events wait in it.
+    async with amqp.channel() as channel:
+        await declare_recorder_queue(
+            channel, settings.recorder_queue, settings.recorder_binding_key
+        )
+    runs = [Run(uid) for _ in range(5)]
+    await publish_events(amqp, [event for run in runs for event in run.lifecycle()])
+
+    env = {
+        **os.environ,
+        "POLOS_AMQP_URL": amqp_url,
+        "POLOS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "POLOS_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+        "POLOS_RECORDER_QUEUE": settings.recorder_queue,
+        "POLOS_RECORDER_BINDING_KEY": settings.recorder_binding_key,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "recorder", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await eventually(lambda: all_in(store, runs, ExecutionStatus.COMPLETED), what="records")
+
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            code = await process.wait()
+        assert code == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    assert b"Traceback" not in await process.stderr.read()

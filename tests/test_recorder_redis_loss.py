@@ -1,0 +1,135 @@
+"""Redis away: events wait unacknowledged, nothing is lost, recording resumes by itself.
+
+The recorder reaches Redis through a proxy the test cuts and restores; the
+shared Redis itself is never stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
+
+from schemas.dispatch import ExecutionStatus
+from store import ExecutionStore
+from tests.conftest import queue_depth
+from tests.redis_proxy import RedisProxy, redis_proxy
+from tests.store_support import (
+    RecorderFactory,
+    Run,
+    eventually,
+    publish_events,
+    recorders,
+    redis_client,
+    redis_host_port,
+)
+
+
+@pytest.fixture
+async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
+    async with redis_client(f"test:{uid}:") as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
+    """Reads the shared Redis directly, never through the proxy."""
+    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[RedisProxy]:
+    async with redis_proxy(*redis_host_port()) as running:
+        yield running
+
+
+@pytest.fixture
+async def make_recorder(
+    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[RecorderFactory]:
+    async with recorders(amqp_url, uid, delete_queues) as make:
+        yield make
+
+
+async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
+    done = 0
+    for run in runs:
+        record = await store.get(run.project_id, run.execution_id)
+        if record is not None and record.status == ExecutionStatus.COMPLETED:
+            done += 1
+    return done
+
+
+async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
+    make_recorder: RecorderFactory,
+    proxy: RedisProxy,
+    amqp: AbstractConnection,
+    store: ExecutionStore,
+    uid: str,
+) -> None:
+    recorder = await make_recorder(redis_url=proxy.url())
+    before = [Run(uid) for _ in range(5)]
+    await publish_events(amqp, [e for run in before for e in run.lifecycle()])
+
+    async def before_recorded() -> bool:
+        return await count_completed(store, before) == len(before)
+
+    await eventually(before_recorded, what="records while Redis is up")
+
+    proxy.cut()
+    acked = recorder.stats.acked
+    during = [Run(uid) for _ in range(30)]
+    await publish_events(amqp, [e for run in during for e in run.lifecycle()])
+
+    async def all_received_and_failing() -> bool:
+        return recorder.pending == 90 and recorder.stats.write_failures >= 3
+
+    await eventually(all_received_and_failing, what="the recorder to hold every event")
+    assert not recorder.store_available
+    assert recorder.stats.acked == acked, "acknowledged events it could not write"
+    assert await count_completed(store, during) == 0
+
+    proxy.restore()
+
+    async def during_recorded() -> bool:
+        return await count_completed(store, during) == len(during)
+
+    await eventually(during_recorded, what="the held events to be recorded")
+    await eventually(lambda: recorder.pending == 0, what="acks after the writes")
+    assert recorder.stats.acked == acked + 90
+    assert recorder.store_available
+    assert await count_completed(store, before) == len(before)
+
+
+async def test_a_recorder_stopped_while_redis_is_down_hands_every_event_back(
+    make_recorder: RecorderFactory,
+    proxy: RedisProxy,
+    amqp: AbstractConnection,
+    store: ExecutionStore,
+    uid: str,
+) -> None:
+    cut_off = await make_recorder(redis_url=proxy.url())
+    proxy.cut()
+    runs = [Run(uid) for _ in range(20)]
+    await publish_events(amqp, [e for run in runs for e in run.lifecycle()])
+    await eventually(lambda: cut_off.pending == 60, what="events held")
+
+    await cut_off.stop(timeout=0.3)  # Redis still away: it gives up and closes
+    assert cut_off.stats.acked == 0
+    queue = cut_off.settings.recorder_queue
+
+    async def handed_back() -> bool:
+        return await queue_depth(amqp, queue) == 60
+
+    # A quorum queue returns a closed channel's deliveries through its Raft log: soon, not at once.
+    await eventually(handed_back, what="the unwritten events to go back to the queue")
+
+    # Another recorder, with Redis, records them all.
+    await make_recorder()
+
+    async def all_recorded() -> bool:
+        return await count_completed(store, runs) == len(runs)
+
+    await eventually(all_recorded, what="the handed-back events to be recorded")
