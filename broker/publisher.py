@@ -8,11 +8,10 @@ write lock of aiormq.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -86,15 +85,22 @@ class ConfirmedPublisher:
             headers=dict(headers) if headers else None,
         )
         try:
-            underlay = await channel.get_underlay_channel()
-            async with asyncio.timeout(timeout or self._confirm_timeout):
-                await underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=mandatory,
-                )
+            # The concrete aiormq.Channel takes ``wait``; its abstract type does not say so.
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            # wait=False: hand the frames to the connection's writer and release
+            # the channel lock at once, rather than hold it until the socket has
+            # drained them (which admits one publish per writer round trip). The
+            # confirm is what we wait for, and a write that fails closes the
+            # channel, which fails the confirm. The timeout covers both.
+            await underlay.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                timeout=timeout or self._confirm_timeout,
+                wait=False,
+            )
         except TimeoutError as exc:
             raise ConfirmTimeout(f"no confirm for {routing_key!r} within the timeout") from exc
         except aiormq.exceptions.PublishError as exc:
