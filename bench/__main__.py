@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         help="extra environment for the gateways, e.g. POLOS_PUBLISH_CHANNELS=4",
     )
     parser.add_argument("--uvloop", action="store_true", help="experiment: gateways on uvloop")
+    parser.add_argument(
+        "--gateway-tree",
+        type=Path,
+        help="run the gateways from another checkout (before/after comparisons)",
+    )
     parser.add_argument("--label", default="", help="a note stored with the results")
     parser.add_argument("--output", type=Path, help="JSON result file (default bench/results/)")
     parser.add_argument(
@@ -93,6 +98,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         profile=args.profile,
         gateway_env=env,
         uvloop=args.uvloop,
+        gateway_tree=args.gateway_tree.resolve() if args.gateway_tree else None,
     )
 
 
@@ -135,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or config.results_dir / f"{stamp}-{run.run_id}.json"
     config_dict = asdict(config)
     config_dict["results_dir"] = str(config.results_dir)
+    config_dict["gateway_tree"] = str(config.gateway_tree) if config.gateway_tree else None
     config_dict["amqp_url"] = "<redacted>"
     write_json(
         output,

@@ -33,13 +33,13 @@ def _median(values: Sequence[float]) -> float:
 
 
 def pair_ratios(ms: Sequence[Measurement]) -> list[float]:
-    """gateway / bare-publish for each back-to-back pair (a bare run right before)."""
+    """gateway-1 / bare-publish for each back-to-back pair (a bare run right before)."""
     ratios: list[float] = []
     last_bare: Measurement | None = None
     for m in ms:
         if m.key == "bare-publish":
             last_bare = m
-        elif m.key == "gateway" and m.offered_rate is None and last_bare is not None:
+        elif m.key == "gateway-1" and m.offered_rate is None and last_bare is not None:
             if last_bare.rate > 0:
                 ratios.append(m.rate / last_bare.rate)
             last_bare = None
@@ -108,7 +108,7 @@ class Target:
 def targets(ms: Sequence[Measurement]) -> list[Target]:
     """DESIGN §7's figures this run can check (medians over repeats)."""
     out: list[Target] = []
-    gw = _closed(ms, "gateway")
+    gw = _closed(ms, "gateway-1")
     if gw:
         rate = _median([m.rate for m in gw])
         p99 = _median([m.p99_ms for m in gw])
@@ -117,7 +117,7 @@ def targets(ms: Sequence[Measurement]) -> list[Target]:
     half = [
         m
         for m in ms
-        if m.key == "gateway" and m.extra.get("fraction_of_saturation") == 0.5 and m.ok
+        if m.key == "gateway-1" and m.extra.get("fraction_of_saturation") == 0.5 and m.ok
     ]
     if half:
         p99 = half[0].p99_ms

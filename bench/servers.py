@@ -64,9 +64,17 @@ class ServerProcess:
     """A server subprocess with a ``GET /ready`` that answers 200 once it can serve."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], *, port: int, env: Mapping[str, str], log: Path
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        port: int,
+        env: Mapping[str, str],
+        log: Path,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
+        self._cwd = cwd
         self.port = port
         self._argv = list(argv)
         self._env = dict(env)
@@ -97,7 +105,9 @@ class ServerProcess:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         with open(self._log_path, "ab") as log:
-            return subprocess.Popen(self._argv, env=self._env, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                self._argv, env=self._env, cwd=self._cwd, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def _failure(self, what: str) -> str:
         tail = self._log_path.read_text(errors="replace")[-2000:]
@@ -123,7 +133,9 @@ def gateway_process(
     directory: Path,
     extra_env: Mapping[str, str],
     uvloop: bool,
+    tree: Path | None = None,
 ) -> ServerProcess:
+    """A gateway as a user runs it; ``tree``: from another checkout (before/after runs)."""
     port = free_port()
     env = {
         **os.environ,
@@ -145,7 +157,12 @@ def gateway_process(
     else:
         argv = [sys.executable, "-m", "gateway"]
     return ServerProcess(
-        f"gateway[{index}]", argv, port=port, env=env, log=directory / f"gateway-{index}.log"
+        f"gateway[{index}]",
+        argv,
+        port=port,
+        env=env,
+        log=directory / f"gateway-{index}.log",
+        cwd=tree,
     )
 
 

@@ -62,6 +62,7 @@ class BenchConfig:
     profile: bool = False
     gateway_env: Mapping[str, str] = field(default_factory=dict)
     uvloop: bool = False
+    gateway_tree: Path | None = None
     results_dir: Path = Path("bench/results")
 
 
@@ -250,6 +251,8 @@ async def _gateway_phase(
         measurement.extra["gateway_env"] = dict(run.config.gateway_env)
     if run.config.uvloop:
         measurement.extra["uvloop"] = True
+    if run.config.gateway_tree:
+        measurement.extra["gateway_tree"] = str(run.config.gateway_tree)
     run.record(measurement)
     await delete_queues(run.config.amqp_url, [queue])
     return measurement
@@ -266,6 +269,7 @@ async def _gateways(run: Run, count: int) -> Any:
             directory=run.directory,
             extra_env=run.config.gateway_env,
             uvloop=run.config.uvloop,
+            tree=run.config.gateway_tree,
         )
         for i in range(count)
     ]
@@ -286,7 +290,7 @@ async def _gateway_vs_bare(run: Run, *, with_bare: bool) -> None:
         for _ in range(config.repeat):
             if with_bare:
                 await _bare_publish(run)
-            m = await _gateway_phase(run, servers, key="gateway", system="gateway, 1 process")
+            m = await _gateway_phase(run, servers, key="gateway-1", system="gateway, 1 process")
             saturation.append(m.rate)
         if config.profile:
             await _profile(run, servers[0])
@@ -295,7 +299,7 @@ async def _gateway_vs_bare(run: Run, *, with_bare: bool) -> None:
             m = await _gateway_phase(
                 run,
                 servers,
-                key="gateway",
+                key="gateway-1",
                 system="gateway, 1 process",
                 rate=max(1.0, round(best * fraction, -1)),
             )
@@ -345,7 +349,7 @@ async def _profile(run: Run, server: ServerProcess) -> None:
     seconds = run.config.warmup_s + run.config.duration_s + 1
     async with record_profile(py_spy, server.pid, out, seconds=seconds):
         m = await _gateway_phase(
-            run, [server], key="gateway-profiled", system="gateway, 1 process, under py-spy"
+            run, [server], key="gateway-1-profiled", system="gateway, 1 process, under py-spy"
         )
     m.extra["profile"] = str(out)
     run.artifacts["profile"] = str(out)
@@ -363,13 +367,13 @@ System = Callable[[Run], Awaitable[None]]
 SYSTEMS: dict[str, System] = {
     "bare-publish": _bare_publish,
     "bare-http": _bare_http,
-    "gateway": _gateway,
+    "gateway-1": _gateway,
     "gateway-per-core": _gateway_per_core,
 }
 GROUPS: dict[str, tuple[str, ...]] = {
     # Issue 2: the gateway against the broker's limit, one process and one per core.
-    "gateway": ("bare-publish", "gateway", "gateway-per-core"),
-    "all": ("bare-publish", "gateway", "gateway-per-core", "bare-http"),
+    "gateway": ("bare-publish", "gateway-1", "gateway-per-core"),
+    "all": ("bare-publish", "gateway-1", "gateway-per-core", "bare-http"),
 }
 
 
@@ -390,10 +394,10 @@ async def run_suite(config: BenchConfig, systems: Sequence[str], progress: Progr
     run = Run(config, run_id, directory, progress)
     chosen = list(systems)
     try:
-        if "gateway" in chosen and "bare-publish" in chosen:
+        if "gateway-1" in chosen and "bare-publish" in chosen:
             # Back to back, alternating: the ratio is the figure.
             await _gateway_with_limit(run)
-            chosen = [s for s in chosen if s not in ("gateway", "bare-publish")]
+            chosen = [s for s in chosen if s not in ("gateway-1", "bare-publish")]
         for name in chosen:
             await SYSTEMS[name](run)
     finally:
