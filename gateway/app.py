@@ -12,7 +12,8 @@ from aiohttp import web
 
 from gateway import handlers
 from gateway.auth import KeyStore
-from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.bodies import BodyReads
+from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import error_middleware
 from gateway.link import BrokerLink
 from gateway.openapi import openapi_json
@@ -50,12 +51,21 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await link.close()
 
 
+async def _abandon_incomplete_bodies(app: web.Application) -> None:
+    # on_shutdown runs once aiohttp has stopped reading the connections.
+    abandoned = app[APP_BODY_READS].abandon_incomplete()
+    if abandoned:
+        log.info("shutting down: closed %d connections whose body was still arriving", abandoned)
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     app[APP_SETTINGS] = settings
     app[APP_KEYS] = KeyStore(settings.projects_file)
     app[APP_LINK] = BrokerLink(settings)
     app[APP_OPENAPI] = openapi_json()
+    app[APP_BODY_READS] = BodyReads()
+    app.on_shutdown.append(_abandon_incomplete_bodies)
     app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.router.add_post("/api/v1/workflows/{workflow_id}/run", handlers.submit_workflow)

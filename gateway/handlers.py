@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from broker.errors import BrokerUnavailable, ConfirmTimeout, PublishRejected, Unroutable
 from gateway.auth import api_key_from
-from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import ApiError
 from schemas.api import QUEUE_NAME_PATTERN, SubmitWorkflowRequest
 from schemas.envelope import encode_submission
@@ -66,7 +66,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     if length is not None and length > settings.max_body_bytes:
         raise _too_large(settings.max_body_bytes)
     try:
-        raw = await request.read()
+        raw = await app[APP_BODY_READS].read(request)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(settings.max_body_bytes) from None
     try:

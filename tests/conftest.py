@@ -8,17 +8,22 @@ them the run stops at once with a clear message: nothing is skipped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aio_pika
+import aiohttp
 import pytest
 from aio_pika.abc import AbstractConnection
 from aiohttp import ClientResponse, web
@@ -315,3 +320,100 @@ def new_tenant(projects_file: Path, project_id: str | None = None) -> Tenant:
     project_id = project_id or f"t{uuid.uuid4().hex[:10]}"
     key, _ = create_key(projects_file, project_id)
     return Tenant(projects_file, project_id, key)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _log_file(path: Path) -> IO[bytes]:
+    return path.open("wb")
+
+
+class GatewayProcess:
+    """``python -m gateway`` run as a user runs it, on a port of its own."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log_path = log_path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    async def wait_ready(self, *, within: float = 20.0) -> None:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(within):
+            while True:
+                if self.process.returncode is not None:
+                    raise AssertionError(f"gateway exited early:\n{self.log()}")
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(f"{self.url}/ready") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+
+    async def wait_exit(self, *, within: float) -> int:
+        async with asyncio.timeout(within):
+            return await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await self.wait_exit(within=15)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+GatewayProcessFactory = Callable[..., Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def gateway_process(amqp_url: str, tmp_path: Path) -> AsyncIterator[GatewayProcessFactory]:
+    """Start ``python -m gateway`` (env overridable), wait until /ready; stopped at the end."""
+    started: list[GatewayProcess] = []
+
+    async def _start(projects_file: Path, **env: str) -> GatewayProcess:
+        port = free_port()
+        environ = {
+            **os.environ,
+            "POLOS_HOST": "127.0.0.1",
+            "POLOS_PORT": str(port),
+            "POLOS_PROJECTS_FILE": str(projects_file),
+            "POLOS_AMQP_URL": amqp_url,
+            **env,
+        }
+        log_path = tmp_path / f"gateway-{port}.log"
+        with _log_file(log_path) as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway",
+                env=environ,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        gateway = GatewayProcess(process, port, log_path)
+        started.append(gateway)
+        await gateway.wait_ready()
+        return gateway
+
+    yield _start
+    for gateway in started:
+        await gateway.stop()
