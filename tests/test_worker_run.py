@@ -14,7 +14,7 @@ from broker.deadletter import REASON_HEADER
 from schemas.dispatch import Cancelled, Completed, Failed, Running
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
-from tests.worker_harness import FakeDispatcher, take_dead_letters
+from tests.worker_harness import FakeDispatcher, take_dead_letters, until
 from tests.workflows import add_workflows
 from worker import ExecutionContext, Handler, Worker
 
@@ -284,4 +284,40 @@ async def test_work_whose_results_queue_is_missing_is_dead_lettered_not_lost(
     assert dead.message_id == f"{uid}-orphan"
     assert dead.body == body
     assert str((dead.headers or {})[REASON_HEADER]) == f"results queue {missing!r} does not exist"
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_finished_dispatch_is_not_rerun_but_a_new_dispatch_is(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    runs: list[str] = []
+
+    async def counted(ctx: ExecutionContext, payload: Any) -> Any:
+        runs.append(ctx.dispatch_id)
+        return len(runs)
+
+    worker = await start_worker({"counted": counted}, concurrency=1)
+    execution_id, first = dispatcher.work("counted", dispatch_id="d-1")
+    await dispatcher.publish(first)
+    await dispatcher.wait_for(execution_id, "completed")
+
+    # The same dispatch again (a redelivery): its result is already confirmed.
+    await dispatcher.publish(first)
+    # A new dispatch of the same execution: its owner wants it run.
+    _, second = dispatcher.work("counted", execution_id=execution_id, dispatch_id="d-2")
+    await dispatcher.publish(second)
+    async with asyncio.timeout(10):
+        await worker.wait_idle()
+    await worker.stop()
+
+    def completed() -> list[tuple[str, Any]]:
+        results = dispatcher.results_of(execution_id)
+        return [(r.dispatch_id, r.result) for r in results if isinstance(r, Completed)]
+
+    async def both_reported() -> bool:
+        return len(completed()) >= 2
+
+    await until(both_reported)
+    assert runs == ["d-1", "d-2"]
+    assert completed() == [("d-1", 1), ("d-2", 2)]
     assert await queue_depth(amqp, dispatcher.work_queue) == 0

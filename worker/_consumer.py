@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import aiormq
 from aio_pika.abc import (
@@ -100,7 +100,11 @@ class Consumer:
         self.work_queue = work_queue(project, deployment)
         self.cancel_queue = f"polos.cancel.{self.work_queue}.{worker_id}"
         self.running: dict[str, Execution] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        # Cancelled executions (any dispatch) and finished dispatches: a later
+        # delivery of one is dropped. A *new* dispatch of an execution finished
+        # here runs again: its owner asked for it (e.g. it never got the result).
+        self._cancelled = _Recent()
+        self._finished = _Recent()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._reporter: Reporter | None = None
@@ -218,7 +222,7 @@ class Consumer:
                 log.info("adopting the redelivery of running %s", execution_id)
                 held.message = message
             return
-        if execution_id in self._recent:
+        if execution_id in self._cancelled or (execution_id, work.dispatch_id) in self._finished:
             log.info("dropping a delivery of %s, finished or cancelled here", execution_id)
             await _settle(message)
             return
@@ -295,7 +299,7 @@ class Consumer:
         finally:
             self.running.pop(ctx.execution_id, None)
             if reported:
-                self._remember(ctx.execution_id)
+                self._finished.add((ctx.execution_id, ctx.dispatch_id))
             self._last_activity = asyncio.get_running_loop().time()
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
@@ -323,19 +327,13 @@ class Consumer:
         except ValidationError as exc:
             log.warning("ignoring an undecodable cancel message: %s", exc)
             return
-        self._remember(cancel.execution_id)
+        self._cancelled.add(cancel.execution_id)
         execution = self.running.get(cancel.execution_id)
         if execution is None or execution.handler_task.done():
             return
         log.info("cancelling %s (%s)", cancel.execution_id, cancel.reason)
         execution.cancel_reason = cancel.reason
         execution.handler_task.cancel()
-
-    def _remember(self, execution_id: str) -> None:
-        self._recent[execution_id] = None
-        self._recent.move_to_end(execution_id)
-        while len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
 
     # -- burst, stop ----------------------------------------------------------------
 
@@ -410,6 +408,23 @@ class Consumer:
                 await self._publisher.close()
         if self._connection is not None:
             await self._connection.close()
+
+
+class _Recent:
+    """A bounded set: the oldest entries are forgotten first."""
+
+    def __init__(self, size: int = RECENT_IDS) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, None] = OrderedDict()
+
+    def add(self, item: Hashable) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
 
 
 async def _close_quietly(connection: AbstractRobustConnection | None) -> None:
