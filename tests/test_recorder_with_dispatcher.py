@@ -1,0 +1,89 @@
+"""The real dispatcher's lifecycle events, recorded: what the status API will serve."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas.dispatch import ExecutionStatus
+from store import ExecutionStore
+from tests.conftest import DispatcherFactory
+from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
+from tests.store_support import RecorderFactory, eventually, recorders, redis_client
+
+S = ExecutionStatus
+
+
+@pytest.fixture
+async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
+    async with redis_client(f"test:{uid}:") as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
+    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
+
+
+@pytest.fixture
+async def make_recorder(
+    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[RecorderFactory]:
+    async with recorders(amqp_url, uid, delete_queues) as make:
+        yield make
+
+
+@pytest.fixture
+async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
+    probe = Probe()
+    worker = probe_worker(amqp_url, uid, probe, concurrency=8)
+    await worker.start()
+    yield probe
+    await worker.stop(drain_timeout=0)
+
+
+async def test_dispatched_executions_are_recorded_to_their_end(
+    make_recorder: RecorderFactory,
+    queue_kit: QueueKit,
+    event_log: EventLog,
+    make_dispatcher: DispatcherFactory,
+    probe: Probe,
+    store: ExecutionStore,
+    uid: str,
+) -> None:
+    await make_recorder()  # its queue is bound before anything is dispatched
+    await queue_kit.declare("q", limit=1)
+    await make_dispatcher()
+    holder = await queue_kit.submit("q", {"seconds": 0.5}, key="user-7")
+    await event_log.wait_status(holder, S.RUNNING)
+    duplicate = await queue_kit.submit("q", {"seconds": 0.05}, key="user-7")
+    await event_log.wait_terminal([holder, duplicate])
+
+    async def recorded() -> bool:
+        records = [await store.get(uid, e) for e in (holder, duplicate)]
+        return all(r is not None and r.status in (S.COMPLETED, S.DEDUPLICATED) for r in records)
+
+    await eventually(recorded, what="terminal records")
+    record = await store.get(uid, holder)
+    assert record is not None
+    assert record.status == S.COMPLETED
+    assert record.payload == {"seconds": 0.5}
+    assert record.result == {"slept": 0.5}
+    assert record.queue_name == "q"
+    assert record.concurrency_key == "user-7"
+    assert record.worker_id is not None
+    assert record.admitted_at is not None
+    assert record.started_at is not None
+    assert record.completed_at is not None
+    assert record.admitted_at <= record.started_at <= record.completed_at
+
+    dup = await store.get(uid, duplicate)
+    assert dup is not None
+    assert dup.status == S.DEDUPLICATED
+    assert dup.duplicate_of == holder
+    assert dup.started_at is None
+
+    runs, _ = await store.list_runs(uid, "sleep")
+    assert [r.id for r in runs] == [duplicate, holder]
