@@ -33,6 +33,9 @@ class RecorderSettings(BaseSettings):
     recorder_retry_initial_seconds: float = Field(default=0.1, gt=0)
     recorder_retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=10.0, ge=0)
+    reconnect_interval_seconds: float = Field(
+        default=1.0, gt=0, description="Between attempts to reach the broker again"
+    )
 
     @model_validator(mode="after")
     def _batch_within_prefetch(self) -> RecorderSettings:

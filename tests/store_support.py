@@ -202,10 +202,10 @@ async def publish_raw(
         )
 
 
-def recorder_settings(amqp_url: str, uid: str, **overrides: Any) -> RecorderSettings:
+def recorder_settings(broker_url: str, uid: str, **overrides: Any) -> RecorderSettings:
     """A recorder of this test's own: its queue gets only the events of project ``uid``."""
     values: dict[str, Any] = {
-        "amqp_url": amqp_url,
+        "amqp_url": broker_url,
         "redis_url": redis_url(),
         "redis_key_prefix": f"test:{uid}:",
         "redis_timeout_seconds": 0.5,
@@ -226,13 +226,13 @@ RecorderFactory = Callable[..., Awaitable[Recorder]]
 
 @asynccontextmanager
 async def recorders(
-    amqp_url: str, uid: str, delete_queue: Callable[[str], None]
+    broker_url: str, uid: str, delete_queue: Callable[[str], None]
 ) -> AsyncIterator[RecorderFactory]:
     """Start recorders (settings overridable); every one still running is stopped at the end."""
     started: list[Recorder] = []
 
     async def make(**overrides: Any) -> Recorder:
-        settings = recorder_settings(amqp_url, uid, **overrides)
+        settings = recorder_settings(broker_url, uid, **overrides)
         delete_queue(settings.recorder_queue)
         recorder = Recorder(settings)
         await recorder.start()

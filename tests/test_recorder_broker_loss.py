@@ -1,0 +1,86 @@
+"""The broker away from the recorder: events wait in its queue, recording resumes by itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
+
+from schemas.dispatch import ExecutionStatus
+from store import ExecutionStore
+from tests.conftest import queue_depth
+from tests.proxy import TcpProxy
+from tests.store_support import RecorderFactory, Run, eventually, publish_events, recorders
+from tests.store_support import redis_client as open_test_redis
+
+
+@pytest.fixture
+async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
+    async with open_test_redis(f"test:{uid}:") as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
+    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
+
+
+@pytest.fixture
+async def make_recorder(
+    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[RecorderFactory]:
+    async with recorders(amqp_url, uid, delete_queues) as make:
+        yield make
+
+
+async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
+    done = 0
+    for run in runs:
+        record = await store.get(run.project_id, run.execution_id)
+        if record is not None and record.status == ExecutionStatus.COMPLETED:
+            done += 1
+    return done
+
+
+async def test_events_published_while_the_recorder_lost_the_broker_are_recorded(
+    make_recorder: RecorderFactory,
+    broker_proxy: TcpProxy,
+    amqp_url: str,
+    amqp: AbstractConnection,
+    store: ExecutionStore,
+    uid: str,
+) -> None:
+    recorder = await make_recorder(
+        amqp_url=broker_proxy.url(amqp_url), reconnect_interval_seconds=0.2
+    )
+    before = [Run(uid) for _ in range(5)]
+    await publish_events(amqp, [e for run in before for e in run.lifecycle()])
+
+    async def before_recorded() -> bool:
+        return await count_completed(store, before) == len(before)
+
+    await eventually(before_recorded, what="records while connected")
+
+    broker_proxy.cut()
+    during = [Run(uid) for _ in range(20)]
+    # Published by the dispatchers' own connections, which still reach the broker.
+    await publish_events(amqp, [e for run in during for e in run.lifecycle()])
+
+    async def waiting_in_the_queue() -> bool:
+        return await queue_depth(amqp, recorder.settings.recorder_queue) == 60
+
+    await eventually(waiting_in_the_queue, what="events to wait in the queue")
+    broker_proxy.restore()
+
+    async def during_recorded() -> bool:
+        return await count_completed(store, during) == len(during)
+
+    await eventually(during_recorded, timeout=15, what="recording to resume after the loss")
+    assert broker_proxy.accepted >= 2, "the recorder never lost its connection"
+
+    async def drained() -> bool:
+        return await queue_depth(amqp, recorder.settings.recorder_queue) == 0
+
+    await eventually(drained, what="the queue to drain")
