@@ -144,11 +144,12 @@ class Recorder:
             self._queue = await declare_recorder_queue(
                 self._channel, settings.recorder_queue, settings.recorder_binding_key
             )
-            self._task = asyncio.create_task(self._run(), name="recorder")
+            # Deliveries wait in the inbox until the batch loop below takes them.
             self._consumer_tag = await self._queue.consume(self._on_message)
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, OSError) as exc:
             await self._close_resources()
             raise BrokerUnavailable(f"recorder cannot start: {exc!r}") from exc
+        self._task = asyncio.create_task(self._run(), name="recorder")
         log.info(
             "recording events from %s (prefetch %d, batches of %d)",
             settings.recorder_queue,
