@@ -1,0 +1,90 @@
+"""Submissions record their queues in the registry stream, where dispatchers find their limits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from broker.publisher import ConfirmedPublisher
+from broker.registry import RegistryFollower, RegistryState, RegistryWriter
+from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
+from schemas.topology import submit_queue
+from tests.conftest import GatewayFactory, Tenant
+
+Client = TestClient[web.Request, web.Application]
+Register = Callable[[str, str, list[str]], Awaitable[None]]
+
+
+QueueEvent = QueueDeclared | QueueLimitSet
+
+
+async def _queue_events(amqp_url: str, project_id: str) -> tuple[list[QueueEvent], RegistryState]:
+    """Replay the whole stream into a fresh state: this project's queue events, and the state."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        publisher = ConfirmedPublisher(connection, confirm_timeout=5, channels=1)
+        await publisher.start()
+        state = RegistryState()
+        follower = RegistryFollower(connection, RegistryWriter(publisher), state)
+        events: list[QueueEvent] = []
+
+        def collect(event: RegistryEvent) -> None:
+            if isinstance(event, (QueueDeclared, QueueLimitSet)) and event.project_id == project_id:
+                events.append(event)
+
+        follower.add_listener(collect)
+        await follower.start()
+        await follower.replayed.wait()
+        await follower.close()
+        return events, state
+    finally:
+        await connection.close()
+
+
+async def _submit(client: Client, tenant: Tenant, queue_name: str, limit: int | None) -> None:
+    body: dict[str, object] = {"payload": 1, "queue_name": queue_name}
+    if limit is not None:
+        body["queue_concurrency_limit"] = limit
+    response = await client.post("/api/v1/workflows/hello/run", json=body, headers=tenant.headers)
+    assert response.status == 200, await response.text()
+
+
+async def test_queue_declared_once_then_only_limit_changes_are_recorded(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Register,
+    amqp_url: str,
+    delete_queues: Callable[[str], None],
+) -> None:
+    project = tenant.project_id
+    for queue in ("limited", "unlimited"):
+        delete_queues(submit_queue(project, queue))
+    await register(project, "v1", ["hello"])
+    client = await make_gateway()
+
+    await _submit(client, tenant, "limited", 3)  # first use: queue_declared, limit 3
+    await _submit(client, tenant, "limited", 3)  # same limit: nothing
+    await _submit(client, tenant, "limited", None)  # no limit given: nothing
+    await _submit(client, tenant, "limited", 5)  # new limit: queue_limit_set 5
+    await _submit(client, tenant, "limited", 5)  # same again: nothing
+    await _submit(client, tenant, "unlimited", None)  # first use: queue_declared, no limit
+    await _submit(client, tenant, "unlimited", None)
+    # Another gateway (it replayed the registry) records only a real change.
+    other = await make_gateway()
+    await _submit(other, tenant, "limited", 5)
+    await _submit(other, tenant, "unlimited", 2)
+
+    events, state = await _queue_events(amqp_url, project)
+
+    assert [(e.type, e.queue_name, e.concurrency_limit) for e in events] == [
+        ("queue_declared", "limited", 3),
+        ("queue_limit_set", "limited", 5),
+        ("queue_declared", "unlimited", None),
+        ("queue_limit_set", "unlimited", 2),
+    ]
+    # What a dispatcher starting now would apply.
+    assert state.queues[(project, "limited")].concurrency_limit == 5
+    assert state.queues[(project, "unlimited")].concurrency_limit == 2
