@@ -41,16 +41,26 @@ class QueueDirectory:
             if limit is not None:
                 config = self._state.queues.get((project_id, queue_name))
                 if config is None or config.concurrency_limit != limit:
-                    await self._record(project_id, queue_name, limit, name)
+                    # Under the queue's lock, and checked again there: a burst of
+                    # submissions carrying the new limit records it once, not once
+                    # per submission that arrived while the first was appending.
+                    async with self._lock(name):
+                        await self._record(project_id, queue_name, limit, name)
             return name
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._lock(name):
             if name not in self._declared:
                 await declare_queue(self._connection, name, self._arguments)
                 await self._record(project_id, queue_name, limit, name)
                 self._declared.add(name)
-        self._locks.pop(name, None)
         return name
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        # Kept for the life of the process: one per queue, as ``_declared`` is.
+        # (Dropping it while others wait on it would let a newcomer run beside them.)
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
     def forget(self, name: str) -> None:
         """The queue vanished (deleted by an operator): declare it again next time."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -88,3 +89,26 @@ async def test_queue_declared_once_then_only_limit_changes_are_recorded(
     # What a dispatcher starting now would apply.
     assert state.queues[(project, "limited")].concurrency_limit == 5
     assert state.queues[(project, "unlimited")].concurrency_limit == 2
+
+
+async def test_a_burst_carrying_a_new_limit_records_it_once(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Register,
+    amqp_url: str,
+    delete_queues: Callable[[str], None],
+) -> None:
+    project = tenant.project_id
+    delete_queues(submit_queue(project, "burst"))
+    await register(project, "v1", ["hello"])
+    client = await make_gateway()
+    await _submit(client, tenant, "burst", 1)
+
+    # Every SDK client of a fleet sends the (new) limit with each submission.
+    await asyncio.gather(*(_submit(client, tenant, "burst", 8) for _ in range(50)))
+
+    events, _ = await _queue_events(amqp_url, project)
+    assert [(e.type, e.concurrency_limit) for e in events] == [
+        ("queue_declared", 1),
+        ("queue_limit_set", 8),
+    ]
