@@ -253,7 +253,7 @@ class Recorder:
             return  # abandoned (stopping with the store away): left unacknowledged
         if done:
             self.stats.recorded += len(decoded)
-            await self._ack(message for _, message in decoded)
+            await self._ack_batch([message for _, message in decoded])
             return
         # Redis refused something in the batch: find which, one at a time.
         for event, message in decoded:
@@ -292,6 +292,30 @@ class Recorder:
                 self.store_available = True
                 log.info("execution store available again")
             return True
+
+    async def _ack_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """One ``multiple`` ack per channel instead of one frame per delivery.
+
+        Safe because this channel carries only our consumer, deliveries reach
+        the batch loop in delivery-tag order, and every earlier delivery has
+        been settled already: acking "up to the last" acks exactly the batch.
+        After a reconnect a batch may span two channels; each gets its own.
+        """
+        groups: list[list[AbstractIncomingMessage]] = []
+        for message in messages:
+            if groups and groups[-1][-1].channel is message.channel:
+                groups[-1].append(message)
+            else:
+                groups.append([message])
+        for group in groups:
+            try:
+                await group[-1].ack(multiple=True)
+            except _ACK_ERRORS as exc:
+                log.debug("ack failed (the broker will redeliver): %r", exc)
+            else:
+                self.stats.acked += len(group)
+            finally:
+                self._unsettled -= len(group)
 
     async def _ack(self, messages: Iterable[AbstractIncomingMessage]) -> None:
         for message in messages:
