@@ -20,10 +20,11 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import NamedTuple
 
 from dispatcher.consumers import Delivery
 from schemas.dispatch import Cancelled as CancelledResult
-from schemas.dispatch import Completed, Dispatched, Failed
+from schemas.dispatch import Completed, Failed
 from schemas.envelope import SubmissionEnvelope
 
 TerminalResult = Completed | Failed | CancelledResult
@@ -62,12 +63,20 @@ class Execution:
         return self.envelope.concurrency_key
 
 
+class Marker(NamedTuple):
+    """What a marker on the results queue says: this dispatch was handed to the workers."""
+
+    execution_id: str
+    dispatch_id: str
+    deadline: float
+
+
 @dataclass(slots=True, eq=False)
 class Orphan:
     """A dispatched marker whose submission we have not seen (yet)."""
 
     marker: Delivery
-    message: Dispatched
+    message: Marker
     timer: asyncio.TimerHandle | None = None
     # A result that arrived before the submission; used when it does.
     result: tuple[Delivery, TerminalResult] | None = None

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from aio_pika.abc import AbstractConnection
 
 from broker.errors import BrokerError
-from broker.publisher import ConfirmedPublisher
+from dispatcher.publishers import PinnedPublishers
 from schemas.dispatch import CancelMessage, ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from schemas.envelope import SubmissionEnvelope
 from schemas.ids import now_rfc3339
@@ -30,22 +30,15 @@ class Notifier:
     def __init__(
         self, connection: AbstractConnection, *, confirm_timeout: float, channels: int
     ) -> None:
-        # One channel per publisher: order per channel is what keeps events in order.
-        self._publishers = [
-            ConfirmedPublisher(connection, confirm_timeout=confirm_timeout, channels=1)
-            for _ in range(max(1, channels))
-        ]
+        self._publishers = PinnedPublishers(
+            connection, confirm_timeout=confirm_timeout, channels=channels
+        )
 
     async def start(self) -> None:
-        for publisher in self._publishers:
-            await publisher.start()
+        await self._publishers.start()
 
     async def close(self) -> None:
-        for publisher in self._publishers:
-            await publisher.close()
-
-    def _for(self, execution_id: str) -> ConfirmedPublisher:
-        return self._publishers[hash(execution_id) % len(self._publishers)]
+        await self._publishers.close()
 
     async def event(
         self,
@@ -79,10 +72,12 @@ class Notifier:
             envelope.project_id, envelope.queue_name, envelope.workflow_id, envelope.execution_id
         )
         try:
-            await self._for(envelope.execution_id).publish(
+            await self._publishers.pick(envelope.execution_id).publish(
                 routing_key,
                 encode(event),
-                message_id=uuid.uuid4().hex,
+                # The same for a repeat of the transition (after a takeover), so
+                # followers can recognise it.
+                message_id=f"{envelope.execution_id}/{status.value}",
                 exchange=EVENTS_EXCHANGE,
                 mandatory=False,
             )
@@ -91,15 +86,13 @@ class Notifier:
                 "lifecycle event %s of %s not published: %s", status, envelope.execution_id, exc
             )
 
-    async def cancel(self, execution_id: str, work_queue: str, reason: str) -> None:
+    async def cancel(
+        self, execution_id: str, work_queue: str, reason: Literal["timeout", "user"]
+    ) -> None:
         """Tell the workers of ``work_queue`` to stop ``execution_id``."""
-        message = CancelMessage(
-            execution_id=execution_id,
-            reason="timeout" if reason == "timeout" else "user",
-            at=now_rfc3339(),
-        )
+        message = CancelMessage(execution_id=execution_id, reason=reason, at=now_rfc3339())
         try:
-            await self._for(execution_id).publish(
+            await self._publishers.pick(execution_id).publish(
                 work_queue,
                 encode(message),
                 message_id=uuid.uuid4().hex,

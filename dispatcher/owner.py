@@ -31,9 +31,8 @@ from dispatcher.admission import Execution, Gate, Phase, Verdict
 from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
 from dispatcher.results import ResultsHandler
 from dispatcher.work import Links, ready_count
-from schemas.dispatch import Dispatched, ErrorInfo, ExecutionStatus, encode, encode_work
+from schemas.dispatch import ErrorInfo, ExecutionStatus, encode_work
 from schemas.envelope import decode_submission
-from schemas.ids import now_rfc3339
 from schemas.topology import results_queue, submit_queue, work_queue
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,7 @@ class QueueOwner:
         self._draining = False
         self._stopped = False
         self._busy = False
+        self._owning = False
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -125,6 +125,7 @@ class QueueOwner:
         self._set_busy(False)
 
     async def _consume(self) -> None:
+        self._owning = False
         token = self._submissions_token = _Token()
         self._submissions = await self.links.pool.consume(
             self.name,
@@ -147,6 +148,9 @@ class QueueOwner:
         if not token.live or self._letting_go or self._stopped:
             self.spawn(delivery.nack(requeue=True))
             return
+        if not self._owning:
+            self._owning = True
+            log.info("%s: we own it now (first delivery)", self.name)
         try:
             envelope = decode_submission(delivery.body)
         except ValidationError as exc:
@@ -227,29 +231,23 @@ class QueueOwner:
         assert execution.dispatch_id is not None
         assert execution.deadline is not None
         assert execution.announced is not None
-        marker = Dispatched(
-            execution_id=execution.execution_id,
+        work = encode_work(
             dispatch_id=execution.dispatch_id,
             deadline=execution.deadline,
-            at=now_rfc3339(),
+            results_queue=self.results_name,
+            submission_raw=execution.raw,
         )
         try:
-            # The marker first: once the work is out, a successor must be able to
-            # tell that it is (so it does not dispatch it again).
-            await self.links.publisher.publish(
-                self.results_name, encode(marker), message_id=execution.dispatch_id
-            )
-            if execution.phase is Phase.TERMINAL:
-                return
+            # One publish: the work to the work queue, and a copy of it to the
+            # results queue as our marker (BCC). The broker stores both or neither,
+            # so a successor finds the marker of any work that is out (and does not
+            # dispatch it again), and never a marker without work.
             await self.links.work_queues.publish(
+                self.links.dispatch.pick(execution.execution_id),
                 execution.work_queue,
-                encode_work(
-                    dispatch_id=execution.dispatch_id,
-                    deadline=execution.deadline,
-                    results_queue=self.results_name,
-                    submission_raw=execution.raw,
-                ),
+                work,
                 message_id=execution.dispatch_id,
+                copy_to=self.results_name,
             )
         except BrokerError as exc:
             execution.announced.set()

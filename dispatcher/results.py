@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from dispatcher.admission import Execution, Orphan, Phase, TerminalResult
+from dispatcher.admission import Execution, Marker, Orphan, Phase, TerminalResult
 from dispatcher.consumers import Delivery
 from schemas.dispatch import (
     Completed,
@@ -28,7 +28,8 @@ from schemas.dispatch import (
     ExecutionStatus,
     Failed,
     Running,
-    decode_result,
+    WorkMessage,
+    decode_results_queue,
 )
 from schemas.topology import work_queue
 
@@ -44,12 +45,17 @@ class ResultsHandler:
     def handle(self, delivery: Delivery) -> None:
         owner = self._owner
         try:
-            message = decode_result(delivery.body)
+            message = decode_results_queue(delivery.body)
         except ValidationError as exc:
             owner.spawn(owner.poison(delivery, owner.results_name, f"undecodable result: {exc}"))
             return
-        if isinstance(message, Dispatched):
-            self._on_marker(delivery, message)
+        if isinstance(message, WorkMessage):
+            marker = Marker(message.submission.execution_id, message.dispatch_id, message.deadline)
+            self._on_marker(delivery, marker)
+        elif isinstance(message, Dispatched):
+            self._on_marker(
+                delivery, Marker(message.execution_id, message.dispatch_id, message.deadline)
+            )
         elif isinstance(message, Running):
             self._on_running(delivery, message)
         else:
@@ -66,7 +72,7 @@ class ResultsHandler:
 
     # -- markers ---------------------------------------------------------------------
 
-    def _on_marker(self, delivery: Delivery, marker: Dispatched) -> None:
+    def _on_marker(self, delivery: Delivery, marker: Marker) -> None:
         owner, gate = self._owner, self._gate
         execution = gate.find(marker.execution_id)
         if execution is None:
@@ -93,7 +99,7 @@ class ResultsHandler:
             # A marker of an earlier dispatch of an execution dispatched again.
             owner.spawn(delivery.ack())
 
-    def _take_marker(self, execution: Execution, delivery: Delivery, marker: Dispatched) -> None:
+    def _take_marker(self, execution: Execution, delivery: Delivery, marker: Marker) -> None:
         self._gate.mark_in_flight(execution)
         execution.marker = delivery
         execution.dispatch_id = marker.dispatch_id

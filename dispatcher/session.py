@@ -27,6 +27,7 @@ from broker.topology import declare_dead_letters, declare_dispatch_exchanges, de
 from dispatcher.consumers import CHANNEL_GONE, ConsumerPool
 from dispatcher.notify import Notifier
 from dispatcher.owner import QueueOwner
+from dispatcher.publishers import PinnedPublishers
 from dispatcher.settings import Settings
 from dispatcher.work import Links, WorkQueues, ready_count
 from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
@@ -68,10 +69,9 @@ class Session:
             settings.amqp_url.get_secret_value(), "dispatcher"
         )
         connection.close_callbacks.add(self._connection_closed)
+        # Registry appends and dead letters; dispatches and events have their own.
         publisher = ConfirmedPublisher(
-            connection,
-            confirm_timeout=settings.confirm_timeout_seconds,
-            channels=settings.publish_channels,
+            connection, confirm_timeout=settings.confirm_timeout_seconds, channels=1
         )
         await publisher.start()
         notifier = Notifier(
@@ -80,6 +80,12 @@ class Session:
             channels=settings.event_channels,
         )
         await notifier.start()
+        dispatch = PinnedPublishers(
+            connection,
+            confirm_timeout=settings.confirm_timeout_seconds,
+            channels=settings.publish_channels,
+        )
+        await dispatch.start()
         async with connection.channel() as channel:
             await declare_dead_letters(channel)
             await declare_dispatch_exchanges(channel)
@@ -87,11 +93,12 @@ class Session:
             settings=settings,
             connection=connection,
             publisher=publisher,
+            dispatch=dispatch,
             notifier=notifier,
             pool=ConsumerPool(
                 connection, per_channel=settings.consumers_per_channel, on_lost=self._lost
             ),
-            work_queues=WorkQueues(connection, publisher),
+            work_queues=WorkQueues(connection),
             fail=self.fail,
             gone=self._gone,
             busy_changed=self._busy_changed,

@@ -14,6 +14,7 @@ from broker.publisher import ConfirmedPublisher
 from broker.topology import declare_work_queue
 from dispatcher.consumers import ConsumerPool
 from dispatcher.notify import Notifier
+from dispatcher.publishers import PinnedPublishers
 from dispatcher.settings import Settings
 
 
@@ -21,22 +22,36 @@ class WorkQueues:
     """Work queues are declared on the first dispatch to a deployment, and again
     if the broker returns a publish as unroutable (the queue was deleted)."""
 
-    def __init__(self, connection: AbstractConnection, publisher: ConfirmedPublisher) -> None:
+    def __init__(self, connection: AbstractConnection) -> None:
         self._connection = connection
-        self._publisher = publisher
         self._declared: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def publish(self, name: str, body: bytes, *, message_id: str) -> None:
-        """Publish with confirm; raises BrokerError."""
+    async def ensure(self, name: str) -> None:
         if name not in self._declared:
             await self._declare(name)
+
+    async def publish(
+        self,
+        publisher: ConfirmedPublisher,
+        name: str,
+        body: bytes,
+        *,
+        message_id: str,
+        copy_to: str,
+    ) -> None:
+        """Publish to the work queue ``name`` and, in the same publish, to ``copy_to``.
+
+        With confirm; raises BrokerError.
+        """
+        await self.ensure(name)
+        headers = {"BCC": [copy_to]}
         try:
-            await self._publisher.publish(name, body, message_id=message_id)
+            await publisher.publish(name, body, message_id=message_id, headers=headers)
         except Unroutable:
             self._declared.discard(name)
             await self._declare(name)
-            await self._publisher.publish(name, body, message_id=message_id)
+            await publisher.publish(name, body, message_id=message_id, headers=headers)
 
     async def _declare(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -66,6 +81,7 @@ class Links:
     settings: Settings
     connection: AbstractConnection
     publisher: ConfirmedPublisher
+    dispatch: PinnedPublishers
     notifier: Notifier
     pool: ConsumerPool
     work_queues: WorkQueues

@@ -2,7 +2,7 @@
 
     dispatcher ──WorkMessage──► polos.work.<project>.<deployment> ──► worker
     worker ──Running/Completed/Failed/Cancelled──► polos.results.<project>.<queue> ──► owner
-    owner  ──Dispatched (its own marker)─────────► polos.results.<project>.<queue>
+    owner  ──its marker (the WorkMessage, BCC)───► polos.results.<project>.<queue>
     owner  ──CancelMessage──► polos.cancel (routing key = work queue) ──► workers
     owner  ──LifecycleEvent─► polos.events (topic) ──► anyone (recorder, tests, metrics)
 
@@ -140,6 +140,23 @@ RESULT_MESSAGE: TypeAdapter[ResultMessage] = TypeAdapter(ResultMessage)
 
 def decode_result(raw: bytes) -> ResultMessage:
     return RESULT_MESSAGE.validate_json(raw)
+
+
+# The owner's marker is the work message itself: one publish to the work queue
+# with the results queue in ``BCC``, so the broker stores marker and work
+# together or neither (two publishes can be split by a crash, leaving a marker
+# without work: an execution that would hang until its deadline). ``Dispatched``
+# is still read, as a marker without the work.
+ResultsQueueMessage = Annotated[
+    Dispatched | Running | Completed | Failed | Cancelled | WorkMessage,
+    Field(discriminator="type"),
+]
+RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQueueMessage)
+
+
+def decode_results_queue(raw: bytes) -> ResultsQueueMessage:
+    """What the owner reads from a results queue: results and its markers."""
+    return RESULTS_QUEUE_MESSAGE.validate_json(raw)
 
 
 # -- cancel -------------------------------------------------------------------------
