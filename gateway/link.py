@@ -24,6 +24,8 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_SECONDS = 5.0
+
 
 class BrokerLink:
     def __init__(self, settings: Settings) -> None:
@@ -59,12 +61,17 @@ class BrokerLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.follower is not None:
-            await self.follower.close()
-        if self.publisher is not None:
-            await self.publisher.close()
+        # Only the connection is closed: that closes its channels too. Closing each
+        # channel first waits for the broker's Close-Ok, without end when the
+        # broker stopped answering (a partition that keeps the TCP connection
+        # open), and SIGTERM then never finished. The handlers are done by now,
+        # so no confirm is lost by not closing the channels one by one.
         if self.connection is not None:
-            await self.connection.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await self.connection.close()
+            except TimeoutError:
+                log.warning("the broker did not acknowledge the close; leaving it")
 
     async def _connect_until_done(self) -> None:
         settings = self._settings

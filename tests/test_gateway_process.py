@@ -167,3 +167,19 @@ async def test_sighup_reloads_the_projects_file(
         await asyncio.sleep(0.3)
         assert await _auth_status(session, url, tenant, new_key) == 400
     assert gateway.process.returncode is None
+
+
+async def test_sigterm_exits_even_when_the_broker_stopped_answering(
+    gateway_process: GatewayProcessFactory,
+    tenant: Tenant,
+    register: Register,
+    amqp_url: str,
+    broker_proxy: TcpProxy,
+) -> None:
+    await register(tenant.project_id, "v1", ["hello"])
+    gateway = await gateway_process(tenant.projects_file, POLOS_AMQP_URL=broker_proxy.url(amqp_url))
+    broker_proxy.hold()  # the TCP connection stays open; nothing comes back
+
+    gateway.send(signal.SIGTERM)
+
+    assert await gateway.wait_exit(within=10) == 0, gateway.log()
