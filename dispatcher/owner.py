@@ -1,15 +1,15 @@
-"""One submission queue, as its owner runs it: consume, admit, dispatch, settle.
+"""One submission queue, as its owner runs it: consume, decide, let go.
 
 Every dispatcher that matches a queue consumes it; single active consumer
 makes exactly one of them the owner, and only the owner gets deliveries. So
 the results consumer starts lazily, on the first delivery, and is cancelled
-whenever we let go of the queue (the other consumers of the results queue are
-owners-to-be; it is single-active too).
+whenever we let go of the queue (the results queue is single-active too).
 
 A submission stays unacknowledged until its execution is terminal; so does
-the ``dispatched`` marker the owner writes to the results queue before it
-hands the execution to the workers. Whoever owns the queue next finds both
-(requeued) and knows the execution is running: see ``results.py``.
+the marker (a copy of the work message) that reaches the results queue in the
+same publish as the work. Whoever owns the queue next finds both (requeued)
+and knows the execution is running: ``results.py``. The gate decides
+(``admission.py``); what happens to an admitted execution is ``runs.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -30,14 +27,12 @@ from broker.errors import BrokerError
 from dispatcher.admission import Execution, Gate, Phase, Verdict
 from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
 from dispatcher.results import ResultsHandler
+from dispatcher.runs import Runs
 from dispatcher.work import Links, ready_count
-from schemas.dispatch import ErrorInfo, ExecutionStatus, encode_work
 from schemas.envelope import decode_submission
-from schemas.topology import results_queue, submit_queue, work_queue
+from schemas.topology import results_queue, submit_queue
 
 log = logging.getLogger(__name__)
-
-RECENT_TERMINAL = 4096  # terminal execution ids remembered, so late markers are settled at once
 
 
 class _Token:
@@ -60,6 +55,7 @@ class QueueOwner:
         self.gate = Gate(limit)
         self.window = self.settings.window_for(limit)
         self.loop = asyncio.get_running_loop()
+        self.runs = Runs(self)
         self.results = ResultsHandler(self)
         self._submissions: Consumer | None = None
         self._submissions_token = _Token()
@@ -72,7 +68,6 @@ class QueueOwner:
         self._stopped = False
         self._busy = False
         self._owning = False
-        self._recent: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -95,7 +90,7 @@ class QueueOwner:
         log.info("%s: concurrency limit %s -> %s", self.name, self.gate.limit, limit)
         self.gate.limit = limit
         cap = self.settings.window_for(None) if limit is None else limit
-        if cap > self.window:
+        if cap > self.window and not self._draining:
             self._reconsume_wanted = True
         self.pump()
 
@@ -140,6 +135,13 @@ class QueueOwner:
         )
         self.stop()
         self.links.gone(self.project_id, self.queue_name)
+        self.spawn(self._cancel_consumers())  # stop() cancelled the tasks before it
+
+    async def _cancel_consumers(self) -> None:
+        for consumer in (self._results, self._submissions):
+            if consumer is not None:
+                await self.links.pool.cancel(consumer)
+        self._results = self._submissions = None
 
     # -- submissions -----------------------------------------------------------------
 
@@ -184,9 +186,9 @@ class QueueOwner:
                 )
             elif decision.verdict is Verdict.DEDUPLICATE:
                 assert decision.duplicate_of is not None
-                self._deduplicate(execution, decision.duplicate_of)
+                self.runs.deduplicate(execution, decision.duplicate_of)
             else:
-                self._admit(execution)
+                self.runs.admit(execution)
         self._maybe_reconsume()
         self._set_busy(self.gate.busy)
 
@@ -198,158 +200,10 @@ class QueueOwner:
         if decision is not None:
             if decision.verdict is Verdict.DEDUPLICATE:
                 assert decision.duplicate_of is not None
-                self._deduplicate(execution, decision.duplicate_of)
+                self.runs.deduplicate(execution, decision.duplicate_of)
             else:
-                self._admit(execution)
+                self.runs.admit(execution)
         self.pump()
-
-    def _deduplicate(self, execution: Execution, holder: str) -> None:
-        self.remember(execution.execution_id)
-        self.spawn(self._settle_duplicate(execution, holder))
-
-    async def _settle_duplicate(self, execution: Execution, holder: str) -> None:
-        await self.links.notifier.event(
-            ExecutionStatus.DEDUPLICATED,
-            execution.envelope,
-            duplicate_of=holder,
-            with_submission=True,
-        )
-        await execution.submission.ack()
-
-    # -- admission -------------------------------------------------------------------
-
-    def _admit(self, execution: Execution) -> None:
-        envelope = execution.envelope
-        execution.dispatch_id = uuid.uuid4().hex
-        execution.deadline = time.time() + envelope.run_timeout_seconds
-        execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
-        execution.announced = asyncio.Event()
-        self.arm_deadline(execution)
-        self.spawn(self._dispatch(execution))
-
-    async def _dispatch(self, execution: Execution) -> None:
-        assert execution.dispatch_id is not None
-        assert execution.deadline is not None
-        assert execution.announced is not None
-        work = encode_work(
-            dispatch_id=execution.dispatch_id,
-            deadline=execution.deadline,
-            results_queue=self.results_name,
-            submission_raw=execution.raw,
-        )
-        try:
-            # One publish: the work to the work queue, and a copy of it to the
-            # results queue as our marker (BCC). The broker stores both or neither,
-            # so a successor finds the marker of any work that is out (and does not
-            # dispatch it again), and never a marker without work.
-            await self.links.work_queues.publish(
-                self.links.dispatch.pick(execution.execution_id),
-                execution.work_queue,
-                work,
-                message_id=execution.dispatch_id,
-                copy_to=self.results_name,
-            )
-        except BrokerError as exc:
-            execution.announced.set()
-            if execution.phase is not Phase.TERMINAL:
-                log.error("%s: dispatch of %s failed: %s", self.name, execution.execution_id, exc)
-                self.links.fail(exc)
-            return
-        try:
-            await self.links.notifier.event(
-                ExecutionStatus.ADMITTED,
-                execution.envelope,
-                dispatch_id=execution.dispatch_id,
-                with_submission=True,
-            )
-        finally:
-            execution.announced.set()
-
-    # -- deadlines and the end -------------------------------------------------------
-
-    def arm_deadline(self, execution: Execution) -> None:
-        if execution.timer is not None:
-            execution.timer.cancel()
-        assert execution.deadline is not None
-        delay = max(0.0, execution.deadline - time.time())
-        execution.timer = self.loop.call_later(delay, self._deadline_passed, execution)
-
-    def _deadline_passed(self, execution: Execution) -> None:
-        execution.timer = None
-        if execution.phase not in (Phase.DISPATCHING, Phase.IN_FLIGHT):
-            return
-        timeout = execution.envelope.run_timeout_seconds
-        self.finish(
-            execution,
-            ExecutionStatus.TIMED_OUT,
-            error=ErrorInfo(type="timeout", message=f"not finished within {timeout}s"),
-            cancel=True,
-        )
-
-    def finish(
-        self,
-        execution: Execution,
-        status: ExecutionStatus,
-        *,
-        result_delivery: Delivery | None = None,
-        worker_id: str | None = None,
-        dispatch_id: str | None = None,
-        result: Any = None,
-        error: ErrorInfo | None = None,
-        cancel: bool = False,
-    ) -> None:
-        """Terminal: free slot and key now, tell, then acknowledge (submission first)."""
-        if execution.timer is not None:
-            execution.timer.cancel()
-            execution.timer = None
-        self.gate.finish(execution)
-        self.remember(execution.execution_id)
-        self.spawn(
-            self._settle(
-                execution, status, result_delivery, worker_id, dispatch_id, result, error, cancel
-            )
-        )
-        self.pump()
-
-    async def _settle(
-        self,
-        execution: Execution,
-        status: ExecutionStatus,
-        result_delivery: Delivery | None,
-        worker_id: str | None,
-        dispatch_id: str | None,
-        result: Any,
-        error: ErrorInfo | None,
-        cancel: bool,
-    ) -> None:
-        notifier = self.links.notifier
-        if execution.announced is not None:
-            await execution.announced.wait()
-        if cancel and execution.work_queue:
-            await notifier.cancel(execution.execution_id, execution.work_queue, "timeout")
-        await notifier.event(
-            status,
-            execution.envelope,
-            dispatch_id=dispatch_id or execution.dispatch_id,
-            worker_id=worker_id,
-            result=result,
-            error=error,
-        )
-        # Submission first: a crash after it leaves at worst an orphan marker, which
-        # the next owner drops; the other way round it would dispatch again.
-        await execution.submission.ack()
-        if execution.marker is not None:
-            await execution.marker.ack()
-        if result_delivery is not None:
-            await result_delivery.ack()
-
-    def remember(self, execution_id: str) -> None:
-        self._recent[execution_id] = None
-        if len(self._recent) > RECENT_TERMINAL:
-            self._recent.popitem(last=False)
-
-    def is_recent(self, execution_id: str) -> bool:
-        return execution_id in self._recent
 
     # -- the results consumer --------------------------------------------------------
 

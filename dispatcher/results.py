@@ -76,7 +76,7 @@ class ResultsHandler:
         owner, gate = self._owner, self._gate
         execution = gate.find(marker.execution_id)
         if execution is None:
-            if owner.is_recent(marker.execution_id) or marker.execution_id in gate.orphans:
+            if owner.runs.is_recent(marker.execution_id) or marker.execution_id in gate.orphans:
                 owner.spawn(delivery.ack())
                 return
             orphan = Orphan(delivery, marker)
@@ -94,7 +94,7 @@ class ResultsHandler:
             execution.marker = delivery  # ours, back from the queue (or one a worker reported)
             if execution.deadline != marker.deadline:
                 execution.deadline = marker.deadline
-                owner.arm_deadline(execution)
+                owner.runs.arm_deadline(execution)
         else:
             # A marker of an earlier dispatch of an execution dispatched again.
             owner.spawn(delivery.ack())
@@ -106,7 +106,7 @@ class ResultsHandler:
         execution.deadline = marker.deadline
         envelope = execution.envelope
         execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
-        self._owner.arm_deadline(execution)
+        self._owner.runs.arm_deadline(execution)
 
     def _orphan_expired(self, execution_id: str, orphan: Orphan) -> None:
         owner, gate = self._owner, self._gate
@@ -133,7 +133,7 @@ class ResultsHandler:
             execution.dispatch_id = message.dispatch_id
             execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
             execution.deadline = time.time() + envelope.run_timeout_seconds
-            owner.arm_deadline(execution)
+            owner.runs.arm_deadline(execution)
         owner.spawn(self._report_running(execution, delivery, message))
 
     async def _report_running(
@@ -172,7 +172,7 @@ class ResultsHandler:
         else:
             status, result = ExecutionStatus.CANCELLED, None
             error = ErrorInfo(type="cancelled", message=message.reason)
-        self._owner.finish(
+        self._owner.runs.finish(
             execution,
             status,
             result_delivery=delivery,

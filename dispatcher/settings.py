@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         "dispatched marker before it is dispatched again",
     )
     orphan_marker_grace_seconds: float = Field(
-        default=10.0,
+        default=5.0,
         ge=0,
         description="How long a dispatched marker without its submission is kept (and "
         "counted against the limit) before it is dropped",
