@@ -63,7 +63,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         error_type = _HTTP_ERROR_TYPES.get(exc.status, "HTTP_ERROR")
-        return error_response(exc.status, error_type, exc.reason)
+        # Keep what the exception says in its headers (a 405 must list the
+        # allowed methods in Allow), but not its text/plain Content-Type.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return error_response(exc.status, error_type, exc.reason, headers=headers)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "INTERNAL_ERROR", "Internal server error.")

@@ -191,6 +191,8 @@ async def test_unknown_route_or_method_answers_json(
     response = await gateway.request(method, path, json=BODY, headers=world.a.headers)
 
     await assert_error(response, status)
+    if status == 405:
+        assert response.headers["Allow"] == "POST"
 
 
 async def test_cookie_authenticates(world: World) -> None:
