@@ -321,3 +321,28 @@ async def test_finished_dispatch_is_not_rerun_but_a_new_dispatch_is(
     assert runs == ["d-1", "d-2"]
     assert completed() == [("d-1", 1), ("d-2", 2)]
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_runs_at_most_concurrency_executions_at_once(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    now = peak = 0
+    release = asyncio.Event()
+
+    async def gated(ctx: ExecutionContext, payload: Any) -> Any:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        try:
+            await release.wait()
+        finally:
+            now -= 1
+
+    await start_worker({"gated": gated}, concurrency=2)
+    ids = [await dispatcher.dispatch("gated") for _ in range(5)]
+    for execution_id in ids[:2]:
+        await dispatcher.wait_for(execution_id, "running")
+    release.set()
+    for execution_id in ids:
+        await dispatcher.wait_for(execution_id, "completed")
+    assert peak == 2
