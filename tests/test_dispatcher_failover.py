@@ -3,7 +3,8 @@
 kill -9 of the owner under load: the standby takes over within 5 s, every
 submission reaches a terminal state exactly once, and the limit holds across
 the takeover (in-flight executions keep their slots and are not dispatched
-again). SIGTERM: the owner drains and hands over without loss.
+again). SIGTERM: the owner drains and hands over without loss. A lost
+connection: the dispatcher rebuilds itself and recovers what it held.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from schemas.dispatch import ExecutionStatus
+from tests.conftest import DispatcherFactory
 from tests.dispatcher_support import (
     EventLog,
     Probe,
@@ -26,6 +28,7 @@ from tests.dispatcher_support import (
     read_log,
     wait_for_log,
 )
+from tests.proxy import TcpProxy
 from worker import Worker
 
 S = ExecutionStatus
@@ -165,3 +168,30 @@ async def test_sigterm_drains_and_hands_over_without_loss(
     _completed_once(event_log, ids)
     assert probe.max_running == 2
     assert sorted(probe.runs) == sorted(ids)  # handed over: none ran twice
+
+
+async def test_lost_connection_is_rebuilt_and_nothing_is_lost_or_run_twice(
+    queue_kit: QueueKit,
+    event_log: EventLog,
+    workers: Probe,
+    broker_proxy: TcpProxy,
+    make_dispatcher: DispatcherFactory,
+    amqp_url: str,
+) -> None:
+    probe = workers
+    await queue_kit.declare("q", limit=2)
+    dispatcher = await make_dispatcher(amqp_url=broker_proxy.url(amqp_url))
+    ids = [await queue_kit.submit("q", {"seconds": 0.3}, run_timeout=20) for _ in range(12)]
+    await event_log.wait_for(lambda: bool(probe.running), what="executions running")
+
+    # The path to the broker dies: the broker requeues what the dispatcher
+    # held; the dispatcher builds a new session and recovers it from there.
+    broker_proxy.cut()
+    await asyncio.sleep(0.5)
+    broker_proxy.restore()
+
+    await event_log.wait_terminal(ids, timeout=30)
+    _completed_once(event_log, ids)
+    assert dispatcher.sessions == 2
+    assert probe.max_running == 2
+    assert sorted(probe.runs) == sorted(ids)

@@ -1,0 +1,125 @@
+"""End to end, every part in its own process where it runs in one in production:
+HTTP gateway → ``python -m dispatcher`` → ``python -m worker`` fleet → result event."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from schemas.dispatch import ExecutionStatus
+from schemas.topology import results_queue, submit_queue, work_queue
+from tests.conftest import GatewayFactory, Tenant, queue_depth
+from tests.dispatcher_support import (
+    DEPLOYMENT,
+    EventLog,
+    Probe,
+    QueueKit,
+    dispatcher_process,
+    probe_worker,
+    wait_for_log,
+)
+from tests.worker_harness import worker_process
+
+S = ExecutionStatus
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes the test starts; killed at the end if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _pid_of(worker_id: str) -> int:
+    # "<hostname>-<pid>-<suffix>"; the hostname may itself contain dashes.
+    return int(worker_id.rsplit("-", 2)[1])
+
+
+async def test_submitted_over_http_run_by_a_worker_process_and_the_event_carries_the_result(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Callable[[str, str, list[str]], Awaitable[None]],
+    event_log: EventLog,
+    delete_queues: Callable[[str], None],
+    processes: list[subprocess.Popen[bytes]],
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    project = tenant.project_id
+    for queue in ("echo", "slow_first"):
+        delete_queues(submit_queue(project, queue))
+        delete_queues(results_queue(project, queue))
+    delete_queues(work_queue(project, DEPLOYMENT))
+    await register(project, DEPLOYMENT, ["echo", "slow_first"])
+    client = await make_gateway()
+    dispatcher_log = tmp_path / "dispatcher.log"
+    processes.append(dispatcher_process(amqp_url, project, dispatcher_log))
+    workers = {}
+    for name in ("w1", "w2"):
+        worker = worker_process(amqp_url, project, DEPLOYMENT, tmp_path / f"{name}.log")
+        workers[worker.pid] = worker
+        processes.append(worker)
+    await wait_for_log(dispatcher_log, "dispatcher ready")
+
+    response = await client.post(
+        "/api/v1/workflows/echo/run",
+        json={"payload": {"hello": "world"}, "queue_concurrency_limit": 2},
+        headers=tenant.headers,
+    )
+    assert response.status == 200, await response.text()
+    execution_id = (await response.json())["execution_id"]
+    completed = await event_log.wait_status(execution_id, S.COMPLETED, timeout=20)
+    assert completed.result == {"hello": "world"}
+    assert event_log.statuses(execution_id) == [S.ADMITTED, S.RUNNING, S.COMPLETED]
+    assert event_log.first(execution_id, S.ADMITTED).submission is not None
+
+    # A worker killed mid-run: its execution is redelivered to the other
+    # worker and completes; the dispatcher keeps its slot all along.
+    response = await client.post(
+        "/api/v1/workflows/slow_first/run", json={"payload": None}, headers=tenant.headers
+    )
+    execution_id = (await response.json())["execution_id"]
+    running = await event_log.wait_status(execution_id, S.RUNNING, timeout=20)
+    assert running.worker_id is not None
+    victim = workers[_pid_of(running.worker_id)]
+    victim.send_signal(signal.SIGKILL)
+    completed = await event_log.wait_status(execution_id, S.COMPLETED, timeout=20)
+    assert completed.result["redelivered"] is True
+    assert _pid_of(completed.worker_id or "") != victim.pid
+    assert event_log.statuses(execution_id) == [S.ADMITTED, S.RUNNING, S.RUNNING, S.COMPLETED]
+
+
+async def test_burst_dispatcher_exits_once_its_queues_are_empty(
+    queue_kit: QueueKit,
+    event_log: EventLog,
+    processes: list[subprocess.Popen[bytes]],
+    amqp: AbstractConnection,
+    amqp_url: str,
+    uid: str,
+    tmp_path: Path,
+) -> None:
+    await queue_kit.declare("q", limit=2)
+    ids = [await queue_kit.submit("q", {"seconds": 0.05}) for _ in range(6)]
+    probe = Probe()
+    worker = probe_worker(amqp_url, uid, probe)
+    await worker.start()
+    try:
+        process = dispatcher_process(amqp_url, uid, tmp_path / "burst.log", "--burst")
+        processes.append(process)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+        ends = await event_log.wait_terminal(ids, timeout=5)
+        assert {e.status for e in ends.values()} == {S.COMPLETED}
+        assert await queue_depth(amqp, submit_queue(uid, "q")) == 0
+        assert sorted(probe.runs) == sorted(ids)
+    finally:
+        await worker.stop(drain_timeout=0)
