@@ -39,7 +39,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 Client = TestClient[web.Request, web.Application]
 RUN = "/api/v1/workflows/hello/run"
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-QUEUES = ["hello", "full", "payloads", "ordered", "many", "sdk", "small", "timeouts"]
+QUEUES = ["hello", "full", "payloads", "ordered", "many", "sdk", "small", "timeouts", "deleted"]
 
 
 @dataclass
@@ -365,3 +365,15 @@ async def test_openapi_describes_the_submit_operation(world: World) -> None:
     ok_ref = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert set(_resolve(document, ok_ref)["required"]) == {"execution_id", "created_at"}
     assert {"bearer_auth", "cookie_auth"} <= set(document["components"]["securitySchemes"])
+
+
+async def test_a_queue_deleted_behind_the_gateways_back_is_declared_again(world: World) -> None:
+    await world.submit({"payload": 1, "queue_name": "deleted"})
+    channel = await world.amqp.channel()
+    await channel.queue_delete(world.queue("deleted"))
+    await channel.close()
+
+    answer = await world.submit({"payload": 2, "queue_name": "deleted"})
+
+    [envelope] = await world.take("deleted")
+    assert (envelope.execution_id, envelope.payload) == (answer["execution_id"], 2)
