@@ -22,8 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 
 import aiormq
 from aio_pika.abc import (
@@ -32,7 +31,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic import ValidationError
 from yarl import URL
 
@@ -44,15 +43,12 @@ from broker.topology import declare_dead_letters, declare_dispatch_exchanges, de
 from schemas.dispatch import WorkMessage, decode_cancel, decode_work
 from schemas.topology import CANCEL_EXCHANGE, work_queue
 from worker._context import ExecutionContext
+from worker._delivery import SETTLE_ERRORS, Recent, close_quietly, settle
 from worker._reporting import Reporter
 from worker._runner import Execution, Handler, call_with_deadline, outcome, running
 
 log = logging.getLogger("worker")
 
-# How many finished or cancelled execution ids are remembered to drop a late
-# redelivery of one; a bounded memory, not a guarantee (the dispatcher ignores
-# results of terminal executions anyway).
-RECENT_IDS = 10_000
 # After the drain deadline, how long cancelled handlers get to unwind before
 # their deliveries are handed back regardless.
 HAND_BACK_GRACE_S = 5.0
@@ -66,13 +62,6 @@ _START_ERRORS = (
     ChannelInvalidStateError,
     OSError,
     TimeoutError,
-)
-_SETTLE_ERRORS = (
-    ChannelInvalidStateError,
-    MessageProcessError,
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    RuntimeError,
 )
 
 
@@ -103,8 +92,8 @@ class Consumer:
         # Cancelled executions (any dispatch) and finished dispatches: a later
         # delivery of one is dropped. A *new* dispatch of an execution finished
         # here runs again: its owner asked for it (e.g. it never got the result).
-        self._cancelled = _Recent()
-        self._finished = _Recent()
+        self._cancelled = Recent()
+        self._finished = Recent()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._reporter: Reporter | None = None
@@ -141,10 +130,10 @@ class Consumer:
                     exc,
                     self._reconnect_interval,
                 )
-                await _close_quietly(connection)
+                await close_quietly(connection)
                 await asyncio.sleep(self._reconnect_interval)
             except BaseException:
-                await _close_quietly(connection)
+                await close_quietly(connection)
                 raise
 
     async def _setup(self, connection: AbstractRobustConnection) -> None:
@@ -190,7 +179,7 @@ class Consumer:
         # concurrent tasks, and a duplicate must see the first one.
         self._last_activity = asyncio.get_running_loop().time()
         if self._stopping:
-            await _settle(message, requeue=True)
+            await settle(message, requeue=True)
             return
         try:
             work = decode_work(message.body)
@@ -217,18 +206,18 @@ class Consumer:
         if held is not None:
             if held.delivery_alive:
                 log.info("dropping a duplicate delivery of running %s", execution_id)
-                await _settle(message)
+                await settle(message)
             else:
                 log.info("adopting the redelivery of running %s", execution_id)
                 held.message = message
             return
         if execution_id in self._cancelled or (execution_id, work.dispatch_id) in self._finished:
             log.info("dropping a delivery of %s, finished or cancelled here", execution_id)
-            await _settle(message)
+            await settle(message)
             return
         if work.deadline <= time.time():
             log.info("dropping %s: its deadline passed before it started", execution_id)
-            await _settle(message)
+            await settle(message)
             return
         self._begin(work, message, handler)
 
@@ -267,7 +256,7 @@ class Consumer:
             if result is None:
                 announce.cancel()
                 log.info("handing back %s", ctx.execution_id)
-                await _settle(execution.message, requeue=True)
+                await settle(execution.message, requeue=True)
                 return
             result_id, result_body = result
             try:
@@ -284,7 +273,7 @@ class Consumer:
                     message_id=execution.message.message_id,
                 )
             reported = True
-            await _settle(execution.message)
+            await settle(execution.message)
         except BrokerError as exc:
             # Stopping while the broker is away, or no dead-letter queue to keep
             # the work in: the delivery goes back to the queue with the channel.
@@ -294,7 +283,7 @@ class Consumer:
             announce.cancel()
             execution.handler_task.cancel()
             if not reported:
-                await _settle(execution.message, requeue=True)
+                await settle(execution.message, requeue=True)
             raise
         finally:
             self.running.pop(ctx.execution_id, None)
@@ -317,7 +306,7 @@ class Consumer:
             # takes it back with the channel.
             log.error("could not dead-letter a message from %s: %r", self.work_queue, exc)
             return
-        await _settle(message)
+        await settle(message)
 
     # -- cancel -------------------------------------------------------------------
 
@@ -365,7 +354,7 @@ class Consumer:
         """Stop taking work, drain, hand back the rest, and disconnect."""
         self._stopping = True
         if self._work is not None and self._work_tag is not None:
-            with contextlib.suppress(*_SETTLE_ERRORS, BrokerError, TimeoutError):
+            with contextlib.suppress(*SETTLE_ERRORS, BrokerError, TimeoutError):
                 await self._work.cancel(self._work_tag, timeout=self._confirm_timeout)
         if self._supervisors:
             log.info("draining %d executions (up to %ss)", len(self._supervisors), drain_timeout)
@@ -401,45 +390,10 @@ class Consumer:
     async def _disconnect(self) -> None:
         for channel in (self._work_channel, self._cancel_channel):
             if channel is not None and not channel.is_closed:
-                with contextlib.suppress(*_SETTLE_ERRORS):
+                with contextlib.suppress(*SETTLE_ERRORS):
                     await channel.close()
         if self._publisher is not None:
-            with contextlib.suppress(*_SETTLE_ERRORS):
+            with contextlib.suppress(*SETTLE_ERRORS):
                 await self._publisher.close()
         if self._connection is not None:
             await self._connection.close()
-
-
-class _Recent:
-    """A bounded set: the oldest entries are forgotten first."""
-
-    def __init__(self, size: int = RECENT_IDS) -> None:
-        self._size = size
-        self._items: OrderedDict[Hashable, None] = OrderedDict()
-
-    def add(self, item: Hashable) -> None:
-        self._items[item] = None
-        self._items.move_to_end(item)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._items
-
-
-async def _close_quietly(connection: AbstractRobustConnection | None) -> None:
-    if connection is not None:
-        with contextlib.suppress(Exception):
-            await connection.close()
-
-
-async def _settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> None:
-    """Ack (or nack with requeue) a delivery; a delivery whose channel died is
-    already back in its queue, and its redelivery is recognised."""
-    try:
-        if requeue is None:
-            await message.ack()
-        else:
-            await message.nack(requeue=requeue)
-    except _SETTLE_ERRORS as exc:
-        log.info("could not settle a delivery (%r); the broker requeues it", exc)

@@ -1,0 +1,62 @@
+"""Settling deliveries, and remembering which ones to drop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+
+log = logging.getLogger("worker")
+
+# How many cancelled executions and finished dispatches are remembered to drop
+# a late redelivery of one; a bounded memory, not a guarantee (the dispatcher
+# ignores results of terminal executions anyway).
+RECENT_IDS = 10_000
+
+SETTLE_ERRORS = (
+    ChannelInvalidStateError,
+    MessageProcessError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    RuntimeError,
+)
+
+
+class Recent:
+    """A bounded set: the oldest entries are forgotten first."""
+
+    def __init__(self, size: int = RECENT_IDS) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, None] = OrderedDict()
+
+    def add(self, item: Hashable) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+
+async def close_quietly(connection: AbstractRobustConnection | None) -> None:
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await connection.close()
+
+
+async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> None:
+    """Ack (or nack with requeue) a delivery; a delivery whose channel died is
+    already back in its queue, and its redelivery is recognised."""
+    try:
+        if requeue is None:
+            await message.ack()
+        else:
+            await message.nack(requeue=requeue)
+    except SETTLE_ERRORS as exc:
+        log.info("could not settle a delivery (%r); the broker requeues it", exc)
