@@ -14,6 +14,10 @@ delivery tag and its own confirm, registered in aiormq's channel exactly as
 ``basic_publish`` registers them, so acks, nacks, returns and channel loss
 resolve it as before. Where the installed aiormq does not look as expected,
 every publish goes through ``basic_publish`` instead.
+
+Confirm timeouts are kept by one timer per publisher (``_Deadlines``) rather
+than an ``asyncio.timeout`` per publish, which cost several microseconds each
+and one entry per publish in the event loop's timer heap.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import functools
 import itertools
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -54,6 +59,7 @@ class ConfirmedPublisher:
         self._n_channels = max(1, channels)
         self._channels: list[AbstractChannel] = []
         self._batches: list[_Batch] = []
+        self._deadlines = _Deadlines(confirm_timeout)
         self._next = itertools.cycle(range(self._n_channels))
 
     async def start(self) -> None:
@@ -66,6 +72,7 @@ class ConfirmedPublisher:
         for batch in self._batches:
             await batch.close()
         self._batches.clear()
+        await self._deadlines.close()
         for channel in self._channels:
             if not channel.is_closed:
                 await channel.close()
@@ -105,9 +112,13 @@ class ConfirmedPublisher:
             message_id=message_id,
             headers=dict(headers) if headers else None,
         )
+        item = _Publish(body, exchange, routing_key, mandatory, properties)
         try:
-            async with asyncio.timeout(timeout or self._confirm_timeout):
-                await batch.publish(_Publish(body, exchange, routing_key, mandatory, properties))
+            if timeout is None or timeout == self._confirm_timeout:
+                await batch.publish(item, self._deadlines)
+            else:
+                async with asyncio.timeout(timeout):
+                    await batch.publish(item, None)
         except TimeoutError as exc:
             raise ConfirmTimeout(f"no confirm for {routing_key!r} within the timeout") from exc
         except aiormq.exceptions.PublishError as exc:
@@ -179,7 +190,8 @@ class _Batch:
         self._publish_frames: dict[tuple[int, str, str, bool], bytes] = {}
         self._checked: tuple[aiormq.abc.AbstractChannel | None, bool] = (None, False)
 
-    async def publish(self, item: _Publish) -> None:
+    async def publish(self, item: _Publish, deadlines: _Deadlines | None) -> None:
+        """Send ``item`` and wait for its confirm; ``deadlines`` (if given) times it out."""
         underlay = await self._channel.get_underlay_channel()
         checked, batchable = self._checked
         if underlay is not checked:  # a new channel after a reconnect
@@ -192,12 +204,15 @@ class _Batch:
                 routing_key=item.routing_key,
                 properties=item.properties,
                 mandatory=item.mandatory,
+                timeout=deadlines.timeout if deadlines is not None else None,
                 wait=False,
             )
             return
         item.number = underlay.number
         item.frames = self._frames(underlay, item)
         item.future = asyncio.get_running_loop().create_future()
+        if deadlines is not None:
+            deadlines.watch(item.future)
         self._pending.append(item)
         if self._task is None:
             self._task = asyncio.create_task(self._flush(), name="publish-batch")
@@ -276,6 +291,49 @@ class _Batch:
         for start in range(0, len(body), size):
             parts.append(marshal(ContentBody(body[start : start + size]), number))
         return b"".join(parts)
+
+
+class _Deadlines:
+    """Fails with ``TimeoutError`` each watched future not done ``timeout`` seconds after it
+    was watched, within ``TICK`` seconds; one timer task for all of them.
+
+    All share one timeout, so deadlines arrive in the order futures are watched
+    and a deque ordered by deadline is all the bookkeeping needed.
+    """
+
+    TICK = 0.05
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._queue: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self, future: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue.append((loop.time() + self.timeout, future))
+        if self._task is None:
+            self._task = loop.create_task(self._expire(), name="publish-deadlines")
+
+    async def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        try:
+            while queue:
+                now = loop.time()
+                while queue and (queue[0][1].done() or queue[0][0] <= now):
+                    _, future = queue.popleft()
+                    if not future.done():
+                        future.set_exception(TimeoutError())
+                if queue:
+                    await asyncio.sleep(max(queue[0][0] - now, self.TICK))
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._queue.clear()
 
 
 def _settle(
