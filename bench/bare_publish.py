@@ -7,6 +7,10 @@ confirms, ``inflight`` publishes outstanding at any time (as many as the
 gateway has requests in flight with that many connections). Written as a user
 of aio-pika would write it: ``exchange.publish(Message(...))`` in a loop per
 task.
+
+With ``client="broker.publisher"`` the same loop goes through our own
+``broker.publisher.ConfirmedPublisher`` (one channel) instead: what the
+gateway's publishing costs without HTTP, the limit of our own stack.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import aio_pika
 
 from bench.harness import PerfWindow, child_failed, wait_for_window
 from bench.stats import WorkerReport
+from broker.publisher import ConfirmedPublisher
 from schemas.topology import submit_queue_arguments
 
 
@@ -30,6 +35,7 @@ class PublishSpec:
     body: bytes
     inflight: int
     queue_max_length: int = 1_000_000
+    client: str = "aio-pika"  # or "broker.publisher"
 
 
 async def _drive(
@@ -66,6 +72,34 @@ async def _drive(
             latencies.append((done - sent) * 1000.0)
 
 
+async def _drive_ours(
+    publisher: ConfirmedPublisher,
+    spec: PublishSpec,
+    window: PerfWindow,
+    report: WorkerReport,
+    task_index: int,
+) -> None:
+    perf = time.perf_counter
+    start, end = window.start, window.end
+    latencies = report.latencies_ms
+    n = 0
+    while True:
+        sent = perf()
+        if sent >= end:
+            return
+        n += 1
+        try:
+            await publisher.publish(spec.queue, spec.body, message_id=f"{task_index}-{n}")
+        except Exception as exc:
+            if sent >= start:
+                report.error(exc)
+            continue
+        done = perf()
+        if start <= done < end:
+            report.ok += 1
+            latencies.append((done - sent) * 1000.0)
+
+
 async def _run(spec: PublishSpec, conn: Connection) -> WorkerReport:
     connection = await aio_pika.connect(
         spec.amqp_url, client_properties={"connection_name": "bench-bare-publish"}
@@ -78,13 +112,22 @@ async def _run(spec: PublishSpec, conn: Connection) -> WorkerReport:
             durable=True,
             arguments=submit_queue_arguments(max_length=spec.queue_max_length),
         )
-        window = await wait_for_window(conn)
-        await asyncio.gather(
-            *(
-                _drive(channel.default_exchange, spec, window, report, i)
-                for i in range(spec.inflight)
+        if spec.client == "broker.publisher":
+            publisher = ConfirmedPublisher(connection, confirm_timeout=10.0, channels=1)
+            await publisher.start()
+            window = await wait_for_window(conn)
+            await asyncio.gather(
+                *(_drive_ours(publisher, spec, window, report, i) for i in range(spec.inflight))
             )
-        )
+            await publisher.close()
+        else:
+            window = await wait_for_window(conn)
+            await asyncio.gather(
+                *(
+                    _drive(channel.default_exchange, spec, window, report, i)
+                    for i in range(spec.inflight)
+                )
+            )
         report.statuses = {200: report.ok}
     finally:
         await connection.close()

@@ -193,7 +193,22 @@ async def _measure_http(
 
 
 async def _bare_publish(run: Run) -> None:
+    await _bare_loop(run, "aio-pika")
+
+
+async def _bare_publish_ours(run: Run) -> None:
+    await _bare_loop(run, "broker.publisher")
+
+
+_BARE = {
+    "aio-pika": ("bare-publish", "bare aio-pika confirmed publish"),
+    "broker.publisher": ("bare-publish-ours", "bare broker.publisher confirmed publish"),
+}
+
+
+async def _bare_loop(run: Run, client: str) -> None:
     config = run.config
+    key, system = _BARE[client]
     queue = submit_queue(run.run_id, f"bare{run.next_queue()}")
     run.queues.append(queue)
     spec = PublishSpec(
@@ -201,6 +216,7 @@ async def _bare_publish(run: Run) -> None:
         queue=queue,
         body=envelope_like(run.run_id, "p0"),
         inflight=config.connections,
+        client=client,
     )
     load_before = cpu.loadavg()
     reports, cores = await run_processes(
@@ -213,8 +229,8 @@ async def _bare_publish(run: Run) -> None:
     )
     measurement = summarize(
         reports,
-        key="bare-publish",
-        system="bare aio-pika confirmed publish",
+        key=key,
+        system=system,
         mode=f"{config.connections} in flight, 1 channel",
         duration_s=config.duration_s,
     )
@@ -366,14 +382,15 @@ System = Callable[[Run], Awaitable[None]]
 
 SYSTEMS: dict[str, System] = {
     "bare-publish": _bare_publish,
+    "bare-publish-ours": _bare_publish_ours,
     "bare-http": _bare_http,
     "gateway-1": _gateway,
     "gateway-per-core": _gateway_per_core,
 }
 GROUPS: dict[str, tuple[str, ...]] = {
     # Issue 2: the gateway against the broker's limit, one process and one per core.
-    "gateway": ("bare-publish", "gateway-1", "gateway-per-core"),
-    "all": ("bare-publish", "gateway-1", "gateway-per-core", "bare-http"),
+    "gateway": ("bare-publish", "gateway-1", "gateway-per-core", "bare-publish-ours"),
+    "all": ("bare-publish", "gateway-1", "gateway-per-core", "bare-publish-ours", "bare-http"),
 }
 
 
