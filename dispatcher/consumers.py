@@ -4,7 +4,7 @@
 on a channel, so setting it right before each ``basic.consume`` (under a lock,
 so no other consume slips in between) gives every consumer its own window
 without a channel per queue: a dispatcher owning thousands of queues needs
-``queues / consumers_per_channel`` channels, far below ``channel_max``.
+``queues / POLOS_DISPATCHER_CONSUMERS_PER_CHANNEL`` channels, far below ``channel_max``.
 
 A channel that closes under us hands every delivery we hold on it back to its
 queue, so the state kept for those deliveries is void: ``on_lost`` tells the

@@ -166,7 +166,9 @@ class QueueOwner:
             # its marker may be here already, or arrive within the grace.
             orphan = self.gate.orphans.pop(envelope.execution_id, None)
             if orphan is None:
-                execution.recover_until = self.loop.time() + self.settings.recovery_grace_seconds
+                execution.recover_until = (
+                    self.loop.time() + self.settings.dispatcher_recovery_grace_seconds
+                )
         self.gate.enqueue(execution)
         if orphan is not None:
             self.results.adopt(execution, orphan)

@@ -81,7 +81,7 @@ class ResultsHandler:
                 return
             orphan = Orphan(delivery, marker)
             orphan.timer = owner.loop.call_later(
-                owner.settings.orphan_marker_grace_seconds,
+                owner.settings.dispatcher_orphan_marker_grace_seconds,
                 self._orphan_expired,
                 marker.execution_id,
                 orphan,

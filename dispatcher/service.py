@@ -6,7 +6,7 @@
     d.ready                  set while a session is up (registry replayed, queues consumed)
     d.idle                   set while nothing is pending or held in any queue
     await d.stop()           graceful: admit nothing more, let in-flight executions end
-                             (up to drain_timeout_seconds), close; the broker requeues
+                             (POLOS_DISPATCHER_DRAIN_TIMEOUT_SECONDS), close; the broker requeues
                              the rest for the next owner
     await d.run(burst=True)  until stop() (SIGTERM) or, in burst mode, until every
                              owned queue is empty and nothing is held
@@ -108,7 +108,7 @@ class Dispatcher:
                 await session.close()
                 self._session = None
                 await self._pause(backoff)
-                backoff = min(backoff * 2, self.settings.reconnect_max_seconds)
+                backoff = min(backoff * 2, self.settings.dispatcher_reconnect_max_seconds)
                 continue
             backoff = FIRST_BACKOFF_SECONDS
             self.sessions += 1
@@ -122,7 +122,7 @@ class Dispatcher:
             self.ready.clear()
             if self._stop.is_set() and self._drain_on_stop and not session.broken.is_set():
                 log.info("draining: admitting nothing more")
-                await session.drain(self.settings.drain_timeout_seconds)
+                await session.drain(self.settings.dispatcher_drain_timeout_seconds)
             await session.close()
             self._session = None
             if not self._stop.is_set():

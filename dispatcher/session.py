@@ -77,13 +77,13 @@ class Session:
         notifier = Notifier(
             connection,
             confirm_timeout=settings.confirm_timeout_seconds,
-            channels=settings.event_channels,
+            channels=settings.dispatcher_event_channels,
         )
         await notifier.start()
         dispatch = PinnedPublishers(
             connection,
             confirm_timeout=settings.confirm_timeout_seconds,
-            channels=settings.publish_channels,
+            channels=settings.dispatcher_publish_channels,
         )
         await dispatch.start()
         async with connection.channel() as channel:
@@ -96,7 +96,9 @@ class Session:
             dispatch=dispatch,
             notifier=notifier,
             pool=ConsumerPool(
-                connection, per_channel=settings.consumers_per_channel, on_lost=self._lost
+                connection,
+                per_channel=settings.dispatcher_consumers_per_channel,
+                on_lost=self._lost,
             ),
             work_queues=WorkQueues(connection),
             fail=self.fail,

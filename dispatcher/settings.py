@@ -24,34 +24,34 @@ class Settings(BaseSettings):
     default_concurrency_limit: int | None = Field(
         default=None, ge=1, description="Limit of a queue never given one; unset = unlimited"
     )
-    unlimited_window: int = Field(
+    dispatcher_unlimited_window: int = Field(
         default=1000,
         ge=1,
         le=MAX_PREFETCH,
         description="Prefetch of an unlimited queue: how many submissions are held in memory",
     )
-    recovery_grace_seconds: float = Field(
+    dispatcher_recovery_grace_seconds: float = Field(
         default=2.0,
         ge=0,
         description="After a takeover, how long a redelivered submission waits for its "
         "dispatched marker before it is dispatched again",
     )
-    orphan_marker_grace_seconds: float = Field(
+    dispatcher_orphan_marker_grace_seconds: float = Field(
         default=5.0,
         ge=0,
         description="How long a dispatched marker without its submission is kept (and "
         "counted against the limit) before it is dropped",
     )
-    drain_timeout_seconds: float = Field(
+    dispatcher_drain_timeout_seconds: float = Field(
         default=30.0, ge=0, description="SIGTERM: how long in-flight executions may take"
     )
     confirm_timeout_seconds: float = Field(default=5.0, gt=0)
-    publish_channels: int = Field(default=2, ge=1, le=64)
-    event_channels: int = Field(default=2, ge=1, le=64)
-    consumers_per_channel: int = Field(
+    dispatcher_publish_channels: int = Field(default=2, ge=1, le=64)
+    dispatcher_event_channels: int = Field(default=2, ge=1, le=64)
+    dispatcher_consumers_per_channel: int = Field(
         default=200, ge=1, description="Consumers sharing one AMQP channel"
     )
-    reconnect_max_seconds: float = Field(default=10.0, gt=0)
+    dispatcher_reconnect_max_seconds: float = Field(default=10.0, gt=0)
 
     def queue_patterns(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.dispatcher_queues.split(",") if p.strip())
@@ -69,5 +69,5 @@ class Settings(BaseSettings):
         Twice the limit leaves room to raise the limit without re-consuming.
         """
         if limit is None:
-            return self.unlimited_window
+            return self.dispatcher_unlimited_window
         return min(max(2 * limit, MIN_LIMITED_WINDOW), MAX_PREFETCH)
