@@ -160,10 +160,11 @@ class Gate:
             return Decision(Verdict.DEDUPLICATE, execution, holder)
         over = self.limit is not None and self.used - 1 >= self.limit
         if over or not self.admitting:
+            # Back to the head, still findable: a late marker still shows it running.
             self._release(execution)
             execution.phase = Phase.PENDING
-            execution.recover_until = None
             self.pending.appendleft(execution)
+            self._waiting[execution.execution_id] = execution
             return None
         execution.phase = Phase.DISPATCHING
         self._take_key(execution)
