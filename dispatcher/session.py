@@ -172,6 +172,10 @@ class Session:
     # -- the end ---------------------------------------------------------------------
 
     @property
+    def consumer_channels(self) -> int:
+        return self._links.pool.channels if self._links is not None else 0
+
+    @property
     def held(self) -> int:
         return sum(owner.held for owner in self.owners.values())
 

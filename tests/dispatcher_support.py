@@ -217,13 +217,20 @@ class Probe:
         self.max_running = 0
         self.runs: list[str] = []
         self.cancelled: list[str] = []
+        self.running_in: dict[str, set[str]] = {}  # by queue name
+        self.max_running_in: dict[str, int] = {}
 
     async def sleep(self, ctx: ExecutionContext, payload: Any) -> Any:
         """Runs ``payload["seconds"]`` (default 0.2), counting itself while it does."""
         seconds = float((payload or {}).get("seconds", 0.2))
+        in_queue = self.running_in.setdefault(ctx.queue_name, set())
         self.running.add(ctx.execution_id)
+        in_queue.add(ctx.execution_id)
         self.runs.append(ctx.execution_id)
         self.max_running = max(self.max_running, len(self.running))
+        self.max_running_in[ctx.queue_name] = max(
+            self.max_running_in.get(ctx.queue_name, 0), len(in_queue)
+        )
         try:
             await asyncio.sleep(seconds)
         except asyncio.CancelledError:
@@ -231,6 +238,7 @@ class Probe:
             raise
         finally:
             self.running.discard(ctx.execution_id)
+            in_queue.discard(ctx.execution_id)
         return {"slept": seconds}
 
 
@@ -259,6 +267,15 @@ def dispatcher_process(
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+
+async def until(predicate: Callable[[], bool], *, timeout: float = 5.0, what: str) -> None:
+    """Poll ``predicate`` (for state no event announces) until true; fail after ``timeout``."""
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_log(log: Path) -> str:
