@@ -247,6 +247,7 @@ async def _open_loop(
                 due.put_nowait(intended)
                 if intended >= window.start:
                     report.scheduled += 1
+                    report.lateness_ms.append((now - intended) * 1000.0)
                 i += 1
             if intended >= window.end:
                 return

@@ -86,8 +86,12 @@ def markdown_table(ms: Sequence[Measurement]) -> str:
         if m.key == "bare-http":
             ratio = "-"  # no broker: not comparable
         sut_us, broker_us = cpu_us_per_ok(m)
+        mode = m.mode
+        late = m.extra.get("generator_lateness_p99_ms")
+        if late is not None:
+            mode = f"{mode} (generator late p99 {late:.1f} ms)"
         lines.append(
-            f"| {m.system} | {m.mode} | {m.rate:,.0f} | {_ms(m.p50_ms)} | {_ms(m.p99_ms)} "
+            f"| {m.system} | {mode} | {m.rate:,.0f} | {_ms(m.p50_ms)} | {_ms(m.p99_ms)} "
             f"| {_ms(m.p999_ms)} | {bad or '0'} | {_cores(m)} | {sut_us:.0f} / {broker_us:.0f} "
             f"| {ratio} |"
         )

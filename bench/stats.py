@@ -27,6 +27,9 @@ class WorkerReport:
     # never answered before the grace period ran out.
     scheduled: int = 0
     unsent: int = 0
+    # Open loop: how late the generator itself put each request up for sending
+    # (its own stalls, e.g. when it gets no CPU); counted in the latency as well.
+    lateness_ms: list[float] = field(default_factory=list)
 
     def error(self, exc: BaseException) -> None:
         self.errors += 1
@@ -88,6 +91,11 @@ def summarize(
         for status, count in r.statuses.items():
             statuses[status] = statuses.get(status, 0) + count
     samples = [s for r in reports for s in r.error_samples][:5]
+    lateness = sorted(x for r in reports for x in r.lateness_ms)
+    extra: dict[str, Any] = {}
+    if lateness:
+        extra["generator_lateness_p50_ms"] = round(percentile(lateness, 50), 2)
+        extra["generator_lateness_p99_ms"] = round(percentile(lateness, 99), 2)
     return Measurement(
         key=key,
         system=system,
@@ -105,4 +113,5 @@ def summarize(
         error_samples=samples,
         offered_rate=offered_rate,
         unsent=sum(r.unsent for r in reports),
+        extra=extra,
     )
