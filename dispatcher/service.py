@@ -40,6 +40,7 @@ class Dispatcher:
         self.sessions = 0  # sessions started so far (a restart shows here)
         self._busy = 0
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._drain_on_stop = True
         self._session: Session | None = None
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +65,9 @@ class Dispatcher:
             raise RuntimeError("the dispatcher stopped before it was ready")
 
     def request_stop(self, *, drain: bool = True) -> None:
+        """Stop (what SIGTERM does); asked again while draining, stop draining."""
+        if self._stop.is_set():
+            self._hurry.set()
         self._drain_on_stop = drain
         self._stop.set()
 
@@ -122,7 +126,7 @@ class Dispatcher:
             self.ready.clear()
             if self._stop.is_set() and self._drain_on_stop and not session.broken.is_set():
                 log.info("draining: admitting nothing more")
-                await session.drain(self.settings.dispatcher_drain_timeout_seconds)
+                await session.drain(self.settings.dispatcher_drain_timeout_seconds, self._hurry)
             await session.close()
             self._session = None
             if not self._stop.is_set():

@@ -179,13 +179,14 @@ class Session:
     def held(self) -> int:
         return sum(owner.held for owner in self.owners.values())
 
-    async def drain(self, timeout: float) -> None:
-        """Admit nothing more; wait (up to ``timeout``) for what is in flight to end."""
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Admit nothing more; wait (up to ``timeout``, or until ``hurry``) for what is
+        in flight to end."""
         for owner in self.owners.values():
             owner.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline and not self.broken.is_set():
+        while loop.time() < deadline and not self.broken.is_set() and not hurry.is_set():
             if self.held == 0:
                 # Let the last acknowledgements go out before the connection closes.
                 with contextlib.suppress(TimeoutError):
