@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="extra environment for the gateways, e.g. POLOS_PUBLISH_CHANNELS=4",
     )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each phase, wait up to this long for the machine to be nearly idle",
+    )
     parser.add_argument("--uvloop", action="store_true", help="experiment: gateways on uvloop")
     parser.add_argument(
         "--gateway-tree",
@@ -98,6 +105,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         profile=args.profile,
         gateway_env=env,
         uvloop=args.uvloop,
+        wait_quiet_s=args.wait_quiet,
         gateway_tree=args.gateway_tree.resolve() if args.gateway_tree else None,
     )
 

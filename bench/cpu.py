@@ -9,7 +9,9 @@ where the cores went, and how much went to processes that are not ours
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +105,21 @@ def cores_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     used["machine"] = round(machine, 2)
     used["other"] = round(max(0.0, machine - ours - irq), 2)
     return used
+
+
+async def wait_until_quiet(max_wait_s: float, *, below_cores: float = 0.3) -> float:
+    """Wait (at most ``max_wait_s``) until the machine is nearly idle for a second.
+
+    Between phases nothing of ours runs (the broker may still be deleting the
+    last phase's queue, which is worth waiting for too), so what is busy then
+    is someone else. Returns the busy cores seen last.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before, _ = machine_busy_seconds()
+        started = time.monotonic()
+        await asyncio.sleep(1.0)
+        after, _ = machine_busy_seconds()
+        busy = (after - before) / (time.monotonic() - started)
+        if busy < below_cores or time.monotonic() >= deadline:
+            return round(busy, 2)

@@ -62,6 +62,7 @@ class BenchConfig:
     profile: bool = False
     gateway_env: Mapping[str, str] = field(default_factory=dict)
     uvloop: bool = False
+    wait_quiet_s: float = 0.0
     gateway_tree: Path | None = None
     results_dir: Path = Path("bench/results")
 
@@ -140,6 +141,12 @@ class Run:
         self.progress(measurement)
 
 
+async def _quiet(config: BenchConfig) -> float | None:
+    if config.wait_quiet_s <= 0:
+        return None
+    return await cpu.wait_until_quiet(config.wait_quiet_s)
+
+
 def _mode(config: BenchConfig, rate: float | None) -> str:
     if rate is None:
         return f"closed loop, {config.connections} conns"
@@ -168,6 +175,7 @@ async def _measure_http(
         rate=rate,
         engine=config.engine,
     )
+    busy_before = await _quiet(config)
     load_before = cpu.loadavg()
     reports, cores = await run_processes(
         load_process,
@@ -187,6 +195,7 @@ async def _measure_http(
     )
     measurement.cpu = cores
     measurement.loadavg_before = load_before
+    measurement.extra["busy_before_cores"] = busy_before
     measurement.extra["engine"] = config.engine
     measurement.extra["client_processes"] = config.client_processes
     return measurement
@@ -218,6 +227,7 @@ async def _bare_loop(run: Run, client: str) -> None:
         inflight=config.connections,
         client=client,
     )
+    busy_before = await _quiet(config)
     load_before = cpu.loadavg()
     reports, cores = await run_processes(
         publish_process,
@@ -237,6 +247,7 @@ async def _bare_loop(run: Run, client: str) -> None:
     measurement.cpu = cores
     measurement.loadavg_before = load_before
     measurement.extra["message_bytes"] = len(spec.body)
+    measurement.extra["busy_before_cores"] = busy_before
     run.record(measurement)
     await delete_queues(config.amqp_url, [queue])
 
