@@ -23,7 +23,12 @@ from aio_pika.abc import AbstractConnection
 from broker.connection import connect
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
-from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_results_queue
+from broker.topology import (
+    declare_dead_letters,
+    declare_dispatch_exchanges,
+    declare_recorder_queue,
+    declare_results_queue,
+)
 from dispatcher.consumers import CHANNEL_GONE, ConsumerPool
 from dispatcher.notify import Notifier
 from dispatcher.owner import QueueOwner
@@ -89,6 +94,8 @@ class Session:
         async with connection.channel() as channel:
             await declare_dead_letters(channel)
             await declare_dispatch_exchanges(channel)
+            if settings.dispatcher_declare_recorder_queue:
+                await declare_recorder_queue(channel)
         self._links = Links(
             settings=settings,
             connection=connection,

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     dispatcher_consumers_per_channel: int = Field(
         default=200, ge=1, description="Consumers sharing one AMQP channel"
     )
+    dispatcher_declare_recorder_queue: bool = Field(
+        default=True,
+        description="Declare polos.recorder at start, so lifecycle events are kept for the "
+        "recorder even before one runs; turn off when no execution store is wanted",
+    )
     dispatcher_reconnect_max_seconds: float = Field(default=10.0, gt=0)
 
     def queue_patterns(self) -> tuple[str, ...]:
