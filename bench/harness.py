@@ -101,11 +101,10 @@ async def run_processes(
             child.close()
             parents.append(parent)
             processes.append(process)
-        async with asyncio.timeout(timeout_s):
-            for parent in parents:
-                message = await asyncio.to_thread(parent.recv)
-                if message != READY:
-                    raise LoadProcessError(f"load process failed to start: {message}")
+        for parent, started in zip(parents, processes, strict=True):
+            message = await asyncio.to_thread(_receive, parent, started, timeout_s)
+            if message != READY:
+                raise LoadProcessError(f"load process failed to start: {message}")
         window = Window(time.time() + _START_DELAY_S, warmup_s, duration_s)
         for parent in parents:
             parent.send(window)
@@ -115,12 +114,11 @@ async def run_processes(
         await sleep_until_wall(window.end)
         after = snapshot(time.time(), roles)
         reports: list[WorkerReport] = []
-        async with asyncio.timeout(timeout_s):
-            for parent in parents:
-                message = await asyncio.to_thread(parent.recv)
-                if not isinstance(message, WorkerReport):
-                    raise LoadProcessError(f"load process failed: {message}")
-                reports.append(message)
+        for parent, started in zip(parents, processes, strict=True):
+            message = await asyncio.to_thread(_receive, parent, started, timeout_s)
+            if not isinstance(message, WorkerReport):
+                raise LoadProcessError(f"load process failed: {message}")
+            reports.append(message)
         return reports, cores_used(before, after)
     finally:
         for parent in parents:
@@ -130,6 +128,22 @@ async def run_processes(
             if started.is_alive():
                 started.kill()
                 started.join(timeout=5)
+
+
+def _receive(
+    conn: Connection, process: multiprocessing.process.BaseProcess, timeout_s: float
+) -> object:
+    """The next message from a load process; fails if it dies or stays silent too long.
+
+    Polls rather than blocking in ``recv``, so the thread always ends.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.2):
+        if not process.is_alive() and not conn.poll(0):
+            raise LoadProcessError(f"load process {process.pid} exited ({process.exitcode})")
+        if time.monotonic() > deadline:
+            raise LoadProcessError(f"load process {process.pid} silent for {timeout_s:.0f} s")
+    return conn.recv()
 
 
 def child_failed(conn: Connection, exc: BaseException) -> None:

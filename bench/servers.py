@@ -103,6 +103,11 @@ class ServerProcess:
             except TimeoutError:
                 raise RuntimeError(self._failure("not ready in time")) from None
 
+    def check_alive(self) -> None:
+        """Raise if the server exited (e.g. killed by someone else on a shared machine)."""
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError(self._failure("is not running"))
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         with open(self._log_path, "ab") as log:
             return subprocess.Popen(
@@ -175,23 +180,24 @@ def bare_http_process(directory: Path) -> ServerProcess:
 
 
 async def delete_queues(amqp_url: str, names: Iterable[str]) -> None:
-    """Delete queues this run created (missing ones are fine)."""
+    """Delete queues this run created (missing ones are fine); give up after a minute."""
     connection = await aio_pika.connect(
-        amqp_url, client_properties={"connection_name": "bench-cleanup"}
+        amqp_url, client_properties={"connection_name": "bench-cleanup"}, timeout=10
     )
     try:
-        channel = await connection.channel()
-        for name in names:
-            try:
-                await channel.queue_delete(name)
-            except aio_pika.exceptions.ChannelClosed:
-                channel = await connection.channel()
+        async with asyncio.timeout(60):
+            channel = await connection.channel()
+            for name in names:
+                try:
+                    await channel.queue_delete(name)
+                except aio_pika.exceptions.ChannelClosed:
+                    channel = await connection.channel()
     finally:
         await connection.close()
 
 
 async def broker_version(amqp_url: str) -> str:
-    connection = await aio_pika.connect(amqp_url)
+    connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         underlay = connection.transport.connection if connection.transport else None
         properties = getattr(underlay, "server_properties", None) or {}

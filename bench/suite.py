@@ -165,6 +165,8 @@ async def _measure_http(
     role: str = "gateway",
 ) -> Measurement:
     config = run.config
+    for server in servers:
+        server.check_alive()
     spec = LoadSpec(
         targets=tuple(HttpTarget("127.0.0.1", s.port) for s in servers),
         path=PATH,
@@ -193,6 +195,8 @@ async def _measure_http(
         duration_s=config.duration_s,
         offered_rate=rate,
     )
+    for server in servers:
+        server.check_alive()
     measurement.cpu = cores
     measurement.loadavg_before = load_before
     measurement.extra["busy_before_cores"] = busy_before
