@@ -28,7 +28,7 @@ from dispatcher.admission import Execution, Gate, Phase, Verdict
 from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
 from dispatcher.results import ResultsHandler
 from dispatcher.runs import Runs
-from dispatcher.work import Links, ready_count
+from dispatcher.work import Links
 from schemas.envelope import decode_submission
 from schemas.topology import results_queue, submit_queue
 
@@ -75,13 +75,9 @@ class QueueOwner:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> bool:
-        """Consume the queue; False if it does not exist (deleted)."""
-        if await ready_count(self.links.connection, self.name) is None:
-            log.warning("%s does not exist; not consuming it", self.name)
-            return False
+    async def start(self) -> None:
+        """Consume the queue (the session made sure it exists)."""
         await self._consume()
-        return True
 
     def set_limit(self, limit: int | None) -> None:
         """A new limit applies at once; a window too small for it is renewed when idle."""

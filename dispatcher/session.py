@@ -1,4 +1,5 @@
-"""One connection's worth of dispatcher, built from scratch and torn down whole.
+"""One connection's worth of dispatcher, built from scratch and torn down whole
+(with a second connection that only asks whether queues exist, ``probe.py``).
 
 The connection is a plain one, not robust: when it is lost the broker requeues
 every submission and marker we held, and whoever owns each queue next (maybe
@@ -6,8 +7,12 @@ us, in a new session) recovers them from the broker. Nothing is restored here;
 the supervisor (``service.py``) builds a new session.
 
 Queues are discovered from the registry stream: after the replay, every queue
-recorded there that matches ``POLOS_DISPATCHER_QUEUES`` gets an owner, and so
-does every queue declared later; limit changes reach the owner at once.
+recorded there that matches ``POLOS_DISPATCHER_QUEUES`` and still exists gets
+an owner, and so does every queue declared later; limit changes reach the
+owner at once. Whether a queue exists is asked on a connection of its own
+(``probe.py``): one passive declare per recorded queue and session, and one
+more for each later registry event about a queue we do not own. Only a queue
+that exists gets a results queue declared and a consumer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 
 from broker.connection import connect
+from broker.errors import BrokerUnavailable
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
 from broker.topology import (
@@ -32,11 +38,12 @@ from broker.topology import (
 from dispatcher.consumers import CHANNEL_GONE, ConsumerPool
 from dispatcher.notify import Notifier
 from dispatcher.owner import QueueOwner
+from dispatcher.probe import QueueProbe
 from dispatcher.publishers import PinnedPublishers
 from dispatcher.settings import Settings
-from dispatcher.work import Links, WorkQueues, ready_count
+from dispatcher.work import Links, WorkQueues
 from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
-from schemas.topology import results_queue
+from schemas.topology import results_queue, submit_queue
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,13 @@ class Session:
         self._connection: AbstractConnection | None = None
         self._links: Links | None = None
         self._replayed = False
+        self._up = False  # the first discovery is done
         self._closing = False
+        self.probe: QueueProbe | None = None
         self._discovering: set[QueueKey] = set()
+        # Registry events that came while their queue was being looked for.
+        self._look_again: set[QueueKey] = set()
+        self.missing: set[QueueKey] = set()  # recorded, matching, not on the broker
         self._semaphore = asyncio.Semaphore(DISCOVERY_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -74,6 +86,8 @@ class Session:
             settings.amqp_url.get_secret_value(), "dispatcher"
         )
         connection.close_callbacks.add(self._connection_closed)
+        probe = self.probe = QueueProbe(settings.amqp_url.get_secret_value(), on_lost=self.fail)
+        await probe.open()
         # Registry appends and dead letters; dispatches and events have their own.
         publisher = ConfirmedPublisher(
             connection, confirm_timeout=settings.confirm_timeout_seconds, channels=1
@@ -121,7 +135,15 @@ class Session:
         self._replayed = True
         keys = [key for key in self._state.queues if settings.owns(*key)]
         await asyncio.gather(*(self._discover(key) for key in keys))
-        log.info("dispatcher session up: %d queue(s) matched", len(self.owners))
+        if self.broken.is_set():
+            raise BrokerUnavailable("the session broke while it discovered its queues")
+        self._up = True
+        log.info(
+            "dispatcher session up: %d queue(s) owned; %d recorded in the registry "
+            "but not on the broker (deleted), not consumed",
+            len(self.owners),
+            len(self.missing),
+        )
 
     def fail(self, exc: BaseException | None) -> None:
         if not self._closing and not self.broken.is_set():
@@ -155,23 +177,43 @@ class Session:
         return self.settings.limit_for(config.concurrency_limit if config else None)
 
     async def _discover(self, key: QueueKey) -> None:
-        if key in self.owners or key in self._discovering or self._links is None:
+        if key in self.owners or self._links is None:
+            return
+        if key in self._discovering:
+            # The answer on its way may predate what this event announces.
+            self._look_again.add(key)
             return
         self._discovering.add(key)
         try:
-            async with self._semaphore:
-                await declare_results_queue(self._links.connection, results_queue(*key))
-                # Registered before it starts, so a limit change reaches it meanwhile.
-                owner = self.owners[key] = QueueOwner(self._links, *key, self._limit_of(key))
-                if not await owner.start():
-                    self.owners.pop(key, None)
+            while not self._closing:
+                self._look_again.discard(key)
+                async with self._semaphore:
+                    if await self._own(key) or key not in self._look_again:
+                        return
         except Exception as exc:
             self.owners.pop(key, None)
-            if not self._closing:
+            if not self._closing and not self.broken.is_set():
                 log.error("cannot own %s/%s: %r", *key, exc)
                 self.fail(exc)
         finally:
             self._discovering.discard(key)
+            self._look_again.discard(key)
+
+    async def _own(self, key: QueueKey) -> bool:
+        """Consume the queue if it exists (and only then declare its results queue)."""
+        assert self._links is not None
+        assert self.probe is not None
+        if await self.probe.ready_count(submit_queue(*key)) is None:
+            if key not in self.missing and self._up:
+                log.info("%s/%s is recorded but does not exist; not consuming it", *key)
+            self.missing.add(key)
+            return False
+        self.missing.discard(key)
+        await declare_results_queue(self._links.connection, results_queue(*key))
+        # Registered before it starts, so a limit change reaches it meanwhile.
+        owner = self.owners[key] = QueueOwner(self._links, *key, self._limit_of(key))
+        await owner.start()
+        return True
 
     def _gone(self, project_id: str, queue_name: str) -> None:
         self.owners.pop((project_id, queue_name), None)
@@ -212,17 +254,18 @@ class Session:
             task.cancel()
         if self._links is not None:
             await self._links.pool.close()
+        if self.probe is not None:
+            await self.probe.close()
         if self._connection is not None:
             with contextlib.suppress(*CHANNEL_GONE):
                 await self._connection.close()
 
     async def queues_empty(self, names: Iterable[str] | None = None) -> bool:
         """Whether no owned queue has ready messages (burst mode's last check)."""
-        if self._connection is None:
+        if self.probe is None:
             return False
         for name in names if names is not None else (o.name for o in self.owners.values()):
-            count = await ready_count(self._connection, name)
-            if count:
+            if await self.probe.ready_count(name):
                 return False
         return True
 

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiormq
 from aio_pika.abc import AbstractConnection
 
 from broker.errors import Unroutable
@@ -59,19 +58,6 @@ class WorkQueues:
             if name not in self._declared:
                 await declare_work_queue(self._connection, name)
                 self._declared.add(name)
-
-
-async def ready_count(connection: AbstractConnection, name: str) -> int | None:
-    """Messages ready in ``name``, None if it does not exist.
-
-    A passive declare, on a channel of its own: a failed one closes its channel.
-    """
-    try:
-        async with connection.channel() as channel:
-            queue = await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
-    return queue.declaration_result.message_count or 0
 
 
 @dataclass(slots=True)
