@@ -32,6 +32,7 @@ class QueueDirectory:
         self._state = state
         self._arguments = submit_queue_arguments(max_length=max_length)
         self._declared: set[str] = set()
+        self._vanished: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def ensure(self, project_id: str, queue_name: str, limit: int | None) -> str:
@@ -50,7 +51,8 @@ class QueueDirectory:
         async with self._lock(name):
             if name not in self._declared:
                 await declare_queue(self._connection, name, self._arguments)
-                await self._record(project_id, queue_name, limit, name)
+                await self._record(project_id, queue_name, limit, name, name in self._vanished)
+                self._vanished.discard(name)
                 self._declared.add(name)
         return name
 
@@ -63,12 +65,17 @@ class QueueDirectory:
         return lock
 
     def forget(self, name: str) -> None:
-        """The queue vanished (deleted by an operator): declare it again next time."""
+        """The queue vanished (deleted by an operator): declare it again next time,
+        and record it again then: dispatchers that saw it missing look for it on a
+        registry event, not by polling."""
         self._declared.discard(name)
+        self._vanished.add(name)
 
-    async def _record(self, project_id: str, queue_name: str, limit: int | None, name: str) -> None:
+    async def _record(
+        self, project_id: str, queue_name: str, limit: int | None, name: str, again: bool = False
+    ) -> None:
         config = self._state.queues.get((project_id, queue_name))
-        if config is None:
+        if config is None or again:
             event: QueueDeclared | QueueLimitSet = QueueDeclared(
                 at=now_rfc3339(),
                 project_id=project_id,

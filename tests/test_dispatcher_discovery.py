@@ -1,12 +1,13 @@
 """Discovery with a registry full of queues that no longer exist: the dispatcher
 starts quickly, creates nothing for them, keeps its connection, and serves the
-live queues, including one of the dead ones declared again later."""
+live queues, including a dead one declared again later (by a new
+``queue_declared``, or by the gateway after a deletion)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -16,9 +17,9 @@ from broker.registry import RegistryWriter, declare_registry
 from schemas.dispatch import ExecutionStatus
 from schemas.ids import now_rfc3339
 from schemas.registry import QueueDeclared
-from schemas.topology import results_queue
-from tests.conftest import DispatcherFactory, queue_exists
-from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
+from schemas.topology import results_queue, submit_queue, work_queue
+from tests.conftest import DispatcherFactory, GatewayFactory, Tenant, queue_exists
+from tests.dispatcher_support import DEPLOYMENT, EventLog, Probe, QueueKit, probe_worker, until
 
 S = ExecutionStatus
 DEAD = 300
@@ -109,4 +110,48 @@ async def test_a_dead_queue_declared_again_is_owned(
 
     assert ends[execution].status is S.COMPLETED
     assert set(session.owners) == {(queue_kit.project, revived)}
+    assert dispatcher.sessions == 1
+
+
+async def test_a_queue_the_gateway_declares_again_after_its_deletion_is_owned(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Callable[[str, str, list[str]], Awaitable[None]],
+    event_log: EventLog,
+    make_dispatcher: DispatcherFactory,
+    probe: Probe,
+    amqp: AbstractConnection,
+    delete_queues: Callable[[str], None],
+) -> None:
+    project = tenant.project_id
+    for name in (submit_queue(project, "q"), results_queue(project, "q")):
+        delete_queues(name)
+    delete_queues(work_queue(project, DEPLOYMENT))
+    await register(project, DEPLOYMENT, ["sleep"])
+    gateway = await make_gateway()
+    dispatcher = await make_dispatcher()
+    session = dispatcher.session
+    assert session is not None
+
+    async def submit() -> str:
+        response = await gateway.post(
+            "/api/v1/workflows/sleep/run",
+            json={"payload": {"seconds": 0}, "queue_name": "q"},
+            headers=tenant.headers,
+        )
+        assert response.status == 200, await response.text()
+        execution_id: str = (await response.json())["execution_id"]
+        return execution_id
+
+    first = await submit()
+    await event_log.wait_terminal([first])
+    async with amqp.channel() as channel:
+        await channel.queue_delete(submit_queue(project, "q"))
+    await until(lambda: not session.owners, what="the owner letting the deleted queue go")
+
+    second = await submit()  # the gateway declares the queue again
+    ends = await event_log.wait_terminal([second])
+
+    assert ends[second].status is S.COMPLETED
+    assert set(session.owners) == {(project, "q")}
     assert dispatcher.sessions == 1
