@@ -129,18 +129,24 @@ class Session:
         )
         follower = RegistryFollower(connection, RegistryWriter(publisher), self._state)
         follower.add_listener(self._on_registry_event)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         await follower.start()
         async with asyncio.timeout(REPLAY_TIMEOUT_SECONDS):
             await follower.replayed.wait()
         self._replayed = True
+        replayed = loop.time()
         keys = [key for key in self._state.queues if settings.owns(*key)]
         await asyncio.gather(*(self._discover(key) for key in keys))
         if self.broken.is_set():
             raise BrokerUnavailable("the session broke while it discovered its queues")
         self._up = True
         log.info(
-            "dispatcher session up: %d queue(s) owned; %d recorded in the registry "
-            "but not on the broker (deleted), not consumed",
+            "dispatcher session up: registry replayed in %.1fs, %d matching queue(s) "
+            "looked for in %.1fs: %d owned, %d recorded but deleted (not consumed)",
+            replayed - began,
+            len(keys),
+            loop.time() - replayed,
             len(self.owners),
             len(self.missing),
         )
