@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -49,6 +50,41 @@ async def _broker_answers(url: str) -> bool:
     return True
 
 
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def _session_vhost(url: str) -> tuple[str, Callable[[], None] | None]:
+    """A virtual host of this test session's own, on a local broker we can administer.
+
+    Everything a session declares (queues, the registry stream) lives and dies
+    with it: runs never see each other's state, the registry a gateway replays
+    holds only this session's events, and nothing is left behind. Set
+    POLOS_TEST_VHOST=shared to use the URL's vhost as it is.
+    """
+    parsed = URL(url)
+    local = parsed.host in ("127.0.0.1", "localhost", "::1")
+    if (
+        os.environ.get("POLOS_TEST_VHOST") == "shared"
+        or not local
+        or not shutil.which("rabbitmqctl")
+    ):
+        return url, None
+    vhost = f"polos-test-{uuid.uuid4().hex[:12]}"
+    user = parsed.user or "guest"
+    try:
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    except (subprocess.SubprocessError, OSError):
+        return url, None  # not ours to administer: share the URL's vhost
+
+    def delete() -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            _rabbitmqctl("delete_vhost", vhost)
+
+    return str(parsed.with_path("/" + vhost)), delete
+
+
 def _find_broker() -> tuple[str, Any]:
     url = os.environ.get("POLOS_AMQP_URL", DEFAULT_AMQP_URL)
     if asyncio.run(_broker_answers(url)):
@@ -71,7 +107,10 @@ def _find_broker() -> tuple[str, Any]:
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
     url, container = _find_broker()
+    url, delete_vhost = _session_vhost(url)
     yield url
+    if delete_vhost is not None:
+        delete_vhost()
     if container is not None:
         container.stop()
 
