@@ -45,6 +45,8 @@ class Dispatcher:
         self._session: Session | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_activity = 0.0
+        # Queues the last session owned: the next one looks for them first.
+        self._owned: set[tuple[str, str]] = set()
 
     @property
     def session(self) -> Session | None:
@@ -106,7 +108,10 @@ class Dispatcher:
         backoff = FIRST_BACKOFF_SECONDS
         while not self._stop.is_set():
             session = self._session = Session(
-                self.settings, busy_changed=self._busy_changed, activity=self._touch
+                self.settings,
+                busy_changed=self._busy_changed,
+                activity=self._touch,
+                first=self._owned,
             )
             if not await self._start_session(session):
                 await session.close()
@@ -127,6 +132,7 @@ class Dispatcher:
             if self._stop.is_set() and self._drain_on_stop and not session.broken.is_set():
                 log.info("draining: admitting nothing more")
                 await session.drain(self.settings.dispatcher_drain_timeout_seconds, self._hurry)
+            self._owned = set(session.owners)
             await session.close()
             self._session = None
             if not self._stop.is_set():

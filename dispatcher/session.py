@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any
 
 from aio_pika.abc import AbstractConnection
@@ -59,8 +59,10 @@ class Session:
         *,
         busy_changed: Callable[[bool], None],
         activity: Callable[[], None],
+        first: Collection[QueueKey] = (),
     ) -> None:
         self.settings = settings
+        self._first = first
         self.broken = asyncio.Event()
         self.owners: dict[QueueKey, QueueOwner] = {}
         self._busy_changed = busy_changed
@@ -136,7 +138,12 @@ class Session:
             await follower.replayed.wait()
         self._replayed = True
         replayed = loop.time()
-        keys = [key for key in self._state.queues if settings.owns(*key)]
+        # The queues the last session owned first, so that after a reconnect they
+        # do not wait behind every deleted queue the registry remembers.
+        keys = sorted(
+            (key for key in self._state.queues if settings.owns(*key)),
+            key=lambda key: key not in self._first,
+        )
         await asyncio.gather(*(self._discover(key) for key in keys))
         if self.broken.is_set():
             raise BrokerUnavailable("the session broke while it discovered its queues")
