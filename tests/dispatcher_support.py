@@ -25,7 +25,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from broker.publisher import ConfirmedPublisher
-from broker.registry import RegistryWriter
+from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_queue
 from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_lifecycle
 from schemas.envelope import encode_submission
@@ -60,6 +60,8 @@ class QueueKit:
         async with self.connection.channel() as channel:
             await declare_dead_letters(channel)
             await declare_dispatch_exchanges(channel)
+            # A test session's own vhost has no registry until something declares it.
+            await declare_registry(channel)
 
     async def close(self) -> None:
         await self._publisher.close()
