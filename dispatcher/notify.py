@@ -51,6 +51,8 @@ class Notifier:
         result: Any = None,
         error: ErrorInfo | None = None,
         with_submission: bool = False,
+        cancelled_by: str | None = None,
+        at: str | None = None,
     ) -> None:
         event = LifecycleEvent(
             status=status,
@@ -60,13 +62,14 @@ class Notifier:
             deployment_id=envelope.deployment_id,
             queue_name=envelope.queue_name,
             concurrency_key=envelope.concurrency_key,
-            at=now_rfc3339(),
+            at=at or now_rfc3339(),
             dispatch_id=dispatch_id,
             worker_id=worker_id,
             duplicate_of=duplicate_of,
             result=result,
             error=error,
             submission=envelope if with_submission else None,
+            cancelled_by=cancelled_by,
         )
         routing_key = event_routing_key(
             envelope.project_id, envelope.queue_name, envelope.workflow_id, envelope.execution_id

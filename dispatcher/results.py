@@ -8,20 +8,34 @@ dispatched  ours, back from the queue ────────► kept unacked b
 running     ─► ``running`` event, ack (a redelivered submission: now known in flight)
 completed | failed | cancelled
             ─► terminal: slot and key free, event, ack submission, marker, result
+cancel_request (a user's, from the gateway)
+            of a held execution ───────────────► cancel to its workers, ``cancelled``:
+                                                slot and key free, ack submission, marker,
+                                                then the request
+            of a pending one (not admitted) ──► ``cancelled`` at once, never runs
+            of one not seen (yet) ────────────► kept unacked until its submission
+                                                reaches the head (then ``cancelled``
+                                                without running), or a wait passes
+            of a finished one ────────────────► ack
 anything for an unknown or finished execution ─► ack and ignore
 undecodable ─► dead-lettered once
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from dispatcher.admission import Execution, Marker, Orphan, Phase, TerminalResult
 from dispatcher.consumers import Delivery
+from dispatcher.runs import user_cancel
 from schemas.dispatch import (
+    CancelRequest,
     Completed,
     Dispatched,
     ErrorInfo,
@@ -31,16 +45,35 @@ from schemas.dispatch import (
     WorkMessage,
     decode_results_queue,
 )
+from schemas.ids import now_rfc3339
 from schemas.topology import work_queue
 
 if TYPE_CHECKING:
     from dispatcher.owner import QueueOwner
+
+log = logging.getLogger(__name__)
+
+# Of the results consumer's prefetch, the share cancel requests may hold unacked
+# while they wait for their submissions: markers and results need the rest.
+CANCEL_REQUEST_SHARE = 4
+
+
+@dataclass(slots=True, eq=False)
+class WantedCancel:
+    """A cancel request for an execution this owner has not seen (yet)."""
+
+    request: CancelRequest
+    # Unacknowledged, so an owner taking over finds it; None once acknowledged
+    # early (too many were held: see ``CANCEL_REQUEST_SHARE``).
+    delivery: Delivery | None
+    timer: asyncio.TimerHandle | None = None
 
 
 class ResultsHandler:
     def __init__(self, owner: QueueOwner) -> None:
         self._owner = owner
         self._gate = owner.gate
+        self.cancels: dict[str, WantedCancel] = {}
 
     def handle(self, delivery: Delivery) -> None:
         owner = self._owner
@@ -58,6 +91,8 @@ class ResultsHandler:
             )
         elif isinstance(message, Running):
             self._on_running(delivery, message)
+        elif isinstance(message, CancelRequest):
+            self._on_cancel_request(delivery, message)
         else:
             self._on_terminal(delivery, message)
 
@@ -68,7 +103,10 @@ class ResultsHandler:
         self._take_marker(execution, orphan.marker, orphan.message)
         if orphan.result is not None:
             delivery, message = orphan.result
-            self._terminal(execution, delivery, message)
+            if execution.phase is Phase.TERMINAL:  # cancelled on request meanwhile
+                self._owner.spawn(delivery.ack())
+            else:
+                self._terminal(execution, delivery, message)
 
     # -- markers ---------------------------------------------------------------------
 
@@ -107,6 +145,7 @@ class ResultsHandler:
         envelope = execution.envelope
         execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
         self._owner.runs.arm_deadline(execution)
+        self._cancel_if_wanted(execution)
 
     def _orphan_expired(self, execution_id: str, orphan: Orphan) -> None:
         owner, gate = self._owner, self._gate
@@ -134,10 +173,16 @@ class ResultsHandler:
             execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
             execution.deadline = time.time() + envelope.run_timeout_seconds
             owner.runs.arm_deadline(execution)
-        owner.spawn(self._report_running(execution, delivery, message))
+            if self._cancel_if_wanted(execution):
+                owner.spawn(delivery.ack())
+                return
+        # Stamped now: the event may go out after the terminal one is stamped (both
+        # wait for ``admitted``), and ``started_at`` must not come after ``completed_at``.
+        at = now_rfc3339()
+        owner.spawn(self._report_running(execution, delivery, message, at))
 
     async def _report_running(
-        self, execution: Execution, delivery: Delivery, message: Running
+        self, execution: Execution, delivery: Delivery, message: Running, at: str
     ) -> None:
         if execution.announced is not None:
             await execution.announced.wait()
@@ -146,6 +191,7 @@ class ResultsHandler:
             execution.envelope,
             dispatch_id=message.dispatch_id,
             worker_id=message.worker_id,
+            at=at,
         )
         await delivery.ack()
 
@@ -181,3 +227,85 @@ class ResultsHandler:
             result=result,
             error=error,
         )
+
+    # -- cancel requests -------------------------------------------------------------
+
+    def _on_cancel_request(self, delivery: Delivery, request: CancelRequest) -> None:
+        owner, gate = self._owner, self._gate
+        execution_id = request.execution_id
+        execution = gate.find(execution_id)
+        if execution is None:
+            execution = next((e for e in gate.pending if e.execution_id == execution_id), None)
+        if execution is not None and execution.phase is not Phase.TERMINAL:
+            self._cancel(execution, delivery, request)
+            return
+        if (
+            execution is not None
+            or owner.runs.is_recent(execution_id)
+            or (execution_id in self.cancels)
+        ):
+            owner.spawn(delivery.ack())  # over already, or asked twice
+            return
+        # Not seen: still in the broker (the gateway saw it queued), or over long
+        # ago, or its submission is on its way to us after a takeover.
+        settings = owner.settings
+        if request.seen_status in (None, ExecutionStatus.QUEUED):
+            wait = settings.dispatcher_cancel_queued_wait_seconds
+        else:
+            wait = settings.dispatcher_cancel_unknown_wait_seconds
+        wanted = WantedCancel(request, delivery)
+        limit = max(8, min(2 * owner.window + 64, 65535) // CANCEL_REQUEST_SHARE)
+        if sum(1 for w in self.cancels.values() if w.delivery is not None) >= limit:
+            log.warning(
+                "%s: %d cancel requests wait for their submissions; the request for %s is "
+                "kept in memory only (lost if another dispatcher takes the queue over)",
+                owner.name,
+                limit,
+                execution_id,
+            )
+            owner.spawn(delivery.ack())
+            wanted.delivery = None
+        wanted.timer = owner.loop.call_later(wait, self._cancel_expired, execution_id, wanted)
+        self.cancels[execution_id] = wanted
+
+    def take_cancel(self, execution_id: str) -> WantedCancel | None:
+        """The waiting cancel request of ``execution_id``, now in the caller's hands."""
+        wanted = self.cancels.pop(execution_id, None)
+        if wanted is not None and wanted.timer is not None:
+            wanted.timer.cancel()
+        return wanted
+
+    def _cancel_if_wanted(self, execution: Execution) -> bool:
+        """An execution just found in flight that someone asked to cancel: cancel it."""
+        wanted = self.take_cancel(execution.execution_id)
+        if wanted is None:
+            return False
+        self._cancel(execution, wanted.delivery, wanted.request)
+        return True
+
+    def _cancel(
+        self, execution: Execution, delivery: Delivery | None, request: CancelRequest
+    ) -> None:
+        # A first delivery still pending was never dispatched: nobody to tell.
+        # Anything else may run on a worker (a redelivery may have been
+        # dispatched by an owner that is gone).
+        never_dispatched = execution.phase is Phase.PENDING and execution.recover_until is None
+        log.info(
+            "%s: %s cancelled by %s", self._owner.name, execution.execution_id, request.requested_by
+        )
+        self._owner.runs.finish(
+            execution,
+            ExecutionStatus.CANCELLED,
+            result_delivery=delivery,
+            error=user_cancel(request.requested_by),
+            cancel=not never_dispatched,
+            cancel_reason="user",
+            cancelled_by=request.requested_by,
+        )
+
+    def _cancel_expired(self, execution_id: str, wanted: WantedCancel) -> None:
+        if self.cancels.get(execution_id) is not wanted:
+            return
+        del self.cancels[execution_id]
+        if wanted.delivery is not None:
+            self._owner.spawn(wanted.delivery.ack())

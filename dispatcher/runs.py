@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from broker.errors import BrokerError
 from dispatcher.admission import Execution, Phase
@@ -41,9 +41,14 @@ class Runs:
 
     def deduplicate(self, execution: Execution, holder: str) -> None:
         self.remember(execution.execution_id)
-        self._owner.spawn(self._settle_duplicate(execution, holder))
+        # A cancel asked for before it got here: it never runs either way.
+        wanted = self._owner.results.take_cancel(execution.execution_id)
+        request = wanted.delivery if wanted is not None else None
+        self._owner.spawn(self._settle_duplicate(execution, holder, request))
 
-    async def _settle_duplicate(self, execution: Execution, holder: str) -> None:
+    async def _settle_duplicate(
+        self, execution: Execution, holder: str, request: Delivery | None
+    ) -> None:
         await self._owner.links.notifier.event(
             ExecutionStatus.DEDUPLICATED,
             execution.envelope,
@@ -51,8 +56,23 @@ class Runs:
             with_submission=True,
         )
         await execution.submission.ack()
+        if request is not None:
+            await request.ack()
 
     def admit(self, execution: Execution) -> None:
+        wanted = self._owner.results.take_cancel(execution.execution_id)
+        if wanted is not None:
+            # Cancelled while it waited in the broker: it ends here, at the head of
+            # its queue, without running (its slot is free again for the next one).
+            self.finish(
+                execution,
+                ExecutionStatus.CANCELLED,
+                result_delivery=wanted.delivery,
+                error=user_cancel(wanted.request.requested_by),
+                cancelled_by=wanted.request.requested_by,
+                pump=False,
+            )
+            return
         envelope = execution.envelope
         execution.dispatch_id = uuid.uuid4().hex
         execution.deadline = time.time() + envelope.run_timeout_seconds
@@ -131,19 +151,38 @@ class Runs:
         result: Any = None,
         error: ErrorInfo | None = None,
         cancel: bool = False,
+        cancel_reason: Literal["timeout", "user"] = "timeout",
+        cancelled_by: str | None = None,
+        pump: bool = True,
     ) -> None:
-        """Terminal: free slot and key now, tell, then acknowledge (submission first)."""
+        """Terminal: free slot and key now, tell, then acknowledge (submission first).
+
+        ``cancel`` tells the deployment's workers to stop it; ``pump=False`` when
+        the caller is the owner's pump itself.
+        """
         if execution.timer is not None:
             execution.timer.cancel()
             execution.timer = None
+        if cancel and not execution.work_queue:
+            envelope = execution.envelope
+            execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
         self._owner.gate.finish(execution)
         self.remember(execution.execution_id)
         self._owner.spawn(
             self._settle(
-                execution, status, result_delivery, worker_id, dispatch_id, result, error, cancel
+                execution,
+                status,
+                result_delivery,
+                worker_id,
+                dispatch_id,
+                result,
+                error,
+                cancel_reason if cancel else None,
+                cancelled_by,
             )
         )
-        self._owner.pump()
+        if pump:
+            self._owner.pump()
 
     async def _settle(
         self,
@@ -154,13 +193,14 @@ class Runs:
         dispatch_id: str | None,
         result: Any,
         error: ErrorInfo | None,
-        cancel: bool,
+        cancel: Literal["timeout", "user"] | None,
+        cancelled_by: str | None,
     ) -> None:
         notifier = self._owner.links.notifier
         if execution.announced is not None:
             await execution.announced.wait()
-        if cancel and execution.work_queue:
-            await notifier.cancel(execution.execution_id, execution.work_queue, "timeout")
+        if cancel is not None and execution.work_queue:
+            await notifier.cancel(execution.execution_id, execution.work_queue, cancel)
         await notifier.event(
             status,
             execution.envelope,
@@ -168,6 +208,7 @@ class Runs:
             worker_id=worker_id,
             result=result,
             error=error,
+            cancelled_by=cancelled_by,
         )
         # Submission first: a crash after it leaves at worst an orphan marker, which
         # the next owner drops; the other way round it would dispatch again.
@@ -184,3 +225,7 @@ class Runs:
 
     def is_recent(self, execution_id: str) -> bool:
         return execution_id in self._recent
+
+
+def user_cancel(requested_by: str) -> ErrorInfo:
+    return ErrorInfo(type="cancelled", message=f"cancelled on request of {requested_by}")

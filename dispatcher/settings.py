@@ -42,6 +42,20 @@ class Settings(BaseSettings):
         description="How long a dispatched marker without its submission is kept (and "
         "counted against the limit) before it is dropped",
     )
+    dispatcher_cancel_queued_wait_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="How long a cancel request for an execution still queued in the broker "
+        "waits for its submission to reach the head of the queue (then it ends cancelled "
+        "without running); after that the request is dropped",
+    )
+    dispatcher_cancel_unknown_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a cancel request for an execution this dispatcher does not "
+        "know, and that was past queued when it was asked, waits for its submission (a "
+        "takeover in progress) before it is dropped",
+    )
     dispatcher_drain_timeout_seconds: float = Field(
         default=30.0, ge=0, description="SIGTERM: how long in-flight executions may take"
     )

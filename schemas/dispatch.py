@@ -5,6 +5,8 @@
     owner  ──its marker (the WorkMessage, BCC)───► polos.results.<project>.<queue>
     owner  ──CancelMessage──► polos.cancel (routing key = work queue) ──► workers
     owner  ──LifecycleEvent─► polos.events (topic) ──► anyone (recorder, tests, metrics)
+    gateway ──LifecycleEvent(queued)─► polos.events, once a submission is confirmed
+    gateway ──CancelRequest──► polos.results.<project>.<queue> ──► owner (a user's cancel)
 
 ``dispatch_id`` identifies one hand-over of an execution to the workers; a
 re-dispatch after a takeover gets a new one.
@@ -142,20 +144,37 @@ def decode_result(raw: bytes) -> ResultMessage:
     return RESULT_MESSAGE.validate_json(raw)
 
 
+class CancelRequest(_Message):
+    """A user asked to cancel an execution (``POST /api/v1/executions/{id}/cancel``).
+
+    The gateway publishes it to the results queue of the execution's submission
+    queue: the owner's inbox, durable, so an owner that takes over finds it.
+    ``seen_status`` is the status the gateway read from the execution store; an
+    owner that has not seen the execution uses it to tell "still queued in the
+    broker" (wait for it) from "long finished" (drop the request).
+    """
+
+    type: Literal["cancel_request"] = "cancel_request"
+    execution_id: str
+    requested_by: str = Field(description="The API key id of the caller")
+    at: str
+    seen_status: ExecutionStatus | None = None
+
+
 # The owner's marker is the work message itself: one publish to the work queue
 # with the results queue in ``BCC``, so the broker stores marker and work
 # together or neither (two publishes can be split by a crash, leaving a marker
 # without work: an execution that would hang until its deadline). ``Dispatched``
 # is still read, as a marker without the work.
 ResultsQueueMessage = Annotated[
-    Dispatched | Running | Completed | Failed | Cancelled | WorkMessage,
+    Dispatched | Running | Completed | Failed | Cancelled | WorkMessage | CancelRequest,
     Field(discriminator="type"),
 ]
 RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQueueMessage)
 
 
 def decode_results_queue(raw: bytes) -> ResultsQueueMessage:
-    """What the owner reads from a results queue: results and its markers."""
+    """What the owner reads from a results queue: results, its markers, cancel requests."""
     return RESULTS_QUEUE_MESSAGE.validate_json(raw)
 
 
@@ -175,8 +194,10 @@ class CancelMessage(_Message):
 class LifecycleEvent(_Message):
     """One transition of one execution, published on ``polos.events``.
 
-    ``submission`` is carried on the first event of an execution (``admitted``
-    or ``deduplicated``) so followers can build a full record without asking.
+    ``submission`` is carried on the first events of an execution (the
+    gateway's ``queued``, the owner's ``admitted`` or ``deduplicated``) so
+    followers can build a full record without asking. ``cancelled_by`` is the
+    key id of whoever asked for a ``cancelled`` execution to stop.
     """
 
     type: Literal["lifecycle"] = "lifecycle"
@@ -194,6 +215,36 @@ class LifecycleEvent(_Message):
     result: Any = None
     error: ErrorInfo | None = None
     submission: SubmissionEnvelope | None = None
+    cancelled_by: str | None = None
+
+
+def encode_queued_event(
+    *,
+    execution_id: str,
+    created_at: str,
+    project_id: str,
+    workflow_id: str,
+    deployment_id: str,
+    queue_name: str,
+    concurrency_key: str | None,
+    submission_raw: bytes,
+) -> bytes:
+    """The ``queued`` LifecycleEvent of a confirmed submission, without building a model
+    (the gateway's hot path): the envelope is embedded as it was published."""
+    return orjson.dumps(
+        {
+            "type": "lifecycle",
+            "status": "queued",
+            "execution_id": execution_id,
+            "project_id": project_id,
+            "workflow_id": workflow_id,
+            "deployment_id": deployment_id,
+            "queue_name": queue_name,
+            "concurrency_key": concurrency_key,
+            "at": created_at,
+            "submission": orjson.Fragment(submission_raw),
+        }
+    )
 
 
 def encode(message: _Message) -> bytes:

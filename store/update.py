@@ -6,7 +6,7 @@ The monotonic rule. Each status has a rank: queued 0 < admitted 1 < running 2
 and not older (``at``, RFC 3339 text of one format, compares as text). Then:
 
 - a winning event sets the status and its outcome fields (result, error,
-  completed_at, cancelled_at, duplicate_of, worker_id);
+  completed_at, cancelled_at, cancelled_by, duplicate_of, worker_id);
 - every event, winning or not, fills the facts it carries that the record
   lacks (the submission's fields, worker_id): a late ``admitted`` still
   contributes the payload to a record already ``completed``;
@@ -144,6 +144,8 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields]:
             win.append(("duplicate_of", _json(event.duplicate_of)))
         if status == "cancelled":
             win.append(("cancelled_at", at))
+            if event.cancelled_by is not None:
+                win.append(("cancelled_by", _json(event.cancelled_by)))
     return fill, earliest, win
 
 
