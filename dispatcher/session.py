@@ -277,9 +277,12 @@ class Session:
         """Whether no owned queue has ready messages (burst mode's last check)."""
         if self.probe is None:
             return False
-        for name in names if names is not None else (o.name for o in self.owners.values()):
-            if await self.probe.ready_count(name):
-                return False
+        try:
+            for name in names if names is not None else (o.name for o in self.owners.values()):
+                if await self.probe.ready_count(name):
+                    return False
+        except BrokerUnavailable:
+            return False  # the session is broken: the next one looks again
         return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
