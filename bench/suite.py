@@ -14,6 +14,7 @@ To add a system (issue 5: FastAPI + Celery, end to end, memory), write an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -378,10 +379,16 @@ async def _profile(run: Run, server: ServerProcess) -> None:
     py_spy = _find_py_spy()
     out = run.config.results_dir / f"{run.run_id}-gateway-profile.txt"
     seconds = run.config.warmup_s + run.config.duration_s + 1
-    async with record_profile(py_spy, server.pid, out, seconds=seconds):
-        m = await _gateway_phase(
-            run, [server], key="gateway-1-profiled", system="gateway, 1 process, under py-spy"
-        )
+    # Wait for quiet before py-spy starts counting its seconds, not inside them.
+    await _quiet(run.config)
+    config, run.config = run.config, dataclasses.replace(run.config, wait_quiet_s=0.0)
+    try:
+        async with record_profile(py_spy, server.pid, out, seconds=seconds):
+            m = await _gateway_phase(
+                run, [server], key="gateway-1-profiled", system="gateway, 1 process, under py-spy"
+            )
+    finally:
+        run.config = config
     m.extra["profile"] = str(out)
     run.artifacts["profile"] = str(out)
 
