@@ -10,14 +10,25 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import handlers
+from gateway import executions, handlers
 from gateway.auth import KeyStore
 from gateway.bodies import BodyReads
-from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.context import (
+    APP_BODY_READS,
+    APP_KEYS,
+    APP_LINK,
+    APP_OPENAPI,
+    APP_REDIS,
+    APP_SETTINGS,
+    APP_STORE,
+    APP_WATCH,
+)
 from gateway.errors import error_middleware
 from gateway.link import BrokerLink
 from gateway.openapi import openapi_json
 from gateway.settings import Settings
+from gateway.watch import Watch
+from store import ExecutionStore, open_redis
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +62,24 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await link.close()
 
 
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The client connects on first use: Redis down delays nothing here, and only
+    # the status endpoints answer 503 while it is.
+    yield
+    await app[APP_WATCH].close()
+    await app[APP_REDIS].aclose()
+
+
 async def _abandon_incomplete_bodies(app: web.Application) -> None:
     # on_shutdown runs once aiohttp has stopped reading the connections.
     abandoned = app[APP_BODY_READS].abandon_incomplete()
     if abandoned:
         log.info("shutting down: closed %d connections whose body was still arriving", abandoned)
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    # Streams never end by themselves; shutdown would wait for them until its timeout.
+    app[APP_WATCH].end_all()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -65,10 +89,23 @@ def create_app(settings: Settings) -> web.Application:
     app[APP_LINK] = BrokerLink(settings)
     app[APP_OPENAPI] = openapi_json()
     app[APP_BODY_READS] = BodyReads()
+    redis_client = open_redis(
+        settings.redis_url.get_secret_value(), timeout_seconds=settings.redis_timeout_seconds
+    )
+    app[APP_REDIS] = redis_client
+    app[APP_STORE] = ExecutionStore(redis_client, key_prefix=settings.redis_key_prefix)
+    app[APP_WATCH] = Watch()
     app.on_shutdown.append(_abandon_incomplete_bodies)
+    app.on_shutdown.append(_end_event_streams)
     app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_broker_ctx)
+    app.cleanup_ctx.append(_store_ctx)
     app.router.add_post("/api/v1/workflows/{workflow_id}/run", handlers.submit_workflow)
+    app.router.add_post("/api/v1/workflows/batch_run", handlers.batch_run)
+    app.router.add_get("/api/v1/workflows/{workflow_id}/runs", executions.workflow_runs)
+    app.router.add_get("/api/v1/executions/{execution_id}", executions.get_execution)
+    app.router.add_post("/api/v1/executions/{execution_id}/cancel", executions.cancel_execution)
+    app.router.add_get("/api/v1/executions/{execution_id}/events", executions.execution_events)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/openapi.json", handlers.openapi)

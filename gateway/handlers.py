@@ -1,10 +1,9 @@
-"""HTTP handlers: submit, health, readiness, the API description."""
+"""HTTP handlers: submit (single and batch), health, readiness, the API description."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from typing import Any
 
@@ -12,15 +11,13 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from broker.errors import BrokerUnavailable, ConfirmTimeout, PublishRejected, Unroutable
+from gateway import submission
 from gateway.auth import api_key_from
 from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import ApiError
-from schemas.api import QUEUE_NAME_PATTERN, SubmitWorkflowRequest
-from schemas.envelope import encode_submission
-from schemas.ids import new_execution_id
+from gateway.settings import Settings
+from schemas.api import BatchRunRequest, SubmitWorkflowRequest
 
-_QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
 _JSON = "application/json"
 
 log = logging.getLogger(__name__)
@@ -49,8 +46,16 @@ def _validation_details(exc: ValidationError) -> tuple[str, str, list[dict[str, 
     return "VALIDATION_ERROR", f"Invalid request field(s): {fields}.", details
 
 
-def _unavailable(message: str, retry_after: int) -> ApiError:
-    return ApiError(503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)})
+async def _read_json(request: web.Request, settings: Settings) -> bytes:
+    if request.content_type != _JSON:
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise _too_large(settings.max_body_bytes)
+    try:
+        return await request.app[APP_BODY_READS].read(request)
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(settings.max_body_bytes) from None
 
 
 async def submit_workflow(request: web.Request) -> web.Response:
@@ -60,129 +65,134 @@ async def submit_workflow(request: web.Request) -> web.Response:
     project_id = principal.project_id
     workflow_id = request.match_info["workflow_id"]
 
-    if request.content_type != _JSON:
-        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
-    length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        raise _too_large(settings.max_body_bytes)
-    try:
-        raw = await app[APP_BODY_READS].read(request)
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(settings.max_body_bytes) from None
+    raw = await _read_json(request, settings)
     try:
         body = SubmitWorkflowRequest.model_validate_json(raw)
     except ValidationError as exc:
         error_type, message, details = _validation_details(exc)
         raise ApiError(400, error_type, message, details) from None
-
-    run_timeout = body.run_timeout_seconds or settings.default_run_timeout_seconds
-    if run_timeout > settings.max_run_timeout_seconds:
-        raise ApiError(
-            400,
-            "VALIDATION_ERROR",
-            "Invalid request field(s): run_timeout_seconds.",
-            [
-                {
-                    "field": "run_timeout_seconds",
-                    "message": f"must be at most {settings.max_run_timeout_seconds}",
-                }
-            ],
-        )
-    queue_name = body.queue_name or workflow_id
-    if body.queue_name is None and not _QUEUE_NAME_RE.match(queue_name):
-        raise ApiError(
-            400,
-            "VALIDATION_ERROR",
-            "Invalid request field(s): queue_name.",
-            [
-                {
-                    "field": "queue_name",
-                    "message": "the workflow id is not a valid queue name; set queue_name",
-                }
-            ],
-        )
+    problems, run_timeout, queue_name = submission.check(settings, workflow_id, body)
+    if problems:
+        raise submission.invalid(problems)
 
     link = app[APP_LINK]
-    if not link.registry_replayed:
-        # Deployments are not known yet (the broker was unreachable since the
-        # start): "not found" would be a lie the client does not retry.
-        raise _unavailable(
-            "The gateway has not read the deployment registry yet.", settings.retry_after_seconds
-        )
-    deployment = link.state.resolve(project_id, body.deployment_id)
-    if deployment is None:
-        if body.deployment_id is None:
-            raise ApiError(
-                404, "DEPLOYMENT_NOT_FOUND", f"Project {project_id!r} has no registered deployment."
-            )
-        raise ApiError(404, "DEPLOYMENT_NOT_FOUND", f"Deployment {body.deployment_id!r} not found.")
-    if workflow_id not in deployment.workflows:
-        raise ApiError(
-            404,
-            "WORKFLOW_NOT_FOUND",
-            f"Workflow {workflow_id!r} is not registered in deployment "
-            f"{deployment.deployment_id!r}.",
-        )
-
-    queues, publisher = link.queues, link.publisher
-    if queues is None or publisher is None or not publisher.available:
-        raise _unavailable("The message broker is unavailable.", settings.retry_after_seconds)
-
-    execution_id, created_at = new_execution_id()
-    envelope = encode_submission(
-        execution_id=execution_id,
-        created_at=created_at,
+    submission.require_registry(link, settings)
+    deployment = submission.resolve(link, project_id, body.deployment_id, workflow_id)
+    submission.require_broker(link, settings)
+    stamped = submission.stamp(
         project_id=project_id,
         workflow_id=workflow_id,
         deployment_id=deployment.deployment_id,
         queue_name=queue_name,
-        queue_concurrency_limit=body.queue_concurrency_limit,
-        concurrency_key=body.concurrency_key,
-        run_timeout_seconds=run_timeout,
-        payload=body.payload,
-        initial_state=body.initial_state,
-        session_id=body.session_id or str(uuid.uuid4()),
-        user_id=body.user_id,
-        otel_traceparent=body.otel_traceparent,
-        parent_execution_id=body.parent_execution_id,
-        root_execution_id=body.root_execution_id,
-        step_key=body.step_key,
-        wait_for_subworkflow=bool(body.wait_for_subworkflow),
+        run_timeout=run_timeout,
+        body=body,
         submitted_by=principal.key_id,
     )
+    await submission.publish(link, settings, stamped)
+    if settings.publish_queued_events:
+        submission.announce(link, stamped)
+    return _json({"execution_id": stamped.execution_id, "created_at": stamped.created_at})
+
+
+async def batch_run(request: web.Request) -> web.Response:
+    """Every workflow of the batch, or (on any invalid item) none of them."""
+    app = request.app
+    settings = app[APP_SETTINGS]
+    principal = app[APP_KEYS].authorize(_api_key(request), request.headers.get("X-Project-ID"))
+    project_id = principal.project_id
+
+    raw = await _read_json(request, settings)
     try:
-        # One deadline for everything this request asks of the broker: a broker
-        # that stopped answering must not hold a first-use queue declaration (which
-        # has no timeout of its own) or a registry append beyond it.
-        async with asyncio.timeout(settings.confirm_timeout_seconds):
-            routing_key = await queues.ensure(project_id, queue_name, body.queue_concurrency_limit)
-            try:
-                await publisher.publish(routing_key, envelope, message_id=execution_id)
-            except Unroutable:
-                # Deleted behind our back: declare again and retry once.
-                queues.forget(routing_key)
-                routing_key = await queues.ensure(project_id, queue_name, None)
-                await publisher.publish(routing_key, envelope, message_id=execution_id)
-    except (TimeoutError, ConfirmTimeout):
-        raise _unavailable(
-            "The message broker did not confirm the submission in time.",
-            settings.retry_after_seconds,
-        ) from None
-    except PublishRejected:
-        raise ApiError(
-            429,
-            "QUEUE_FULL",
-            f"Queue {queue_name!r} is at its maximum length; retry later.",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        ) from None
-    except (BrokerUnavailable, Unroutable) as exc:
-        # The cause names broker internals (connection reprs, queue names): it is
-        # for the operator's log, not for the client.
-        log.warning("submission to %s/%s not accepted: %s", project_id, queue_name, exc)
-        raise _unavailable(
-            "The message broker is unavailable.", settings.retry_after_seconds
-        ) from None
-    return _json({"execution_id": execution_id, "created_at": created_at})
+        batch = BatchRunRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        error_type, message, details = _validation_details(exc)
+        raise ApiError(400, error_type, message, details) from None
+    items = batch.workflows
+    if len(items) > settings.max_batch_items:
+        raise submission.invalid(
+            [{"field": "workflows", "message": f"at most {settings.max_batch_items} items"}]
+        )
+    problems: list[dict[str, str]] = []
+    checked: list[tuple[int, str]] = []
+    for index, item in enumerate(items):
+        item_problems, run_timeout, queue_name = submission.check(
+            settings, item.workflow_id, item, f"workflows.{index}."
+        )
+        problems += item_problems
+        checked.append((run_timeout, queue_name))
+    if problems:
+        raise submission.invalid(problems)
+
+    link = app[APP_LINK]
+    submission.require_registry(link, settings)
+    deployments = [
+        submission.resolve(
+            link,
+            project_id,
+            item.deployment_id or batch.deployment_id,
+            item.workflow_id,
+            f"workflows.{index}.",
+        )
+        for index, item in enumerate(items)
+    ]
+    submission.require_broker(link, settings)
+    # One session for the whole batch unless it names one (as Polos does per submit).
+    session_id = batch.session_id or str(uuid.uuid4())
+    stamped = [
+        submission.stamp(
+            project_id=project_id,
+            workflow_id=item.workflow_id,
+            deployment_id=deployment.deployment_id,
+            queue_name=queue_name,
+            run_timeout=run_timeout,
+            body=item,
+            submitted_by=principal.key_id,
+            session_id=session_id,
+            defaults=batch,
+        )
+        for item, deployment, (run_timeout, queue_name) in zip(
+            items, deployments, checked, strict=True
+        )
+    ]
+    # Every confirm in flight at once.
+    outcomes = await asyncio.gather(
+        *(submission.publish(link, settings, s) for s in stamped), return_exceptions=True
+    )
+    accepted = [s for s, outcome in zip(stamped, outcomes, strict=True) if outcome is None]
+    if settings.publish_queued_events:
+        for s in accepted:
+            submission.announce(link, s)
+    if len(accepted) < len(stamped):
+        raise _partial_failure(stamped, outcomes, settings)
+    executions = [{"execution_id": s.execution_id, "created_at": s.created_at} for s in stamped]
+    return _json({"executions": executions})
+
+
+def _partial_failure(
+    stamped: list[submission.Stamped], outcomes: list[BaseException | None], settings: Settings
+) -> ApiError:
+    """Some confirms failed: the error names each item, and which ones are accepted anyway."""
+    for outcome in outcomes:
+        if outcome is not None and not isinstance(outcome, ApiError):
+            raise outcome  # a bug, not the broker: the middleware answers 500
+    errors = [o for o in outcomes if isinstance(o, ApiError)]
+    status = 429 if any(e.status == 429 for e in errors) else 503
+    details = []
+    for index, (s, outcome) in enumerate(zip(stamped, outcomes, strict=True)):
+        if isinstance(outcome, ApiError):
+            details.append({"field": f"workflows.{index}", "message": outcome.message})
+        else:
+            details.append(
+                {"field": f"workflows.{index}", "message": f"accepted as {s.execution_id}"}
+            )
+    return ApiError(
+        status,
+        "BATCH_INCOMPLETE",
+        f"{len(errors)} of {len(stamped)} workflows were not accepted; the others were and "
+        "will run (see details). Retrying the whole batch runs those again.",
+        details,
+        headers={"Retry-After": str(settings.retry_after_seconds)},
+    )
 
 
 def _api_key(request: web.Request) -> str | None:

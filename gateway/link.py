@@ -18,7 +18,8 @@ from yarl import URL
 from broker.connection import connect_robust
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
-from broker.topology import declare_dead_letters
+from broker.topology import declare_dead_letters, declare_dispatch_exchanges
+from gateway.announcer import Announcer
 from gateway.queues import QueueDirectory
 from gateway.settings import Settings
 
@@ -35,6 +36,7 @@ class BrokerLink:
         self.publisher: ConfirmedPublisher | None = None
         self.follower: RegistryFollower | None = None
         self.queues: QueueDirectory | None = None
+        self.events = Announcer()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -61,6 +63,7 @@ class BrokerLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.events.close()
         # Only the connection is closed: that closes its channels too. Closing each
         # channel first waits for the broker's Close-Ok, without end when the
         # broker stopped answering (a partition that keeps the TCP connection
@@ -87,6 +90,10 @@ class BrokerLink:
                 await publisher.start()
                 async with connection.channel() as channel:
                     await declare_dead_letters(channel)
+                    # Queued events need the events exchange before any dispatcher ran.
+                    await declare_dispatch_exchanges(channel)
+                if settings.publish_queued_events:
+                    await self.events.start(connection)
                 writer = RegistryWriter(publisher)
                 follower = RegistryFollower(connection, writer, self.state)
                 await follower.start()

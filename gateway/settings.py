@@ -32,6 +32,34 @@ class Settings(BaseSettings):
     publish_channels: int = Field(default=2, ge=1, le=64)
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
     reconnect_interval_seconds: float = Field(default=1.0, gt=0)
+    # -- the execution API (status, cancel, live events, batch) --------------------------
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="The execution store the status endpoints read",
+    )
+    redis_key_prefix: str = "polos:"
+    redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    publish_queued_events: bool = Field(
+        default=True,
+        description="Publish a queued lifecycle event once a submission is confirmed, so its "
+        "record exists from then on (not awaited; never fails a submission)",
+    )
+    record_wait_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="A status read of an execution minted moments ago that is not recorded "
+        "yet looks again for this long before answering 404",
+    )
+    max_batch_items: int = Field(default=1000, ge=1, description="Workflows per batch_run")
+    cancel_wait_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a cancel waits for the record to say cancelled before it "
+        "answers 202 with the status it has",
+    )
+    sse_keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="Comment lines on an idle event stream"
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Settings:

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.dispatch import ExecutionStatus
+
 INT32_MAX = 2**31 - 1
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 DEFAULT_RUN_TIMEOUT_SECONDS = 3600
@@ -58,3 +60,52 @@ class ErrorBody(BaseModel):
     error: str
     error_type: str
     details: list[ErrorDetail] = Field(default_factory=list)
+
+
+# -- batch submit (``POST /api/v1/workflows/batch_run``) ------------------------------
+
+
+class BatchWorkflowItem(SubmitWorkflowRequest):
+    """One workflow of a batch: a single submit's fields, plus which workflow.
+
+    Fields left out take the batch's value (``deployment_id``, ``session_id``,
+    ``user_id``, ``otel_traceparent``, ``parent_execution_id``,
+    ``root_execution_id``, ``step_key``, ``wait_for_subworkflow``).
+    """
+
+    workflow_id: str = Field(min_length=1, max_length=255)
+
+
+class BatchRunRequest(BaseModel):
+    """The Polos batch submit: several workflows, validated and accepted as a whole."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    workflows: list[BatchWorkflowItem]
+    deployment_id: str | None = Field(default=None, min_length=1, max_length=255)
+    session_id: str | None = Field(default=None, max_length=255)
+    user_id: str | None = Field(default=None, max_length=255)
+    otel_traceparent: str | None = Field(default=None, max_length=512)
+    parent_execution_id: str | None = Field(default=None, max_length=255)
+    root_execution_id: str | None = Field(default=None, max_length=255)
+    step_key: str | None = Field(default=None, max_length=512)
+    wait_for_subworkflow: bool | None = None
+
+
+class BatchRunResponse(BaseModel):
+    """One entry per requested workflow, in request order."""
+
+    executions: list[SubmitWorkflowResponse]
+
+
+class CancelExecutionResponse(BaseModel):
+    """``POST /api/v1/executions/{execution_id}/cancel``.
+
+    200: ``status`` is ``cancelled``. 202: the request is with the execution's
+    dispatcher, ``status`` is what the execution is now (``cancelled_at`` null);
+    poll the execution for the outcome.
+    """
+
+    execution_id: str
+    status: ExecutionStatus
+    cancelled_at: str | None = None

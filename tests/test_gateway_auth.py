@@ -179,7 +179,7 @@ async def test_another_projects_deployment_is_not_found(gateway: Client, world: 
     ("method", "path", "status"),
     [
         ("GET", "/no/such/route", 404),
-        ("POST", "/api/v1/workflows/hello/runs", 404),
+        ("POST", "/api/v1/workflows/hello/start", 404),
         ("POST", "/api/v1/workflows/hello/run/", 404),
         ("GET", RUN, 405),
         ("DELETE", RUN, 405),

@@ -1,0 +1,186 @@
+"""Lifecycle events the gateway publishes without waiting: the ``queued`` event.
+
+A submission's record must exist from the moment it is accepted (a client
+polls ``GET /api/v1/executions/{id}`` right after the 200), yet nothing but the
+submission's own confirm may stand between the client and its answer. So the
+event goes out on a channel without publisher confirms, from one flush task
+that takes everything handlers queued since its last round: a handler only
+appends to a list. If the broker is away, the round fails and is dropped
+(logged): the record then appears with the dispatcher's first event.
+
+Bounded: at most ``MAX_PENDING`` events wait for a flush; more are dropped
+(counted in ``dropped``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import cast
+
+import aiormq
+import pamqp.frame
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq import spec
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+from broker.publisher import PERSISTENT
+from schemas.topology import EVENTS_EXCHANGE
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 10_000
+
+
+class Announcer:
+    def __init__(self) -> None:
+        self._channel: AbstractChannel | None = None
+        self._pending: list[tuple[str, bytes, str]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.dropped = 0
+
+    async def start(self, connection: AbstractConnection) -> None:
+        self._channel = await connection.channel(publisher_confirms=False)
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Let what is pending go out before the connection closes (for a moment)."""
+        task = self._task
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(task, return_exceptions=True)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def send(self, routing_key: str, body: bytes, message_id: str) -> None:
+        """Queue one event for the next flush; never raises, never waits."""
+        if self._channel is None or len(self._pending) >= MAX_PENDING:
+            self._drop(1, "not connected" if self._channel is None else "too many pending")
+            return
+        self._pending.append((routing_key, body, message_id))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush(), name="announce")
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    self.sent += await self._send(batch)
+                except Exception as exc:
+                    self._drop(len(batch), repr(exc))
+        finally:
+            self._task = None
+
+    async def _send(self, batch: list[tuple[str, bytes, str]]) -> int:
+        """Write ``batch``; how many were written."""
+        assert self._channel is not None
+        if self._channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        if not all(hasattr(underlay, name) for name in ("lock", "write_queue", "max_content_size")):
+            for routing_key, body, message_id in batch:  # an aiormq we do not know
+                await underlay.basic_publish(
+                    body,
+                    exchange=EVENTS_EXCHANGE,
+                    routing_key=routing_key,
+                    properties=_properties(message_id),
+                    wait=False,
+                )
+            return len(batch)
+        # The whole round as one write: marshalled here, handed to aiormq's writer
+        # as one frame (as ``basic_publish`` does per message, at several times
+        # the cost; without confirms there is no delivery tag to register).
+        number = underlay.number
+        size = underlay.max_content_size
+        parts = []
+        for routing_key, body, message_id in batch:
+            try:
+                parts.append(publish_frames(number, routing_key, body, message_id, size))
+            except (TypeError, ValueError) as exc:  # a routing key over 255 bytes
+                self._drop(1, repr(exc))
+        payload = b"".join(parts)
+        async with underlay.lock:
+            await underlay.write_queue.put(ChannelFrame(payload, should_close=False))
+        return len(parts)
+
+    def _drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        # The first time, then once per thousand: a broker away must not flood the log.
+        if self.dropped == count or (self.dropped - count) // 1000 != self.dropped // 1000:
+            log.warning(
+                "%d queued event(s) not published (%s); %d so far", count, why, self.dropped
+            )
+
+
+# -- frames ---------------------------------------------------------------------------
+#
+# pamqp spends about 15 µs marshalling a Basic.Publish and its content header
+# (it validates every field); these two frames are simple enough to lay out
+# here, for a few hundred nanoseconds. ``tests/test_execution_announcer.py``
+# checks them byte for byte against pamqp.
+
+_FRAME_END = b"\xce"
+_PUBLISH_PREFIX = struct.pack(">HHH", 60, 40, 0) + bytes([len(EVENTS_EXCHANGE)])
+_PUBLISH_PREFIX += EVENTS_EXCHANGE.encode()
+_CONTENT_TYPE = b"application/json"
+# content-type, delivery-mode and message-id present (AMQP 0-9-1 property flags).
+_PROPERTY_FLAGS = 0x8000 | 0x1000 | 0x0080
+
+
+def publish_frames(
+    channel: int, routing_key: str, body: bytes, message_id: str, max_content_size: int
+) -> bytes:
+    """Basic.Publish to ``polos.events``, its content header and body frames, marshalled."""
+    key = routing_key.encode()
+    mid = message_id.encode()
+    if len(key) > 255 or len(mid) > 255:
+        return _pamqp_frames(channel, routing_key, body, message_id, max_content_size)
+    method = b"".join((_PUBLISH_PREFIX, bytes([len(key)]), key, b"\x00"))
+    header = b"".join(
+        (
+            struct.pack(">HHQH", 60, 0, len(body), _PROPERTY_FLAGS),
+            bytes([len(_CONTENT_TYPE)]),
+            _CONTENT_TYPE,
+            bytes([PERSISTENT, len(mid)]),
+            mid,
+        )
+    )
+    parts = [
+        struct.pack(">BHI", 1, channel, len(method)),
+        method,
+        _FRAME_END,
+        struct.pack(">BHI", 2, channel, len(header)),
+        header,
+        _FRAME_END,
+    ]
+    for start in range(0, len(body), max_content_size):
+        chunk = body[start : start + max_content_size]
+        parts += (struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END)
+    return b"".join(parts)
+
+
+def _pamqp_frames(
+    channel: int, routing_key: str, body: bytes, message_id: str, max_content_size: int
+) -> bytes:
+    marshal = pamqp.frame.marshal
+    method = spec.Basic.Publish(exchange=EVENTS_EXCHANGE, routing_key=routing_key)
+    parts = [
+        marshal(method, channel),
+        marshal(ContentHeader(0, len(body), _properties(message_id)), channel),
+    ]
+    for start in range(0, len(body), max_content_size):
+        parts.append(marshal(ContentBody(body[start : start + max_content_size]), channel))
+    return b"".join(parts)
+
+
+def _properties(message_id: str) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type="application/json", delivery_mode=PERSISTENT, message_id=message_id
+    )

@@ -1,0 +1,264 @@
+"""One submission, from a validated request to a confirmed message: what single and
+batch submits share.
+
+    check (the rules pydantic cannot state) ─► resolve (deployment, workflow)
+      ─► stamp (UUIDv7, defaults, the envelope) ─► publish with confirm
+      ─► announce (the ``queued`` event: not awaited, never fails the submission)
+
+Every step raises ``ApiError`` with the answer the client gets. ``field`` is
+where the step's input sits in the request body (``""`` for a single submit,
+``"workflows.3."`` for an item of a batch), so every error names its field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import BrokerUnavailable, ConfirmTimeout, PublishRejected, Unroutable
+from broker.registry import Deployment
+from gateway.errors import ApiError
+from gateway.link import BrokerLink
+from gateway.settings import Settings
+from schemas.api import QUEUE_NAME_PATTERN, BatchRunRequest, SubmitWorkflowRequest
+from schemas.dispatch import encode_queued_event
+from schemas.envelope import encode_submission
+from schemas.ids import new_execution_id
+from schemas.topology import event_routing_key
+
+_QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
+
+log = logging.getLogger(__name__)
+
+Detail = dict[str, str]
+
+
+@dataclass(slots=True)
+class Stamped:
+    """A submission ready to publish: its id, its queue and its envelope."""
+
+    execution_id: str
+    created_at: str
+    project_id: str
+    workflow_id: str
+    deployment_id: str
+    queue_name: str
+    limit: int | None
+    concurrency_key: str | None
+    envelope: bytes
+
+
+def unavailable(message: str, retry_after: int) -> ApiError:
+    return ApiError(503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)})
+
+
+def check(
+    settings: Settings, workflow_id: str, body: SubmitWorkflowRequest, field: str = ""
+) -> tuple[list[Detail], int, str]:
+    """(problems, run timeout, queue name): the rules that depend on settings or the path."""
+    problems: list[Detail] = []
+    run_timeout = body.run_timeout_seconds or settings.default_run_timeout_seconds
+    if run_timeout > settings.max_run_timeout_seconds:
+        problems.append(
+            {
+                "field": f"{field}run_timeout_seconds",
+                "message": f"must be at most {settings.max_run_timeout_seconds}",
+            }
+        )
+    queue_name = body.queue_name or workflow_id
+    if body.queue_name is None and not _QUEUE_NAME_RE.match(queue_name):
+        problems.append(
+            {
+                "field": f"{field}queue_name",
+                "message": "the workflow id is not a valid queue name; set queue_name",
+            }
+        )
+    return problems, run_timeout, queue_name
+
+
+def invalid(problems: list[Detail]) -> ApiError:
+    fields = ", ".join(p["field"] for p in problems)
+    return ApiError(400, "VALIDATION_ERROR", f"Invalid request field(s): {fields}.", problems)
+
+
+def require_registry(link: BrokerLink, settings: Settings) -> None:
+    if not link.registry_replayed:
+        # Deployments are not known yet (the broker was unreachable since the
+        # start): "not found" would be a lie the client does not retry.
+        raise unavailable(
+            "The gateway has not read the deployment registry yet.", settings.retry_after_seconds
+        )
+
+
+def resolve(
+    link: BrokerLink,
+    project_id: str,
+    deployment_id: str | None,
+    workflow_id: str,
+    field: str = "",
+) -> Deployment:
+    """The deployment that runs ``workflow_id``; 404 naming what is missing."""
+    deployment = link.state.resolve(project_id, deployment_id)
+    if deployment is None:
+        details = [{"field": f"{field}deployment_id", "message": "not found"}] if field else []
+        if deployment_id is None:
+            raise ApiError(
+                404,
+                "DEPLOYMENT_NOT_FOUND",
+                f"Project {project_id!r} has no registered deployment.",
+                details,
+            )
+        raise ApiError(
+            404, "DEPLOYMENT_NOT_FOUND", f"Deployment {deployment_id!r} not found.", details
+        )
+    if workflow_id not in deployment.workflows:
+        details = [{"field": f"{field}workflow_id", "message": "not registered"}] if field else []
+        raise ApiError(
+            404,
+            "WORKFLOW_NOT_FOUND",
+            f"Workflow {workflow_id!r} is not registered in deployment "
+            f"{deployment.deployment_id!r}.",
+            details,
+        )
+    return deployment
+
+
+def require_broker(link: BrokerLink, settings: Settings) -> None:
+    publisher = link.publisher
+    if link.queues is None or publisher is None or not publisher.available:
+        raise unavailable("The message broker is unavailable.", settings.retry_after_seconds)
+
+
+def stamp(
+    *,
+    project_id: str,
+    workflow_id: str,
+    deployment_id: str,
+    queue_name: str,
+    run_timeout: int,
+    body: SubmitWorkflowRequest,
+    submitted_by: str,
+    session_id: str | None = None,
+    defaults: BatchRunRequest | None = None,
+) -> Stamped:
+    """Mint the execution id and encode the envelope.
+
+    ``defaults`` (a batch's common fields) fill what ``body`` leaves out.
+    """
+    execution_id, created_at = new_execution_id()
+    d = defaults
+    envelope = encode_submission(
+        execution_id=execution_id,
+        created_at=created_at,
+        project_id=project_id,
+        workflow_id=workflow_id,
+        deployment_id=deployment_id,
+        queue_name=queue_name,
+        queue_concurrency_limit=body.queue_concurrency_limit,
+        concurrency_key=body.concurrency_key,
+        run_timeout_seconds=run_timeout,
+        payload=body.payload,
+        initial_state=body.initial_state,
+        session_id=body.session_id or session_id or str(uuid.uuid4()),
+        user_id=_either(body.user_id, d and d.user_id),
+        otel_traceparent=_either(body.otel_traceparent, d and d.otel_traceparent),
+        parent_execution_id=_either(body.parent_execution_id, d and d.parent_execution_id),
+        root_execution_id=_either(body.root_execution_id, d and d.root_execution_id),
+        step_key=_either(body.step_key, d and d.step_key),
+        wait_for_subworkflow=bool(
+            body.wait_for_subworkflow
+            if body.wait_for_subworkflow is not None or d is None
+            else d.wait_for_subworkflow
+        ),
+        submitted_by=submitted_by,
+    )
+    return Stamped(
+        execution_id,
+        created_at,
+        project_id,
+        workflow_id,
+        deployment_id,
+        queue_name,
+        body.queue_concurrency_limit,
+        body.concurrency_key,
+        envelope,
+    )
+
+
+def _either(value: Any, default: Any) -> Any:
+    return value if value is not None else default
+
+
+async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> None:
+    """Declare the queue on first use, publish, and wait for the confirm.
+
+    Raises ``ApiError`` (503, 429); call ``require_broker`` first.
+    """
+    queues, publisher = link.queues, link.publisher
+    assert queues is not None
+    assert publisher is not None
+    project_id, queue_name = stamped.project_id, stamped.queue_name
+    try:
+        # One deadline for everything this request asks of the broker: a broker
+        # that stopped answering must not hold a first-use queue declaration (which
+        # has no timeout of its own) or a registry append beyond it.
+        async with asyncio.timeout(settings.confirm_timeout_seconds):
+            routing_key = await queues.ensure(project_id, queue_name, stamped.limit)
+            try:
+                await publisher.publish(
+                    routing_key, stamped.envelope, message_id=stamped.execution_id
+                )
+            except Unroutable:
+                # Deleted behind our back: declare again and retry once.
+                queues.forget(routing_key)
+                routing_key = await queues.ensure(project_id, queue_name, None)
+                await publisher.publish(
+                    routing_key, stamped.envelope, message_id=stamped.execution_id
+                )
+    except (TimeoutError, ConfirmTimeout):
+        raise unavailable(
+            "The message broker did not confirm the submission in time.",
+            settings.retry_after_seconds,
+        ) from None
+    except PublishRejected:
+        raise ApiError(
+            429,
+            "QUEUE_FULL",
+            f"Queue {queue_name!r} is at its maximum length; retry later.",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        ) from None
+    except (BrokerUnavailable, Unroutable) as exc:
+        # The cause names broker internals (connection reprs, queue names): it is
+        # for the operator's log, not for the client.
+        log.warning("submission to %s/%s not accepted: %s", project_id, queue_name, exc)
+        raise unavailable(
+            "The message broker is unavailable.", settings.retry_after_seconds
+        ) from None
+
+
+def announce(link: BrokerLink, stamped: Stamped) -> None:
+    """The ``queued`` event of a confirmed submission: its record exists from now on.
+
+    Not awaited and never an error for the caller: at worst the record appears
+    with the dispatcher's first event instead.
+    """
+    link.events.send(
+        event_routing_key(
+            stamped.project_id, stamped.queue_name, stamped.workflow_id, stamped.execution_id
+        ),
+        encode_queued_event(
+            execution_id=stamped.execution_id,
+            created_at=stamped.created_at,
+            project_id=stamped.project_id,
+            workflow_id=stamped.workflow_id,
+            deployment_id=stamped.deployment_id,
+            queue_name=stamped.queue_name,
+            concurrency_key=stamped.concurrency_key,
+            submission_raw=stamped.envelope,
+        ),
+        f"{stamped.execution_id}/queued",
+    )
