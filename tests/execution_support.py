@@ -146,9 +146,10 @@ async def running_system(
         redis_timeout_seconds=0.5,
         **(gateway or {}),
     )
+    queues: set[str] = set()
     try:
         async with running_gateway(settings) as client:
-            system = System(amqp_url, tenant, client, amqp, probe, events, settings)
+            system = System(amqp_url, tenant, client, amqp, probe, events, settings, queues=queues)
             if dispatcher:
                 await system.start_dispatcher()
             try:
@@ -160,7 +161,7 @@ async def running_system(
         await worker.stop(drain_timeout=0)
         await recorder.stop(timeout=1.0)
         await events.close()
-        await _delete(amqp, project, system.queues if "system" in locals() else set())
+        await _delete(amqp, project, queues)
         await _delete_keys(f"test:{project}:")
         await amqp.close()
 
