@@ -35,6 +35,17 @@ class QueueDirectory:
         self._vanished: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def known(self, project_id: str, queue_name: str, limit: int | None) -> str | None:
+        """The queue's broker name if ``ensure`` has nothing to do for it, else None."""
+        name = submit_queue(project_id, queue_name)
+        if name not in self._declared:
+            return None
+        if limit is not None:
+            config = self._state.queues.get((project_id, queue_name))
+            if config is None or config.concurrency_limit != limit:
+                return None
+        return name
+
     async def ensure(self, project_id: str, queue_name: str, limit: int | None) -> str:
         """The broker name of the queue, declared and recorded; raises BrokerError."""
         name = submit_queue(project_id, queue_name)

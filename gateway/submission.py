@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from gateway.settings import Settings
 from schemas.api import QUEUE_NAME_PATTERN, BatchRunRequest, SubmitWorkflowRequest
 from schemas.dispatch import encode_queued_event
 from schemas.envelope import encode_submission
-from schemas.ids import new_execution_id
+from schemas.ids import new_execution_id, new_session_id
 from schemas.topology import event_routing_key
 
 _QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
@@ -163,7 +162,7 @@ def stamp(
         run_timeout_seconds=run_timeout,
         payload=body.payload,
         initial_state=body.initial_state,
-        session_id=body.session_id or session_id or str(uuid.uuid4()),
+        session_id=body.session_id or session_id or new_session_id(),
         user_id=_either(body.user_id, d and d.user_id),
         otel_traceparent=_either(body.otel_traceparent, d and d.otel_traceparent),
         parent_execution_id=_either(body.parent_execution_id, d and d.parent_execution_id),
@@ -202,19 +201,22 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
     assert queues is not None
     assert publisher is not None
     project_id, queue_name = stamped.project_id, stamped.queue_name
+    deadline = settings.confirm_timeout_seconds
     try:
-        # One deadline for everything this request asks of the broker: a broker
-        # that stopped answering must not hold a first-use queue declaration (which
-        # has no timeout of its own) or a registry append beyond it.
-        async with asyncio.timeout(settings.confirm_timeout_seconds):
-            routing_key = await queues.ensure(project_id, queue_name, stamped.limit)
-            try:
-                await publisher.publish(
-                    routing_key, stamped.envelope, message_id=stamped.execution_id
-                )
-            except Unroutable:
-                # Deleted behind our back: declare again and retry once.
-                queues.forget(routing_key)
+        routing_key = queues.known(project_id, queue_name, stamped.limit)
+        if routing_key is None:
+            # First use (or a new limit): a declaration and a registry append,
+            # neither with a timeout of its own, so a broker that stopped
+            # answering must not hold them beyond the confirm deadline. The
+            # common path skips this: the publisher times out its own confirms.
+            async with asyncio.timeout(deadline):
+                routing_key = await queues.ensure(project_id, queue_name, stamped.limit)
+        try:
+            await publisher.publish(routing_key, stamped.envelope, message_id=stamped.execution_id)
+        except Unroutable:
+            # Deleted behind our back: declare again and retry once.
+            queues.forget(routing_key)
+            async with asyncio.timeout(deadline):
                 routing_key = await queues.ensure(project_id, queue_name, None)
                 await publisher.publish(
                     routing_key, stamped.envelope, message_id=stamped.execution_id
