@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from typing import cast
 
 import aiormq
-import pamqp.frame
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 
-from broker.publisher import PERSISTENT
+from broker.frames import PERSISTENT, publish_frames
 from schemas.topology import EVENTS_EXCHANGE
 
 log = logging.getLogger(__name__)
@@ -134,15 +130,15 @@ class Announcer:
     def _marshal(
         self, underlay: aiormq.Channel, batch: list[tuple[str, bytes, str]]
     ) -> tuple[bytes, int]:
-        """The whole round as one write for aiormq's writer (``basic_publish`` costs
-        several times as much per message; without confirms there is no delivery
-        tag to register)."""
+        """The whole round as one write for aiormq's writer, frames from ``broker.frames``
+        (``basic_publish`` costs several times as much per message; without confirms
+        there is no delivery tag to register)."""
         number = underlay.number
         size = underlay.max_content_size
         parts = []
         for routing_key, body, message_id in batch:
             try:
-                parts.append(publish_frames(number, routing_key, body, message_id, size))
+                parts.append(_event_frames(number, routing_key, body, message_id, size))
             except (TypeError, ValueError) as exc:  # a routing key over 255 bytes
                 self._drop(1, repr(exc))
         return b"".join(parts), len(parts)
@@ -156,65 +152,18 @@ class Announcer:
             )
 
 
-# -- frames ---------------------------------------------------------------------------
-#
-# pamqp spends about 15 µs marshalling a Basic.Publish and its content header
-# (it validates every field); these two frames are simple enough to lay out
-# here, for a few hundred nanoseconds. ``tests/test_execution_announcer.py``
-# checks them byte for byte against pamqp.
-
-_FRAME_END = b"\xce"
-_PUBLISH_PREFIX = struct.pack(">HHH", 60, 40, 0) + bytes([len(EVENTS_EXCHANGE)])
-_PUBLISH_PREFIX += EVENTS_EXCHANGE.encode()
-_CONTENT_TYPE = b"application/json"
-# content-type, delivery-mode and message-id present (AMQP 0-9-1 property flags).
-_PROPERTY_FLAGS = 0x8000 | 0x1000 | 0x0080
-
-
-def publish_frames(
+def _event_frames(
     channel: int, routing_key: str, body: bytes, message_id: str, max_content_size: int
 ) -> bytes:
-    """Basic.Publish to ``polos.events``, its content header and body frames, marshalled."""
-    key = routing_key.encode()
-    mid = message_id.encode()
-    if len(key) > 255 or len(mid) > 255:
-        return _pamqp_frames(channel, routing_key, body, message_id, max_content_size)
-    method = b"".join((_PUBLISH_PREFIX, bytes([len(key)]), key, b"\x00"))
-    header = b"".join(
-        (
-            struct.pack(">HHQH", 60, 0, len(body), _PROPERTY_FLAGS),
-            bytes([len(_CONTENT_TYPE)]),
-            _CONTENT_TYPE,
-            bytes([PERSISTENT, len(mid)]),
-            mid,
-        )
+    """One event's frames: to ``polos.events``, persistent, not mandatory."""
+    return publish_frames(
+        channel,
+        EVENTS_EXCHANGE,
+        routing_key,
+        body,
+        message_id=message_id,
+        max_content_size=max_content_size,
     )
-    parts = [
-        struct.pack(">BHI", 1, channel, len(method)),
-        method,
-        _FRAME_END,
-        struct.pack(">BHI", 2, channel, len(header)),
-        header,
-        _FRAME_END,
-    ]
-    for start in range(0, len(body), max_content_size):
-        chunk = body[start : start + max_content_size]
-        parts += (struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END)
-    return b"".join(parts)
-
-
-def _pamqp_frames(
-    channel: int, routing_key: str, body: bytes, message_id: str, max_content_size: int
-) -> bytes:
-    marshal = pamqp.frame.marshal
-    method = spec.Basic.Publish(exchange=EVENTS_EXCHANGE, routing_key=routing_key)
-    parts = [
-        marshal(method, channel),
-        marshal(ContentHeader(0, len(body), _properties(message_id)), channel),
-    ]
-    for start in range(0, len(body), max_content_size):
-        parts.append(marshal(ContentBody(body[start : start + max_content_size]), channel))
-    return b"".join(parts)
 
 
 def _properties(message_id: str) -> spec.Basic.Properties:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.announcer import _pamqp_frames, publish_frames
+from gateway.announcer import _event_frames as publish_frames
+from tests.test_broker_frames import pamqp_event_frames as _pamqp_frames
 
 
 @pytest.mark.parametrize(
