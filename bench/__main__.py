@@ -12,17 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench import cpu
+from bench.chart import write_chart
 from bench.loadgen import ENGINES
-from bench.report import (
-    machine_info,
-    markdown_table,
-    targets,
-    targets_table,
-    write_json,
-)
+from bench.phase import BenchConfig
+from bench.progress import Progress
+from bench.report import machine_info, markdown_report, write_json
 from bench.servers import broker_version
-from bench.stats import Measurement
-from bench.suite import GROUPS, SYSTEMS, BenchConfig, expand, git_revision, run_suite
+from bench.suite import GROUPS, SYSTEMS, expand, expected_phases, git_revision, run_suite
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -30,7 +26,8 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Measure the gateway beside the broker's limit; print a Markdown table.",
+        description="Measure our submission and execution paths beside the broker's limit and "
+        "the peer (FastAPI + Celery); write JSON, Markdown tables and a PNG chart.",
     )
     parser.add_argument(
         "systems",
@@ -41,14 +38,40 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
     parser.add_argument("--connections", type=int, default=64, help="HTTP connections (64)")
     parser.add_argument("--client-processes", type=int, default=2, help="load processes (2)")
-    parser.add_argument("--warmup", type=float, help="seconds before measuring (2; quick 1)")
-    parser.add_argument("--duration", type=float, help="measured seconds (15; quick 4)")
+    parser.add_argument("--warmup", type=float, help="seconds before measuring (2; quick 0.5)")
+    parser.add_argument("--duration", type=float, help="measured seconds (10; quick 2)")
     parser.add_argument("--repeat", type=int, help="bare/gateway pairs, alternating (2; quick 1)")
     parser.add_argument(
         "--open-loop",
         help="fractions of saturation for open-loop runs, comma-separated "
         "(0.25,0.5,0.8; quick 0.5; '' for none)",
     )
+    parser.add_argument(
+        "--e2e-open-loop",
+        default="0.5",
+        help="end to end: fractions of the executions/s at saturation for open-loop runs (0.5)",
+    )
+    parser.add_argument(
+        "--queued",
+        type=int,
+        help="submissions queued for the dispatcher memory check (100000; quick 5000)",
+    )
+    parser.add_argument(
+        "--scaling-queues", type=int, default=16, help="queues in the dispatcher scaling runs"
+    )
+    parser.add_argument(
+        "--celery-pool", default="prefork", help="the Celery worker's pool (prefork)"
+    )
+    parser.add_argument(
+        "--celery-concurrency", type=int, default=os.cpu_count() or 2, help="its concurrency"
+    )
+    parser.add_argument(
+        "--worker-concurrency", type=int, default=256, help="our worker's concurrency (256)"
+    )
+    parser.add_argument(
+        "--chart", type=Path, help="PNG chart (default: beside the JSON, same name)"
+    )
+    parser.add_argument("--keep-logs", type=Path, help="copy the processes' logs here")
     parser.add_argument(
         "--per-core", type=int, default=os.cpu_count() or 2, help="gateways in the per-core run"
     )
@@ -84,21 +107,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    return tuple(float(f) for f in text.split(",") if f.strip())
+
+
 def _config(args: argparse.Namespace) -> BenchConfig:
     quick = bool(args.quick)
     if args.open_loop is None:
         fractions: tuple[float, ...] = (0.5,) if quick else (0.25, 0.5, 0.8)
     else:
-        fractions = tuple(float(f) for f in args.open_loop.split(",") if f.strip())
+        fractions = _fractions(args.open_loop)
     env = dict(item.split("=", 1) for item in args.gateway_env)
     return BenchConfig(
         amqp_url=args.amqp_url,
         quick=quick,
         connections=args.connections,
         client_processes=max(1, min(args.client_processes, args.connections)),
-        warmup_s=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
-        duration_s=args.duration if args.duration is not None else (4.0 if quick else 15.0),
+        warmup_s=args.warmup if args.warmup is not None else (0.5 if quick else 2.0),
+        duration_s=args.duration if args.duration is not None else (2.0 if quick else 10.0),
         open_loop_fractions=fractions,
+        e2e_fractions=_fractions(args.e2e_open_loop),
+        queued_submissions=args.queued or (5_000 if quick else 100_000),
+        scaling_queues=args.scaling_queues,
+        celery_pool=args.celery_pool,
+        celery_concurrency=args.celery_concurrency,
+        worker_concurrency=args.worker_concurrency,
+        keep_logs=args.keep_logs.resolve() if args.keep_logs else None,
         per_core_processes=args.per_core,
         engine=args.engine,
         repeat=args.repeat if args.repeat is not None else (1 if quick else 2),
@@ -107,15 +141,6 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         uvloop=args.uvloop,
         wait_quiet_s=args.wait_quiet,
         gateway_tree=args.gateway_tree.resolve() if args.gateway_tree else None,
-    )
-
-
-def _progress(m: Measurement) -> None:
-    bad = sum(m.non_ok.values()) + m.errors + m.unsent
-    print(
-        f"  {m.system:<36} {m.mode:<24} {m.rate:>9,.0f}/s  p50 {m.p50_ms:6.1f} ms  "
-        f"p99 {m.p99_ms:6.1f} ms  not ok {bad}  cores {m.cpu}",
-        flush=True,
     )
 
 
@@ -129,28 +154,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     load = cpu.loadavg()
-    print(
+    progress = Progress(expected_phases(config, systems))
+    progress.note(
         f"bench: {', '.join(systems)}; {config.duration_s:g} s per phase after "
-        f"{config.warmup_s:g} s warm-up; loadavg {load:.2f} on {os.cpu_count()} cores",
-        flush=True,
+        f"{config.warmup_s:g} s warm-up; loadavg {load:.2f} on {os.cpu_count()} cores"
     )
     if load > 0.5 * (os.cpu_count() or 1):
-        print("  warning: the machine is busy; figures will be low and noisy", flush=True)
+        progress.note("warning: the machine is busy; figures will be low and noisy")
     version = asyncio.run(broker_version(config.amqp_url))
-    run = asyncio.run(run_suite(config, systems, _progress))
-    table = markdown_table(run.results)
-    checks = targets(run.results)
-    print()
-    print(table)
-    if checks:
-        print()
-        print(targets_table(checks))
+    run = asyncio.run(run_suite(config, systems, progress))
+    report = markdown_report(run.results, run.memory)
+    print(report)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     output = args.output or config.results_dir / f"{stamp}-{run.run_id}.json"
     config_dict = asdict(config)
     config_dict["results_dir"] = str(config.results_dir)
     config_dict["gateway_tree"] = str(config.gateway_tree) if config.gateway_tree else None
+    config_dict["keep_logs"] = str(config.keep_logs) if config.keep_logs else None
     config_dict["amqp_url"] = "<redacted>"
+    config_dict["vhost"] = run.vhost
+    chart = write_chart(
+        run.results,
+        args.chart or output.with_suffix(".png"),
+        title=f"python -m bench{' --quick' if config.quick else ''}: {os.cpu_count()} cores, "
+        f"broker + systems + load generator on one machine ({time.strftime('%Y-%m-%d')})",
+    )
+    if chart is not None:
+        run.artifacts["chart"] = str(chart)
+    table_path = output.with_suffix(".md")
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(report)
+    run.artifacts["markdown"] = str(table_path)
     write_json(
         output,
         command=[sys.executable, "-m", "bench", *(argv if argv is not None else sys.argv[1:])],
@@ -159,11 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=machine_info(version),
         config=config_dict,
         measurements=run.results,
+        memory=run.memory,
         artifacts=run.artifacts,
     )
-    print(f"\nresults: {output}  ({time.monotonic() - started:.0f} s)")
-    if "profile" in run.artifacts:
-        print(f"profile: {run.artifacts['profile']}")
+    print(f"results: {output}  ({time.monotonic() - started:.0f} s)")
+    for name, path in sorted(run.artifacts.items()):
+        print(f"{name}: {path}")
     return 0
 
 

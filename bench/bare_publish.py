@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 
 import aio_pika
 
-from bench.harness import PerfWindow, child_failed, wait_for_window
+from bench.harness import PerfWindow, child_failed, ticking, wait_for_window
 from bench.stats import WorkerReport
 from broker.publisher import ConfirmedPublisher
 from schemas.topology import submit_queue_arguments
@@ -116,18 +116,20 @@ async def _run(spec: PublishSpec, conn: Connection) -> WorkerReport:
             publisher = ConfirmedPublisher(connection, confirm_timeout=10.0, channels=1)
             await publisher.start()
             window = await wait_for_window(conn)
-            await asyncio.gather(
-                *(_drive_ours(publisher, spec, window, report, i) for i in range(spec.inflight))
-            )
+            async with ticking(conn, report):
+                await asyncio.gather(
+                    *(_drive_ours(publisher, spec, window, report, i) for i in range(spec.inflight))
+                )
             await publisher.close()
         else:
             window = await wait_for_window(conn)
-            await asyncio.gather(
-                *(
-                    _drive(channel.default_exchange, spec, window, report, i)
-                    for i in range(spec.inflight)
+            async with ticking(conn, report):
+                await asyncio.gather(
+                    *(
+                        _drive(channel.default_exchange, spec, window, report, i)
+                        for i in range(spec.inflight)
+                    )
                 )
-            )
         report.statuses = {200: report.ok}
     finally:
         await connection.close()

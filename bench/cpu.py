@@ -48,6 +48,36 @@ def machine_busy_seconds() -> tuple[float, float]:
     return busy / _TICKS, (values[5] + values[6]) / _TICKS
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (``VmRSS``); 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Celery's prefork pool runs tasks in children,
+    whose CPU time a parent's ``/proc`` entry does not include until they exit)."""
+    found = [pid]
+    i = 0
+    while i < len(found):
+        try:
+            tasks = list(Path(f"/proc/{found[i]}/task").iterdir())
+        except OSError:
+            tasks = []
+        for task in tasks:
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+        i += 1
+    return found
+
+
 def loadavg() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])

@@ -19,6 +19,12 @@ queueing (a slow answer delays the next send: coordinated omission), so
 latency targets below saturation are measured open loop: requests are
 scheduled at a fixed rate and each latency runs from the *intended* send time,
 as wrk2 does, so time spent waiting for a free connection counts.
+
+Every request carries the time it was (meant to be) sent: a body holding
+``STAMP`` gets it replaced, per request, by that wall-clock time (the
+intended time in open loop), so a worker that runs the submission can tell
+how long it took from the client to it. Connection ``i`` sends
+``bodies[i % len(bodies)]``: one body per queue spreads load over queues.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from bench.harness import PerfWindow, child_failed, wait_for_window
+from bench.harness import PerfWindow, child_failed, ticking, wait_for_window
 from bench.stats import WorkerReport
 
 ENGINES = ("raw", "aiohttp")
+# Replaced in each request by the wall-clock send time, "%017.6f" (same length).
+STAMP = b"0000000000.000000"
 # Open loop: how long after the window the backlog may still drain.
 _GRACE_S = 2.0
 
@@ -49,7 +57,7 @@ class LoadSpec:
     targets: tuple[HttpTarget, ...]
     path: str
     headers: tuple[tuple[str, str], ...]
-    body: bytes
+    bodies: tuple[bytes, ...]
     connections: int  # all processes together
     processes: int
     rate: float | None = None  # open loop (requests/s, all processes together) when set
@@ -61,7 +69,7 @@ class LoadSpec:
             self.targets,
             self.path,
             self.headers,
-            self.body,
+            self.bodies,
             self.connections,
             self.processes,
             self.rate,
@@ -69,22 +77,37 @@ class LoadSpec:
             index,
         )
 
-    def my_targets(self) -> list[HttpTarget]:
-        """One target per connection of this process; connections spread evenly over targets
-        (connection ``i`` of all processes together goes to ``targets[i % len]``)."""
+    def my_connections(self) -> list[tuple[HttpTarget, bytes]]:
+        """Target and body of each connection of this process; connections spread evenly
+        (connection ``i`` of all processes together goes to ``targets[i % len]`` with
+        ``bodies[i % len]``)."""
         mine = range(self.index, self.connections, self.processes)
-        return [self.targets[i % len(self.targets)] for i in mine]
+        return [
+            (self.targets[i % len(self.targets)], self.bodies[i % len(self.bodies)]) for i in mine
+        ]
 
     def my_rate(self) -> float:
         assert self.rate is not None
         return self.rate / self.processes
 
 
-def request_bytes(target: HttpTarget, spec: LoadSpec) -> bytes:
+def request_bytes(target: HttpTarget, spec: LoadSpec, body: bytes) -> bytes:
     head = [f"POST {spec.path} HTTP/1.1", f"Host: {target.host}:{target.port}"]
     head += [f"{name}: {value}" for name, value in spec.headers]
-    head.append(f"Content-Length: {len(spec.body)}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + spec.body
+    head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def stamp(sent_at: float) -> bytes:
+    return b"%017.6f" % sent_at
+
+
+def split_stamp(payload: bytes) -> tuple[bytes, bytes] | None:
+    """``payload`` around its ``STAMP`` (None if it has none)."""
+    at = payload.find(STAMP)
+    if at < 0:
+        return None
+    return payload[:at], payload[at + len(STAMP) :]
 
 
 class ProtocolError(Exception):
@@ -152,9 +175,12 @@ class _RawConnection(asyncio.Protocol):
 
 
 class _Client:
-    """Sends one request at a time on one connection (reconnecting if needed)."""
+    """Sends one request at a time on one connection (reconnecting if needed).
 
-    async def send(self) -> int:
+    ``sent_at``: the wall-clock time to stamp the request with.
+    """
+
+    async def send(self, sent_at: float) -> int:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -162,12 +188,13 @@ class _Client:
 
 
 class _RawClient(_Client):
-    def __init__(self, target: HttpTarget, spec: LoadSpec) -> None:
+    def __init__(self, target: HttpTarget, spec: LoadSpec, body: bytes) -> None:
         self._target = target
-        self._payload = request_bytes(target, spec)
+        self._payload = request_bytes(target, spec, body)
+        self._parts = split_stamp(self._payload)
         self._conn: _RawConnection | None = None
 
-    async def send(self) -> int:
+    async def send(self, sent_at: float) -> int:
         conn = self._conn
         if conn is None or conn.closed:
             loop = asyncio.get_running_loop()
@@ -175,7 +202,10 @@ class _RawClient(_Client):
                 _RawConnection, self._target.host, self._target.port
             )
             self._conn = conn
-        return await conn.request(self._payload)
+        parts = self._parts
+        if parts is None:
+            return await conn.request(self._payload)
+        return await conn.request(parts[0] + stamp(sent_at) + parts[1])
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -183,17 +213,20 @@ class _RawClient(_Client):
 
 
 class _AiohttpClient(_Client):
-    def __init__(self, target: HttpTarget, spec: LoadSpec, session: object) -> None:
+    def __init__(self, target: HttpTarget, spec: LoadSpec, body: bytes, session: object) -> None:
         import aiohttp
 
         assert isinstance(session, aiohttp.ClientSession)
         self._session = session
         self._url = f"http://{target.host}:{target.port}{spec.path}"
         self._headers = dict(spec.headers)
-        self._body = spec.body
+        self._body = body
+        self._parts = split_stamp(body)
 
-    async def send(self) -> int:
-        async with self._session.post(self._url, data=self._body, headers=self._headers) as resp:
+    async def send(self, sent_at: float) -> int:
+        parts = self._parts
+        body = self._body if parts is None else parts[0] + stamp(sent_at) + parts[1]
+        async with self._session.post(self._url, data=body, headers=self._headers) as resp:
             await resp.read()
             return resp.status
 
@@ -206,13 +239,13 @@ async def _closed_loop(clients: list[_Client], window: PerfWindow, report: Worke
         perf = time.perf_counter
         latencies = report.latencies_ms
         statuses = report.statuses
-        start, end = window.start, window.end
+        start, end, wall = window.start, window.end, window.wall_offset
         while True:
             sent = perf()
             if sent >= end:
                 return
             try:
-                status = await client.send()
+                status = await client.send(sent + wall)
             except (TimeoutError, OSError, ProtocolError) as exc:
                 if sent >= start:
                     report.error(exc)
@@ -260,7 +293,7 @@ async def _open_loop(
             intended = await due.get()
             measured = window.start <= intended < window.end
             try:
-                status = await client.send()
+                status = await client.send(intended + window.wall_offset)
             except (TimeoutError, OSError, ProtocolError) as exc:
                 if measured:
                     report.error(exc)
@@ -290,9 +323,8 @@ async def _open_loop(
 
 
 async def _run(spec: LoadSpec, conn: Connection) -> WorkerReport:
-    targets = spec.my_targets()
+    connections = spec.my_connections()
     session = None
-    clients: list[_Client]
     if spec.engine == "aiohttp":
         import aiohttp
 
@@ -300,16 +332,17 @@ async def _run(spec: LoadSpec, conn: Connection) -> WorkerReport:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False),
             timeout=aiohttp.ClientTimeout(total=60),
         )
-        clients = [_AiohttpClient(t, spec, session) for t in targets]
+        clients: list[_Client] = [_AiohttpClient(t, spec, b, session) for t, b in connections]
     else:
-        clients = [_RawClient(t, spec) for t in targets]
+        clients = [_RawClient(t, spec, b) for t, b in connections]
     report = WorkerReport()
     try:
         window = await wait_for_window(conn)
-        if spec.rate is None:
-            await _closed_loop(clients, window, report)
-        else:
-            await _open_loop(clients, spec.my_rate(), window, report)
+        async with ticking(conn, report):
+            if spec.rate is None:
+                await _closed_loop(clients, window, report)
+            else:
+                await _open_loop(clients, spec.my_rate(), window, report)
     finally:
         for client in clients:
             await client.close()

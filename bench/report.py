@@ -1,4 +1,11 @@
-"""Results: the Markdown table, DESIGN §7's targets, and the JSON file."""
+"""Results: the Markdown tables, the ratios, DESIGN §7's targets, and the JSON file.
+
+Ratios: "x limit" divides a rate by the bare aio-pika loop's (median over
+repeats), "x peer" by the peer's in the same run (FastAPI + Celery
+``send_task`` for submissions, its Celery worker for end to end). For
+latencies "x peer" is ours over the peer's at the same fraction of each
+one's own saturation: below 1 is better.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -17,11 +24,12 @@ import orjson
 
 from bench.stats import Measurement
 
-_SUT_ROLES = ("gateway", "server", "publisher")
+_SUT_ROLES = ("gateway", "server", "publisher", "dispatcher", "worker", "celery")
+_PACKAGES = ("aiohttp", "aio-pika", "aiormq", "orjson", "fastapi", "uvicorn", "celery", "kombu")
 
 
-def _ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.1f}"
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def _closed(ms: Sequence[Measurement], key: str) -> list[Measurement]:
@@ -30,6 +38,12 @@ def _closed(ms: Sequence[Measurement], key: str) -> list[Measurement]:
 
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+def _ratio(value: float, base: float) -> str:
+    if math.isnan(value) or math.isnan(base) or base <= 0:
+        return "-"
+    return f"{value / base:.2f}"
 
 
 def pair_ratios(ms: Sequence[Measurement]) -> list[float]:
@@ -61,40 +75,185 @@ def cpu_us_per_ok(m: Measurement) -> tuple[float, float]:
     return _sut_cores(m) / m.rate * 1e6, m.cpu.get("broker", 0.0) / m.rate * 1e6
 
 
+def _us(m: Measurement, role: str) -> str:
+    if m.rate <= 0 or role not in m.cpu:
+        return "-"
+    return f"{m.cpu[role] / m.rate * 1e6:.0f}"
+
+
 def _cores(m: Measurement) -> str:
-    sut = _sut_cores(m)
     return (
-        f"{sut:.2f} / {m.cpu.get('broker', 0):.2f} / "
+        f"{_sut_cores(m):.2f} / {m.cpu.get('broker', 0):.2f} / "
         f"{m.cpu.get('loadgen', 0):.2f} / {m.cpu.get('other', 0):.2f}"
     )
 
 
-def markdown_table(ms: Sequence[Measurement]) -> str:
-    bare = _median([m.rate for m in _closed(ms, "bare-publish")])
+@dataclass(frozen=True, slots=True)
+class Bases:
+    """What ratios divide by."""
+
+    limit: float  # bare aio-pika loop, confirmed/s
+    peer: float  # FastAPI + Celery send_task, closed loop, confirmed/s
+    peer_e2e: float  # Celery worker, executions/s at saturation
+
+    @classmethod
+    def of(cls, ms: Sequence[Measurement]) -> Bases:
+        return cls(
+            _median([m.rate for m in _closed(ms, "bare-publish")]),
+            _median([m.rate for m in _closed(ms, "peer")]),
+            _median([m.rate for m in _closed(ms, "peer-e2e")]),
+        )
+
+    def peer_for(self, m: Measurement) -> float:
+        return self.peer_e2e if m.key in ("e2e", "peer-e2e") else self.peer
+
+
+def _not_ok(m: Measurement) -> str:
+    bad = ", ".join(f"{s}: {n}" for s, n in m.non_ok.items())
+    if m.errors:
+        bad = f"{bad}; {m.errors} errors" if bad else f"{m.errors} errors"
+    if m.unsent:
+        bad = f"{bad}; {m.unsent} unsent" if bad else f"{m.unsent} unsent"
+    return bad or "0"
+
+
+def _submission_rows(ms: Sequence[Measurement]) -> list[Measurement]:
+    keys = ("bare-publish", "gateway-1", "gateway-per-core", "bare-publish-ours", "bare-http")
+    return [m for m in ms if m.key in (*keys, "peer", "gateway-1-profiled")]
+
+
+def submissions_table(ms: Sequence[Measurement]) -> str:
+    bases = Bases.of(ms)
     lines = [
-        "| system | load | confirmed/s | p50 ms | p99 ms | p99.9 ms | non-200 / errors "
-        "| cores: SUT / broker / loadgen / other | CPU us/req: SUT / broker | x bare publish |",
-        "|---|---|---:|---:|---:|---:|---|---|---|---:|",
+        "| system | load | confirmed/s | p50 ms | p99 ms | p99.9 ms | not ok "
+        "| cores: SUT / broker / loadgen / other | CPU us/req: SUT / broker | x limit | x peer |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|",
     ]
-    for m in ms:
-        bad = ", ".join(f"{s}: {n}" for s, n in m.non_ok.items())
-        if m.errors:
-            bad = f"{bad}; {m.errors} errors" if bad else f"{m.errors} errors"
-        if m.unsent:
-            bad = f"{bad}; {m.unsent} unsent" if bad else f"{m.unsent} unsent"
-        ratio = f"{m.rate / bare:.2f}" if bare and not math.isnan(bare) else "-"
-        if m.key == "bare-http":
-            ratio = "-"  # no broker: not comparable
+    for m in _submission_rows(ms):
         sut_us, broker_us = cpu_us_per_ok(m)
-        mode = m.mode
+        load = m.mode
         late = m.extra.get("generator_lateness_p99_ms")
         if late is not None:
-            mode = f"{mode} (generator late p99 {late:.1f} ms)"
+            load = f"{load} (generator late p99 {late:.1f} ms)"
+        closed = m.offered_rate is None and m.key != "bare-http"
+        x_limit = _ratio(m.rate, bases.limit) if closed else "-"
+        x_peer = _ratio(m.rate, bases.peer) if closed else "-"
         lines.append(
-            f"| {m.system} | {mode} | {m.rate:,.0f} | {_ms(m.p50_ms)} | {_ms(m.p99_ms)} "
-            f"| {_ms(m.p999_ms)} | {bad or '0'} | {_cores(m)} | {sut_us:.0f} / {broker_us:.0f} "
-            f"| {ratio} |"
+            f"| {m.system} | {load} | {m.rate:,.0f} | {_ms(m.p50_ms)} | {_ms(m.p99_ms)} "
+            f"| {_ms(m.p999_ms)} | {_not_ok(m)} | {_cores(m)} | {sut_us:.0f} / {broker_us:.0f} "
+            f"| {x_limit} | {x_peer} |"
         )
+    return "\n".join(lines)
+
+
+def latency_table(ms: Sequence[Measurement]) -> str:
+    """Open loop at fractions of each system's own saturation: ours beside the peer."""
+    ours = {m.extra.get("fraction_of_saturation"): m for m in ms if m.key == "gateway-1"}
+    peer = {m.extra.get("fraction_of_saturation"): m for m in ms if m.key == "peer"}
+    fractions = sorted(f for f in ours if isinstance(f, float))
+    if not fractions:
+        return ""
+    lines = [
+        "| fraction of saturation | gateway rate | p50 / p99 / p99.9 ms | peer rate "
+        "| p50 / p99 / p99.9 ms | x peer: p50 / p99 / p99.9 |",
+        "|---:|---:|---|---:|---|---|",
+    ]
+    for f in fractions:
+        o, p = ours[f], peer.get(f)
+        ol = f"{_ms(o.p50_ms)} / {_ms(o.p99_ms)} / {_ms(o.p999_ms)}"
+        if p is None:
+            lines.append(f"| {f:.0%} | {o.rate:,.0f} | {ol} | - | - | - |")
+            continue
+        pl = f"{_ms(p.p50_ms)} / {_ms(p.p99_ms)} / {_ms(p.p999_ms)}"
+        xs = " / ".join(
+            _ratio(a, b)
+            for a, b in ((o.p50_ms, p.p50_ms), (o.p99_ms, p.p99_ms), (o.p999_ms, p.p999_ms))
+        )
+        lines.append(f"| {f:.0%} | {o.rate:,.0f} | {ol} | {p.rate:,.0f} | {pl} | {xs} |")
+    return "\n".join(lines)
+
+
+def e2e_table(ms: Sequence[Measurement]) -> str:
+    rows = [m for m in ms if m.key in ("e2e", "peer-e2e", "e2e-profiled", "e2e-counted")]
+    if not rows:
+        return ""
+    bases = Bases.of(ms)
+    peer_by_fraction = {m.extra.get("fraction_of_saturation"): m for m in ms if m.key == "peer-e2e"}
+    lines = [
+        "| system | load | submitted/s | executions/s | start p50 / p99 / p99.9 ms "
+        "| result p50 / p99 ms | not ok | CPU us/exec: front / dispatcher / worker / broker "
+        "| cores: SUT / broker / loadgen / other | x limit | x peer: exec/s, start p99 |",
+        "|---|---|---:|---:|---|---|---|---|---|---:|---|",
+    ]
+    for m in rows:
+        front = "gateway" if "gateway" in m.cpu else "server"
+        worker = "worker" if "worker" in m.cpu else "celery"
+        us = " / ".join(_us(m, r) for r in (front, "dispatcher", worker, "broker"))
+        start = f"{_ms(m.p50_ms)} / {_ms(m.p99_ms)} / {_ms(m.p999_ms)}"
+        result = f"{_ms(m.extra.get('result_p50_ms'))} / {_ms(m.extra.get('result_p99_ms'))}"
+        closed = m.offered_rate is None
+        x_limit = _ratio(m.rate, bases.limit) if closed else "-"
+        x_peer = "-"
+        if m.key == "e2e":
+            other = peer_by_fraction.get(m.extra.get("fraction_of_saturation"))
+            rate_x = _ratio(m.rate, bases.peer_e2e) if closed else "-"
+            p99_x = _ratio(m.p99_ms, other.p99_ms) if other is not None else "-"
+            x_peer = f"{rate_x}, {p99_x}"
+        lines.append(
+            f"| {m.system} | {m.mode} | {m.extra.get('submitted_per_s', 0):,.0f} | {m.rate:,.0f} "
+            f"| {start} | {result} | {_not_ok(m)} | {us} | {_cores(m)} | {x_limit} | {x_peer} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(ms: Sequence[Measurement], memory: Iterable[dict[str, Any]]) -> str:
+    lines = ["| process | state | RSS MiB | |", "|---|---|---:|---|"]
+    shown = {
+        "gateway-1": "gateway, 1 process",
+        "peer": "FastAPI (uvicorn)",
+        "e2e": "",
+        "peer-e2e": "",
+    }
+    for key, label in shown.items():
+        closed = _closed(ms, key)
+        if not closed:
+            continue
+        for role, figures in closed[0].extra.get("rss_mb", {}).items():
+            name = label or {"celery": "Celery worker (all processes)"}.get(role, role)
+            if key in ("e2e", "peer-e2e") and role in ("gateway", "server"):
+                continue  # shown with the submission runs
+            lines.append(f"| {name} | at rest | {figures['rest']:.1f} | |")
+            lines.append(
+                f"| {name} | peak under saturation ({closed[0].system}) | {figures['peak']:.1f} | |"
+            )
+    for entry in memory:
+        note = ", ".join(
+            f"{k.replace('_', ' ')} {v:,}" if isinstance(v, int) else f"{k.replace('_', ' ')} {v}"
+            for k, v in entry.items()
+            if k not in ("process", "state", "rss_mb")
+        )
+        lines.append(f"| {entry['process']} | {entry['state']} | {entry['rss_mb']:.1f} | {note} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def scaling_table(ms: Sequence[Measurement]) -> str:
+    rows = [m for m in ms if m.key.startswith("scaling-")]
+    if not rows:
+        return ""
+    base = rows[0].rate
+    lines = [
+        "| dispatchers | executions/s | queues owned each | CPU us/exec: dispatchers / worker "
+        "/ broker | cores: dispatchers / worker / broker / other | x 1 dispatcher |",
+        "|---|---:|---|---|---|---:|",
+    ]
+    for m in rows:
+        owned = " / ".join(str(n) for n in m.extra.get("queues_owned", []))
+        empty = m.extra.get("queues_left_empty", 0)
+        rate = f"{m.rate:,.0f}" + (f" ({empty} queues ran dry)" if empty else "")
+        us = " / ".join(_us(m, r) for r in ("dispatcher", "worker", "broker"))
+        cores = " / ".join(f"{m.cpu.get(r, 0):.2f}" for r in ("dispatcher", "worker", "broker"))
+        cores += f" / {m.cpu.get('other', 0):.2f}"
+        lines.append(f"| {m.system} | {rate} | {owned} | {us} | {cores} | {_ratio(m.rate, base)} |")
     return "\n".join(lines)
 
 
@@ -109,15 +268,19 @@ class Target:
         return {"name": self.name, "goal": self.goal, "value": self.value, "met": self.met}
 
 
-def targets(ms: Sequence[Measurement]) -> list[Target]:
+def targets(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]] = ()) -> list[Target]:
     """DESIGN §7's figures this run can check (medians over repeats)."""
     out: list[Target] = []
+    bases = Bases.of(ms)
     gw = _closed(ms, "gateway-1")
     if gw:
         rate = _median([m.rate for m in gw])
         p99 = _median([m.p99_ms for m in gw])
         out.append(Target("gateway, 1 process: confirmed/s", ">= 6,000", rate, rate >= 6000))
         out.append(Target("gateway, 1 process: p99 at saturation (ms)", "<= 30", p99, p99 <= 30))
+        if not math.isnan(bases.peer):
+            x = rate / bases.peer
+            out.append(Target("gateway / FastAPI + Celery send_task", ">= 5", x, x >= 5))
     half = [
         m
         for m in ms
@@ -136,15 +299,48 @@ def targets(ms: Sequence[Measurement]) -> list[Target]:
         out.append(
             Target("gateway, 1 process per core: confirmed/s", ">= 8,000", rate, rate >= 8000)
         )
+    e2e = _closed(ms, "e2e")
+    if e2e:
+        rate = e2e[0].rate
+        name = "end to end: executions/s, limits enforced"
+        out.append(Target(name, ">= 2,000", rate, rate >= 2000))
+    e2e_half = [m for m in ms if m.key == "e2e" and m.extra.get("fraction_of_saturation") == 0.5]
+    if e2e_half:
+        p50 = e2e_half[0].p50_ms
+        name = "end to end: submit-to-worker-start p50 at half load (ms)"
+        out.append(Target(name, "<= 10", p50, p50 <= 10))
+    for entry in memory:
+        if "growth_mb" in entry:
+            growth = float(entry["growth_mb"])
+            out.append(
+                Target(
+                    f"dispatcher RSS growth with {entry['state']} (MiB)",
+                    "flat (< 10)",
+                    growth,
+                    growth < 10,
+                )
+            )
     return out
 
 
 def targets_table(ts: Sequence[Target]) -> str:
     lines = ["| DESIGN §7 target | goal | this run | met |", "|---|---|---:|---|"]
     for t in ts:
-        value = f"{t.value:,.2f}" if t.value < 10 else f"{t.value:,.0f}"
+        value = f"{t.value:,.2f}" if abs(t.value) < 10 else f"{t.value:,.0f}"
         lines.append(f"| {t.name} | {t.goal} | {value} | {'yes' if t.met else '**no**'} |")
     return "\n".join(lines)
+
+
+def markdown_report(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]]) -> str:
+    parts = [
+        ("Submissions", submissions_table(ms)),
+        ("Latency below saturation, open loop", latency_table(ms)),
+        ("End to end", e2e_table(ms)),
+        ("Memory", memory_table(ms, memory)),
+        ("Dispatcher scaling", scaling_table(ms)),
+        ("DESIGN §7", targets_table(targets(ms, memory))),
+    ]
+    return "\n\n".join(f"### {title}\n\n{table}" for title, table in parts if table) + "\n"
 
 
 def _version(package: str) -> str:
@@ -169,7 +365,7 @@ def machine_info(broker_version: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "rabbitmq": broker_version,
-        "packages": {p: _version(p) for p in ("aiohttp", "aio-pika", "aiormq", "orjson")},
+        "packages": {p: _version(p) for p in _PACKAGES},
     }
 
 
@@ -182,6 +378,7 @@ def write_json(
     machine: dict[str, Any],
     config: dict[str, Any],
     measurements: Sequence[Measurement],
+    memory: Sequence[dict[str, Any]],
     artifacts: dict[str, str],
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +390,9 @@ def write_json(
         "machine": machine,
         "config": config,
         "measurements": [m.as_dict() for m in measurements],
+        "memory": list(memory),
         "pair_ratios": pair_ratios(measurements),
-        "targets": [t.as_dict() for t in targets(measurements)],
+        "targets": [t.as_dict() for t in targets(measurements, memory)],
         "artifacts": artifacts,
     }
     path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str))

@@ -1,0 +1,345 @@
+"""End to end: from the client's request to the worker starting it, and to its result.
+
+Ours: ``python -m gateway`` → submission queues (``e2e_queues`` of them, each
+with concurrency limit ``e2e_limit`` set by the requests) → ``python -m
+dispatcher`` → ``python -m worker bench.e2e_worker:create`` (a no-op
+workflow). The peer: FastAPI + Celery ``send_task`` → a ``celery worker``
+running the same no-op task with ``acks_late``.
+
+Figures per phase: executions/s (executions started inside the measured
+window, from the workers' own records), submit-to-worker-start latency (from
+the time the client sent the request, stamped into it, to the workflow's
+first line), and for ours submit-to-result: until the ``completed`` lifecycle
+event reaches a follower of ``polos.events`` (sampled on the first queue; the
+peer has no result path here: its tasks ignore results, as high-rate Celery
+setups do). Closed loop through the HTTP front measures saturation (the
+front accepts more than the pipeline executes, so a backlog grows and the
+latency then is mostly that backlog); open loop at a fraction of the
+executions/s measured there gives latency under a fixed offered load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Live
+from bench.phase import HttpPhase, Run, fraction_rate, measure_http, mode, request_body
+from bench.records import (
+    EventFollower,
+    LatencySummary,
+    count_lines,
+    read_records,
+    started_in,
+)
+from bench.servers import (
+    ServerProcess,
+    celery_worker_process,
+    dispatcher_process,
+    gateway_process,
+    purge_queues,
+    running,
+    worker_process,
+)
+from bench.stats import Measurement
+from bench.submit import PEER_SYSTEM, peer_queue
+from schemas.topology import results_queue, submit_queue
+
+OURS = "ours end to end"
+PEER = "FastAPI + Celery worker end to end"
+
+
+class RateMeter:
+    """Executions/s between calls, from a growing count."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+        self._last = (time.monotonic(), count())
+
+    def __call__(self, _live: Live | None = None) -> str:
+        now, n = time.monotonic(), self._count()
+        rate = (n - self._last[1]) / max(1e-3, now - self._last[0])
+        self._last = (now, n)
+        return f"{rate:8,.0f} exec/s"
+
+
+async def settle(paths: Sequence[Path], *, quiet_s: float = 0.5, limit_s: float = 15.0) -> None:
+    """Until no execution started for ``quiet_s`` (what was in flight has run)."""
+    deadline = time.monotonic() + limit_s
+    last = count_lines(paths)
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        n = count_lines(paths)
+        if n != last:
+            last, quiet_since = n, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+
+
+@dataclass
+class Pipeline:
+    """The processes of one end-to-end system, and where its workers write."""
+
+    key: str
+    system: str
+    front: Sequence[ServerProcess]
+    front_role: str
+    roles: dict[str, ServerProcess]  # the others under test, by role
+    records: Callable[[], list[Path]]
+    queue_names: Callable[[str], list[str]]  # phase tag -> queue names
+    # queue names -> the broker's submission queues, and other queues to clean up
+    submission_queues: Callable[[list[str]], list[str]]
+    side_queues: Callable[[list[str]], list[str]] = lambda names: []
+    follower_project: str | None = None
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement:
+    config = run.config
+    tenant = await run.tenant()
+    names = pipe.queue_names(run.next_queue())
+    run.queues += pipe.submission_queues(names) + pipe.side_queues(names)
+    bodies = tuple(request_body(name, limit=config.e2e_limit) for name in names)
+    follower = None
+    if pipe.follower_project is not None:
+        follower = EventFollower(pipe.follower_project, names[0])
+        await follower.start(run.amqp_url)
+    run.progress.phase(f"{pipe.system}: {'closed loop' if rate is None else f'{rate:,.0f}/s'}")
+    try:
+        result = await measure_http(
+            run,
+            HttpPhase(
+                key=f"{pipe.key}-submit",
+                system=pipe.system,
+                servers=pipe.front,
+                bodies=bodies,
+                headers=tenant.headers,
+                rate=rate,
+                role=pipe.front_role,
+                others={role: p.pids() for role, p in pipe.roles.items()},
+                live_extra=RateMeter(lambda: count_lines(pipe.records())),
+            ),
+        )
+        await asyncio.sleep(0.2)  # the last results of the window arrive
+        window = result.window
+        records = read_records(pipe.records())
+        inside = started_in(records, window.start, window.end)
+        start = LatencySummary.of(
+            [(r.started_at - r.sent_at) * 1000.0 for r in inside if not math.isnan(r.sent_at)]
+        )
+        http = result.measurement
+        m = Measurement(
+            key=pipe.key,
+            system=pipe.system,
+            mode=mode(config, rate),
+            duration_s=config.duration_s,
+            ok=len(inside),
+            rate=len(inside) / config.duration_s,
+            p50_ms=start.p50_ms,
+            p90_ms=math.nan,
+            p99_ms=start.p99_ms,
+            p999_ms=start.p999_ms,
+            max_ms=start.max_ms,
+            errors=http.errors,
+            non_ok=http.non_ok,
+            error_samples=http.error_samples,
+            offered_rate=rate,
+            unsent=http.unsent,
+            cpu=http.cpu,
+            loadavg_before=http.loadavg_before,
+        )
+        m.extra.update(http.extra)
+        m.extra.update(pipe.notes)
+        m.extra["submitted_per_s"] = round(http.rate, 1)
+        m.extra["submit_p50_ms"] = http.p50_ms
+        m.extra["submit_p99_ms"] = http.p99_ms
+        m.extra["queues"] = len(names)
+        m.extra["concurrency_limit"] = config.e2e_limit
+        if follower is not None:
+            got = LatencySummary.of(follower.result_latencies_ms(records, window.start, window.end))
+            m.extra["result_samples"] = got.count
+            m.extra["result_p50_ms"] = got.p50_ms
+            m.extra["result_p99_ms"] = got.p99_ms
+            m.extra["result_p999_ms"] = got.p999_ms
+        run.record(m)
+        return m
+    finally:
+        # A saturation phase leaves a backlog: drop it, let what is in flight finish.
+        await purge_queues(run.amqp_url, pipe.submission_queues(names))
+        await settle(pipe.records())
+        if follower is not None:
+            await follower.close()
+
+
+async def e2e_runs(run: Run, pipe: Pipeline, *, open_loop: bool = True) -> None:
+    saturation = await e2e_phase(run, pipe, None)
+    for fraction in run.config.e2e_fractions if open_loop else ():
+        m = await e2e_phase(run, pipe, fraction_rate(saturation.rate, fraction))
+        m.extra["fraction_of_saturation"] = fraction
+
+
+@contextlib.asynccontextmanager
+async def ours(run: Run) -> Any:
+    """Gateway, dispatcher and worker running, with the pipeline that drives them."""
+    config = run.config
+    tenant = await run.tenant()
+    project = tenant.project_id
+    records = run.directory / "ours-records.txt"
+    records.touch()
+    dispatcher = dispatcher_process(
+        0, amqp_url=run.amqp_url, queues=f"{project}/e*", directory=run.directory
+    )
+    worker = worker_process(
+        amqp_url=run.amqp_url,
+        project_id=project,
+        records=records,
+        directory=run.directory,
+        concurrency=config.worker_concurrency,
+    )
+    gateway = gateway_process(
+        0,
+        amqp_url=run.amqp_url,
+        tenant=tenant,
+        directory=run.directory,
+        extra_env=config.gateway_env,
+        uvloop=config.uvloop,
+        tree=config.gateway_tree,
+    )
+    async with running(gateway, dispatcher, worker):
+        front = [gateway]
+        yield Pipeline(
+            key="e2e",
+            system=OURS,
+            front=front,
+            front_role="gateway",
+            roles={"dispatcher": dispatcher, "worker": worker},
+            records=lambda: [records],
+            queue_names=lambda tag: [f"e{tag}q{i}" for i in range(config.e2e_queues)],
+            submission_queues=lambda names: [submit_queue(project, n) for n in names],
+            side_queues=lambda names: [results_queue(project, n) for n in names],
+            follower_project=project,
+            notes={"worker_concurrency": config.worker_concurrency, "dispatchers": 1},
+        )
+
+
+async def peer_e2e(run: Run, front: ServerProcess) -> None:
+    """The Celery worker behind the running FastAPI server."""
+    config = run.config
+    queue = peer_queue(run)
+    records_dir = run.directory / "celery-records"
+    records_dir.mkdir(exist_ok=True)
+    celery = celery_worker_process(
+        amqp_url=run.amqp_url,
+        queue=queue,
+        records=records_dir,
+        directory=run.directory,
+        pool=config.celery_pool,
+        concurrency=config.celery_concurrency,
+    )
+    await purge_queues(run.amqp_url, [queue])
+    async with running(celery):
+        pipe = Pipeline(
+            key="peer-e2e",
+            system=PEER,
+            front=[front],
+            front_role="server",
+            roles={"celery": celery},
+            records=lambda: sorted(records_dir.glob("celery-*.txt")),
+            queue_names=lambda tag: [f"e{tag}q{i}" for i in range(config.e2e_queues)],
+            # One Celery queue whatever the body says (Celery has no per-queue limits).
+            submission_queues=lambda names: [queue],
+            notes={
+                "celery_pool": config.celery_pool,
+                "celery_concurrency": config.celery_concurrency,
+                "front": PEER_SYSTEM,
+            },
+        )
+        # --quick: the open-loop comparison is ours alone, to stay under a minute.
+        await e2e_runs(run, pipe, open_loop=not config.quick)
+
+
+async def profile_e2e(run: Run, pipe: Pipeline) -> None:
+    """Where an execution's cost goes: py-spy on the dispatcher and the worker during a
+    closed-loop phase; then RabbitMQ's global counters around an open-loop phase (no
+    backlog: everything submitted runs), divided by the executions, give the broker
+    operations per execution (other users of the broker add to them: see ``other``)."""
+    from bench.profile import record_profile
+    from bench.submit import find_py_spy
+
+    config = run.config
+    py_spy = find_py_spy()
+    seconds = config.warmup_s + config.duration_s + 1
+    outs = {
+        role: config.results_dir / f"{run.run_id}-{role}-profile.txt"
+        for role in ("dispatcher", "worker", "gateway")
+    }
+    pids = {
+        "dispatcher": pipe.roles["dispatcher"].pid,
+        "worker": pipe.roles["worker"].pid,
+        "gateway": pipe.front[0].pid,
+    }
+    await run.quiet()
+    saved, run.config = run.config, dataclasses.replace(config, wait_quiet_s=0.0)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for role, out in outs.items():
+                await stack.enter_async_context(
+                    record_profile(py_spy, pids[role], out, seconds=seconds)
+                )
+            profiled = dataclasses.replace(pipe, key="e2e-profiled", system=f"{OURS}, under py-spy")
+            saturation = await e2e_phase(run, profiled, None)
+    finally:
+        run.config = saved
+    for role, out in outs.items():
+        run.artifacts[f"{role}-profile"] = str(out)
+    counted = dataclasses.replace(
+        pipe, key="e2e-counted", system=f"{OURS}, broker operations counted", follower_project=None
+    )
+    before_lines = count_lines(pipe.records())
+    before = await asyncio.to_thread(broker_counters)
+    m = await e2e_phase(run, counted, fraction_rate(saturation.rate, 0.5))
+    after = await asyncio.to_thread(broker_counters)
+    executed = count_lines(pipe.records()) - before_lines
+    if before and after and executed > 0:
+        per = {k: round((after[k] - before.get(k, 0)) / executed, 2) for k in after}
+        m.extra["broker_ops_per_execution"] = per
+        m.extra["broker_ops_executions"] = executed
+        run.progress.note(f"broker operations per execution ({executed:,} executions): {per}")
+
+
+_SECTION = re.compile(r"\[\{protocol,amqp091\}(?:,\{queue_type,(\w+)\})?\]\s*=>\s*#\{(.*?)\}", re.S)
+_FIELD = re.compile(r"(\w+)\s*=>\s*(-?\d+)")
+
+
+def broker_counters() -> dict[str, int]:
+    """RabbitMQ's global AMQP counters (``rabbit_global_counters``, 3.9+), broker-wide.
+
+    Read-only; {} when ``rabbitmqctl`` cannot ask (a remote broker, no rights).
+    """
+    try:
+        text = subprocess.run(
+            ["rabbitmqctl", "eval", "rabbit_global_counters:overview()."],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out: dict[str, int] = {}
+    for queue_type, body in _SECTION.findall(text):
+        prefix = f"{queue_type.replace('rabbit_', '').replace('_queue', '')}." if queue_type else ""
+        for name, value in _FIELD.findall(body):
+            if name.startswith("messages_") and name.endswith("_total"):
+                out[prefix + name[len("messages_") : -len("_total")]] = int(value)
+    return out
