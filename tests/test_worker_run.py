@@ -229,7 +229,13 @@ async def test_cancel_message_cancels_the_running_task(
     assert isinstance(cancelled, Cancelled)
     assert cancelled.reason == "user"
     assert stopped.is_set()
-    assert worker.running == frozenset()
+
+    async def released() -> bool:
+        # The worker lets go of the execution once its report is confirmed and
+        # the work acknowledged, a moment after the report reaches us.
+        return worker.running == frozenset()
+
+    await until(released, timeout=5)
 
     # A later delivery of the cancelled execution is dropped, not run again.
     await dispatcher.publish(body)
