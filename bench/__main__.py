@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="run the gateways from another checkout (before/after comparisons)",
     )
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        help="run the dispatchers and workers from another checkout (before/after comparisons)",
+    )
     parser.add_argument("--label", default="", help="a note stored with the results")
     parser.add_argument("--output", type=Path, help="JSON result file (default bench/results/)")
     parser.add_argument(
@@ -141,6 +146,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         uvloop=args.uvloop,
         wait_quiet_s=args.wait_quiet,
         gateway_tree=args.gateway_tree.resolve() if args.gateway_tree else None,
+        tree=args.tree.resolve() if args.tree else None,
     )
 
 
@@ -171,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_dict["results_dir"] = str(config.results_dir)
     config_dict["gateway_tree"] = str(config.gateway_tree) if config.gateway_tree else None
     config_dict["keep_logs"] = str(config.keep_logs) if config.keep_logs else None
+    config_dict["tree"] = str(config.tree) if config.tree else None
     config_dict["amqp_url"] = "<redacted>"
     config_dict["vhost"] = run.vhost
     chart = write_chart(

@@ -1,8 +1,9 @@
 """The PNG: throughput against p99 latency, one line per system.
 
 Each system's points are its closed-loop run (saturation) and its open-loop
-runs below it; end-to-end systems plot executions/s against the p99 from
-submit to worker start. Needs matplotlib (the ``bench`` extra).
+runs below it. Left, submissions (confirmed/s against the p99 of the answer);
+right, end to end (executions/s against the p99 from submit to worker start).
+Needs matplotlib (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from bench.stats import Measurement
 
+_END_TO_END = ("e2e", "peer-e2e")
 _STYLE: dict[str, tuple[str, str]] = {
     # key: (label, matplotlib format)
     "bare-publish": ("limit: bare aio-pika publish loop", "k^"),
@@ -21,8 +23,8 @@ _STYLE: dict[str, tuple[str, str]] = {
     "gateway-1": ("gateway, 1 process", "o-"),
     "gateway-per-core": ("gateway, 1 process per core", "s"),
     "peer": ("peer: FastAPI + Celery send_task", "D--"),
-    "e2e": ("ours end to end (executions/s, start p99)", "o-"),
-    "peer-e2e": ("peer end to end: Celery worker", "D--"),
+    "e2e": ("ours: gateway -> dispatcher -> worker", "o-"),
+    "peer-e2e": ("peer: FastAPI + Celery worker", "D--"),
 }
 
 
@@ -35,7 +37,11 @@ def write_chart(ms: Sequence[Measurement], path: Path, *, title: str) -> Path | 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=90)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=80)
+    panels = {
+        left: ("submissions: confirmed/s", "p99 latency, ms (request to 200)"),
+        right: ("end to end: executions/s", "p99 submit to worker start, ms"),
+    }
     drawn = False
     for key, (label, fmt) in _STYLE.items():
         points = sorted(
@@ -46,18 +52,21 @@ def write_chart(ms: Sequence[Measurement], path: Path, *, title: str) -> Path | 
         if not points:
             continue
         xs, ys = zip(*points, strict=True)
+        ax = right if key in _END_TO_END else left
         ax.plot(xs, ys, fmt, label=label, markersize=6, linewidth=1.2)
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("throughput (confirmed submissions/s; end to end: executions/s)")
-    ax.set_ylabel("p99 latency, ms (end to end: submit to worker start)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    for ax, (xlabel, ylabel) in panels.items():
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

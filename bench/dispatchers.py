@@ -211,6 +211,7 @@ async def scaling_worker(run: Run, project: str) -> AsyncIterator[tuple[ServerPr
         records=records,
         directory=run.directory,
         concurrency=run.config.worker_concurrency,
+        tree=run.config.tree,
     )
     async with running(worker):
         yield worker, records
@@ -239,6 +240,7 @@ async def scaling_phase(
             queues=pattern.format(project=project, tag=tag),
             directory=run.directory,
             name=f"dispatcher-{tag}",
+            tree=config.tree,
         )
         for i, pattern in enumerate(patterns)
     ]

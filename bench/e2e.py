@@ -197,7 +197,7 @@ async def ours(run: Run) -> Any:
     records = run.directory / "ours-records.txt"
     records.touch()
     dispatcher = dispatcher_process(
-        0, amqp_url=run.amqp_url, queues=f"{project}/e*", directory=run.directory
+        0, amqp_url=run.amqp_url, queues=f"{project}/e*", directory=run.directory, tree=config.tree
     )
     worker = worker_process(
         amqp_url=run.amqp_url,
@@ -205,6 +205,7 @@ async def ours(run: Run) -> Any:
         records=records,
         directory=run.directory,
         concurrency=config.worker_concurrency,
+        tree=config.tree,
     )
     gateway = gateway_process(
         0,

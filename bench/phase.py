@@ -50,6 +50,7 @@ class BenchConfig:
     uvloop: bool = False
     wait_quiet_s: float = 0.0
     gateway_tree: Path | None = None
+    tree: Path | None = None  # dispatchers and workers from another checkout
     results_dir: Path = Path("bench/results")
     keep_logs: Path | None = None  # copy the processes' logs here at the end
     # End to end: submission queues, the concurrency limit of each, worker concurrency.

@@ -220,7 +220,13 @@ def gateway_process(
 
 
 def dispatcher_process(
-    index: int, *, amqp_url: str, queues: str, directory: Path, name: str = "dispatcher"
+    index: int,
+    *,
+    amqp_url: str,
+    queues: str,
+    directory: Path,
+    name: str = "dispatcher",
+    tree: Path | None = None,
 ) -> ServerProcess:
     """``python -m dispatcher`` owning the queues that match ``queues``, no execution store
     (its queue would keep every event of the run: no recorder runs here)."""
@@ -237,6 +243,7 @@ def dispatcher_process(
         [sys.executable, "-m", "dispatcher"],
         env=env,
         log=directory / f"{name}-{index}.log",
+        cwd=tree,
         ready_log="dispatcher ready",
         # What it still holds then is requeued to a queue about to be purged.
         stop_timeout_s=1.0,
@@ -250,6 +257,7 @@ def worker_process(
     records: Path,
     directory: Path,
     concurrency: int,
+    tree: Path | None = None,
 ) -> ServerProcess:
     """``python -m worker bench.e2e_worker:create``: our worker SDK with a no-op workflow."""
     env = {
@@ -267,6 +275,7 @@ def worker_process(
         [sys.executable, "-m", "worker", "bench.e2e_worker:create", "--log-level", "WARNING"],
         env=env,
         log=directory / "worker.log",
+        cwd=tree,
         ready_check=lambda: has_consumer(amqp_url, work_queue(project_id, DEPLOYMENT)),
     )
 
