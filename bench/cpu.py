@@ -125,7 +125,8 @@ def cores_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     if wall <= 0:
         return {}
     used = {
-        role: round((after.roles[role] - before.roles.get(role, 0.0)) / wall, 2)
+        # A process that exited meanwhile reads 0 afterwards: never below zero.
+        role: round(max(0.0, after.roles[role] - before.roles.get(role, 0.0)) / wall, 2)
         for role in after.roles
     }
     machine = (after.machine - before.machine) / wall

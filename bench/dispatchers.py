@@ -267,7 +267,7 @@ async def scaling_phase(
     inside = started_in(read_records([records]), start, end)
     m = Measurement(
         key=f"scaling-{len(dispatchers)}",
-        system=f"dispatchers: {label}",
+        system=label,
         mode=f"drain {len(names)} queues, limit {config.e2e_limit} each",
         duration_s=config.duration_s,
         ok=len(inside),
