@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gateway import submission
 from gateway.auth import api_key_from
@@ -19,6 +19,8 @@ from gateway.settings import Settings
 from schemas.api import BatchRunRequest, SubmitWorkflowRequest
 
 _JSON = "application/json"
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,6 @@ def _validation_details(exc: ValidationError) -> tuple[str, str, list[dict[str, 
     # Even a body that is not JSON, or not an object, names what is wrong in
     # ``details`` (the field is the body itself), as every other 400 does.
     for e in errors:
-        if e["type"] == "json_invalid":
-            detail = {"field": "body", "message": e["msg"]}
-            return "INVALID_JSON", "The request body is not valid JSON.", [detail]
         if e["type"] == "model_type" and not e["loc"]:
             detail = {"field": "body", "message": "must be a JSON object"}
             return "INVALID_REQUEST", "The request body must be a JSON object.", [detail]
@@ -58,6 +57,27 @@ async def _read_json(request: web.Request, settings: Settings) -> bytes:
         raise _too_large(settings.max_body_bytes) from None
 
 
+def _parse(raw: bytes, model: type[_Model]) -> _Model:
+    """The body as ``model``, or a 400.
+
+    orjson, not pydantic, reads the JSON: it rejects NaN and Infinity (pydantic
+    reads them and they would be stored as null), and whatever it reads it can
+    write again into the envelope.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        detail = {"field": "body", "message": str(exc)}
+        raise ApiError(
+            400, "INVALID_JSON", "The request body is not valid JSON.", [detail]
+        ) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error_type, message, details = _validation_details(exc)
+        raise ApiError(400, error_type, message, details) from None
+
+
 async def submit_workflow(request: web.Request) -> web.Response:
     app = request.app
     settings = app[APP_SETTINGS]
@@ -66,11 +86,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     workflow_id = request.match_info["workflow_id"]
 
     raw = await _read_json(request, settings)
-    try:
-        body = SubmitWorkflowRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        error_type, message, details = _validation_details(exc)
-        raise ApiError(400, error_type, message, details) from None
+    body = _parse(raw, SubmitWorkflowRequest)
     problems, run_timeout, queue_name = submission.check(settings, workflow_id, body)
     if problems:
         raise submission.invalid(problems)
@@ -102,11 +118,7 @@ async def batch_run(request: web.Request) -> web.Response:
     project_id = principal.project_id
 
     raw = await _read_json(request, settings)
-    try:
-        batch = BatchRunRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        error_type, message, details = _validation_details(exc)
-        raise ApiError(400, error_type, message, details) from None
+    batch = _parse(raw, BatchRunRequest)
     items = batch.workflows
     if len(items) > settings.max_batch_items:
         raise submission.invalid(
@@ -129,7 +141,8 @@ async def batch_run(request: web.Request) -> web.Response:
         submission.resolve(
             link,
             project_id,
-            item.deployment_id or batch.deployment_id,
+            # "" names a deployment (an unknown one), as in a single submit.
+            batch.deployment_id if item.deployment_id is None else item.deployment_id,
             item.workflow_id,
             f"workflows.{index}.",
         )

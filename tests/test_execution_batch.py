@@ -131,11 +131,13 @@ async def test_malformed_batches(system: System) -> None:
     ]:
         error = await assert_error(await post(system, body), 400)
         assert field in detail_fields(error), (body, error)
-    await assert_error(
-        await client.post(BATCH, data=b"{", headers={**system.headers, "Content-Type": _JSON}),
-        400,
-        "INVALID_JSON",
-    )
+    for raw in [b"{", b'{"workflows": [{"workflow_id": "echo", "payload": NaN}]}']:
+        error = await assert_error(
+            await client.post(BATCH, data=raw, headers={**system.headers, "Content-Type": _JSON}),
+            400,
+            "INVALID_JSON",
+        )
+        assert detail_fields(error) == ["body"]
     await assert_error(
         await client.post(BATCH, data=b"{}", headers={**system.headers, "Content-Type": "text/x"}),
         415,

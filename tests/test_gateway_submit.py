@@ -189,6 +189,25 @@ async def test_any_json_payload_is_carried_unchanged_null_included(world: World)
     assert [e.payload for e in envelopes] == payloads
 
 
+async def test_integers_beyond_64_bits_are_read_as_json_numbers_not_an_error(
+    world: World,
+) -> None:
+    # What a JSON parser makes of them (a double beyond 64 bits), never a 500.
+    for raw, payload in [
+        (b'{"payload": 18446744073709551615, "queue_name": "payloads"}', 2**64 - 1),
+        (
+            b'{"payload": 123456789012345678901234567890, "queue_name": "payloads"}',
+            1.2345678901234568e29,
+        ),
+    ]:
+        response = await world.client.post(
+            RUN, data=raw, headers={**world.tenant.headers, "Content-Type": "application/json"}
+        )
+        assert response.status == 200, await response.text()
+        [envelope] = await world.take("payloads")
+        assert envelope.payload == payload
+
+
 async def test_execution_ids_are_uuid7_in_submission_order(world: World) -> None:
     answers = [await world.submit({"payload": i, "queue_name": "ordered"}) for i in range(30)]
 

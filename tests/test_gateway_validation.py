@@ -126,7 +126,20 @@ async def test_invalid_field_is_400_naming_it(
     assert field in error["error"]
 
 
-@pytest.mark.parametrize("raw", [b"{", b"", b"{'payload': 1}", b'{"payload": }', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{",
+        b"",
+        b"{'payload': 1}",
+        b'{"payload": }',
+        b"\xff\xfe",
+        # Not JSON, and no JSON value to carry them: never stored as null.
+        b'{"payload": NaN}',
+        b'{"payload": [Infinity, -Infinity]}',
+        b'{"payload": 1e400}',
+    ],
+)
 async def test_malformed_json_is_400(gateway: Client, tenant: Tenant, raw: bytes) -> None:
     response = await gateway.post(
         "/api/v1/workflows/hello/run",
