@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=64, help="HTTP connections (64)")
     parser.add_argument("--client-processes", type=int, default=2, help="load processes (2)")
     parser.add_argument("--warmup", type=float, help="seconds before measuring (2; quick 0.5)")
-    parser.add_argument("--duration", type=float, help="measured seconds (10; quick 2)")
+    parser.add_argument("--duration", type=float, help="measured seconds (10; quick 1.5)")
     parser.add_argument("--repeat", type=int, help="bare/gateway pairs, alternating (2; quick 1)")
     parser.add_argument(
         "--open-loop",
@@ -129,7 +129,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         connections=args.connections,
         client_processes=max(1, min(args.client_processes, args.connections)),
         warmup_s=args.warmup if args.warmup is not None else (0.5 if quick else 2.0),
-        duration_s=args.duration if args.duration is not None else (2.0 if quick else 10.0),
+        duration_s=args.duration if args.duration is not None else (1.5 if quick else 10.0),
         open_loop_fractions=fractions,
         e2e_fractions=_fractions(args.e2e_open_loop),
         queued_submissions=args.queued or (5_000 if quick else 100_000),
