@@ -54,7 +54,7 @@ def _principal(request: web.Request) -> Principal:
 
 def _execution_id(request: web.Request) -> str:
     value = request.match_info["execution_id"]
-    if not _UUID_RE.match(value):
+    if not _UUID_RE.fullmatch(value):
         raise ApiError(
             400,
             "INVALID_EXECUTION_ID",

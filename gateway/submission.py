@@ -69,7 +69,7 @@ def check(
             }
         )
     queue_name = body.queue_name or workflow_id
-    if body.queue_name is None and not _QUEUE_NAME_RE.match(queue_name):
+    if body.queue_name is None and not _QUEUE_NAME_RE.fullmatch(queue_name):
         problems.append(
             {
                 "field": f"{field}queue_name",

@@ -79,6 +79,15 @@ async def test_unknown_execution_is_404_and_a_malformed_id_is_400(system: System
         response = await system.client.get(f"/api/v1/executions/{bad}", headers=system.headers)
         body = await assert_error(response, 400, "INVALID_EXECUTION_ID")
         assert detail_fields(body) == ["execution_id"]
+    # A UUID and a newline: "$" would match before the newline, a full match does not.
+    bad = f"{uuid.uuid4()}%0A"
+    for response in (
+        await system.client.get(f"/api/v1/executions/{bad}", headers=system.headers),
+        await system.client.post(f"/api/v1/executions/{bad}/cancel", headers=system.headers),
+        await system.client.get(f"/api/v1/executions/{bad}/events", headers=system.headers),
+    ):
+        body = await assert_error(response, 400, "INVALID_EXECUTION_ID")
+        assert detail_fields(body) == ["execution_id"]
 
 
 async def test_an_uppercase_id_finds_the_same_execution(system: System) -> None:

@@ -50,6 +50,7 @@ INVALID_FIELDS: list[tuple[dict[str, Any], str]] = [
     ({"payload": 1, "queue_name": "a/b"}, "queue_name"),
     ({"payload": 1, "queue_name": "q" * 129}, "queue_name"),
     ({"payload": 1, "queue_name": ""}, "queue_name"),
+    ({"payload": 1, "queue_name": "abc\n"}, "queue_name"),
     ({"payload": 1, "queue_concurrency_limit": 0}, "queue_concurrency_limit"),
     ({"payload": 1, "queue_concurrency_limit": -3}, "queue_concurrency_limit"),
     ({"payload": 1, "queue_concurrency_limit": INT32_MAX + 1}, "queue_concurrency_limit"),
@@ -182,6 +183,14 @@ async def test_workflow_id_that_is_no_queue_name_needs_an_explicit_queue_name(
 ) -> None:
     response = await gateway.post(
         "/api/v1/workflows/needs%20space/run", json={"payload": 1}, headers=tenant.headers
+    )
+
+    error = await assert_error(response, 400, "VALIDATION_ERROR")
+    assert detail_fields(error) == ["queue_name"]
+
+    # A valid queue name and a newline is not one.
+    response = await gateway.post(
+        "/api/v1/workflows/hello%0A/run", json={"payload": 1}, headers=tenant.headers
     )
 
     error = await assert_error(response, 400, "VALIDATION_ERROR")
