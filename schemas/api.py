@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.dispatch import ExecutionStatus
 
@@ -27,19 +27,31 @@ class SubmitWorkflowRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
     payload: Any = Field(description="Input payload for the workflow (any JSON, null allowed)")
-    deployment_id: str | None = Field(default=None, min_length=1, max_length=255)
+    # "" names a deployment like any other string (an unknown one: 404), not "the latest".
+    deployment_id: str | None = Field(default=None, max_length=255)
     queue_name: QueueName | None = None
     queue_concurrency_limit: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    concurrency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    concurrency_key: str | None = Field(
+        default=None,
+        max_length=255,
+        description="Deduplication key (at most 255 characters); an empty string is no key",
+    )
     run_timeout_seconds: int | None = Field(default=None, ge=1, le=INT32_MAX)
     initial_state: Any = None
-    session_id: str | None = Field(default=None, max_length=255)
-    user_id: str | None = Field(default=None, max_length=255)
-    otel_traceparent: str | None = Field(default=None, max_length=512)
-    parent_execution_id: str | None = Field(default=None, max_length=255)
-    root_execution_id: str | None = Field(default=None, max_length=255)
-    step_key: str | None = Field(default=None, max_length=512)
+    session_id: str | None = None
+    user_id: str | None = None
+    otel_traceparent: str | None = None
+    parent_execution_id: str | None = None
+    root_execution_id: str | None = None
+    step_key: str | None = None
     wait_for_subworkflow: bool | None = None
+    # The pass-through fields (session_id .. step_key) have no length limit of
+    # their own: DESIGN §2 carries them unchanged, and the body limit bounds them.
+
+    @field_validator("concurrency_key")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class SubmitWorkflowResponse(BaseModel):
@@ -82,13 +94,14 @@ class BatchRunRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
     workflows: list[BatchWorkflowItem]
-    deployment_id: str | None = Field(default=None, min_length=1, max_length=255)
-    session_id: str | None = Field(default=None, max_length=255)
-    user_id: str | None = Field(default=None, max_length=255)
-    otel_traceparent: str | None = Field(default=None, max_length=512)
-    parent_execution_id: str | None = Field(default=None, max_length=255)
-    root_execution_id: str | None = Field(default=None, max_length=255)
-    step_key: str | None = Field(default=None, max_length=512)
+    # "" names a deployment like any other string (an unknown one: 404), not "the latest".
+    deployment_id: str | None = Field(default=None, max_length=255)
+    session_id: str | None = None
+    user_id: str | None = None
+    otel_traceparent: str | None = None
+    parent_execution_id: str | None = None
+    root_execution_id: str | None = None
+    step_key: str | None = None
     wait_for_subworkflow: bool | None = None
 
 

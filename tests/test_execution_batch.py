@@ -109,6 +109,16 @@ async def test_an_unknown_workflow_or_deployment_rejects_the_batch(system: Syste
         "DEPLOYMENT_NOT_FOUND",
     )
     assert detail_fields(body) == ["workflows.0.deployment_id"]
+    # "" is an unknown deployment, not the batch's nor the latest.
+    body = await assert_error(
+        await post(
+            system,
+            {"workflows": [{**items[0], "deployment_id": ""}], "deployment_id": "v1"},
+        ),
+        404,
+        "DEPLOYMENT_NOT_FOUND",
+    )
+    assert detail_fields(body) == ["workflows.0.deployment_id"]
     assert not await queue_exists(system.amqp, submit_queue(system.project, queue))
 
 

@@ -163,6 +163,22 @@ async def test_defaults_queue_timeout_and_session(world: World) -> None:
     assert envelopes[0].session_id != envelopes[1].session_id
 
 
+async def test_pass_through_fields_of_any_length_and_an_empty_key(world: World) -> None:
+    long = {
+        "session_id": "s" * 1000,
+        "user_id": "u" * 1000,
+        "otel_traceparent": "t" * 1000,
+        "parent_execution_id": "p" * 1000,
+        "root_execution_id": "r" * 1000,
+        "step_key": "k" * 1000,
+    }
+    await world.submit({"payload": 1, "queue_name": "payloads", "concurrency_key": "", **long})
+
+    [envelope] = await world.take("payloads")
+    assert {name: getattr(envelope, name) for name in long} == long  # carried unchanged
+    assert envelope.concurrency_key is None  # "" is no key: never deduplicated
+
+
 async def test_unknown_fields_are_ignored(world: World) -> None:
     body = {
         "payload": {"n": 1},

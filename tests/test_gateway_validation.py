@@ -197,6 +197,19 @@ async def test_workflow_id_that_is_no_queue_name_needs_an_explicit_queue_name(
     assert detail_fields(error) == ["queue_name"]
 
 
+async def test_an_empty_deployment_id_is_an_unknown_deployment(
+    gateway: Client, tenant: Tenant
+) -> None:
+    # Not "the latest": a client that names a deployment gets that one or a 404.
+    response = await gateway.post(
+        "/api/v1/workflows/hello/run",
+        json={"payload": 1, "deployment_id": ""},
+        headers=tenant.headers,
+    )
+
+    await assert_error(response, 404, "DEPLOYMENT_NOT_FOUND")
+
+
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
 )
