@@ -86,7 +86,12 @@ class Dispatcher:
             else:
                 await self._stop.wait()
         finally:
-            await self.stop(drain=self._drain_on_stop)
+            # A SIGTERM has already asked for the stop: asking again here would
+            # count as a second signal and cut the drain short.
+            if not self._stop.is_set():
+                self.request_stop(drain=self._drain_on_stop)
+            if self._task is not None:
+                await self._task
 
     async def wait_idle(self, *, quiet: float = BURST_QUIET_SECONDS) -> None:
         """Until nothing is pending or held and no message arrived for ``quiet`` seconds."""

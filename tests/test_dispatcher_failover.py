@@ -162,6 +162,8 @@ async def test_sigterm_drains_and_hands_over_without_loss(
     assert await asyncio.to_thread(owner.process.wait, 10) == 0
     assert time.monotonic() - stopped_at < 3
     assert "draining" in owner.output
+    # One SIGTERM drains to the end: nothing is cut short and handed over half-run.
+    assert "still in flight" not in owner.output
     await wait_for_log(standby.log, OWNING, timeout=5)
 
     await event_log.wait_terminal(ids, timeout=30)
