@@ -71,10 +71,13 @@ class Notifier:
             submission=envelope if with_submission else None,
             cancelled_by=cancelled_by,
         )
-        routing_key = event_routing_key(
-            envelope.project_id, envelope.queue_name, envelope.workflow_id, envelope.execution_id
-        )
         try:
+            routing_key = event_routing_key(
+                envelope.project_id,
+                envelope.queue_name,
+                envelope.workflow_id,
+                envelope.execution_id,
+            )
             await self._publishers.pick(envelope.execution_id).publish(
                 routing_key,
                 encode(event),
@@ -88,6 +91,10 @@ class Notifier:
             log.warning(
                 "lifecycle event %s of %s not published: %s", status, envelope.execution_id, exc
             )
+        except Exception:
+            # Best effort all the same: an event that cannot even be encoded must
+            # not keep the settlement that follows it from acknowledging.
+            log.exception("lifecycle event %s of %s not published", status, envelope.execution_id)
 
     async def cancel(
         self, execution_id: str, work_queue: str, reason: Literal["timeout", "user"]
@@ -105,3 +112,5 @@ class Notifier:
             )
         except BrokerError as exc:
             log.warning("cancel of %s not published: %s", execution_id, exc)
+        except Exception:
+            log.exception("cancel of %s not published", execution_id)

@@ -82,16 +82,24 @@ class Runs:
         self._owner.spawn(self._dispatch(execution))
 
     async def _dispatch(self, execution: Execution) -> None:
+        assert execution.announced is not None
+        try:
+            await self._dispatch_and_announce(execution)
+        finally:
+            # Whatever happened, later events of it (its settlement) must not wait
+            # forever for an ``admitted`` that will never come.
+            execution.announced.set()
+
+    async def _dispatch_and_announce(self, execution: Execution) -> None:
         assert execution.dispatch_id is not None
         assert execution.deadline is not None
-        assert execution.announced is not None
-        work = encode_work(
-            dispatch_id=execution.dispatch_id,
-            deadline=execution.deadline,
-            results_queue=self._owner.results_name,
-            submission_raw=execution.raw,
-        )
         try:
+            work = encode_work(
+                dispatch_id=execution.dispatch_id,
+                deadline=execution.deadline,
+                results_queue=self._owner.results_name,
+                submission_raw=execution.raw,
+            )
             # One publish: the work to the work queue, and a copy of it to the
             # results queue as our marker (BCC). The broker stores both or neither,
             # so a successor finds the marker of any work that is out (and does not
@@ -104,22 +112,36 @@ class Runs:
                 copy_to=self._owner.results_name,
             )
         except BrokerError as exc:
-            execution.announced.set()
             if execution.phase is not Phase.TERMINAL:
                 log.error(
                     "%s: dispatch of %s failed: %s", self._owner.name, execution.execution_id, exc
                 )
                 self._owner.links.fail(exc)
             return
-        try:
-            await self._owner.links.notifier.event(
-                ExecutionStatus.ADMITTED,
-                execution.envelope,
-                dispatch_id=execution.dispatch_id,
-                with_submission=True,
-            )
-        finally:
-            execution.announced.set()
+        except Exception as exc:
+            # Not the broker: this work cannot be sent at all (e.g. a name AMQP
+            # cannot carry). Failing the session would requeue it to fail the same
+            # way on every redelivery (resetting the whole dispatcher each time),
+            # so it ends here, failed, with the reason in its event: accepted,
+            # accounted for, acknowledged, never silently lost. The publish had not
+            # reached the broker (its frame could not be built), so no run races it.
+            if execution.phase is not Phase.TERMINAL:
+                log.exception("%s: cannot dispatch %s", self._owner.name, execution.execution_id)
+                self.finish(
+                    execution,
+                    ExecutionStatus.FAILED,
+                    error=ErrorInfo(
+                        type="dispatch_error",
+                        message=f"cannot dispatch: {type(exc).__name__}: {exc}",
+                    ),
+                )
+            return
+        await self._owner.links.notifier.event(
+            ExecutionStatus.ADMITTED,
+            execution.envelope,
+            dispatch_id=execution.dispatch_id,
+            with_submission=True,
+        )
 
     def arm_deadline(self, execution: Execution) -> None:
         if execution.timer is not None:

@@ -7,6 +7,7 @@ Work queues are quorum queues, one per (project, deployment).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 REGISTRY_STREAM = "polos.registry"
@@ -17,6 +18,10 @@ SUBMIT_PREFIX = "polos.submit."
 WORK_PREFIX = "polos.work."
 
 PROJECT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# Bounded so a work queue name (``polos.work.<project>.<deployment>``) always fits
+# AMQP's 255-byte shortstr: 11 + 64 + 1 + 100 bytes.
+DEPLOYMENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,100}$"
+MAX_WORKFLOW_ID_LENGTH = 128
 
 # The longest run_timeout_seconds any deployment may configure. Queue arguments
 # derive from it, and they must be identical in every process that declares a
@@ -90,9 +95,28 @@ RESULTS_QUEUE_ARGUMENTS: dict[str, Any] = {
 }
 
 
+# A word of an event routing key longer than this (UTF-8 bytes) is shortened to
+# its first EVENT_WORD_KEEP bytes + "~" + EVENT_WORD_HASH hex digits of its
+# sha256, so the key always fits AMQP's 255-byte shortstr:
+# 4 words * (40 + 1 + 10) + execution id + 3 dots stays far below it.
+EVENT_WORD_MAX_BYTES = 60
+EVENT_WORD_KEEP = 40
+EVENT_WORD_HASH = 10
+
+
 def _topic_word(value: str) -> str:
     # Topic routing splits on dots; queue names and workflow ids may contain them.
-    return value.replace(".", "_") or "_"
+    word = value.replace(".", "_") or "_"
+    # Cheap test first: a str of n characters is at most 4n UTF-8 bytes.
+    if len(word) * 4 <= EVENT_WORD_MAX_BYTES:
+        return word
+    raw = word.encode()
+    if len(raw) <= EVENT_WORD_MAX_BYTES:
+        return word
+    digest = hashlib.sha256(raw).hexdigest()[:EVENT_WORD_HASH]
+    # Cut on a character boundary: drop a split multi-byte character.
+    head = raw[:EVENT_WORD_KEEP].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execution_id: str) -> str:
@@ -100,9 +124,21 @@ def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execut
 
     Bind ``acme.#`` for a project, ``acme.emails.#`` for a queue,
     ``*.*.summarize.*`` for a workflow, ``#.<execution_id>`` for one execution.
+
+    The key always fits AMQP's 255-byte limit: a word longer than
+    ``EVENT_WORD_MAX_BYTES`` UTF-8 bytes (after the dot replacement) becomes its
+    first ``EVENT_WORD_KEEP`` bytes (whole characters), ``~``, and the first
+    ``EVENT_WORD_HASH`` hex digits of the sha256 of the whole word. That is
+    deterministic, so a binding on such a long name uses the shortened form
+    (this function gives it); the event body carries the exact values.
     """
     return ".".join(
-        (_topic_word(project_id), _topic_word(queue_name), _topic_word(workflow_id), execution_id)
+        (
+            _topic_word(project_id),
+            _topic_word(queue_name),
+            _topic_word(workflow_id),
+            _topic_word(execution_id),
+        )
     )
 
 
