@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.auth import create_key, revoke_key
 from gateway.settings import Settings
+from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         print(f"no key {args.id}", file=sys.stderr)
         return 1
+    problem = _deployment_problem(args.project, args.deployment, args.workflows)
+    if problem is not None:
+        print(f"cannot register: {problem}", file=sys.stderr)
+        return 2
     asyncio.run(
         register_deployment(
             settings.amqp_url.get_secret_value(), args.project, args.deployment, args.workflows
@@ -78,3 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"registered {args.project}/{args.deployment}: {', '.join(args.workflows)}")
     return 0
+
+
+def _deployment_problem(project: str, deployment: str, workflows: Sequence[str]) -> str | None:
+    """What makes these names unregistrable (the registry event would refuse them)."""
+    if not re.fullmatch(PROJECT_ID_PATTERN, project):
+        return f"project id {project!r} must match {PROJECT_ID_PATTERN}"
+    if not re.fullmatch(DEPLOYMENT_ID_PATTERN, deployment):
+        return f"deployment id {deployment!r} must match {DEPLOYMENT_ID_PATTERN}"
+    for workflow in workflows:
+        if not 0 < len(workflow) <= MAX_WORKFLOW_ID_LENGTH:
+            return (
+                f"workflow id of {len(workflow)} characters: 1 to "
+                f"{MAX_WORKFLOW_ID_LENGTH} are allowed"
+            )
+    return None

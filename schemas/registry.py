@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+
+from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
 
 
 class _Event(BaseModel):
@@ -21,11 +23,18 @@ class _Event(BaseModel):
     at: str = Field(description="RFC 3339 UTC time the event was written")
 
 
+WorkflowId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_WORKFLOW_ID_LENGTH)]
+
+
 class DeploymentRegistered(_Event):
+    """Bounded names, so the deployment's work queue name (and every name derived
+    from them) fits AMQP's 255-byte limit; an older, longer event is skipped on
+    replay (it could never have been dispatched)."""
+
     type: Literal["deployment_registered"] = "deployment_registered"
-    project_id: str
-    deployment_id: str
-    workflows: tuple[str, ...]
+    project_id: str = Field(pattern=PROJECT_ID_PATTERN)
+    deployment_id: str = Field(pattern=DEPLOYMENT_ID_PATTERN)
+    workflows: tuple[WorkflowId, ...]
 
 
 class QueueDeclared(_Event):

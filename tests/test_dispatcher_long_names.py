@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection
+from pydantic import ValidationError
 
 from schemas.dispatch import ExecutionStatus
+from schemas.registry import DeploymentRegistered
 from schemas.topology import event_routing_key, results_queue, submit_queue
 from tests.conftest import DispatcherFactory, queue_depth
 from tests.dispatcher_support import DEPLOYMENT, EventLog, QueueKit
@@ -79,3 +81,21 @@ async def test_executions_of_the_longest_queue_and_workflow_names_complete_and_a
     await dispatcher.stop()  # whatever it did not acknowledge is back in the queues now
     assert await queue_depth(amqp, submit_queue(queue_kit.project, LONG_QUEUE)) == 0
     assert await queue_depth(amqp, results_queue(queue_kit.project, LONG_QUEUE)) == 0
+
+
+def test_registering_names_too_long_for_a_work_queue_is_refused_with_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.cli import main
+
+    with pytest.raises(ValidationError):
+        DeploymentRegistered(at="x", project_id="acme", deployment_id="d" * 101, workflows=("a",))
+    with pytest.raises(ValidationError):
+        DeploymentRegistered(at="x", project_id="acme", deployment_id="v1", workflows=("w" * 129,))
+
+    argv = ["deployments", "register", "--project", "acme", "--deployment", "d" * 101]
+    assert main([*argv, "--workflow", "a"]) == 2
+    assert "deployment id" in capsys.readouterr().err
+    argv = ["deployments", "register", "--project", "acme", "--deployment", "v1"]
+    assert main([*argv, "--workflow", "w" * 129]) == 2
+    assert "workflow id of 129 characters" in capsys.readouterr().err

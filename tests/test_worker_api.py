@@ -71,3 +71,15 @@ def test_cli_target_must_name_a_worker() -> None:
         load("tests.workflows:nothing_here")
     with pytest.raises(SystemExit, match=r"not a worker\.Worker"):
         load("tests.workflows:WORKFLOWS")
+
+
+def test_names_too_long_for_a_work_queue_are_refused() -> None:
+    longest = Worker(project="p" * 64, deployment="d" * 100)
+    assert len(longest.work_queue.encode()) <= 255
+    with pytest.raises(ValueError, match="invalid deployment id"):
+        Worker(project="acme", deployment="d" * 101)
+    with pytest.raises(ValueError, match="invalid deployment id"):
+        Worker(project="acme", deployment="has space")
+    longest.add_workflow("w" * 128, noop)
+    with pytest.raises(ValueError, match="at most 128"):
+        longest.add_workflow("w" * 129, noop)

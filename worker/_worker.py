@@ -17,7 +17,12 @@ from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
-from schemas.topology import PROJECT_ID_PATTERN, work_queue
+from schemas.topology import (
+    DEPLOYMENT_ID_PATTERN,
+    MAX_WORKFLOW_ID_LENGTH,
+    PROJECT_ID_PATTERN,
+    work_queue,
+)
 from worker._consumer import Consumer
 from worker._runner import Handler
 from worker._settings import WorkerSettings
@@ -47,8 +52,10 @@ class Worker:
     ) -> None:
         if not re.fullmatch(PROJECT_ID_PATTERN, project):
             raise ValueError(f"invalid project id {project!r}")
-        if not deployment:
-            raise ValueError("deployment must not be empty")
+        if not re.fullmatch(DEPLOYMENT_ID_PATTERN, deployment):
+            raise ValueError(
+                f"invalid deployment id {deployment!r}: it must match {DEPLOYMENT_ID_PATTERN}"
+            )
         updates: dict[str, object] = {}
         if concurrency is not None:
             updates["worker_concurrency"] = concurrency
@@ -94,6 +101,11 @@ class Worker:
     def add_workflow(self, workflow_id: str, handler: Handler) -> None:
         if not workflow_id:
             raise ValueError("workflow_id must not be empty")
+        if len(workflow_id) > MAX_WORKFLOW_ID_LENGTH:
+            raise ValueError(
+                f"workflow id of {len(workflow_id)} characters: at most "
+                f"{MAX_WORKFLOW_ID_LENGTH} are allowed"
+            )
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"workflow {workflow_id!r}: the handler must be an async function")
         if workflow_id in self._workflows:
