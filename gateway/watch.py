@@ -136,6 +136,10 @@ class Watch:
                     # The channel is gone; so is the binding once the queue goes.
                     log.debug("unbinding %s failed: %r", execution_id, exc)
             watched.bound = False
+            if watched.subscriptions:
+                # A stream joined while we were unbinding: it waits for this
+                # lock and binds again, in this entry, which must stay.
+                return
             if self._watched.get(execution_id) is watched:
                 del self._watched[execution_id]
 
