@@ -97,21 +97,23 @@ RESULTS_QUEUE_ARGUMENTS: dict[str, Any] = {
 
 # A word of an event routing key longer than this (UTF-8 bytes) is shortened to
 # its first EVENT_WORD_KEEP bytes + "~" + EVENT_WORD_HASH hex digits of its
-# sha256, so the key always fits AMQP's 255-byte shortstr:
-# 4 words * (40 + 1 + 10) + execution id + 3 dots stays far below it.
-EVENT_WORD_MAX_BYTES = 60
+# sha256, so the key always fits AMQP's 255-byte shortstr: 3 * 64 + 60 (the
+# execution id's own bound, far above a 36-byte UUID) + 3 dots = 255. 64 keeps
+# every valid project id (<= 64 characters) whole.
+EVENT_WORD_MAX_BYTES = 64
+EVENT_ID_MAX_BYTES = 60
 EVENT_WORD_KEEP = 40
 EVENT_WORD_HASH = 10
 
 
-def _topic_word(value: str) -> str:
+def _topic_word(value: str, limit: int = EVENT_WORD_MAX_BYTES) -> str:
     # Topic routing splits on dots; queue names and workflow ids may contain them.
     word = value.replace(".", "_") or "_"
     # Cheap test first: a str of n characters is at most 4n UTF-8 bytes.
-    if len(word) * 4 <= EVENT_WORD_MAX_BYTES:
+    if len(word) * 4 <= limit:
         return word
     raw = word.encode()
-    if len(raw) <= EVENT_WORD_MAX_BYTES:
+    if len(raw) <= limit:
         return word
     digest = hashlib.sha256(raw).hexdigest()[:EVENT_WORD_HASH]
     # Cut on a character boundary: drop a split multi-byte character.
@@ -126,7 +128,8 @@ def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execut
     ``*.*.summarize.*`` for a workflow, ``#.<execution_id>`` for one execution.
 
     The key always fits AMQP's 255-byte limit: a word longer than
-    ``EVENT_WORD_MAX_BYTES`` UTF-8 bytes (after the dot replacement) becomes its
+    ``EVENT_WORD_MAX_BYTES`` UTF-8 bytes (after the dot replacement; 60 for the
+    execution id, so never a generated one) becomes its
     first ``EVENT_WORD_KEEP`` bytes (whole characters), ``~``, and the first
     ``EVENT_WORD_HASH`` hex digits of the sha256 of the whole word. That is
     deterministic, so a binding on such a long name uses the shortened form
@@ -137,7 +140,7 @@ def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execut
             _topic_word(project_id),
             _topic_word(queue_name),
             _topic_word(workflow_id),
-            _topic_word(execution_id),
+            _topic_word(execution_id, EVENT_ID_MAX_BYTES),
         )
     )
 

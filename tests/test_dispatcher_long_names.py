@@ -35,7 +35,9 @@ def test_event_routing_key_fits_for_the_longest_names_and_is_stable() -> None:
     assert key == event_routing_key(project, queue, workflow, execution_id)
     words = key.split(".")
     assert len(words) == 4
+    assert words[0] == project  # every valid project id stays whole: `<project>.#` binds
     assert words[-1] == execution_id
+    assert len(event_routing_key("é" * 64, queue, workflow, "é" * 400).encode()) <= 255
     assert words[1] != event_routing_key(project, queue + "é", workflow, execution_id).split(".")[1]
     # Short names are left as they were: existing bindings keep working.
     assert event_routing_key("acme", "emails.eu", "summarize", execution_id) == (
