@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
         help="submissions queued for the dispatcher memory check (100000; quick 5000)",
     )
     parser.add_argument(
+        "--status-records",
+        type=int,
+        help="records the status reads cycle through (5000; quick 500)",
+    )
+    parser.add_argument("--batch-size", type=int, default=100, help="items per batch_run (100)")
+    parser.add_argument(
+        "--recorder-events", type=int, help="events queued for the recorder (20000; quick 2000)"
+    )
+    parser.add_argument(
+        "--recorder-processes",
+        help="recorder processes, one run each, comma-separated (1,2; quick 1)",
+    )
+    parser.add_argument(
         "--scaling-queues", type=int, default=16, help="queues in the dispatcher scaling runs"
     )
     parser.add_argument(
@@ -134,6 +147,12 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         e2e_fractions=_fractions(args.e2e_open_loop),
         queued_submissions=args.queued or (5_000 if quick else 100_000),
         scaling_queues=args.scaling_queues,
+        status_records=args.status_records or (500 if quick else 5_000),
+        batch_size=args.batch_size,
+        recorder_events=args.recorder_events or (2_000 if quick else 20_000),
+        recorder_processes=tuple(
+            int(n) for n in (args.recorder_processes or ("1" if quick else "1,2")).split(",")
+        ),
         celery_pool=args.celery_pool,
         celery_concurrency=args.celery_concurrency,
         worker_concurrency=args.worker_concurrency,

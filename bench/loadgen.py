@@ -25,11 +25,17 @@ Every request carries the time it was (meant to be) sent: a body holding
 intended time in open loop), so a worker that runs the submission can tell
 how long it took from the client to it. Connection ``i`` sends
 ``bodies[i % len(bodies)]``: one body per queue spreads load over queues.
+
+``method`` and ``paths`` make other requests: with ``paths`` (e.g. one status
+read per existing execution), connection ``i`` cycles through its share of
+them (``paths[i::connections]``), each request prepared once as bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -63,36 +69,41 @@ class LoadSpec:
     rate: float | None = None  # open loop (requests/s, all processes together) when set
     engine: str = "raw"
     index: int = 0
+    method: str = "POST"
+    # When set, each connection cycles through its share of these instead of ``path``.
+    paths: tuple[str, ...] = ()
 
     def share(self, index: int) -> LoadSpec:
-        return LoadSpec(
-            self.targets,
-            self.path,
-            self.headers,
-            self.bodies,
-            self.connections,
-            self.processes,
-            self.rate,
-            self.engine,
-            index,
-        )
+        return dataclasses.replace(self, index=index)
 
-    def my_connections(self) -> list[tuple[HttpTarget, bytes]]:
-        """Target and body of each connection of this process; connections spread evenly
-        (connection ``i`` of all processes together goes to ``targets[i % len]`` with
-        ``bodies[i % len]``)."""
+    def my_connections(self) -> list[tuple[HttpTarget, bytes, tuple[str, ...]]]:
+        """Target, body and paths of each connection of this process; connections spread
+        evenly (connection ``i`` of all processes together goes to ``targets[i % len]`` with
+        ``bodies[i % len]`` and ``paths[i::connections]``, or ``path``)."""
         mine = range(self.index, self.connections, self.processes)
         return [
-            (self.targets[i % len(self.targets)], self.bodies[i % len(self.bodies)]) for i in mine
+            (
+                self.targets[i % len(self.targets)],
+                self.bodies[i % len(self.bodies)],
+                self._paths_of(i),
+            )
+            for i in mine
         ]
+
+    def _paths_of(self, i: int) -> tuple[str, ...]:
+        if not self.paths:
+            return (self.path,)
+        return self.paths[i % len(self.paths) :: self.connections]
 
     def my_rate(self) -> float:
         assert self.rate is not None
         return self.rate / self.processes
 
 
-def request_bytes(target: HttpTarget, spec: LoadSpec, body: bytes) -> bytes:
-    head = [f"POST {spec.path} HTTP/1.1", f"Host: {target.host}:{target.port}"]
+def request_bytes(
+    target: HttpTarget, spec: LoadSpec, body: bytes, path: str | None = None
+) -> bytes:
+    head = [f"{spec.method} {path or spec.path} HTTP/1.1", f"Host: {target.host}:{target.port}"]
     head += [f"{name}: {value}" for name, value in spec.headers]
     head.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
@@ -188,10 +199,18 @@ class _Client:
 
 
 class _RawClient(_Client):
-    def __init__(self, target: HttpTarget, spec: LoadSpec, body: bytes) -> None:
+    def __init__(
+        self, target: HttpTarget, spec: LoadSpec, body: bytes, paths: tuple[str, ...]
+    ) -> None:
         self._target = target
-        self._payload = request_bytes(target, spec, body)
+        self._payload = request_bytes(target, spec, body, paths[0])
         self._parts = split_stamp(self._payload)
+        # Several paths: cycle through them (no stamp: these are reads).
+        self._cycle = (
+            itertools.cycle([request_bytes(target, spec, body, p) for p in paths])
+            if len(paths) > 1
+            else None
+        )
         self._conn: _RawConnection | None = None
 
     async def send(self, sent_at: float) -> int:
@@ -202,6 +221,8 @@ class _RawClient(_Client):
                 _RawConnection, self._target.host, self._target.port
             )
             self._conn = conn
+        if self._cycle is not None:
+            return await conn.request(next(self._cycle))
         parts = self._parts
         if parts is None:
             return await conn.request(self._payload)
@@ -213,12 +234,20 @@ class _RawClient(_Client):
 
 
 class _AiohttpClient(_Client):
-    def __init__(self, target: HttpTarget, spec: LoadSpec, body: bytes, session: object) -> None:
+    def __init__(
+        self,
+        target: HttpTarget,
+        spec: LoadSpec,
+        body: bytes,
+        paths: tuple[str, ...],
+        session: object,
+    ) -> None:
         import aiohttp
 
         assert isinstance(session, aiohttp.ClientSession)
         self._session = session
-        self._url = f"http://{target.host}:{target.port}{spec.path}"
+        self._method = spec.method
+        self._urls = itertools.cycle([f"http://{target.host}:{target.port}{p}" for p in paths])
         self._headers = dict(spec.headers)
         self._body = body
         self._parts = split_stamp(body)
@@ -226,7 +255,9 @@ class _AiohttpClient(_Client):
     async def send(self, sent_at: float) -> int:
         parts = self._parts
         body = self._body if parts is None else parts[0] + stamp(sent_at) + parts[1]
-        async with self._session.post(self._url, data=body, headers=self._headers) as resp:
+        url = next(self._urls)
+        request = self._session.request(self._method, url, data=body, headers=self._headers)
+        async with request as resp:
             await resp.read()
             return resp.status
 
@@ -332,9 +363,9 @@ async def _run(spec: LoadSpec, conn: Connection) -> WorkerReport:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False),
             timeout=aiohttp.ClientTimeout(total=60),
         )
-        clients: list[_Client] = [_AiohttpClient(t, spec, b, session) for t, b in connections]
+        clients: list[_Client] = [_AiohttpClient(t, spec, b, p, session) for t, b, p in connections]
     else:
-        clients = [_RawClient(t, spec, b) for t, b in connections]
+        clients = [_RawClient(t, spec, b, p) for t, b, p in connections]
     report = WorkerReport()
     try:
         window = await wait_for_window(conn)

@@ -61,6 +61,12 @@ class BenchConfig:
     scaling_queues: int = 16
     celery_pool: str = "prefork"
     celery_concurrency: int = 2
+    # Issue 4: records the status reads cycle through, items per batch_run, events queued
+    # for the recorder, and how many recorder processes drain them (one run each).
+    status_records: int = 5_000
+    batch_size: int = 100
+    recorder_events: int = 20_000
+    recorder_processes: tuple[int, ...] = (1, 2)
 
 
 def request_body(queue_name: str, *, limit: int | None = None) -> bytes:
@@ -131,6 +137,12 @@ class Run:
     _tenant: Tenant | None = None
     _phase: int = 0
 
+    @property
+    def redis_prefix(self) -> str:
+        """The run's own Redis key prefix (its gateways read the execution store there);
+        its keys are deleted at the end of the run."""
+        return f"bench:{self.run_id}:"
+
     def next_queue(self) -> str:
         """A fresh queue_name per phase: each starts on an empty queue."""
         self._phase += 1
@@ -191,6 +203,9 @@ class HttpPhase:
     # Other processes under test (dispatcher, worker, ...): CPU and memory per role.
     others: Mapping[str, Sequence[int]] = field(default_factory=dict)
     live_extra: LiveText | None = None
+    path: str = PATH
+    method: str = "POST"
+    paths: tuple[str, ...] = ()  # cycled through per connection instead of ``path``
 
 
 @dataclass
@@ -207,13 +222,15 @@ async def measure_http(run: Run, phase: HttpPhase) -> HttpResult:
         server.check_alive()
     spec = LoadSpec(
         targets=tuple(HttpTarget("127.0.0.1", s.port) for s in phase.servers),
-        path=PATH,
+        path=phase.path,
         headers=phase.headers,
         bodies=phase.bodies,
         connections=config.connections,
         processes=config.client_processes,
         rate=phase.rate,
         engine=config.engine,
+        method=phase.method,
+        paths=phase.paths,
     )
     server_pids = [p for s in phase.servers for p in s.pids()]
     roles: dict[str, Sequence[int]] = {phase.role: server_pids, **phase.others}

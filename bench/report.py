@@ -24,7 +24,7 @@ import orjson
 
 from bench.stats import Measurement
 
-_SUT_ROLES = ("gateway", "server", "publisher", "dispatcher", "worker", "celery")
+_SUT_ROLES = ("gateway", "server", "publisher", "dispatcher", "worker", "celery", "recorder")
 _PACKAGES = ("aiohttp", "aio-pika", "aiormq", "orjson", "fastapi", "uvicorn", "celery", "kombu")
 
 
@@ -257,6 +257,42 @@ def scaling_table(ms: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+_STORE_UNITS = {"status-reads": "reads", "batch-submit": "submissions"}
+
+
+def store_table(ms: Sequence[Measurement]) -> str:
+    """Issue 4: status reads/s, batch submissions/s beside single submits, recorder events/s.
+
+    CPU per unit: per read, per submission (not per batch request), per event recorded.
+    """
+    rows = [m for m in ms if m.key in _STORE_UNITS or m.key.startswith("recorder-")]
+    if not rows:
+        return ""
+    single = _median([m.rate for m in _closed(ms, "gateway-1")])
+    lines = [
+        "| system | load | per second | p50 ms | p99 ms | not ok "
+        "| CPU us per unit: SUT / broker | cores: SUT / broker / loadgen / other "
+        "| x single submits |",
+        "|---|---|---|---:|---:|---|---|---|---:|",
+    ]
+    for m in rows:
+        per = float(m.extra.get("batch_size", 1))
+        units = m.rate * per
+        sut_us, broker_us = cpu_us_per_ok(m)
+        if m.key == "batch-submit":
+            figure = f"{units:,.0f} submissions ({m.rate:,.0f} requests)"
+            x_single = _ratio(units, single)
+        else:
+            figure = f"{units:,.0f} {_STORE_UNITS.get(m.key, 'events')}"
+            x_single = "-"
+        lines.append(
+            f"| {m.system} | {m.mode} | {figure} | {_ms(m.p50_ms)} | {_ms(m.p99_ms)} "
+            f"| {_not_ok(m)} | {sut_us / per:.0f} / {broker_us / per:.0f} | {_cores(m)} "
+            f"| {x_single} |"
+        )
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str
@@ -335,6 +371,7 @@ def markdown_report(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]])
     parts = [
         ("Submissions", submissions_table(ms)),
         ("Latency below saturation, open loop", latency_table(ms)),
+        ("Status reads, batch submits, recorder", store_table(ms)),
         ("End to end", e2e_table(ms)),
         ("Memory", memory_table(ms, memory)),
         ("Dispatcher scaling", scaling_table(ms)),

@@ -103,6 +103,10 @@ class ServerProcess:
         assert self._process is not None
         return self._process.pid
 
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
     def pids(self) -> list[int]:
         """The process and its children (a Celery pool's processes)."""
         return process_tree(self.pid)

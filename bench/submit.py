@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import shutil
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from bench import cpu
@@ -39,6 +39,9 @@ from bench.servers import (
 )
 from bench.stats import Measurement, summarize
 from schemas.topology import submit_queue
+
+# More phases on the gateway of ``gateway_vs_bare`` (status reads, batch submits).
+Then = Callable[[Sequence[ServerProcess]], Awaitable[None]]
 
 _BARE = {
     "aio-pika": ("bare-publish", "bare aio-pika confirmed publish"),
@@ -137,7 +140,7 @@ async def gateways(run: Run, count: int) -> AsyncIterator[list[ServerProcess]]:
             amqp_url=run.amqp_url,
             tenant=tenant,
             directory=run.directory,
-            extra_env=run.config.gateway_env,
+            extra_env={"POLOS_REDIS_KEY_PREFIX": run.redis_prefix, **run.config.gateway_env},
             uvloop=run.config.uvloop,
             tree=run.config.gateway_tree,
         )
@@ -147,8 +150,9 @@ async def gateways(run: Run, count: int) -> AsyncIterator[list[ServerProcess]]:
         yield servers
 
 
-async def gateway_vs_bare(run: Run, *, with_bare: bool) -> None:
-    """Gateway, one process: alternating with the bare loop, then open loop below saturation."""
+async def gateway_vs_bare(run: Run, *, with_bare: bool, then: Then | None = None) -> None:
+    """Gateway, one process: alternating with the bare loop, then open loop below saturation
+    (and ``then``, more phases on the same gateway)."""
     config = run.config
     async with gateways(run, 1) as servers:
         saturation: list[float] = []
@@ -169,10 +173,12 @@ async def gateway_vs_bare(run: Run, *, with_bare: bool) -> None:
                 rate=fraction_rate(best, fraction),
             )
             m.extra["fraction_of_saturation"] = fraction
+        if then is not None:
+            await then(servers)
 
 
-async def gateway_1(run: Run) -> None:
-    await gateway_vs_bare(run, with_bare=False)
+async def gateway_1(run: Run, then: Then | None = None) -> None:
+    await gateway_vs_bare(run, with_bare=False, then=then)
 
 
 async def gateway_per_core(run: Run) -> None:

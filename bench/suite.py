@@ -23,10 +23,10 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import dispatchers, e2e, submit
+from bench import dispatchers, e2e, reads, submit
 from bench.phase import BenchConfig, Run
 from bench.progress import Progress
-from bench.servers import delete_queues
+from bench.servers import ServerProcess, delete_queues
 from bench.vhost import own_vhost
 
 SYSTEMS: dict[str, str] = {
@@ -40,11 +40,16 @@ SYSTEMS: dict[str, str] = {
     "e2e": "ours end to end: gateway -> dispatcher -> worker",
     "dispatcher-memory": "dispatcher RSS with a deep backlog",
     "scaling": "executions/s with 1 vs 2 dispatchers over many queues",
+    "status-reads": "GET /api/v1/executions/{id} from the gateway, records that exist",
+    "batch-submit": "POST /api/v1/workflows/batch_run, submissions/s",
+    "recorder": "the recorder's events/s draining a queue of lifecycle events",
 }
 GROUPS: dict[str, tuple[str, ...]] = {
     # Issue 2: the gateway against the broker's limit, one process and one per core.
     "gateway": ("bare-publish", "gateway-1", "gateway-per-core", "bare-publish-ours"),
     "end-to-end": ("e2e", "peer-e2e", "dispatcher-memory", "scaling"),
+    # Issue 4: status reads, batch submits, the recorder.
+    "store": ("status-reads", "batch-submit", "recorder"),
     "all": tuple(SYSTEMS),
 }
 _OURS = ("broker", "schemas", "gateway", "dispatcher", "worker")
@@ -85,17 +90,28 @@ def expected_phases(config: BenchConfig, systems: Sequence[str]) -> int:
         "e2e": e2e_runs + (1 if config.profile else 0),
         "dispatcher-memory": 1,
         "scaling": len(_scaling_configs(config)),
+        "status-reads": 2,
+        "batch-submit": 1,
+        "recorder": len(config.recorder_processes),
     }
     return sum(count[s] for s in systems)
 
 
 async def _run_systems(run: Run, chosen: list[str]) -> None:
     config = run.config
+    extras = [s for s in ("status-reads", "batch-submit") if s in chosen]
+
+    async def then(servers: Sequence[ServerProcess]) -> None:
+        await reads.gateway_extras(run, servers, extras)
+
     if "gateway-1" in chosen and "bare-publish" in chosen:
         # Back to back, alternating: the ratio is the figure.
-        await submit.gateway_vs_bare(run, with_bare=True)
+        await submit.gateway_vs_bare(run, with_bare=True, then=then)
     elif "gateway-1" in chosen:
-        await submit.gateway_1(run)
+        await submit.gateway_1(run, then=then)
+    elif extras:
+        async with submit.gateways(run, 1) as servers:
+            await then(servers)
     elif "bare-publish" in chosen:
         for _ in range(config.repeat):
             await submit.bare_publish(run)
@@ -120,6 +136,8 @@ async def _run_systems(run: Run, chosen: list[str]) -> None:
             if "dispatcher-memory" in chosen:
                 project = (await run.tenant()).project_id
                 await dispatchers.backlog_memory(run, pipe.roles["dispatcher"], project)
+    if "recorder" in chosen:
+        await reads.recorder_runs(run)
     if "scaling" in chosen:
         project = (await run.tenant()).project_id
         async with dispatchers.scaling_worker(run, project) as (worker, records):
@@ -140,6 +158,8 @@ async def run_suite(config: BenchConfig, systems: Sequence[str], progress: Progr
             if vhost is None:
                 with contextlib.suppress(Exception):
                     await delete_queues(url, list(dict.fromkeys(run.queues)))
+            with contextlib.suppress(Exception):
+                await reads.delete_keys(run.redis_prefix)
             if config.keep_logs is None:
                 shutil.rmtree(directory, ignore_errors=True)
             else:

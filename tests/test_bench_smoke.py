@@ -22,12 +22,15 @@ EXPECTED = {
     "e2e",
     "scaling-1",
     "scaling-2",
+    "status-reads",
+    "batch-submit",
+    "recorder-1",
 }
 
 
 def test_quick_benchmark_measures_every_system(tmp_path: Path, amqp_url: str) -> None:
     output = tmp_path / "result.json"
-    tiny = ["--warmup", "0.3", "--duration", "1", "--connections", "4", "--client-processes", "1"]
+    tiny = ["--warmup", "0.3", "--duration", "0.8", "--connections", "4", "--client-processes", "1"]
     tiny += ["--queued", "300", "--scaling-queues", "4", "--open-loop", "", "--e2e-open-loop", ""]
     where = ["--output", str(output), "--amqp-url", amqp_url]
     completed = subprocess.run(
@@ -44,5 +47,6 @@ def test_quick_benchmark_measures_every_system(tmp_path: Path, amqp_url: str) ->
     assert measured >= EXPECTED, completed.stderr
     assert any("queued" in entry["state"] for entry in result["memory"])
     assert "### End to end" in completed.stdout
+    assert "### Status reads, batch submits, recorder" in completed.stdout
     assert output.with_suffix(".png").stat().st_size > 0
     assert output.with_suffix(".md").read_text().startswith("### Submissions")
