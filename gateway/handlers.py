@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Any, TypeVar
 
 import orjson
@@ -17,6 +16,7 @@ from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP
 from gateway.errors import ApiError
 from gateway.settings import Settings
 from schemas.api import BatchRunRequest, SubmitWorkflowRequest
+from schemas.ids import new_session_id
 
 _JSON = "application/json"
 
@@ -150,7 +150,7 @@ async def batch_run(request: web.Request) -> web.Response:
     ]
     submission.require_broker(link, settings)
     # One session for the whole batch unless it names one (as Polos does per submit).
-    session_id = batch.session_id or str(uuid.uuid4())
+    session_id = batch.session_id or new_session_id()
     stamped = [
         submission.stamp(
             project_id=project_id,

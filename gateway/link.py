@@ -13,7 +13,6 @@ import contextlib
 import logging
 
 from aio_pika.abc import AbstractRobustConnection
-from yarl import URL
 
 from broker.connection import connect_robust
 from broker.publisher import ConfirmedPublisher
@@ -81,7 +80,11 @@ class BrokerLink:
         while True:
             connection: AbstractRobustConnection | None = None
             try:
-                connection = await connect_robust(_robust_url(settings), "gateway")
+                connection = await connect_robust(
+                    settings.amqp_url.get_secret_value(),
+                    "gateway",
+                    reconnect_interval=settings.reconnect_interval_seconds,
+                )
                 publisher = ConfirmedPublisher(
                     connection,
                     confirm_timeout=settings.confirm_timeout_seconds,
@@ -120,15 +123,3 @@ class BrokerLink:
             )
             log.info("connected to the broker")
             return
-
-
-def _robust_url(settings: Settings) -> str:
-    """The broker URL with our reconnect interval, unless the URL sets one.
-
-    aio-pika's robust connection retries every 5 s by default: after the broker
-    came back, a gateway went on answering 503 for up to 5 s.
-    """
-    url = URL(settings.amqp_url.get_secret_value())
-    if "reconnect_interval" in url.query:
-        return str(url)
-    return str(url.update_query(reconnect_interval=settings.reconnect_interval_seconds))

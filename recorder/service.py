@@ -31,7 +31,6 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
-from yarl import URL
 
 from broker.connection import connect_robust
 from broker.deadletter import dead_letter
@@ -52,14 +51,6 @@ _ACK_ERRORS = (
     ConnectionError,
     RuntimeError,
 )
-
-
-def _amqp_url(settings: RecorderSettings) -> str:
-    """The URL with our reconnect interval, unless it sets one (aio-pika's default is 5 s)."""
-    url = URL(settings.amqp_url.get_secret_value())
-    if "reconnect_interval" in url.query:
-        return str(url)
-    return str(url.update_query(reconnect_interval=str(settings.reconnect_interval_seconds)))
 
 
 @dataclass(slots=True)
@@ -135,7 +126,11 @@ class Recorder:
         )
         try:
             if self._connection is None:
-                self._connection = await connect_robust(_amqp_url(settings), "recorder")
+                self._connection = await connect_robust(
+                    settings.amqp_url.get_secret_value(),
+                    "recorder",
+                    reconnect_interval=settings.reconnect_interval_seconds,
+                )
             self._publisher = ConfirmedPublisher(self._connection, confirm_timeout=10.0, channels=1)
             await self._publisher.start()
             self._channel = await self._connection.channel()

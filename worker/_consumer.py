@@ -33,7 +33,6 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic import ValidationError
-from yarl import URL
 
 from broker.connection import connect_robust
 from broker.errors import BrokerError, Unroutable
@@ -110,16 +109,13 @@ class Consumer:
 
     async def start(self) -> None:
         """Connect, register and consume; retries until the broker answers."""
-        # The robust connection's own reconnect interval (aio-pika reads it
-        # from the URL) follows ours unless the URL sets it.
-        url = URL(self._amqp_url)
-        if "reconnect_interval" not in url.query:
-            url = url.update_query(reconnect_interval=str(self._reconnect_interval))
         while True:
             connection: AbstractRobustConnection | None = None
             try:
                 connection = await connect_robust(
-                    str(url), f"worker-{self._project}-{self._deployment}"
+                    self._amqp_url,
+                    f"worker-{self._project}-{self._deployment}",
+                    reconnect_interval=self._reconnect_interval,
                 )
                 await self._setup(connection)
                 self._connection = connection
