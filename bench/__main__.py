@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=100, help="items per batch_run (100)")
     parser.add_argument(
+        "--batch-connections", type=int, default=8, help="connections sending batches (8)"
+    )
+    parser.add_argument(
         "--recorder-events", type=int, help="events queued for the recorder (20000; quick 2000)"
     )
     parser.add_argument(
@@ -149,6 +152,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         scaling_queues=args.scaling_queues,
         status_records=args.status_records or (500 if quick else 5_000),
         batch_size=args.batch_size,
+        batch_connections=max(1, min(args.batch_connections, args.connections)),
         recorder_events=args.recorder_events or (2_000 if quick else 20_000),
         recorder_processes=tuple(
             int(n) for n in (args.recorder_processes or ("1" if quick else "1,2")).split(",")

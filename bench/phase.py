@@ -5,6 +5,7 @@ one measured HTTP phase (load processes, CPU per role, memory, live figures).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class BenchConfig:
     # for the recorder, and how many recorder processes drain them (one run each).
     status_records: int = 5_000
     batch_size: int = 100
+    batch_connections: int = 8
     recorder_events: int = 20_000
     recorder_processes: tuple[int, ...] = (1, 2)
 
@@ -206,6 +208,7 @@ class HttpPhase:
     path: str = PATH
     method: str = "POST"
     paths: tuple[str, ...] = ()  # cycled through per connection instead of ``path``
+    connections: int | None = None  # instead of the configured number
 
 
 @dataclass
@@ -220,13 +223,15 @@ async def measure_http(run: Run, phase: HttpPhase) -> HttpResult:
     config = run.config
     for server in phase.servers:
         server.check_alive()
+    connections = phase.connections or config.connections
+    processes = max(1, min(config.client_processes, connections))
     spec = LoadSpec(
         targets=tuple(HttpTarget("127.0.0.1", s.port) for s in phase.servers),
         path=phase.path,
         headers=phase.headers,
         bodies=phase.bodies,
-        connections=config.connections,
-        processes=config.client_processes,
+        connections=connections,
+        processes=processes,
         rate=phase.rate,
         engine=config.engine,
         method=phase.method,
@@ -257,7 +262,7 @@ async def measure_http(run: Run, phase: HttpPhase) -> HttpResult:
 
     outcome = await run_processes(
         load_process,
-        [spec.share(i) for i in range(config.client_processes)],
+        [spec.share(i) for i in range(processes)],
         warmup_s=config.warmup_s,
         duration_s=config.duration_s,
         role="loadgen",
@@ -268,7 +273,7 @@ async def measure_http(run: Run, phase: HttpPhase) -> HttpResult:
         outcome.reports,
         key=phase.key,
         system=phase.system,
-        mode=mode(config, phase.rate),
+        mode=mode(dataclasses.replace(config, connections=connections), phase.rate),
         duration_s=config.duration_s,
         offered_rate=phase.rate,
     )
@@ -278,7 +283,7 @@ async def measure_http(run: Run, phase: HttpPhase) -> HttpResult:
     measurement.loadavg_before = load_before
     measurement.extra["busy_before_cores"] = busy_before
     measurement.extra["engine"] = config.engine
-    measurement.extra["client_processes"] = config.client_processes
+    measurement.extra["client_processes"] = processes
     measurement.extra["rss_mb"] = {
         role: {"rest": round(rss_rest[role], 1), "peak": round(rss_peak[role], 1)} for role in roles
     }

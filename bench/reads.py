@@ -153,6 +153,9 @@ async def batch_submit(run: Run, servers: Sequence[ServerProcess]) -> Measuremen
             bodies=(batch_body(queue_name, config.batch_size),),
             headers=tenant.headers,
             path=BATCH_PATH,
+            # 64 connections would hold 6,400 submissions in flight: confirms then pass
+            # the gateway's 5 s deadline and batches fail (503).
+            connections=config.batch_connections,
         ),
     )
     m = result.measurement
