@@ -26,6 +26,7 @@ from typing import IO, Any
 import aio_pika
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
@@ -36,7 +37,9 @@ from gateway.app import create_app
 from gateway.auth import create_key
 from gateway.context import APP_LINK
 from gateway.settings import Settings
+from store import ExecutionStore
 from tests.proxy import TcpProxy, running_proxy
+from tests.store_support import RecorderFactory, recorders, redis_client
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -456,3 +459,28 @@ async def gateway_process(amqp_url: str, tmp_path: Path) -> AsyncIterator[Gatewa
     yield _start
     for gateway in started:
         await gateway.stop()
+
+
+# -- the execution store and recorders (Redis) ---------------------------------------
+
+
+@pytest.fixture
+async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
+    """A Redis client whose keys (``test:<uid>:``) are deleted when the test ends."""
+    async with redis_client(f"test:{uid}:") as client:
+        yield client
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
+    """Reads what the recorders of this test wrote (modules may override the retention)."""
+    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
+
+
+@pytest.fixture
+async def make_recorder(
+    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[RecorderFactory]:
+    """Start recorders of this test (its own queue and key prefix); stopped at the end."""
+    async with recorders(amqp_url, uid, delete_queues) as make:
+        yield make

@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-
-import pytest
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
 from tests.conftest import queue_depth
 from tests.proxy import TcpProxy
-from tests.store_support import RecorderFactory, Run, eventually, publish_events, recorders
-from tests.store_support import redis_client as open_test_redis
-
-
-@pytest.fixture
-async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
-    async with open_test_redis(f"test:{uid}:") as client:
-        yield client
-
-
-@pytest.fixture
-def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
-    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
-
-
-@pytest.fixture
-async def make_recorder(
-    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[RecorderFactory]:
-    async with recorders(amqp_url, uid, delete_queues) as make:
-        yield make
+from tests.store_support import RecorderFactory, Run, eventually, publish_events
 
 
 async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:

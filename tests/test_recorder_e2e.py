@@ -6,11 +6,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection
 
 from broker.topology import declare_recorder_queue
@@ -25,31 +23,9 @@ from tests.store_support import (
     publish_events,
     publish_raw,
     recorder_settings,
-    recorders,
-    redis_client,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
-    async with redis_client(f"test:{uid}:") as client:
-        yield client
-
-
-@pytest.fixture
-def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
-    """Reads what the recorders of this test wrote."""
-    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
-
-
-@pytest.fixture
-async def make_recorder(
-    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[RecorderFactory]:
-    async with recorders(amqp_url, uid, delete_queues) as make:
-        yield make
 
 
 async def all_in(store: ExecutionStore, runs: list[Run], status: ExecutionStatus) -> bool:

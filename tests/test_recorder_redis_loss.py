@@ -6,10 +6,9 @@ shared Redis itself is never stopped.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
@@ -21,36 +20,14 @@ from tests.store_support import (
     Run,
     eventually,
     publish_events,
-    recorders,
-    redis_client,
     redis_host_port,
 )
-
-
-@pytest.fixture
-async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
-    async with redis_client(f"test:{uid}:") as client:
-        yield client
-
-
-@pytest.fixture
-def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
-    """Reads the shared Redis directly, never through the proxy."""
-    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
 
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[RedisProxy]:
     async with redis_proxy(*redis_host_port()) as running:
         yield running
-
-
-@pytest.fixture
-async def make_recorder(
-    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[RecorderFactory]:
-    async with recorders(amqp_url, uid, delete_queues) as make:
-        yield make
 
 
 async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
 from tests.conftest import DispatcherFactory
 from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
-from tests.store_support import RecorderFactory, eventually, recorders, redis_client
+from tests.store_support import RecorderFactory, eventually
 
 S = ExecutionStatus
-
-
-@pytest.fixture
-async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
-    async with redis_client(f"test:{uid}:") as client:
-        yield client
-
-
-@pytest.fixture
-def store(redis: aioredis.Redis, uid: str) -> ExecutionStore:
-    return ExecutionStore(redis, 3600, key_prefix=f"test:{uid}:")
-
-
-@pytest.fixture
-async def make_recorder(
-    amqp_url: str, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[RecorderFactory]:
-    async with recorders(amqp_url, uid, delete_queues) as make:
-        yield make
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,15 +11,9 @@ import redis.asyncio as aioredis
 from schemas.dispatch import ExecutionStatus
 from store import MAX_LIST_LIMIT, ExecutionStore, InvalidCursor
 from store.layout import record_key
-from tests.store_support import Run, redis_client
+from tests.store_support import Run
 
 RETENTION = 3600
-
-
-@pytest.fixture
-async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
-    async with redis_client(f"test:{uid}:") as client:
-        yield client
 
 
 @pytest.fixture

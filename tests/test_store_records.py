@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,15 +15,9 @@ from schemas.records import ExecutionRecord
 from store import ExecutionStore, StoreUnavailable, open_redis
 from store.layout import index_key, record_key
 from store.update import APPLY_EVENT_LUA
-from tests.store_support import Run, redis_client
+from tests.store_support import Run
 
 RETENTION = 3600
-
-
-@pytest.fixture
-async def redis(uid: str) -> AsyncIterator[aioredis.Redis]:
-    async with redis_client(f"test:{uid}:") as client:
-        yield client
 
 
 @pytest.fixture
