@@ -2,9 +2,9 @@
 
 Events go out many to a message (``schemas.dispatch.EventBatch``): each
 ``event()`` joins the open batch of its project, and the batches are published
-once per flush — the next event-loop round after the first event, or
-``linger`` seconds later, or as soon as one holds ``max_events`` events or
-``max_bytes`` bytes. A batch is one quorum enqueue for the recorder, however
+once per flush: ``linger`` seconds after the first event (the next event-loop
+round if 0), or as soon as one holds ``max_events`` events or ``max_bytes``
+bytes. A batch is one quorum enqueue for the recorder, however
 many events it carries. ``event()`` returns once the batch carrying its event
 is confirmed, so what the caller does next (acknowledge a delivery) follows
 the event as before.

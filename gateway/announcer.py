@@ -4,7 +4,8 @@ A submission's record must exist from the moment it is accepted (a client
 polls ``GET /api/v1/executions/{id}`` right after the 200), yet nothing but the
 submission's own confirm may stand between the client and its answer. So the
 event goes out on a channel without publisher confirms: a handler only appends
-to a list, and once per event-loop iteration everything appended becomes one
+to a list, and once per event-loop iteration (or ``POLOS_QUEUED_EVENT_LINGER_SECONDS``
+after a round's first event) everything appended becomes one
 ``EventBatch`` message per project (``schemas.dispatch.encode_event_batch``:
 the events joined as they are, no re-encoding), marshalled and handed to
 aiormq's writer as one frame run (one system call, no task). So a round of
@@ -46,7 +47,10 @@ _Message = tuple[str, bytes, int]
 
 
 class Announcer:
-    def __init__(self) -> None:
+    def __init__(self, *, linger: float = 0.0) -> None:
+        # 0: flush on the next loop round; more: that long after a round's first event,
+        # so one message carries more submissions (fewer enqueues at low rates).
+        self._linger = linger
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.Channel | None = None
         self._pending: list[tuple[str, bytes]] = []
@@ -80,9 +84,13 @@ class Announcer:
             return
         self._pending.append((project_id, body))
         if not self._scheduled and self._task is None:
-            # Once per loop iteration, after the handlers that run in it.
+            # Once per loop iteration (or linger), after the handlers that run in it.
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+            loop = asyncio.get_running_loop()
+            if self._linger > 0:
+                loop.call_later(self._linger, self._flush_soon)
+            else:
+                loop.call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         """The usual round: written synchronously, no task, no lock to wait for."""

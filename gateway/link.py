@@ -35,7 +35,7 @@ class BrokerLink:
         self.publisher: ConfirmedPublisher | None = None
         self.follower: RegistryFollower | None = None
         self.queues: QueueDirectory | None = None
-        self.events = Announcer()
+        self.events = Announcer(linger=settings.queued_event_linger_seconds)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
