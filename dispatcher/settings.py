@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     dispatcher_publish_channels: int = Field(default=2, ge=1, le=64)
     dispatcher_event_channels: int = Field(default=2, ge=1, le=64)
     dispatcher_event_linger_seconds: float = Field(
-        default=0.005,
+        default=0.02,
         ge=0,
         le=1,
         description="How long lifecycle events wait to share a message (0: the next "

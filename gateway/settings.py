@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         "record exists from then on (not awaited; never fails a submission)",
     )
     queued_event_linger_seconds: float = Field(
-        default=0.005,
+        default=0.02,
         ge=0,
         le=1,
         description="How long the queued events of a loop round wait for more to share "
