@@ -41,6 +41,8 @@ from schemas.dispatch import (
     ErrorInfo,
     ExecutionStatus,
     Failed,
+    Heartbeat,
+    Released,
     Running,
     WorkMessage,
     decode_results_queue,
@@ -93,6 +95,8 @@ class ResultsHandler:
             self._on_running(delivery, message)
         elif isinstance(message, CancelRequest):
             self._on_cancel_request(delivery, message)
+        elif isinstance(message, Heartbeat | Released):
+            owner.spawn(delivery.ack())  # lease messages: not understood by this owner yet
         else:
             self._on_terminal(delivery, message)
 

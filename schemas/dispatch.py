@@ -1,15 +1,30 @@
 """Wire formats between dispatcher and workers, and the lifecycle events.
 
     dispatcher ──WorkMessage──► polos.work.<project>.<deployment> ──► worker
-    worker ──Running/Completed/Failed/Cancelled──► polos.results.<project>.<queue> ──► owner
-    owner  ──its marker (the WorkMessage, BCC)───► polos.results.<project>.<queue>
+    worker ──Heartbeat (running + lease renewals, one per worker and flush)─┐
+    worker ──Completed/Failed/Cancelled/Released─────────────────────────────┤
+    owner  ──LedgerRecord (its durable in-flight state, to itself)───────────┤
+    dispatcher ──OwnerProbe (who owns it? / a sync marker)───────────────────┤
+                                                polos.results.<project>.<queue>
     owner  ──CancelMessage──► polos.cancel (routing key = work queue) ──► workers
     owner  ──LifecycleEvent─► polos.events (topic) ──► anyone (recorder, tests, metrics)
     gateway ──LifecycleEvent(queued)─► polos.events, once a submission is confirmed
     gateway ──CancelRequest──► polos.results.<project>.<queue> ──► owner (a user's cancel)
 
 ``dispatch_id`` identifies one hand-over of an execution to the workers; a
-re-dispatch after a takeover gets a new one.
+re-dispatch (its lease expired, or its worker released it) gets a new one.
+
+Leases (DESIGN §3). A worker that has run an execution for ``running_delay``
+(a few tens of ms) reports it in a ``Heartbeat`` to the work's
+``results_queue``; once that heartbeat is confirmed the worker acknowledges the
+work delivery, and from then on the execution is protected by its lease only:
+the worker renews it with one heartbeat per results queue every
+``lease_seconds / 3`` carrying everything it runs there, the owner keeps it
+until ``receipt of the last heartbeat + lease_seconds``, and a worker whose
+heartbeats are not confirmed stops its copy ``lease_seconds - margin`` after
+the last confirmed one, so a re-dispatch never overlaps a stale copy. A run
+that ends before ``running_delay`` is never reported running: its result
+carries ``started_at``.
 """
 
 from __future__ import annotations
@@ -49,6 +64,9 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+DEFAULT_LEASE_SECONDS = 30.0
+
+
 class WorkMessage(_Message):
     """An admitted execution handed to the worker fleet of its deployment."""
 
@@ -56,11 +74,21 @@ class WorkMessage(_Message):
     dispatch_id: str
     deadline: float = Field(description="Unix seconds; the run is cancelled at this time")
     results_queue: str
+    lease_seconds: float = Field(
+        default=DEFAULT_LEASE_SECONDS,
+        gt=0,
+        description="How long the owner keeps a lease after the last heartbeat it received",
+    )
     submission: SubmissionEnvelope
 
 
 def encode_work(
-    *, dispatch_id: str, deadline: float, results_queue: str, submission_raw: bytes
+    *,
+    dispatch_id: str,
+    deadline: float,
+    results_queue: str,
+    submission_raw: bytes,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -69,6 +97,7 @@ def encode_work(
             "dispatch_id": dispatch_id,
             "deadline": deadline,
             "results_queue": results_queue,
+            "lease_seconds": lease_seconds,
             "submission": orjson.Fragment(submission_raw),
         }
     )
@@ -99,12 +128,34 @@ class Running(_Message):
     at: str
 
 
+class HeartbeatEntry(_Message):
+    execution_id: str
+    dispatch_id: str
+    started_at: str
+
+
+class Heartbeat(_Message):
+    """A worker runs these executions of one results queue (and renews their leases).
+
+    Published persistent, mandatory, with confirm, one per results queue and
+    flush: ``running_delay`` after an execution started (if it still runs), and
+    every ``lease_seconds / 3`` for all of them. The first heartbeat that carries
+    a dispatch is its ``running`` report.
+    """
+
+    type: Literal["heartbeat"] = "heartbeat"
+    worker_id: str
+    at: str
+    executions: list[HeartbeatEntry]
+
+
 class Completed(_Message):
     type: Literal["completed"] = "completed"
     execution_id: str
     dispatch_id: str
     worker_id: str
     at: str
+    started_at: str | None = None
     result: Any = None
 
 
@@ -120,6 +171,7 @@ class Failed(_Message):
     dispatch_id: str
     worker_id: str
     at: str
+    started_at: str | None = None
     error: ErrorInfo
 
 
@@ -131,11 +183,25 @@ class Cancelled(_Message):
     dispatch_id: str
     worker_id: str
     at: str
+    started_at: str | None = None
+    reason: str
+
+
+class Released(_Message):
+    """The worker gives a dispatch back without a result (it is shutting down, or
+    it lost its lease): the owner dispatches the execution again at once."""
+
+    type: Literal["released"] = "released"
+    execution_id: str
+    dispatch_id: str
+    worker_id: str
+    at: str
     reason: str
 
 
 ResultMessage = Annotated[
-    Dispatched | Running | Completed | Failed | Cancelled, Field(discriminator="type")
+    Dispatched | Running | Completed | Failed | Cancelled | Released | Heartbeat,
+    Field(discriminator="type"),
 ]
 RESULT_MESSAGE: TypeAdapter[ResultMessage] = TypeAdapter(ResultMessage)
 
@@ -167,7 +233,15 @@ class CancelRequest(_Message):
 # without work: an execution that would hang until its deadline). ``Dispatched``
 # is still read, as a marker without the work.
 ResultsQueueMessage = Annotated[
-    Dispatched | Running | Completed | Failed | Cancelled | WorkMessage | CancelRequest,
+    Dispatched
+    | Running
+    | Completed
+    | Failed
+    | Cancelled
+    | Released
+    | Heartbeat
+    | WorkMessage
+    | CancelRequest,
     Field(discriminator="type"),
 ]
 RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQueueMessage)
@@ -182,10 +256,14 @@ def decode_results_queue(raw: bytes) -> ResultsQueueMessage:
 
 
 class CancelMessage(_Message):
+    """Stop an execution. ``dispatch_id`` set: only that dispatch (a stale copy the
+    owner superseded); None: any copy of the execution."""
+
     type: Literal["cancel"] = "cancel"
     execution_id: str
-    reason: Literal["timeout", "user"]
+    reason: Literal["timeout", "user", "superseded"]
     at: str
+    dispatch_id: str | None = None
 
 
 # -- lifecycle events -----------------------------------------------------------------

@@ -28,6 +28,7 @@ from broker.topology import (
 )
 from schemas.dispatch import (
     CancelMessage,
+    Heartbeat,
     ResultMessage,
     decode_result,
     encode,
@@ -154,7 +155,11 @@ class FakeDispatcher:
     # -- results --------------------------------------------------------------------
 
     def results_of(self, execution_id: str) -> list[ResultMessage]:
-        return [r for r in self.results if r.execution_id == execution_id]
+        return [
+            r
+            for r in self.results
+            if not isinstance(r, Heartbeat) and r.execution_id == execution_id
+        ]
 
     async def wait_for(
         self, execution_id: str, kind: str, *, timeout: float = 10.0
