@@ -38,6 +38,8 @@ class Delivery:
     tag: int
     body: bytes
     redelivered: bool
+    attempt: int = 0
+    """Earlier deliveries of this message (a quorum queue's ``x-delivery-count``)."""
 
     async def ack(self) -> None:
         # A channel that is gone has requeued the message already; the next
@@ -108,8 +110,16 @@ class ConsumerPool:
             # owner does with it happens before the first await, so order holds.
             frame = message.delivery
             assert isinstance(frame, spec.Basic.Deliver)
+            headers = message.header.properties.headers
+            count = headers.get("x-delivery-count") if headers else None
             consumer.on_message(
-                Delivery(message.channel, frame.delivery_tag or 0, message.body, frame.redelivered)
+                Delivery(
+                    message.channel,
+                    frame.delivery_tag or 0,
+                    message.body,
+                    frame.redelivered,
+                    count if isinstance(count, int) else 0,
+                )
             )
 
         try:

@@ -132,6 +132,11 @@ class HeartbeatEntry(_Message):
     execution_id: str
     dispatch_id: str
     started_at: str
+    redelivered: bool = Field(
+        default=False,
+        description="The broker redelivered this work to us: its earlier holder is gone "
+        "(a worker stops an unacknowledged copy when its channel dies)",
+    )
 
 
 class Heartbeat(_Message):
@@ -227,6 +232,61 @@ class CancelRequest(_Message):
     seen_status: ExecutionStatus | None = None
 
 
+# -- the owner's ledger -------------------------------------------------------------
+
+
+class LedgerEntry(_Message):
+    """What the owner knows of one execution, as of the record that carries it.
+
+    ``stage``: ``pending`` (waiting for a slot), ``dispatched`` (work published,
+    no report yet), ``running`` (reported: only its lease protects it),
+    ``ended`` (terminal: a tombstone), ``cancel`` (a user's cancel request for an
+    execution not seen yet, kept until ``until``). ``submission`` is present once
+    the submission's delivery was released: the record is then its only copy.
+    """
+
+    execution_id: str
+    stage: Literal["pending", "dispatched", "running", "ended", "cancel"]
+    dispatch_id: str | None = None
+    deadline: float | None = None
+    attempt: int = 0
+    concurrency_key: str | None = None
+    workflow_id: str = ""
+    deployment_id: str = ""
+    submission: SubmissionEnvelope | None = None
+    requested_by: str | None = None
+    until: float | None = None
+
+
+class LedgerRecord(_Message):
+    """The owner's durable in-flight state, on its own results queue.
+
+    The owner keeps every record it wrote unacknowledged until a later
+    ``checkpoint`` (the whole state) is confirmed, then acknowledges the older
+    ones; a checkpoint is written at least every ``hold_seconds``, so no record is
+    held longer and the newest one always is (a standby is woken by its return
+    when the owner dies). ``epoch`` grows with every new owner; (epoch, seq)
+    orders the records of all owners.
+    """
+
+    type: Literal["ledger"] = "ledger"
+    owner: str
+    epoch: int
+    seq: int
+    checkpoint: bool
+    entries: list[LedgerEntry]
+
+
+class OwnerProbe(_Message):
+    """Published by a dispatcher to a results queue it consumes: only the active
+    (single active consumer) one receives it, so receiving its own probe tells it
+    that it owns the queue, and that everything queued before it was delivered."""
+
+    type: Literal["owner_probe"] = "owner_probe"
+    owner: str
+    nonce: str
+
+
 # The owner's marker is the work message itself: one publish to the work queue
 # with the results queue in ``BCC``, so the broker stores marker and work
 # together or neither (two publishes can be split by a crash, leaving a marker
@@ -241,7 +301,9 @@ ResultsQueueMessage = Annotated[
     | Released
     | Heartbeat
     | WorkMessage
-    | CancelRequest,
+    | CancelRequest
+    | LedgerRecord
+    | OwnerProbe,
     Field(discriminator="type"),
 ]
 RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQueueMessage)
@@ -264,6 +326,9 @@ class CancelMessage(_Message):
     reason: Literal["timeout", "user", "superseded"]
     at: str
     dispatch_id: str | None = None
+    worker_id: str | None = Field(
+        default=None, description="Set: only this worker's copy (a second one of a dispatch)"
+    )
 
 
 # -- lifecycle events -----------------------------------------------------------------
@@ -294,6 +359,12 @@ class LifecycleEvent(_Message):
     error: ErrorInfo | None = None
     submission: SubmissionEnvelope | None = None
     cancelled_by: str | None = None
+    started_at: str | None = None
+    attempt: int = Field(
+        default=0,
+        description="The delivery attempt of the submission the deciding owner acted on "
+        "(x-delivery-count): a later attempt's decision supersedes an earlier one's",
+    )
 
 
 def encode_queued_event(

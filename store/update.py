@@ -130,6 +130,9 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields]:
         earliest.append(("admitted_at", at))
     elif status == "running":
         earliest.append(("started_at", at))
+    if event.started_at is not None:
+        # A run that ended before it was reported running says when it started.
+        earliest.append(("started_at", _json(event.started_at)))
     if event.worker_id is not None:
         worker = _json(event.worker_id)
         fill.append(("worker_id", worker))

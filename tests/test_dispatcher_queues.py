@@ -61,6 +61,6 @@ async def test_the_dispatcher_holds_a_window_of_the_backlog_not_the_backlog(
     session = dispatcher.session
     assert session is not None
     owner = next(iter(session.owners.values()))
-    await until(lambda: len(owner.gate.pending) == 31, what="a full window")
+    await until(lambda: owner.lifecycle.pending == 31, what="a full window")
     assert owner.held == 1
     assert await queue_depth(amqp, submit_queue(queue_kit.project, "q")) == 68
