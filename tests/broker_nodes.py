@@ -268,11 +268,20 @@ class RabbitNode:
         if pid is not None:
             self._wait_gone(pid)
 
-    def kill9(self) -> None:
-        """SIGKILL this node's VM only (found by its pid file): a crash, no goodbye."""
+    def kill9(self, *, flush: bool = True) -> None:
+        """SIGKILL this node's VM only (found by its pid file): a crash, no goodbye.
+
+        RabbitMQ 3.10 (Ra 2.0) writes a quorum queue's registration to disk
+        up to 0.5 s after the declare (dets auto_save), so a queue declared
+        just before a SIGKILL comes back empty and leaderless forever. Unless
+        ``flush=False`` (that race itself is the test) the VM writes its
+        tables out first, as any node running for a second would have.
+        """
         pid = self.os_pid()
         if pid is None:
             raise NodeError(f"{self.name} has no running VM to kill")
+        if flush:
+            self.eval("[dets:sync(T) || T <- dets:all()], ok.")
         os.kill(pid, signal.SIGKILL)
         self._wait_gone(pid)
         self.pid_file.unlink(missing_ok=True)
