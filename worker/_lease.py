@@ -25,8 +25,9 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
-# After a heartbeat failed (no confirm, broker away), the next attempt waits at
-# most this long, or the renewal interval if that is shorter.
+# After a heartbeat failed (no confirm, broker away), the next attempt waits
+# this long, or half the renewal interval if that is shorter (so a short lease
+# still gets a second try before it ends).
 RETRY_S = 0.5
 
 
@@ -132,7 +133,7 @@ class Leases(Generic[K]):
     def failed(self, queue_name: str, now: float) -> None:
         queue = self._settle(queue_name)
         if queue is not None:
-            queue.retry_at = now + min(RETRY_S, self._interval(queue))
+            queue.retry_at = now + min(RETRY_S, self._interval(queue) / 2)
 
     def expired(self, now: float) -> list[K]:
         """Leased executions whose lease here has ended without a renewal."""
