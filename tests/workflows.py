@@ -48,6 +48,7 @@ async def context(ctx: ExecutionContext, payload: Any) -> Any:
         "queue_name": ctx.queue_name,
         "dispatch_id": ctx.dispatch_id,
         "deadline": ctx.deadline,
+        "lease_seconds": ctx.lease_seconds,
         "session_id": ctx.session_id,
         "user_id": ctx.user_id,
         "initial_state": ctx.initial_state,

@@ -26,6 +26,8 @@ class ExecutionContext:
     dispatch_id: str
     deadline: float
     """Unix seconds; the run is cancelled at this time."""
+    lease_seconds: float
+    """How long the owner keeps this dispatch without a heartbeat (the worker renews it)."""
     session_id: str
     user_id: str | None
     initial_state: Any
@@ -53,6 +55,7 @@ class ExecutionContext:
             queue_name=s.queue_name,
             dispatch_id=work.dispatch_id,
             deadline=work.deadline,
+            lease_seconds=work.lease_seconds,
             session_id=s.session_id,
             user_id=s.user_id,
             initial_state=s.initial_state,

@@ -18,6 +18,18 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="SIGTERM: how long running executions may take before they are handed back",
     )
+    worker_running_delay_seconds: float = Field(
+        default=0.05,
+        ge=0,
+        description="an execution still running this long after it started is reported "
+        "(in a heartbeat) and its work acknowledged; shorter runs are never reported running",
+    )
+    worker_hold_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="the longest a delivery waits here for a free slot; after half of it the "
+        "waiting ones are handed back to the queue",
+    )
     confirm_timeout_seconds: float = Field(default=5.0, gt=0)
     worker_reconnect_interval_seconds: float = Field(
         default=1.0, gt=0, description="wait between attempts to reach the broker on start"

@@ -24,7 +24,7 @@ from schemas.topology import (
     work_queue,
 )
 from worker._consumer import Consumer
-from worker._runner import Handler
+from worker._delivery import Handler
 from worker._settings import WorkerSettings
 
 log = logging.getLogger("worker")
@@ -86,8 +86,8 @@ class Worker:
 
     @property
     def running(self) -> frozenset[str]:
-        """Execution ids this worker holds right now."""
-        return frozenset(self._consumer.running) if self._consumer is not None else frozenset()
+        """Execution ids this worker holds right now (running, or waiting for a slot)."""
+        return self._consumer.running if self._consumer is not None else frozenset()
 
     def workflow(self, workflow_id: str) -> Callable[[H], H]:
         """Register ``async def handler(ctx, payload)`` as the workflow ``workflow_id``."""
@@ -130,6 +130,8 @@ class Worker:
             worker_id=self.worker_id,
             confirm_timeout=settings.confirm_timeout_seconds,
             reconnect_interval=settings.worker_reconnect_interval_seconds,
+            running_delay=settings.worker_running_delay_seconds,
+            hold_seconds=settings.worker_hold_seconds,
         )
         await consumer.start()
         self._consumer = consumer
