@@ -160,6 +160,7 @@ class Effector:
                 results_queue=self._results_name,
                 submission_raw=x.raw,
                 lease_seconds=self._lifecycle.tunables.lease_seconds,
+                dispatch_count=effect.count,
             )
             name = work_queue(self._project_id, x.deployment_id)
             publisher = self._links.dispatch.pick(x.execution_id)

@@ -107,6 +107,7 @@ class Execution:
     released: bool = False  # the ledger holds its envelope; its delivery was let go
     in_ledger: bool = False  # some record names it: its end needs a tombstone
     dispatch_id: str | None = None
+    dispatches: int = 0  # how many times it was handed out
     deadline: float | None = None
     lease_until: float | None = None
     worker_id: str | None = None
@@ -130,6 +131,7 @@ class Dispatch:
     execution: Execution
     dispatch_id: str
     deadline: float
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +308,7 @@ class QueueLifecycle:
                 released=submission is not None,
                 in_ledger=True,
                 dispatch_id=entry.dispatch_id,
+                dispatches=entry.dispatch_count,
                 deadline=entry.deadline,
             )
             self.executions[x.execution_id] = x
@@ -588,10 +591,11 @@ class QueueLifecycle:
     def _send(self, x: Execution, now: float, *, announce: bool) -> None:
         x.stage = Stage.DISPATCHED
         x.dispatch_id = self._new_id()
+        x.dispatches += 1
         x.lease_until = x.worker_id = None
         self._ledger(x)
         assert x.deadline is not None
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline))
+        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches))
         if announce:
             self._effects.append(
                 Emit(S.ADMITTED, x, dispatch_id=x.dispatch_id, with_submission=True, at=_at(now))
@@ -602,7 +606,7 @@ class QueueLifecycle:
         if x.raw is None or x.dispatch_id is None or x.deadline is None:
             return  # its submission is on its way back to us
         x.republish = False
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline))
+        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches)))
 
     def _dispatch_again(self, x: Execution, now: float) -> None:
         """Its lease expired or its worker released it: nobody runs it now."""
@@ -612,6 +616,7 @@ class QueueLifecycle:
             x.republish = True  # with a new id, once its submission is back
             x.stage = Stage.DISPATCHED
             x.dispatch_id = self._new_id()
+            x.dispatches += 1
             self._ledger(x)
             return
         self._send(x, now, announce=True)
@@ -739,6 +744,7 @@ class QueueLifecycle:
             "execution_id": x.execution_id,
             "stage": stage,
             "dispatch_id": x.dispatch_id,
+            "dispatch_count": x.dispatches,
             "deadline": x.deadline,
             "attempt": x.attempt,
             "concurrency_key": x.key,

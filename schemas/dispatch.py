@@ -79,6 +79,12 @@ class WorkMessage(_Message):
         gt=0,
         description="How long the owner keeps a lease after the last heartbeat it received",
     )
+    dispatch_count: int = Field(
+        default=1,
+        ge=1,
+        description="How many times the owner handed this execution out, this one included "
+        "(more than 1: a lease expired or a worker released it)",
+    )
     submission: SubmissionEnvelope
 
 
@@ -89,6 +95,7 @@ def encode_work(
     results_queue: str,
     submission_raw: bytes,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    dispatch_count: int = 1,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -98,6 +105,7 @@ def encode_work(
             "deadline": deadline,
             "results_queue": results_queue,
             "lease_seconds": lease_seconds,
+            "dispatch_count": dispatch_count,
             "submission": orjson.Fragment(submission_raw),
         }
     )
@@ -248,6 +256,7 @@ class LedgerEntry(_Message):
     execution_id: str
     stage: Literal["pending", "dispatched", "running", "ended", "cancel"]
     dispatch_id: str | None = None
+    dispatch_count: int = 0
     deadline: float | None = None
     attempt: int = 0
     concurrency_key: str | None = None

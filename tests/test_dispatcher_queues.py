@@ -34,7 +34,8 @@ async def test_each_of_many_queues_sharing_channels_keeps_its_own_limit(
     # 12 submission consumers (and their results consumers) on channels of 5.
     dispatcher = await make_dispatcher(dispatcher_consumers_per_channel=5)
 
-    ids = [await queue_kit.submit(queue, {"seconds": 0.2}) for _ in range(4) for queue in limits]
+    # Long enough that the submissions of a queue, sent one by one, overlap when run.
+    ids = [await queue_kit.submit(queue, {"seconds": 1.0}) for _ in range(4) for queue in limits]
     ends = await event_log.wait_terminal(ids, timeout=30)
 
     assert {e.status for e in ends.values()} == {S.COMPLETED}
