@@ -271,8 +271,9 @@ class RabbitNode:
         """SIGKILL this node's VM only (found by its pid file): a crash, no goodbye.
 
         RabbitMQ 3.10 (Ra 2.0) writes a quorum queue's registration to disk
-        up to 0.5 s after the declare (dets auto_save), so a queue declared
-        just before a SIGKILL comes back empty and leaderless forever. Unless
+        on a timer (dets auto_save, 0.5 s; Ra's metadata 5 s), so a queue
+        declared just before a SIGKILL comes back empty and leaderless
+        forever (seen here at 0 s, not at 1.5 s). Unless
         ``flush=False`` (that race itself is the test) the VM writes its
         tables out first, as any node running for a second would have.
         """
