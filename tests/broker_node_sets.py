@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 
-from tests.broker_nodes import NodeError, RabbitNode, new_node
+from tests.broker_nodes import NodeError, RabbitNode, new_node, pid_alive
 
 STATE_FILE = "nodes.json"
 
@@ -45,7 +46,9 @@ def start_nodes(nodes: Sequence[RabbitNode], *, within: float = 90.0) -> None:
 
 def save_state(home: Path, nodes: Sequence[RabbitNode]) -> None:
     rows = [{**asdict(node), "home": str(node.home)} for node in nodes]
-    (home / STATE_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    partial = home / f"{STATE_FILE}.partial"
+    partial.write_text(json.dumps(rows, indent=2) + "\n")
+    partial.replace(home / STATE_FILE)
 
 
 def load_state(home: Path) -> list[RabbitNode]:
@@ -62,18 +65,31 @@ def cluster_members(node: RabbitNode) -> list[str]:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def vms_of(home: Path) -> list[int]:
+    """OS pids of every Erlang VM whose HOME is ``home``: the set's nodes, recorded or not."""
+    marker = b"\0-home\0" + str(home).encode() + b"\0"
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if marker in b"\0" + (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+    return pids
+
+
 def watch(owner: int, home: Path) -> None:
-    """Wait for process ``owner`` to end, then remove the set in ``home``."""
-    while True:
-        try:
-            os.kill(owner, 0)
-        except ProcessLookupError:
-            break
+    """Wait for process ``owner`` to end, then kill the set's VMs and remove ``home``.
+
+    The VMs are found by their ``-home`` argument, not the state file, so a
+    node the owner was still launching when it died goes too.
+    """
+    while pid_alive(owner):
         time.sleep(1)
-    if (home / STATE_FILE).exists():
-        for node in load_state(home):
-            with contextlib.suppress(NodeError, OSError):
-                node.destroy()
+    for pid in vms_of(home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(pid_alive(pid) for pid in vms_of(home)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     shutil.rmtree(home, ignore_errors=True)
 
 

@@ -97,7 +97,7 @@ def amqp_answers(port: int, *, timeout: float = 1.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -299,18 +299,18 @@ class RabbitNode:
         """The VM's OS pid: the pid file, or (early in boot) our marker in /proc."""
         with contextlib.suppress(OSError, ValueError):
             pid = int(self.pid_file.read_text().strip())
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 return pid
         marker = f"\0-polos_node\0{self.name}\0".encode()
         for proc in Path("/proc").glob("[0-9]*"):
             with contextlib.suppress(OSError):
-                if marker in b"\0" + (proc / "cmdline").read_bytes() and _pid_alive(int(proc.name)):
+                if marker in b"\0" + (proc / "cmdline").read_bytes() and pid_alive(int(proc.name)):
                     return int(proc.name)
         return None
 
     def _wait_gone(self, pid: int, *, within: float = 30.0) -> None:
         deadline = time.monotonic() + within
-        while _pid_alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise NodeError(f"{self.name} (pid {pid}) still alive after {within}s")
             time.sleep(0.02)
