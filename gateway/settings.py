@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.api import DEFAULT_RUN_TIMEOUT_SECONDS
 from schemas.topology import MAX_RUN_TIMEOUT_CAP_S
+from store import DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_TIMEOUT_SECONDS
 
 
 class Settings(BaseSettings):
@@ -39,6 +40,16 @@ class Settings(BaseSettings):
     )
     redis_key_prefix: str = "polos:"
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    redis_max_connections: int = Field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        description="Connections to the execution store at most; further reads wait for one",
+    )
+    redis_pool_timeout_seconds: float = Field(
+        default=DEFAULT_POOL_TIMEOUT_SECONDS,
+        gt=0,
+        description="How long a read waits for a free store connection before it answers 503",
+    )
     publish_queued_events: bool = Field(
         default=True,
         description="Publish a queued lifecycle event once a submission is confirmed, so its "
