@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.api import DEFAULT_RUN_TIMEOUT_SECONDS
+from schemas.limits import MAX_BODY_BYTES_CAP
 from schemas.topology import MAX_RUN_TIMEOUT_CAP_S
 from store import DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_TIMEOUT_SECONDS
 
@@ -22,7 +23,8 @@ class Settings(BaseSettings):
         default=Path("polos-projects.json"),
         description="Projects and their API key hashes; reloaded on SIGHUP.",
     )
-    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # At most what one broker message carries once stamped (schemas.limits).
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=MAX_BODY_BYTES_CAP)
     default_run_timeout_seconds: int = Field(default=DEFAULT_RUN_TIMEOUT_SECONDS, ge=1)
     max_run_timeout_seconds: int = Field(default=24 * 3600, ge=1, le=MAX_RUN_TIMEOUT_CAP_S)
     queue_max_length: int = Field(
