@@ -229,7 +229,7 @@ def _to_record(
     data: dict[str, Any] = {
         name: orjson.loads(value)
         for name, value in raw.items()
-        if name not in ("sidx", "rank", "status_at")
+        if name not in ("sidx", "rank", "status_at", "attempt")
     }
     error = data.pop("error", None)
     if error is not None:
