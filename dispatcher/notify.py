@@ -53,6 +53,7 @@ class Notifier:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         at: str | None = None,
+        attempt: int = 0,
     ) -> None:
         event = LifecycleEvent(
             status=status,
@@ -70,6 +71,7 @@ class Notifier:
             error=error,
             submission=envelope if with_submission else None,
             cancelled_by=cancelled_by,
+            attempt=attempt,
         )
         try:
             routing_key = event_routing_key(
