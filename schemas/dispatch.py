@@ -86,6 +86,9 @@ class WorkMessage(_Message):
         "(more than 1: a lease expired or a worker released it)",
     )
     submission: SubmissionEnvelope
+    # The submission's delivery attempt it was admitted under (LifecycleEvent.attempt):
+    # an owner that finds this as a marker after a takeover reports under it.
+    attempt: int = 0
 
 
 def encode_work(
@@ -96,6 +99,7 @@ def encode_work(
     submission_raw: bytes,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     dispatch_count: int = 1,
+    attempt: int = 0,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -107,6 +111,7 @@ def encode_work(
             "lease_seconds": lease_seconds,
             "dispatch_count": dispatch_count,
             "submission": orjson.Fragment(submission_raw),
+            "attempt": attempt,
         }
     )
 
@@ -126,6 +131,7 @@ class Dispatched(_Message):
     dispatch_id: str
     deadline: float
     at: str
+    attempt: int = 0
 
 
 class Running(_Message):
@@ -350,6 +356,12 @@ class LifecycleEvent(_Message):
     gateway's ``queued``, the owner's ``admitted`` or ``deduplicated``) so
     followers can build a full record without asking. ``cancelled_by`` is the
     key id of whoever asked for a ``cancelled`` execution to stop.
+
+    ``attempt`` is the delivery attempt of the submission under which the
+    decision this event reports was taken (its quorum-queue delivery count; 0
+    for the first delivery and the gateway's ``queued``). A decision of a
+    later attempt supersedes those of earlier ones, whose acknowledgement was
+    lost (``store.update``).
     """
 
     type: Literal["lifecycle"] = "lifecycle"

@@ -9,14 +9,19 @@ places a quorum queue on all of them.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import aio_pika
 import pytest
 from aio_pika.exceptions import AMQPConnectionError
 from pamqp.common import FieldTable
 
-from tests.broker_nodes import RabbitNode, amqp_answers, cluster_members
-from tests.conftest import ClusterFactory, NodeFactory
+from tests.broker_node_sets import cluster_members, load_state
+from tests.broker_nodes import RabbitNode, amqp_answers
+from tests.conftest import REPO_ROOT, ClusterFactory, NodeFactory
 
 QUORUM: FieldTable = {"x-queue-type": "quorum"}
 
@@ -101,6 +106,8 @@ async def test_kill9_and_restart_keep_a_durable_quorum_queues_messages(
     assert await drain(node.url, "kept", len(bodies)) == bodies
 
 
+# About 12 s on 2 quiet cores, 20 s on busy ones: bounded well inside CI's budget.
+@pytest.mark.timeout(120)
 async def test_three_nodes_form_one_cluster_holding_a_quorum_queue_on_each(
     rabbit_cluster: ClusterFactory,
 ) -> None:
@@ -117,3 +124,30 @@ async def test_three_nodes_form_one_cluster_holding_a_quorum_queue_on_each(
     assert queue_members(nodes[1], "spread") == names
     await publish_confirmed(nodes[0].url, "spread", [b"across"])
     assert await drain(nodes[2].url, "spread", 1) == [b"across"]
+
+
+def test_nodes_of_a_process_that_dies_without_teardown_are_removed(tmp_path: Path) -> None:
+    # A node killed mid-boot, before it writes its pid file: the watchdog must
+    # find the VM by its marker, and a VM left behind would load the shared machine.
+    script = (
+        "import os\n"
+        "from tests.broker_node_sets import NodeSet\n"
+        "nodes = NodeSet()\n"
+        "node = nodes.node(start=False)\n"
+        "node.launch()\n"
+        "print(node.home, flush=True)\n"
+        "os._exit(1)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    home = Path(done.stdout.strip())
+    assert home.name.startswith("polos-rabbit-"), done.stderr
+    node = load_state(home)[0]
+
+    deadline = time.monotonic() + 20
+    while home.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert not home.exists()
+    assert node.os_pid() is None
