@@ -121,8 +121,7 @@ class Effector:
                 write.body,
                 message_id=f"{lifecycle.owner}/{lifecycle.epoch}/{write.seq}",
             )
-            lifecycle.on_ledger_written(write)
-            effects += lifecycle.take_effects()
+            effects += lifecycle.on_ledger_written(write)
         sends = [e for e in effects if not isinstance(e, Ack)]
         if sends:
             await asyncio.gather(*(self._send(e) for e in sends))

@@ -462,19 +462,26 @@ class QueueLifecycle:
         else:
             self._held_records.append((seq, ref))
 
-    def on_ledger_written(self, write: LedgerWrite) -> None:
+    def on_ledger_written(self, write: LedgerWrite) -> list[Ack]:
+        """The record is confirmed: after a checkpoint, the older records may go.
+
+        Answered, not queued with the other effects: whatever was decided while the
+        record was on its way belongs to the next flush, behind the next record.
+        """
         if not write.checkpoint:
-            return
+            return []
         self._checkpointed = write.seq
+        acks: list[Ack] = []
         keep: list[tuple[int, Ref]] = []
         for seq, ref in self._held_records:
             if seq < write.seq:
-                self._effects.append(Ack(ref))
+                acks.append(Ack(ref))
             else:
                 keep.append((seq, ref))
         self._held_records = keep
-        self._effects.extend(Ack(ref) for ref in self._foreign_records)
+        acks.extend(Ack(ref) for ref in self._foreign_records)
         self._foreign_records.clear()
+        return acks
 
     def set_limit(self, limit: int | None, now: float) -> None:
         self.limit = limit

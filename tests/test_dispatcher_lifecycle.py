@@ -102,8 +102,7 @@ class Harness:
         write = self.lc.take_ledger(now)
         if write is not None:
             self._record(write)
-            self.lc.on_ledger_written(write)
-            effects += self.lc.take_effects()
+            effects += self.lc.on_ledger_written(write)
         self.effects += effects
         return effects
 
@@ -643,3 +642,22 @@ def test_ledger_records_are_compact_json_with_the_envelope_only_when_needed() ->
     assert entry.stage == "dispatched"
     assert b"payload" not in orjson.dumps(h.ledger[-1].model_dump())
     assert h.lc.executions["x1"].stage is Stage.DISPATCHED
+
+
+def test_what_is_decided_while_a_record_is_on_its_way_waits_for_the_next_record() -> None:
+    # A dispatch must never go out before the record that names it is confirmed: a
+    # new owner would not know it and dispatch it again (seen under kill -9).
+    h = Harness()
+    h.submit(1)
+    first = h.lc.take_effects()
+    write = h.lc.take_ledger(T0)
+    assert write is not None
+    h.submit(2)  # arrives while the record is being confirmed
+    after = h.lc.on_ledger_written(write)
+    assert all(isinstance(e, Ack) for e in after)
+    assert [e.execution.execution_id for e in first if isinstance(e, Dispatch)] == ["x1"]
+    following = h.lc.take_effects()
+    second = h.lc.take_ledger(T0)
+    assert second is not None
+    assert [e.execution.execution_id for e in following if isinstance(e, Dispatch)] == ["x2"]
+    assert "x2" in second.body.decode()
