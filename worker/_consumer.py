@@ -297,20 +297,22 @@ class Consumer:
         executions = self._executions
         loop = asyncio.get_running_loop()
         while True:
-            now = loop.time()
-            for delivery in self._intake.due(now):
+            handed = self._intake.due(loop.time())
+            for delivery in handed:
                 self._waiting.pop(delivery.key, None)
-                self._chore(settle(delivery.message, requeue=True))
             for key, delivery in list(self._waiting.items()):
                 if not delivery.alive and self._intake.withdraw(delivery):
                     del self._waiting[key]
             executions.check_deliveries()
             waits: list[float] = []
             try:
+                # Before the hand-back: a consumer still open would get them again.
                 await self._consume()
             except _CONSUME_ERRORS as exc:
                 log.warning("cannot change the work consumer (%r); retrying", exc)
                 waits.append(self._reconnect_interval)
+            for delivery in handed:
+                self._chore(settle(delivery.message, requeue=True))
             due = self._intake.next_due()
             if due is not None:
                 waits.append(max(0.0, due - loop.time()))
@@ -326,13 +328,14 @@ class Consumer:
         """Consume with the prefetch the intake wants (0: do not consume)."""
         assert self._work is not None
         assert self._work_channel is not None
-        async with self._consume_lock:
+        # Bounded: a robust channel waits for the connection to come back.
+        async with self._consume_lock, asyncio.timeout(self._confirm_timeout):
             target = 0 if self._stopping else self._intake.prefetch
             if target == self._prefetch:
                 return
             # A consumer's prefetch is fixed when it starts: a new one is needed.
             if self._work_tag is not None:
-                await self._work.cancel(self._work_tag, timeout=self._confirm_timeout)
+                await self._work.cancel(self._work_tag)
                 self._work_tag = None
                 self._prefetch = 0
             if target > 0:
