@@ -53,6 +53,8 @@ class Notifier:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         at: str | None = None,
+        started_at: str | None = None,
+        attempt: int = 0,
     ) -> None:
         event = LifecycleEvent(
             status=status,
@@ -70,6 +72,8 @@ class Notifier:
             error=error,
             submission=envelope if with_submission else None,
             cancelled_by=cancelled_by,
+            started_at=started_at,
+            attempt=attempt,
         )
         try:
             routing_key = event_routing_key(
@@ -97,10 +101,23 @@ class Notifier:
             log.exception("lifecycle event %s of %s not published", status, envelope.execution_id)
 
     async def cancel(
-        self, execution_id: str, work_queue: str, reason: Literal["timeout", "user"]
+        self,
+        execution_id: str,
+        work_queue: str,
+        reason: Literal["timeout", "user", "superseded"],
+        *,
+        dispatch_id: str | None = None,
+        worker_id: str | None = None,
     ) -> None:
-        """Tell the workers of ``work_queue`` to stop ``execution_id``."""
-        message = CancelMessage(execution_id=execution_id, reason=reason, at=now_rfc3339())
+        """Tell the workers of ``work_queue`` to stop ``execution_id`` (only that
+        dispatch, or only that worker's copy, when given)."""
+        message = CancelMessage(
+            execution_id=execution_id,
+            reason=reason,
+            at=now_rfc3339(),
+            dispatch_id=dispatch_id,
+            worker_id=worker_id,
+        )
         try:
             await self._publishers.pick(execution_id).publish(
                 work_queue,

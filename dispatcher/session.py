@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any
 
@@ -114,6 +115,8 @@ class Session:
                 await declare_recorder_queue(channel)
         self._links = Links(
             settings=settings,
+            owner_id=f"dispatcher-{uuid.uuid4().hex[:12]}",
+            tunables=settings.tunables(),
             connection=connection,
             publisher=publisher,
             dispatch=dispatch,

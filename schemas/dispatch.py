@@ -79,7 +79,16 @@ class WorkMessage(_Message):
         gt=0,
         description="How long the owner keeps a lease after the last heartbeat it received",
     )
+    dispatch_count: int = Field(
+        default=1,
+        ge=1,
+        description="How many times the owner handed this execution out, this one included "
+        "(more than 1: a lease expired or a worker released it)",
+    )
     submission: SubmissionEnvelope
+    # The submission's delivery attempt it was admitted under (LifecycleEvent.attempt):
+    # an owner that finds this as a marker after a takeover reports under it.
+    attempt: int = 0
 
 
 def encode_work(
@@ -89,6 +98,8 @@ def encode_work(
     results_queue: str,
     submission_raw: bytes,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    dispatch_count: int = 1,
+    attempt: int = 0,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -98,7 +109,9 @@ def encode_work(
             "deadline": deadline,
             "results_queue": results_queue,
             "lease_seconds": lease_seconds,
+            "dispatch_count": dispatch_count,
             "submission": orjson.Fragment(submission_raw),
+            "attempt": attempt,
         }
     )
 
@@ -118,6 +131,7 @@ class Dispatched(_Message):
     dispatch_id: str
     deadline: float
     at: str
+    attempt: int = 0
 
 
 class Running(_Message):
@@ -132,6 +146,11 @@ class HeartbeatEntry(_Message):
     execution_id: str
     dispatch_id: str
     started_at: str
+    redelivered: bool = Field(
+        default=False,
+        description="The broker redelivered this work to us: its earlier holder is gone "
+        "(a worker stops an unacknowledged copy when its channel dies)",
+    )
 
 
 class Heartbeat(_Message):
@@ -227,6 +246,62 @@ class CancelRequest(_Message):
     seen_status: ExecutionStatus | None = None
 
 
+# -- the owner's ledger -------------------------------------------------------------
+
+
+class LedgerEntry(_Message):
+    """What the owner knows of one execution, as of the record that carries it.
+
+    ``stage``: ``pending`` (waiting for a slot), ``dispatched`` (work published,
+    no report yet), ``running`` (reported: only its lease protects it),
+    ``ended`` (terminal: a tombstone), ``cancel`` (a user's cancel request for an
+    execution not seen yet, kept until ``until``). ``submission`` is present once
+    the submission's delivery was released: the record is then its only copy.
+    """
+
+    execution_id: str
+    stage: Literal["pending", "dispatched", "running", "ended", "cancel"]
+    dispatch_id: str | None = None
+    dispatch_count: int = 0
+    deadline: float | None = None
+    attempt: int = 0
+    concurrency_key: str | None = None
+    workflow_id: str = ""
+    deployment_id: str = ""
+    submission: SubmissionEnvelope | None = None
+    requested_by: str | None = None
+    until: float | None = None
+
+
+class LedgerRecord(_Message):
+    """The owner's durable in-flight state, on its own results queue.
+
+    The owner keeps every record it wrote unacknowledged until a later
+    ``checkpoint`` (the whole state) is confirmed, then acknowledges the older
+    ones; a checkpoint is written at least every ``hold_seconds``, so no record is
+    held longer and the newest one always is (a standby is woken by its return
+    when the owner dies). ``epoch`` grows with every new owner; (epoch, seq)
+    orders the records of all owners.
+    """
+
+    type: Literal["ledger"] = "ledger"
+    owner: str
+    epoch: int
+    seq: int
+    checkpoint: bool
+    entries: list[LedgerEntry]
+
+
+class OwnerProbe(_Message):
+    """Published by a dispatcher to a results queue it consumes: only the active
+    (single active consumer) one receives it, so receiving its own probe tells it
+    that it owns the queue, and that everything queued before it was delivered."""
+
+    type: Literal["owner_probe"] = "owner_probe"
+    owner: str
+    nonce: str
+
+
 # The owner's marker is the work message itself: one publish to the work queue
 # with the results queue in ``BCC``, so the broker stores marker and work
 # together or neither (two publishes can be split by a crash, leaving a marker
@@ -241,7 +316,9 @@ ResultsQueueMessage = Annotated[
     | Released
     | Heartbeat
     | WorkMessage
-    | CancelRequest,
+    | CancelRequest
+    | LedgerRecord
+    | OwnerProbe,
     Field(discriminator="type"),
 ]
 RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQueueMessage)
@@ -264,6 +341,9 @@ class CancelMessage(_Message):
     reason: Literal["timeout", "user", "superseded"]
     at: str
     dispatch_id: str | None = None
+    worker_id: str | None = Field(
+        default=None, description="Set: only this worker's copy (a second one of a dispatch)"
+    )
 
 
 # -- lifecycle events -----------------------------------------------------------------
@@ -276,6 +356,12 @@ class LifecycleEvent(_Message):
     gateway's ``queued``, the owner's ``admitted`` or ``deduplicated``) so
     followers can build a full record without asking. ``cancelled_by`` is the
     key id of whoever asked for a ``cancelled`` execution to stop.
+
+    ``attempt`` is the delivery attempt of the submission under which the
+    decision this event reports was taken (its quorum-queue delivery count; 0
+    for the first delivery and the gateway's ``queued``). A decision of a
+    later attempt supersedes those of earlier ones, whose acknowledgement was
+    lost (``store.update``).
     """
 
     type: Literal["lifecycle"] = "lifecycle"
@@ -294,6 +380,12 @@ class LifecycleEvent(_Message):
     error: ErrorInfo | None = None
     submission: SubmissionEnvelope | None = None
     cancelled_by: str | None = None
+    started_at: str | None = None
+    attempt: int = Field(
+        default=0,
+        description="The delivery attempt of the submission the deciding owner acted on "
+        "(x-delivery-count): a later attempt's decision supersedes an earlier one's",
+    )
 
 
 def encode_queued_event(

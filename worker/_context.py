@@ -36,7 +36,9 @@ class ExecutionContext:
     concurrency_key: str | None
     worker_id: str
     redelivered: bool
-    """The broker delivered this work before (to a worker that died or lost its link)."""
+    """This execution was handed to a worker before: the broker redelivered the work (its
+    worker died or lost its link before reporting it), or the dispatcher dispatched it
+    again (its lease expired, or its worker released it)."""
     submission: SubmissionEnvelope
 
     @property

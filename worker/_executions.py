@@ -98,7 +98,9 @@ class Executions:
         loop = asyncio.get_running_loop()
         work = delivery.work
         ctx = ExecutionContext.from_work(
-            work, worker_id=self._worker_id, redelivered=bool(delivery.message.redelivered)
+            work,
+            worker_id=self._worker_id,
+            redelivered=bool(delivery.message.redelivered) or work.dispatch_count > 1,
         )
         handler_task = asyncio.create_task(
             call_with_deadline(delivery.handler, ctx, work.submission.payload),
@@ -292,4 +294,5 @@ def _entry(execution: Execution) -> HeartbeatEntry:
         execution_id=execution.ctx.execution_id,
         dispatch_id=execution.ctx.dispatch_id,
         started_at=execution.started_at,
+        redelivered=bool(execution.delivery.message.redelivered),
     )
