@@ -21,14 +21,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
@@ -43,9 +41,9 @@ from schemas.dispatch import decode_cancel, decode_work
 from schemas.topology import CANCEL_EXCHANGE, work_queue
 from worker._delivery import SETTLE_ERRORS, Delivery, Handler, Recent, close_quietly, settle
 from worker._executions import Executions
-from worker._intake import Admission, Intake
 from worker._reporting import Reporter
 from worker._runner import Stop
+from worker._work_intake import WorkIntake
 
 log = logging.getLogger("worker")
 
@@ -55,8 +53,6 @@ HAND_BACK_GRACE_S = 5.0
 # Burst mode: the worker is idle once nothing ran or arrived for this long.
 BURST_IDLE_S = 0.5
 PUBLISH_CHANNELS = 2
-# How often deliveries not yet acknowledged are checked for a dead channel.
-DELIVERY_CHECK_S = 0.05
 
 _START_ERRORS = (
     BrokerError,
@@ -65,7 +61,6 @@ _START_ERRORS = (
     OSError,
     TimeoutError,
 )
-_CONSUME_ERRORS = (*_START_ERRORS, RuntimeError, ConnectionError)
 
 
 class Consumer:
@@ -92,10 +87,9 @@ class Consumer:
         self._confirm_timeout = confirm_timeout
         self._reconnect_interval = reconnect_interval
         self._running_delay = running_delay
+        self._hold_seconds = hold_seconds
         self.work_queue = work_queue(project, deployment)
         self.cancel_queue = f"polos.cancel.{self.work_queue}.{worker_id}"
-        self._intake: Intake[Delivery] = Intake(concurrency, hold_seconds)
-        self._waiting: dict[tuple[str, str], Delivery] = {}
         # Cancelled executions (an execution id: any dispatch; a pair: that
         # dispatch): a later delivery of one is dropped. A *new* dispatch of an
         # execution finished here runs again: its owner asked for it.
@@ -105,14 +99,8 @@ class Consumer:
         self._reporter: Reporter | None = None
         self._executions: Executions | None = None
         self._work_channel: AbstractChannel | None = None
-        self._work: AbstractQueue | None = None
-        self._work_tag: str | None = None
-        self._prefetch = 0
-        self._consume_lock = asyncio.Lock()
+        self._intake: WorkIntake | None = None
         self._cancel_channel: AbstractChannel | None = None
-        self._intake_task: asyncio.Task[None] | None = None
-        self._intake_changed = asyncio.Event()
-        self._chores: set[asyncio.Task[bool]] = set()
         self._stopping = False
         self._hurry = asyncio.Event()
         self._last_arrival = 0.0
@@ -120,7 +108,7 @@ class Consumer:
     @property
     def running(self) -> frozenset[str]:
         """Execution ids held here: running, or waiting for a slot."""
-        ids = {key[0] for key in self._waiting}
+        ids = {key[0] for key in self._intake.waiting_keys} if self._intake is not None else set()
         if self._executions is not None:
             ids.update(execution.ctx.execution_id for execution in self._executions)
         return frozenset(ids)
@@ -189,10 +177,19 @@ class Consumer:
         )
         self._executions.start()
         self._work_channel = await connection.channel()
-        self._work = await self._work_channel.declare_queue(self.work_queue, passive=True)
+        self._intake = WorkIntake(
+            self._work_channel,
+            await self._work_channel.declare_queue(self.work_queue, passive=True),
+            concurrency=self._concurrency,
+            hold_seconds=self._hold_seconds,
+            timeout=self._confirm_timeout,
+            retry_interval=self._reconnect_interval,
+            on_message=self._on_work,
+            begin=self._executions.begin,
+            check_deliveries=self._executions.check_deliveries,
+        )
         self._last_arrival = asyncio.get_running_loop().time()
-        await self._consume()
-        self._intake_task = asyncio.create_task(self._intake_loop(), name="intake")
+        await self._intake.start()
         log.info(
             "worker %s consuming %s (concurrency %d; workflows: %s)",
             self._worker_id,
@@ -202,11 +199,12 @@ class Consumer:
         )
 
     async def _discard_setup(self) -> None:
+        if self._intake is not None:
+            await self._intake.close(0)
+            self._intake = None
         if self._executions is not None:
             await self._executions.close()
             self._executions = None
-        self._work_tag = None
-        self._prefetch = 0
 
     # -- work -------------------------------------------------------------------
 
@@ -214,7 +212,8 @@ class Consumer:
         # No await before the delivery is recorded: deliveries are handled in
         # concurrent tasks, and a duplicate must see the first one.
         assert self._executions is not None
-        executions = self._executions
+        assert self._intake is not None
+        executions, intake = self._executions, self._intake
         now = self._last_arrival = asyncio.get_running_loop().time()
         if self._stopping:
             await settle(message, requeue=True)
@@ -254,14 +253,13 @@ class Consumer:
                 held.message = message
                 return
             executions.stop(held, Stop.DELIVERY_LOST)
-        waiting = self._waiting.get(key)
+        waiting = intake.waiting(key)
         if waiting is not None:
             if waiting.alive:
                 log.info("dropping a duplicate delivery of waiting %s", execution_id)
                 await settle(message)
                 return
-            self._intake.withdraw(waiting)
-            del self._waiting[key]
+            intake.withdraw(key)
         if execution_id in self._cancelled or key in self._cancelled or key in executions.finished:
             log.info("dropping a delivery of %s, finished or cancelled here", execution_id)
             await settle(message)
@@ -270,76 +268,15 @@ class Consumer:
             log.info("dropping %s: its deadline passed before it started", execution_id)
             await settle(message)
             return
-        admission = self._intake.arrive(delivery, now)
-        if admission is Admission.START:
-            executions.begin(delivery)
-        elif admission is Admission.WAIT:
-            self._waiting[key] = delivery
-        else:
-            await settle(message, requeue=True)
-        self._intake_changed.set()
+        await intake.admit(delivery, now)
 
     def _slot_freed(self, delivery: Delivery) -> None:
-        assert self._executions is not None
-        for waiting in self._intake.end(delivery):
-            self._waiting.pop(waiting.key, None)
-            self._executions.begin(waiting)
-        self._intake_changed.set()
+        if self._intake is not None:
+            self._intake.ended(delivery)
 
     def _leased(self, delivery: Delivery) -> None:
-        self._intake.lease(delivery)
-        self._intake_changed.set()
-
-    async def _intake_loop(self) -> None:
-        """Hands back deliveries that waited too long, drops those whose channel died,
-        and keeps the work consumer's prefetch where the intake wants it."""
-        assert self._executions is not None
-        executions = self._executions
-        loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            for delivery in self._intake.due(now):
-                self._waiting.pop(delivery.key, None)
-                self._chore(settle(delivery.message, requeue=True))
-            for key, delivery in list(self._waiting.items()):
-                if not delivery.alive and self._intake.withdraw(delivery):
-                    del self._waiting[key]
-            executions.check_deliveries()
-            waits: list[float] = []
-            try:
-                await self._consume()
-            except _CONSUME_ERRORS as exc:
-                log.warning("cannot change the work consumer (%r); retrying", exc)
-                waits.append(self._reconnect_interval)
-            due = self._intake.next_due()
-            if due is not None:
-                waits.append(max(0.0, due - loop.time()))
-            if self._waiting or executions.waiting_on_delivery():
-                waits.append(DELIVERY_CHECK_S)
-            timeout = min(waits) if waits else None
-            self._intake_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._intake_changed.wait()
-
-    async def _consume(self) -> None:
-        """Consume with the prefetch the intake wants (0: do not consume)."""
-        assert self._work is not None
-        assert self._work_channel is not None
-        async with self._consume_lock:
-            target = 0 if self._stopping else self._intake.prefetch
-            if target == self._prefetch:
-                return
-            # A consumer's prefetch is fixed when it starts: a new one is needed.
-            if self._work_tag is not None:
-                await self._work.cancel(self._work_tag, timeout=self._confirm_timeout)
-                self._work_tag = None
-                self._prefetch = 0
-            if target > 0:
-                await self._work_channel.set_qos(prefetch_count=target)
-                self._work_tag = await self._work.consume(self._on_work)
-                self._prefetch = target
-            log.info("consuming %s with a prefetch of %d", self.work_queue, target)
+        if self._intake is not None:
+            self._intake.leased(delivery)
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         assert self._reporter is not None
@@ -358,11 +295,6 @@ class Consumer:
             return
         await settle(message)
 
-    def _chore(self, settling: Coroutine[Any, Any, bool]) -> None:
-        task = asyncio.create_task(settling)
-        self._chores.add(task)
-        task.add_done_callback(self._chores.discard)
-
     # -- cancel -------------------------------------------------------------------
 
     async def _on_cancel(self, message: AbstractIncomingMessage) -> None:
@@ -377,12 +309,12 @@ class Consumer:
         def targeted(key: tuple[str, str]) -> bool:
             return key[0] == execution_id and dispatch_id in (None, key[1])
 
-        for key, delivery in list(self._waiting.items()):
-            if targeted(key) and self._intake.withdraw(delivery):
-                del self._waiting[key]
-                self._chore(settle(delivery.message))
-        if self._executions is None:
+        if self._executions is None or self._intake is None:
             return
+        for key in [key for key in self._intake.waiting_keys if targeted(key)]:
+            delivery = self._intake.withdraw(key)
+            if delivery is not None:
+                self._intake.settle_later(settle(delivery.message))
         for execution in self._executions:
             if not targeted(execution.key) or execution.handler_task.done():
                 continue
@@ -400,7 +332,7 @@ class Consumer:
         while True:
             await asyncio.sleep(0.1)
             executions = self._executions
-            if executions is None or executions.supervisors or self._waiting:
+            if executions is None or executions.supervisors or self.running:
                 continue
             last = max(self._last_arrival, executions.last_activity)
             if loop.time() - last < BURST_IDLE_S:
@@ -425,11 +357,8 @@ class Consumer:
     async def stop(self, drain_timeout: float) -> None:
         """Stop taking work, drain, hand back the rest, and disconnect."""
         self._stopping = True
-        for delivery in self._intake.drain():
-            self._waiting.pop(delivery.key, None)
-            await settle(delivery.message, requeue=True)
-        with contextlib.suppress(*_CONSUME_ERRORS):
-            await self._consume()
+        if self._intake is not None:
+            await self._intake.stop()
         executions = self._executions
         if executions is not None and executions.supervisors:
             log.info("draining %d executions (up to %ss)", len(executions), drain_timeout)
@@ -442,11 +371,8 @@ class Consumer:
                 waiter.cancel()
         if executions is not None:
             await self._hand_back(executions)
-        if self._intake_task is not None:
-            self._intake_task.cancel()
-            await asyncio.gather(self._intake_task, return_exceptions=True)
-        if self._chores:
-            await asyncio.wait(list(self._chores), timeout=HAND_BACK_GRACE_S)
+        if self._intake is not None:
+            await self._intake.close(HAND_BACK_GRACE_S)
         await self._disconnect()
 
     async def _hand_back(self, executions: Executions) -> None:

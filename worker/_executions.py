@@ -226,18 +226,20 @@ class Executions:
             self._heartbeats.remove(execution)
         execution.handler_task.cancel()
 
-    def check_deliveries(self) -> None:
-        """Stop every copy whose unacknowledged delivery died with its channel: the
-        broker requeued it, another worker may start it."""
+    def check_deliveries(self) -> bool:
+        """Stop every copy whose unacknowledged delivery died with its channel (the
+        broker requeued it, another worker may start it); whether some execution
+        still depends on its delivery."""
+        depends = False
         for execution in self:
-            lost = not execution.acked and not execution.delivery_alive
-            if lost and not execution.handler_task.done():
+            if execution.acked:
+                continue
+            if not execution.delivery_alive and not execution.handler_task.done():
                 log.info("the delivery of %s was lost; stopping it", execution.ctx.execution_id)
                 self.stop(execution, Stop.DELIVERY_LOST)
-
-    def waiting_on_delivery(self) -> bool:
-        """Whether some execution still depends on its delivery (not yet acknowledged)."""
-        return any(not execution.acked for execution in self._by_key.values())
+            else:
+                depends = True
+        return depends
 
     # -- heartbeat outcomes ------------------------------------------------------------
 
@@ -292,4 +294,5 @@ def _entry(execution: Execution) -> HeartbeatEntry:
         execution_id=execution.ctx.execution_id,
         dispatch_id=execution.ctx.dispatch_id,
         started_at=execution.started_at,
+        redelivered=bool(execution.delivery.message.redelivered),
     )

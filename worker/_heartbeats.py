@@ -88,13 +88,17 @@ class Heartbeats(Generic[K]):
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            expired = self._leases.expired(now)
-            for key in expired:
-                self._leases.remove(key)
-            if expired:
-                self._on_expired(expired)
-            for queue in self._leases.due(now):
-                self._send(queue, now)
+            try:
+                expired = self._leases.expired(now)
+                for key in expired:
+                    self._leases.remove(key)
+                if expired:
+                    self._on_expired(expired)
+                for queue in self._leases.due(now):
+                    self._send(queue, now)
+            except Exception:
+                # This task renews every lease of the process: it must not die of one bug.
+                log.exception("heartbeat schedule failed; going on")
             wakeup = self._leases.next_wakeup()
             self._wake.clear()
             timeout = None if wakeup is None else max(0.0, wakeup - loop.time())
