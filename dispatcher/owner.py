@@ -114,6 +114,16 @@ class QueueOwner:
     def limit(self) -> int | None:
         return self.lifecycle.limit
 
+    @property
+    def owning(self) -> bool:
+        """Whether this dispatcher owns the queue (a standby only consumes its results)."""
+        return self.state is OwnerState.OWNING
+
+    @property
+    def pending(self) -> int:
+        """Submissions received and waiting for a slot."""
+        return self.lifecycle.pending
+
     async def start(self) -> None:
         """Consume the results queue and ask who owns the queue."""
         prefetch = min(2 * self.window + 256, 65535)
