@@ -7,6 +7,8 @@ from fnmatch import fnmatchcase
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from observe import ObserveSettings
+
 # basic.qos prefetch_count is an AMQP short.
 MAX_PREFETCH = 65535
 MIN_LIMITED_WINDOW = 32
@@ -71,6 +73,13 @@ class Settings(BaseSettings):
         "recorder even before one runs; turn off when no execution store is wanted",
     )
     dispatcher_reconnect_max_seconds: float = Field(default=10.0, gt=0)
+    dispatcher_status_interval_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How often the dispatcher tells the operator page what it owns "
+        "(polos.status); 0 = never",
+    )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     def queue_patterns(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.dispatcher_queues.split(",") if p.strip())

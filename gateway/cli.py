@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.auth import create_key, revoke_key
 from gateway.settings import Settings
+from observe import setup_logging
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
 
 
@@ -49,9 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.observe)
     if args.command in (None, "serve"):
         web.run_app(
             create_app(settings),
