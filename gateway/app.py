@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import executions, handlers
+from gateway import executions, handlers, observe
 from gateway.auth import KeyStore
 from gateway.bodies import BodyReads
 from gateway.context import (
@@ -109,4 +109,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/openapi.json", handlers.openapi)
+    observe.install(app, settings)  # metrics and spans, when configured
     return app

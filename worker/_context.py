@@ -36,6 +36,9 @@ class ExecutionContext:
     redelivered: bool
     """The broker delivered this work before (to a worker that died or lost its link)."""
     submission: SubmissionEnvelope
+    traceparent: str | None = None
+    """The W3C traceparent of the submission (its ``traceparent`` header or
+    ``otel_traceparent``; with tracing on, the gateway's ``submit`` span), as carried."""
 
     @property
     def remaining_seconds(self) -> float:
@@ -62,4 +65,5 @@ class ExecutionContext:
             worker_id=worker_id,
             redelivered=redelivered,
             submission=s,
+            traceparent=s.otel_traceparent,
         )
