@@ -8,6 +8,7 @@ test uses names of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -59,6 +60,12 @@ async def context(ctx: ExecutionContext, payload: Any) -> Any:
     }
 
 
+async def traced(ctx: ExecutionContext, payload: Any) -> Any:
+    """Logs one line (the worker's log context adds the ids) and returns its traceparent."""
+    logging.getLogger("tests.workflows").info("traced run")
+    return {"traceparent": ctx.traceparent}
+
+
 WORKFLOWS = {
     "echo": echo,
     "fail": fail,
@@ -66,6 +73,7 @@ WORKFLOWS = {
     "slow_first": slow_first,
     "unserializable": unserializable,
     "context": context,
+    "traced": traced,
 }
 
 
