@@ -146,9 +146,9 @@ class DispatcherObserver:
         elif status in TERMINAL_STATUSES:
             self._admitted_at.pop(envelope.execution_id, None)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.tracer is not None:
-            self.tracer.flush()
+            await self.tracer.flush()
 
 
 def _unix(rfc3339: str) -> float | None:

@@ -68,7 +68,7 @@ class Watchers:
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
-        self._observer.close()
+        await self._observer.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -184,6 +184,6 @@ def install(app: web.Application, settings: Settings) -> None:
         if server is not None:
             await server.close()
         if tracer is not None:
-            tracer.flush()
+            await tracer.flush()
 
     app.cleanup_ctx.append(lifetime)

@@ -12,6 +12,7 @@ callers skip every tracing call: not one OpenTelemetry module is imported.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -85,9 +86,13 @@ class Tracer:
         )
         span.end(end_time=int((end if end is not None else time.time()) * 1e9))
 
-    def flush(self) -> None:
-        """Export what is buffered now (the provider shuts down by itself at exit)."""
-        self.provider.force_flush(timeout_millis=5000)
+    async def flush(self) -> None:
+        """Export what is buffered now (the provider shuts down by itself at exit).
+
+        In a thread: the export is a blocking HTTP request, which must not hold
+        the loop (in tests the collector may be served by that very loop).
+        """
+        await asyncio.to_thread(self.provider.force_flush, 5000)
 
 
 class Span:

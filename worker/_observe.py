@@ -132,4 +132,4 @@ class WorkerObserver:
             await self._server.close()
             self._server = None
         if self.tracer is not None:
-            self.tracer.flush()
+            await self.tracer.flush()
