@@ -23,6 +23,7 @@ POLOS_METRICS_QUEUES (``observe.QueueLabels``); the rest is ``~other``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import defaultdict
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from dispatcher.owner import QueueOwner
     from dispatcher.session import Session
     from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
 
 QueueKey = tuple[str, str]
 # Spans of admission and dispatch need the admission time until the run starts.
@@ -98,7 +101,14 @@ class DispatcherObserver:
         self._admitted_at: dict[str, float] = {}
 
     def event(self, status: ExecutionStatus, envelope: SubmissionEnvelope) -> None:
-        """One lifecycle transition (``Notifier.event`` calls this first)."""
+        """One lifecycle transition (``Notifier.event`` calls this first); never raises."""
+        try:
+            self._count(status, envelope)
+        except Exception:
+            # Watching must never keep a transition from being announced.
+            log.exception("observing %s of %s failed", status, envelope.execution_id)
+
+    def _count(self, status: ExecutionStatus, envelope: SubmissionEnvelope) -> None:
         project_id, queue_name = envelope.project_id, envelope.queue_name
         self.counts[(project_id, queue_name)][status.value] += 1
         key = (project_id, queue_name, status)

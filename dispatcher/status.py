@@ -138,4 +138,5 @@ class Watchers:
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             expiration=3 * self._interval,
         )
-        await self._exchange.publish(message, routing_key="")
+        # No page open is no error: nobody has bound a queue yet.
+        await self._exchange.publish(message, routing_key="", mandatory=False)

@@ -91,12 +91,25 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{suffix}]{sep}{tail}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each record (a test may have swapped it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(settings: ObserveSettings, *, level: str | None = None) -> None:
-    """Configure the root logger once, for the whole process (what each ``main`` calls)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Configure the root logger for the whole process (what each ``main`` calls).
+
+    Called again (a command run in process, as tests do), it replaces its own
+    handler and leaves any other in place.
+    """
+    handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, _StderrHandler):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel((level or settings.log_level).upper())

@@ -81,6 +81,13 @@ async def test_a_standby_that_takes_the_queue_over_counts_a_takeover(
         )
 
     await _until("the owner's status names q", status_of_owner)
+
+    # Takeovers are sampled (each second, right before a status goes out): the standby
+    # must have been seen standing by first.
+    async def standby_sampled() -> bool:
+        return any(s.standby == 1 for s in statuses)
+
+    await _until("the standby's status says it stands by", standby_sampled)
     status = next(s for s in statuses if s.queues)
     assert (status.queues[0].project_id, status.queues[0].limit) == (uid, 3)
     assert status.queues[0].counts == {"admitted": 1}

@@ -86,7 +86,7 @@ async def test_the_page_shows_a_queue_and_an_execution_changing_live(
         _wait(browser, lambda d: d.find_element(By.ID, "main").is_displayed())
 
     await off_loop(login)
-    execution_id = await system.submit("sleep", queue_name="ui", payload={"seconds": 3})
+    execution_id = await system.submit("sleep", queue_name="ui", payload={"seconds": 8})
 
     def queue_shown() -> list[str]:
         row = _wait(
