@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QueueKey = tuple[str, str]
+MAX_CACHED_CHILDREN = 10_000
 # Spans of admission and dispatch need the admission time until the run starts.
 MAX_TRACKED_ADMISSIONS = 100_000
 
@@ -61,6 +62,15 @@ class Observed(Protocol):
 
     @property
     def session(self) -> Session | None: ...
+
+
+def waiting(owner: QueueOwner) -> int:
+    """Submissions the owner holds in its prefetch, not admitted yet (0 if it cannot say)."""
+    pending = getattr(getattr(owner, "gate", None), "pending", None)
+    try:
+        return len(pending) if pending is not None else 0
+    except TypeError:
+        return 0
 
 
 def owning(owner: QueueOwner) -> bool:
@@ -114,6 +124,8 @@ class DispatcherObserver:
         key = (project_id, queue_name, status)
         child = self._children.get(key)
         if child is None:
+            if len(self._children) >= MAX_CACHED_CHILDREN:
+                self._children.clear()  # a lookup cache over raw names: bounded
             child = self._children[key] = self.transitions.labels(
                 *self.labels(project_id, queue_name), status.value
             )

@@ -24,7 +24,14 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
 from broker.connection import connect_robust
 from broker.topology import declare_status_exchange
-from dispatcher.observe import DispatcherObserver, Observed, OwnersCollector, QueueKey, owning
+from dispatcher.observe import (
+    DispatcherObserver,
+    Observed,
+    OwnersCollector,
+    QueueKey,
+    owning,
+    waiting,
+)
 from observe import MetricsServer
 from schemas.status import MAX_STATUS_QUEUES, DispatcherStatus, QueueStatus, encode_status
 
@@ -116,6 +123,7 @@ class Watchers:
                     queue_name=queue_name,
                     limit=owner.gate.limit,
                     holding=owner.held,
+                    waiting=waiting(owner),
                     counts=dict(counts.get((project_id, queue_name), {})),
                 )
                 for (project_id, queue_name), owner in owned[:MAX_STATUS_QUEUES]

@@ -32,7 +32,7 @@ from gateway import executions
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE
 from gateway.errors import ApiError
-from gateway.fleet import Fleet
+from gateway.fleet import Fleet, Owned
 from gateway.settings import Settings
 from gateway.submission import unavailable
 from schemas.dispatch import ExecutionStatus
@@ -121,7 +121,8 @@ async def queues(request: web.Request) -> web.Response:
                 if own
                 else (config.concurrency_limit if config else None),
                 "holding": own.status.holding if own else None,
-                "queued": depths.get(name),
+                # Ready in the broker, plus what the owner prefetched and holds back.
+                "queued": _queued(depths.get(name), own),
                 "owner": own.dispatcher_id if own else None,
                 "admitted_per_s": own.admitted_per_s if own else None,
                 "finished_per_s": own.finished_per_s if own else None,
@@ -138,6 +139,12 @@ async def queues(request: web.Request) -> web.Response:
         for s in fleet.dispatchers()
     ]
     return _json({"queues": rows, "dispatchers": dispatchers, "truncated": len(keys) > len(rows)})
+
+
+def _queued(ready: int | None, own: Owned | None) -> int | None:
+    if ready is None:
+        return None
+    return ready + (own.status.waiting if own is not None else 0)
 
 
 async def projects(request: web.Request) -> web.Response:

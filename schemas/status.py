@@ -25,6 +25,11 @@ class QueueStatus(BaseModel):
     queue_name: str
     limit: int | None = Field(description="The concurrency limit; None = unlimited")
     holding: int = Field(description="Executions holding a slot now")
+    waiting: int = Field(
+        default=0,
+        description="Submissions delivered to the owner (its prefetch) and not admitted yet: "
+        "queued, though the broker counts them as unacknowledged, not ready",
+    )
     counts: dict[str, int] = Field(
         default_factory=dict,
         description="Lifecycle transitions by status since this dispatcher began to own it "
