@@ -61,6 +61,7 @@ class Notifier:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         at: str | None = None,
+        attempt: int = 0,
     ) -> None:
         if self._on_event is not None:
             self._on_event(status, envelope)
@@ -80,6 +81,7 @@ class Notifier:
             error=error,
             submission=envelope if with_submission else None,
             cancelled_by=cancelled_by,
+            attempt=attempt,
         )
         try:
             routing_key = event_routing_key(

@@ -31,7 +31,7 @@ from schemas.dispatch import TERMINAL_STATUSES, CancelRequest, ExecutionStatus, 
 from schemas.ids import now_rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord, WorkflowRunsResponse
 from schemas.topology import results_queue
-from store import MAX_LIST_LIMIT, InvalidCursor, StoreError
+from store import MAX_LIST_LIMIT, InvalidCursor, StoreBusy, StoreError
 from store.layout import rank
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,18 @@ def _execution_id(request: web.Request) -> str:
     return value.lower()
 
 
-def _store_unavailable(settings: Settings) -> ApiError:
+def _store_unavailable(settings: Settings, exc: StoreError) -> ApiError:
+    if isinstance(exc, StoreBusy):
+        message = (
+            "No connection to the execution store came free within "
+            f"{settings.redis_pool_timeout_seconds:g} s (too many reads at once); retry later."
+        )
+    else:
+        message = "The execution store is unavailable; retry later."
     return ApiError(
         503,
         "STORE_UNAVAILABLE",
-        "The execution store is unavailable; retry later.",
+        message,
         headers={"Retry-After": str(settings.retry_after_seconds)},
     )
 
@@ -101,7 +108,7 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             record = await store.get(project_id, execution_id)
         except StoreError as exc:
             log.warning("execution store: %s", exc)
-            raise _store_unavailable(settings) from None
+            raise _store_unavailable(settings, exc) from None
         if record is not None:
             return record
         if deadline is None:
@@ -349,6 +356,6 @@ async def workflow_runs(request: web.Request) -> web.Response:
         ) from None
     except StoreError as exc:
         log.warning("execution store: %s", exc)
-        raise _store_unavailable(app[APP_SETTINGS]) from None
+        raise _store_unavailable(app[APP_SETTINGS], exc) from None
     page = WorkflowRunsResponse(executions=records, next_cursor=cursor)
     return _json(page.model_dump_json().encode())
