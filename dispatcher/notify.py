@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from aio_pika.abc import AbstractConnection
@@ -28,8 +29,15 @@ log = logging.getLogger(__name__)
 
 class Notifier:
     def __init__(
-        self, connection: AbstractConnection, *, confirm_timeout: float, channels: int
+        self,
+        connection: AbstractConnection,
+        *,
+        confirm_timeout: float,
+        channels: int,
+        on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
     ) -> None:
+        # Told of every transition first (dispatcher/observe.py: metrics, spans).
+        self._on_event = on_event
         self._publishers = PinnedPublishers(
             connection, confirm_timeout=confirm_timeout, channels=channels
         )
@@ -56,6 +64,8 @@ class Notifier:
         started_at: str | None = None,
         attempt: int = 0,
     ) -> None:
+        if self._on_event is not None:
+            self._on_event(status, envelope)
         event = LifecycleEvent(
             status=status,
             execution_id=envelope.execution_id,

@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatcher.lifecycle import Tunables
+from observe import ObserveSettings
 
 # basic.qos prefetch_count is an AMQP short.
 MAX_PREFETCH = 65535
@@ -76,6 +77,13 @@ class Settings(BaseSettings):
         "recorder even before one runs; turn off when no execution store is wanted",
     )
     dispatcher_reconnect_max_seconds: float = Field(default=10.0, gt=0)
+    dispatcher_status_interval_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How often the dispatcher tells the operator page what it owns "
+        "(polos.status); 0 = never",
+    )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     def tunables(self) -> Tunables:
         return Tunables(
@@ -96,7 +104,7 @@ class Settings(BaseSettings):
         return configured if configured is not None else self.default_concurrency_limit
 
     def window_for(self, limit: int | None) -> int:
-        """The prefetch of a submission consumer: what the gate can choose from.
+        """The prefetch of a submission consumer: what the lifecycle can choose from.
 
         Twice the limit leaves room to raise the limit without re-consuming.
         """

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import executions, handlers
+from gateway import executions, handlers, observe, operator
 from gateway.auth import KeyStore
 from gateway.bodies import BodyReads
 from gateway.context import (
@@ -112,4 +112,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/openapi.json", handlers.openapi)
+    observe.install(app, settings)  # metrics and spans, when configured
+    operator.install(app, settings)  # the operator page, /ui
     return app

@@ -14,6 +14,7 @@ from gateway import submission
 from gateway.auth import api_key_from
 from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import ApiError
+from gateway.observe import submit_traceparent
 from gateway.settings import Settings
 from schemas.api import BatchRunRequest, SubmitWorkflowRequest
 from schemas.ids import new_session_id
@@ -104,6 +105,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
         run_timeout=run_timeout,
         body=body,
         submitted_by=principal.key_id,
+        traceparent=submit_traceparent(request, body.otel_traceparent),
     )
     await submission.publish(link, settings, stamped)
     if settings.publish_queued_events:
@@ -153,6 +155,8 @@ async def batch_run(request: web.Request) -> web.Response:
     submission.require_broker(link, settings)
     # One session for the whole batch unless it names one (as Polos does per submit).
     session_id = batch.session_id or new_session_id()
+    # One span for the batch; an item's own otel_traceparent is kept as it came.
+    traceparent = submit_traceparent(request, batch.otel_traceparent)
     stamped = [
         submission.stamp(
             project_id=project_id,
@@ -164,6 +168,7 @@ async def batch_run(request: web.Request) -> web.Response:
             submitted_by=principal.key_id,
             session_id=session_id,
             defaults=batch,
+            traceparent=item.otel_traceparent or traceparent,
         )
         for item, deployment, (run_timeout, queue_name) in zip(
             items, deployments, checked, strict=True

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from observe import ObserveSettings
 from schemas.api import DEFAULT_RUN_TIMEOUT_SECONDS
 from schemas.limits import MAX_BODY_BYTES_CAP
 from schemas.topology import MAX_RUN_TIMEOUT_CAP_S
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     sse_keepalive_seconds: float = Field(
         default=15.0, gt=0, description="Comment lines on an idle event stream"
     )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Settings:

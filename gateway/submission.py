@@ -241,10 +241,12 @@ def stamp(
     submitted_by: str,
     session_id: str | None = None,
     defaults: BatchRunRequest | None = None,
+    traceparent: str | None = None,
 ) -> Stamped:
     """Mint the execution id and encode the envelope.
 
-    ``defaults`` (a batch's common fields) fill what ``body`` leaves out.
+    ``defaults`` (a batch's common fields) fill what ``body`` leaves out;
+    ``traceparent`` (``gateway.observe.submit_traceparent``) wins over the body's.
     """
     execution_id, created_at = new_execution_id()
     d = defaults
@@ -262,7 +264,9 @@ def stamp(
         initial_state=body.initial_state,
         session_id=body.session_id or session_id or new_session_id(),
         user_id=_either(body.user_id, d and d.user_id),
-        otel_traceparent=_either(body.otel_traceparent, d and d.otel_traceparent),
+        otel_traceparent=_either(
+            traceparent, _either(body.otel_traceparent, d and d.otel_traceparent)
+        ),
         parent_execution_id=_either(body.parent_execution_id, d and d.parent_execution_id),
         root_execution_id=_either(body.root_execution_id, d and d.root_execution_id),
         step_key=_either(body.step_key, d and d.step_key),

@@ -8,6 +8,7 @@ test uses names of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -68,6 +69,12 @@ async def context(ctx: ExecutionContext, payload: Any) -> Any:
     }
 
 
+async def traced(ctx: ExecutionContext, payload: Any) -> Any:
+    """Logs one line (the worker's log context adds the ids) and returns its traceparent."""
+    logging.getLogger("tests.workflows").info("traced run")
+    return {"traceparent": ctx.traceparent}
+
+
 WORKFLOWS = {
     "echo": echo,
     "fail": fail,
@@ -76,6 +83,7 @@ WORKFLOWS = {
     "unserializable": unserializable,
     "nested": nested,
     "context": context,
+    "traced": traced,
 }
 
 

@@ -40,6 +40,9 @@ class ExecutionContext:
     worker died or lost its link before reporting it), or the dispatcher dispatched it
     again (its lease expired, or its worker released it)."""
     submission: SubmissionEnvelope
+    traceparent: str | None = None
+    """The W3C traceparent of the submission (its ``traceparent`` header or
+    ``otel_traceparent``; with tracing on, the gateway's ``submit`` span), as carried."""
 
     @property
     def remaining_seconds(self) -> float:
@@ -67,4 +70,5 @@ class ExecutionContext:
             worker_id=worker_id,
             redelivered=redelivered,
             submission=s,
+            traceparent=s.otel_traceparent,
         )

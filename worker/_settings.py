@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from observe import ObserveSettings
+
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
@@ -34,3 +36,4 @@ class WorkerSettings(BaseSettings):
     worker_reconnect_interval_seconds: float = Field(
         default=1.0, gt=0, description="wait between attempts to reach the broker on start"
     )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
