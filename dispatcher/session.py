@@ -105,6 +105,8 @@ class Session:
             confirm_timeout=settings.confirm_timeout_seconds,
             channels=settings.dispatcher_event_channels,
             on_event=self._on_event,
+            linger=settings.dispatcher_event_linger_seconds,
+            max_events=settings.dispatcher_event_batch_max,
         )
         await notifier.start()
         dispatch = PinnedPublishers(

@@ -36,7 +36,7 @@ class BrokerLink:
         self.publisher: ConfirmedPublisher | None = None
         self.follower: RegistryFollower | None = None
         self.queues: QueueDirectory | None = None
-        self.events = Announcer()
+        self.events = Announcer(linger=settings.queued_event_linger_seconds)
         # Given to the publisher once it exists (gateway/observe.py: publish latency).
         self.publish_observer: Callable[[float], None] | None = None
         self._task: asyncio.Task[None] | None = None

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         description="Publish a queued lifecycle event once a submission is confirmed, so its "
         "record exists from then on (not awaited; never fails a submission)",
     )
+    queued_event_linger_seconds: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="How long the queued events of a loop round wait for more to share "
+        "their message (0: sent on the next loop round)",
+    )
     record_wait_seconds: float = Field(
         default=1.0,
         ge=0,

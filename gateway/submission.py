@@ -31,7 +31,6 @@ from schemas.dispatch import encode_queued_event
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, new_session_id
 from schemas.limits import MAX_INT, MAX_VALUE_DEPTH, MIN_INT, ORJSON_READ_DEPTH, nests_deeper
-from schemas.topology import event_routing_key
 
 _QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
 
@@ -351,9 +350,7 @@ def announce(link: BrokerLink, stamped: Stamped) -> None:
     with the dispatcher's first event instead.
     """
     link.events.send(
-        event_routing_key(
-            stamped.project_id, stamped.queue_name, stamped.workflow_id, stamped.execution_id
-        ),
+        stamped.project_id,
         encode_queued_event(
             execution_id=stamped.execution_id,
             created_at=stamped.created_at,
@@ -364,5 +361,4 @@ def announce(link: BrokerLink, stamped: Stamped) -> None:
             concurrency_key=stamped.concurrency_key,
             submission_raw=stamped.envelope,
         ),
-        f"{stamped.execution_id}/queued",
     )

@@ -27,7 +27,9 @@ and not older (``at``, RFC 3339 text of one format, compares as text). Then:
   again, and replaying an event (redelivery) or applying events in any order
   ends in the same record.
 
-Values are stored as JSON text; the script never parses them.
+Values are stored as JSON text; the script never parses them. Once applied,
+the event (as published) is published on its execution's pub/sub channel
+(``store.layout.events_channel``): the live event streams follow that.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ local status, pos, rank, at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARG
 local ttl, bound, member = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local attempt, n_facts = tonumber(ARGV[8]), tonumber(ARGV[9])
 local n_fill, n_earliest = tonumber(ARGV[10]), tonumber(ARGV[11])
+local channel, body = ARGV[12], ARGV[13]
 
 local function touch(index)
   if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
@@ -84,7 +87,7 @@ elseif rank == old_rank and rank < {TERMINAL_RANK} then
   wins = at >= (stored[2] or '')
 end
 
-local i = 12
+local i = 14
 local facts_end = i + 2 * n_facts
 while i < facts_end do
   redis.call('HSETNX', record, ARGV[i], ARGV[i + 1])
@@ -129,6 +132,9 @@ end
 redis.call('ZADD', KEYS[2], 0, member)
 touch(KEYS[2])
 redis.call('EXPIRE', record, ttl)
+-- In the same step as the write, so a stream that read the record before it
+-- gets the event, and one that reads after it sees it in the record.
+if channel ~= '' then redis.call('PUBLISH', channel, body) end
 if wins then return 1 end
 return 0
 """
@@ -207,9 +213,15 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields]
 
 
 def script_args(
-    event: LifecycleEvent, *, ttl_seconds: int, trim_bound: str
+    event: LifecycleEvent,
+    *,
+    ttl_seconds: int,
+    trim_bound: str,
+    channel: str = "",
+    body: bytes = b"",
 ) -> list[bytes | str | int]:
-    """ARGV of ``APPLY_EVENT_LUA`` for ``event``."""
+    """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
+    (none if empty) once the event is applied."""
     facts, fill, earliest, win = event_fields(event)
     args: list[bytes | str | int] = [
         event.status.value,
@@ -223,6 +235,8 @@ def script_args(
         len(facts),
         len(fill),
         len(earliest),
+        channel,
+        body,
     ]
     for name, value in (*facts, *fill, *earliest, *win):
         args.append(name)
