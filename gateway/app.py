@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.auth import KeyStore
+from gateway.auth import KeyStore, Principal
 from gateway.bodies import BodyReads
 from gateway.context import (
     APP_BODY_READS,
@@ -40,9 +40,14 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     def reload() -> None:
         try:
             keys.load()
-            log.info("reloaded %s", keys.path)
         except Exception:
             log.exception("reloading %s failed; keeping the keys loaded before", keys.path)
+            return
+        # A revoked key's open event streams end with it.
+        ended = app[APP_WATCH].end_if(
+            lambda project_id, key_id: not keys.holds(Principal(project_id, key_id))
+        )
+        log.info("reloaded %s; ended %d event streams of revoked keys", keys.path, ended)
 
     loop = asyncio.get_running_loop()
     # Only the main thread can own signal handlers (tests run apps elsewhere).

@@ -62,6 +62,7 @@ class KeyStore:
         self.path = path
         self._projects: frozenset[str] = frozenset()
         self._by_digest: dict[bytes, _KeyRecord] = {}
+        self._principals: frozenset[Principal] = frozenset()
 
     def load(self) -> None:
         """Read the file; on any error keep what was loaded before and raise."""
@@ -76,6 +77,11 @@ class KeyStore:
                 by_digest[digest] = _KeyRecord(digest, principal)
         self._projects = frozenset(projects)
         self._by_digest = by_digest
+        self._principals = frozenset(record.principal for record in by_digest.values())
+
+    def holds(self, principal: Principal) -> bool:
+        """Whether this key is still valid for its project (not revoked)."""
+        return principal in self._principals
 
     def has_project(self, project_id: str) -> bool:
         return project_id in self._projects

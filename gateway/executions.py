@@ -205,7 +205,9 @@ async def execution_events(request: web.Request) -> web.StreamResponse:
     principal = _principal(request)
     execution_id = _execution_id(request)
     try:
-        subscription = await watch.subscribe(link.connection, principal.project_id, execution_id)
+        subscription = await watch.subscribe(
+            link.connection, principal.project_id, execution_id, principal.key_id
+        )
     except BrokerError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
         raise unavailable("The message broker is unavailable.") from None

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ Item = tuple[LifecycleEvent, bytes] | Signal
 class Subscription:
     project_id: str
     execution_id: str
+    key_id: str  # whose stream: revoking the key ends it
     inbox: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
 
 
@@ -95,11 +96,15 @@ class Watch:
         return sum(len(watched.subscriptions) for watched in self._watched.values())
 
     async def subscribe(
-        self, connection: AbstractRobustConnection | None, project_id: str, execution_id: str
+        self,
+        connection: AbstractRobustConnection | None,
+        project_id: str,
+        execution_id: str,
+        key_id: str,
     ) -> Subscription:
         """Events of ``execution_id`` from now on; raises BrokerUnavailable."""
         queue = await self._open(connection)
-        subscription = Subscription(project_id, execution_id)
+        subscription = Subscription(project_id, execution_id, key_id)
         watched = self._watched.get(execution_id)
         if watched is None:
             watched = self._watched[execution_id] = _Watched()
@@ -145,9 +150,17 @@ class Watch:
 
     def end_all(self) -> None:
         """Shutdown: every stream ends now (its client reconnects to another gateway)."""
+        self.end_if(lambda _project_id, _key_id: True)
+
+    def end_if(self, ended: Callable[[str, str], bool]) -> int:
+        """End the streams for which ``ended(project_id, key_id)``; how many."""
+        count = 0
         for watched in self._watched.values():
             for subscription in watched.subscriptions:
-                subscription.inbox.put_nowait(END)
+                if ended(subscription.project_id, subscription.key_id):
+                    subscription.inbox.put_nowait(END)
+                    count += 1
+        return count
 
     async def close(self) -> None:
         for task in list(self._tasks):

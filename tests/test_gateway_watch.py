@@ -59,14 +59,14 @@ async def test_a_stream_joining_while_the_last_one_unbinds_gets_events(
         await declare_dispatch_exchanges(channel)
         project, execution_id = f"p{uid}", str(uuid.uuid4())
 
-        first = await watch.subscribe(connection, project, execution_id)
+        first = await watch.subscribe(connection, project, execution_id, "key_test")
         watched = watch._watched[execution_id]
         watch.unsubscribe(first)  # the last stream: its binding goes
         async with asyncio.timeout(5):
             # Under the lock, the unbinding waits for the broker's answer.
             while not watched.lock.locked():  # noqa: ASYNC110
                 await asyncio.sleep(0)
-        second = await watch.subscribe(connection, project, execution_id)
+        second = await watch.subscribe(connection, project, execution_id, "key_test")
 
         assert watch.bindings == 1
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
