@@ -26,6 +26,7 @@ from gateway.errors import error_middleware
 from gateway.link import BrokerLink
 from gateway.openapi import openapi_json
 from gateway.routes import ROUTES, add_routes
+from gateway.server import handler_args, head_size_middleware
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
@@ -90,7 +91,11 @@ async def _end_event_streams(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[error_middleware(settings.retry_after_seconds)],
+        middlewares=[
+            error_middleware(settings.retry_after_seconds),
+            head_size_middleware(settings),
+        ],
+        handler_args=handler_args(settings),
     )
     app[APP_SETTINGS] = settings
     app[APP_KEYS] = KeyStore(settings.projects_file)

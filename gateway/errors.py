@@ -74,8 +74,14 @@ def _kind(
     return kind
 
 
-# -- before any handler: HTTP framing, a bug ---------------------------------------------
+# -- before any handler: HTTP framing and limits (gateway/server.py), a bug --------------
 BAD_HTTP_REQUEST = _kind(400, "BAD_HTTP_REQUEST", "Malformed HTTP (request line, headers, framing)")
+REQUEST_TIMEOUT = _kind(408, "REQUEST_TIMEOUT", "Headers or body not received in time")
+URI_TOO_LONG = _kind(414, "URI_TOO_LONG", "Request line over the limit")
+HEADERS_TOO_LARGE = _kind(431, "HEADERS_TOO_LARGE", "Header fields over the size or count limit")
+TOO_MANY_CONNECTIONS = _kind(
+    503, "TOO_MANY_CONNECTIONS", "The process is at its connection limit", retry=True
+)
 INTERNAL_ERROR = _kind(500, "INTERNAL_ERROR", "A bug in the gateway (logged)")
 # -- routing -------------------------------------------------------------------------------
 ROUTE_NOT_FOUND = _kind(404, "NOT_FOUND", "No such route")
@@ -98,6 +104,9 @@ VALIDATION_ERROR = _kind(
 )
 PAYLOAD_TOO_LARGE = _kind(413, "PAYLOAD_TOO_LARGE", "Body over POLOS_MAX_BODY_BYTES")
 UNSUPPORTED_MEDIA_TYPE = _kind(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type is not JSON")
+UNSUPPORTED_CONTENT_ENCODING = _kind(
+    415, "UNSUPPORTED_CONTENT_ENCODING", "Content-Encoding other than identity (never inflated)"
+)
 # -- submissions (gateway/submission.py) -----------------------------------------------------
 DEPLOYMENT_NOT_FOUND = _kind(404, "DEPLOYMENT_NOT_FOUND", "Deployment not found, or none")
 WORKFLOW_NOT_FOUND = _kind(404, "WORKFLOW_NOT_FOUND", "Workflow not in the deployment")

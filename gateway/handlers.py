@@ -12,9 +12,9 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import errors, submission
 from gateway.auth import api_key_from
-from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import ApiError
-from gateway.settings import Settings
+from gateway.request_body import read_json_body
 from schemas.api import BatchRunRequest, SubmitWorkflowRequest
 from schemas.ids import new_session_id
 
@@ -45,18 +45,6 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return errors.VALIDATION_ERROR(f"Invalid request field(s): {fields}.", details)
 
 
-async def _read_json(request: web.Request, settings: Settings) -> bytes:
-    if request.content_type != _JSON:
-        raise errors.UNSUPPORTED_MEDIA_TYPE("Content-Type must be application/json.")
-    length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        raise _too_large(settings.max_body_bytes)
-    try:
-        return await request.app[APP_BODY_READS].read(request)
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(settings.max_body_bytes) from None
-
-
 def _parse(raw: bytes, model: type[_Model]) -> _Model:
     """The body as ``model``, or a 400.
 
@@ -82,7 +70,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     project_id = principal.project_id
     workflow_id = request.match_info["workflow_id"]
 
-    raw = await _read_json(request, settings)
+    raw = await read_json_body(request, settings)
     body = _parse(raw, SubmitWorkflowRequest)
     problems, run_timeout, queue_name = submission.check(settings, workflow_id, body)
     if problems:
@@ -114,7 +102,7 @@ async def batch_run(request: web.Request) -> web.Response:
     principal = app[APP_KEYS].authorize(_api_key(request), request.headers.get("X-Project-ID"))
     project_id = principal.project_id
 
-    raw = await _read_json(request, settings)
+    raw = await read_json_body(request, settings)
     batch = _parse(raw, BatchRunRequest)
     items = batch.workflows
     if len(items) > settings.max_batch_items:
@@ -206,10 +194,6 @@ def _partial_failure(
 
 def _api_key(request: web.Request) -> str | None:
     return api_key_from(request.headers.get("Authorization"), request.cookies.get("polos_auth"))
-
-
-def _too_large(limit: int) -> ApiError:
-    return errors.PAYLOAD_TOO_LARGE(f"The request body exceeds the limit of {limit} bytes.")
 
 
 async def health(request: web.Request) -> web.Response:

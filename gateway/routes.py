@@ -61,7 +61,11 @@ class Param:
 # Met before, or outside, any handler (gateway/server.py, the error middleware).
 HTTP_ERRORS = (
     errors.BAD_HTTP_REQUEST,
+    errors.REQUEST_TIMEOUT,
+    errors.URI_TOO_LONG,
+    errors.HEADERS_TOO_LARGE,
     errors.INTERNAL_ERROR,
+    errors.TOO_MANY_CONNECTIONS,
 )
 AUTH_ERRORS = (
     errors.MISSING_PROJECT_ID,
@@ -75,6 +79,7 @@ BODY_ERRORS = (
     errors.VALIDATION_ERROR,
     errors.PAYLOAD_TOO_LARGE,
     errors.UNSUPPORTED_MEDIA_TYPE,
+    errors.UNSUPPORTED_CONTENT_ENCODING,
 )
 
 
