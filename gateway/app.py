@@ -100,7 +100,7 @@ def create_app(settings: Settings) -> web.Application:
     app[APP_SETTINGS] = settings
     app[APP_KEYS] = KeyStore(settings.projects_file)
     app[APP_LINK] = BrokerLink(settings)
-    app[APP_OPENAPI] = openapi_json(ROUTES)
+    app[APP_OPENAPI] = openapi_json(ROUTES, settings)
     app[APP_BODY_READS] = BodyReads()
     redis_client = open_redis(
         settings.redis_url.get_secret_value(), timeout_seconds=settings.redis_timeout_seconds

@@ -37,9 +37,10 @@ from store.layout import rank
 
 log = logging.getLogger(__name__)
 
-_UUID_RE = re.compile(
+EXECUTION_ID_PATTERN = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
+_UUID_RE = re.compile(EXECUTION_ID_PATTERN)
 _JSON = "application/json"
 DEFAULT_LIST_LIMIT = 50
 
@@ -302,7 +303,8 @@ async def workflow_runs(request: web.Request) -> web.Response:
     query = request.query
     problems: list[dict[str, str]] = []
     status: ExecutionStatus | None = None
-    if raw_status := query.get("status"):
+    # An empty status is not "any status": it is no status there is.
+    if (raw_status := query.get("status")) is not None:
         try:
             status = ExecutionStatus(raw_status)
         except ValueError:

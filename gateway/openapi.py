@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 from gateway.errors import ErrorKind
 from gateway.routes import Answer, Route
-from schemas.api import ErrorBody
+from gateway.settings import Settings
+from schemas.api import QUEUE_NAME_PATTERN, ErrorBody
 
 _SECURITY: list[dict[str, list[str]]] = [{"bearer_auth": []}, {"cookie_auth": []}]
 _PROJECT = {
@@ -173,7 +174,31 @@ def _models(routes: Sequence[Route]) -> list[type[BaseModel]]:
     return list(dict.fromkeys(models))
 
 
-def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
+def _narrow(schemas: dict[str, Any], model: str, field: str, **bounds: Any) -> None:
+    """Add ``bounds`` to a model's field (to its non-null variant if it may be null)."""
+    if model not in schemas:
+        return
+    prop = schemas[model]["properties"][field]
+    for variant in prop.get("anyOf", [prop]):
+        if variant.get("type") != "null":
+            variant.update(bounds)
+
+
+def _gateway_rules(schemas: dict[str, Any], settings: Settings) -> None:
+    """What this gateway's settings and its own checks (gateway/submission.py) add to
+    the models' constraints, so the description says what it accepts."""
+    for model in ("SubmitWorkflowRequest", "BatchWorkflowItem"):
+        _narrow(schemas, model, "run_timeout_seconds", maximum=settings.max_run_timeout_seconds)
+    _narrow(schemas, "BatchRunRequest", "workflows", maxItems=settings.max_batch_items)
+    if "BatchWorkflowItem" in schemas:
+        # Without a queue_name the workflow id names the queue, so it must be a valid one.
+        schemas["BatchWorkflowItem"]["anyOf"] = [
+            {"required": ["queue_name"], "properties": {"queue_name": {"type": "string"}}},
+            {"properties": {"workflow_id": {"pattern": QUEUE_NAME_PATTERN}}},
+        ]
+
+
+def build_openapi(routes: Sequence[Route], settings: Settings) -> dict[str, Any]:
     documented = [route for route in routes if route.documented]
     paths: dict[str, dict[str, Any]] = defaultdict(dict)
     for route in documented:
@@ -183,6 +208,7 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    _gateway_rules(schemas, settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -201,5 +227,5 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
     }
 
 
-def openapi_json(routes: Sequence[Route]) -> bytes:
-    return orjson.dumps(build_openapi(routes))
+def openapi_json(routes: Sequence[Route], settings: Settings) -> bytes:
+    return orjson.dumps(build_openapi(routes, settings))

@@ -111,7 +111,9 @@ class Route:
 
 
 _EXECUTION_ID = Param(
-    "execution_id", description="Execution ID (a UUID); another project's is not found"
+    "execution_id",
+    description="Execution ID (a UUID); another project's is not found",
+    schema={"type": "string", "pattern": executions.EXECUTION_ID_PATTERN},
 )
 _SUBMIT_ERRORS = (
     errors.DEPLOYMENT_NOT_FOUND,

@@ -180,3 +180,19 @@ def test_errors_are_made_only_from_the_catalogue() -> None:
             continue
         found = re.findall(r"\b(?:ApiError|ErrorKind)\(", module.read_text())
         assert not found, f"{module.name} makes an error outside gateway/errors.py"
+
+
+def test_the_description_states_the_configured_limits_and_the_id_format() -> None:
+    settings = Settings(
+        max_run_timeout_seconds=600, default_run_timeout_seconds=60, max_batch_items=7
+    )
+    document: dict[str, Any] = orjson.loads(create_app(settings)[APP_OPENAPI])
+    schemas = document["components"]["schemas"]
+
+    for model in ("SubmitWorkflowRequest", "BatchWorkflowItem"):
+        timeout = schemas[model]["properties"]["run_timeout_seconds"]["anyOf"][0]
+        assert timeout["maximum"] == 600, model
+    assert schemas["BatchRunRequest"]["properties"]["workflows"]["maxItems"] == 7
+    execution = document["paths"]["/api/v1/executions/{execution_id}"]["get"]["parameters"][0]
+    assert re.fullmatch(execution["schema"]["pattern"], "0190b6c5-2b1a-7c3d-8e4f-0123456789ab")
+    assert not re.fullmatch(execution["schema"]["pattern"], "0190b6c5-2b1a-7c3d-8e4f")
