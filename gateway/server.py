@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadStatusLine,
@@ -163,6 +163,7 @@ class GatewayProtocol(web.RequestHandler):
         # the connection waits for a request.
         self._finished = 0
         self._close_after_answer = False
+        self._draining: StreamReader | None = None  # an answered request's unread body
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -179,7 +180,10 @@ class GatewayProtocol(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        waiting = self._request_count == self._finished
+        if self._draining is not None and self._draining.is_eof():
+            self._draining = None
+        # Not while aiohttp drains the body of an answered request (lingering read).
+        waiting = self._request_count == self._finished and self._draining is None
         if waiting and data and not self._force_close:
             if not self._head_bytes:
                 self._line_bytes, self._line_ended = 0, False
@@ -219,6 +223,8 @@ class GatewayProtocol(web.RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         done = await super().finish_response(request, resp, start_time)
         self._finished += 1
+        if not request.content.is_eof():
+            self._draining = request.content
         if self._close_after_answer:
             self.force_close()  # without aiohttp's lingering read of what is left
         elif self._finished == self._request_count:

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
+import re
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -173,6 +175,24 @@ async def test_a_compressed_body_is_refused_415_on_every_route_that_reads_one(
         headers = {"Content-Type": "application/json", "Content-Encoding": "identity"}
         async with session.post(RUN, data=b'{"payload": 1}', headers=headers) as response:
             assert response.status == 200, await response.text()
+
+
+async def test_a_body_left_unread_is_not_taken_for_the_next_head(gateway: Gateway) -> None:
+    # Beyond what aiohttp buffers before it pauses reading: most of it is read (and
+    # dropped) after the 415, and the next request on the connection follows it.
+    body = os.urandom(1_500_000)
+    refused = (
+        f"POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + gateway.auth()
+        + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    following = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    raw = (await gateway.exchange(refused + following, within=5.0)).raw
+
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert statuses == [b"415", b"200"], raw[-500:]
 
 
 # -- 8: heads and bodies that never end; connections ----------------------------------------
