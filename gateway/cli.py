@@ -8,11 +8,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.auth import create_admin_key, create_key, revoke_key
+from gateway.server import serve_until_signalled
 from gateway.settings import Settings
 from observe import setup_logging
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
@@ -55,14 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings()
     setup_logging(settings.observe)
     if args.command in (None, "serve"):
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
-            handle_signals=True,
-            access_log=None,
-        )
+        asyncio.run(serve_until_signalled(create_app(settings), settings))
         return 0
     if args.command == "keys":
         if args.keys_command == "create" and args.admin:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from broker.errors import BrokerError, Unroutable
 from broker.topology import declare_results_queue
+from gateway import errors
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE, APP_WATCH
 from gateway.errors import ApiError
@@ -36,9 +37,10 @@ from store.layout import rank
 
 log = logging.getLogger(__name__)
 
-_UUID_RE = re.compile(
+EXECUTION_ID_PATTERN = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
+_UUID_RE = re.compile(EXECUTION_ID_PATTERN)
 _JSON = "application/json"
 DEFAULT_LIST_LIMIT = 50
 
@@ -62,9 +64,7 @@ def _principal(request: web.Request) -> Principal:
 def _execution_id(request: web.Request) -> str:
     value = request.match_info["execution_id"]
     if not _UUID_RE.fullmatch(value):
-        raise ApiError(
-            400,
-            "INVALID_EXECUTION_ID",
+        raise errors.INVALID_EXECUTION_ID(
             "The execution id is not a UUID.",
             [{"field": "execution_id", "message": "must be a UUID"}],
         )
@@ -79,16 +79,11 @@ def _store_unavailable(settings: Settings, exc: StoreError) -> ApiError:
         )
     else:
         message = "The execution store is unavailable; retry later."
-    return ApiError(
-        503,
-        "STORE_UNAVAILABLE",
-        message,
-        headers={"Retry-After": str(settings.retry_after_seconds)},
-    )
+    return errors.STORE_UNAVAILABLE(message)
 
 
 def _not_found(execution_id: str) -> ApiError:
-    return ApiError(404, "EXECUTION_NOT_FOUND", f"Execution {execution_id!r} not found.")
+    return errors.EXECUTION_NOT_FOUND(f"Execution {execution_id!r} not found.")
 
 
 async def _read(request: web.Request, project_id: str, execution_id: str) -> ExecutionRecord:
@@ -151,7 +146,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
     record = await _read(request, principal.project_id, execution_id)
     if record.status in TERMINAL_STATUSES:
         raise _terminal(record)
-    require_broker(link, settings)
+    require_broker(link)
     publisher = link.publisher
     assert publisher is not None
     request_message = CancelRequest(
@@ -174,9 +169,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
             await publisher.publish(inbox, body, message_id=message_id)
     except BrokerError as exc:
         log.warning("cancel of %s not published: %s", execution_id, exc)
-        raise unavailable(
-            "The message broker did not take the cancel request.", settings.retry_after_seconds
-        ) from None
+        raise unavailable("The message broker did not take the cancel request.") from None
 
     record = await _await_cancelled(request, principal.project_id, record, settings)
     if record.status is ExecutionStatus.CANCELLED:
@@ -192,9 +185,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
 
 
 def _terminal(record: ExecutionRecord) -> ApiError:
-    return ApiError(
-        409,
-        "EXECUTION_TERMINAL",
+    return errors.EXECUTION_TERMINAL(
         f"Execution {record.id!r} is already {record.status.value}.",
         [{"field": "status", "message": record.status.value}],
     )
@@ -229,7 +220,7 @@ async def execution_events(request: web.Request) -> web.StreamResponse:
     principal = _principal(request)
     execution_id = _execution_id(request)
     try:
-        subscription = await watch.subscribe(principal.project_id, execution_id)
+        subscription = await watch.subscribe(principal.project_id, execution_id, principal.key_id)
     except StoreError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
         raise _store_unavailable(settings, exc) from None
@@ -324,7 +315,8 @@ async def workflow_runs(request: web.Request) -> web.Response:
     query = request.query
     problems: list[dict[str, str]] = []
     status: ExecutionStatus | None = None
-    if raw_status := query.get("status"):
+    # An empty status is not "any status": it is no status there is.
+    if (raw_status := query.get("status")) is not None:
         try:
             status = ExecutionStatus(raw_status)
         except ValueError:
@@ -340,15 +332,13 @@ async def workflow_runs(request: web.Request) -> web.Response:
             )
     if problems:
         fields = ", ".join(p["field"] for p in problems)
-        raise ApiError(400, "VALIDATION_ERROR", f"Invalid query parameter(s): {fields}.", problems)
+        raise errors.VALIDATION_ERROR(f"Invalid query parameter(s): {fields}.", problems)
     try:
         records, cursor = await app[APP_STORE].list_runs(
             principal.project_id, workflow_id, status, limit, query.get("cursor") or None
         )
     except InvalidCursor:
-        raise ApiError(
-            400,
-            "VALIDATION_ERROR",
+        raise errors.VALIDATION_ERROR(
             "Invalid query parameter(s): cursor.",
             [{"field": "cursor", "message": "not a cursor this API returned"}],
         ) from None

@@ -10,12 +10,12 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway import submission
+from gateway import errors, submission
 from gateway.auth import api_key_from
-from gateway.context import APP_BODY_READS, APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
 from gateway.errors import ApiError
 from gateway.observe import submit_traceparent
-from gateway.settings import Settings
+from gateway.request_body import read_json_body
 from schemas.api import BatchRunRequest, SubmitWorkflowRequest
 from schemas.ids import new_session_id
 
@@ -30,32 +30,20 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON)
 
 
-def _validation_details(exc: ValidationError) -> tuple[str, str, list[dict[str, str]]]:
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+def _validation_error(exc: ValidationError) -> ApiError:
+    problems = exc.errors(include_url=False, include_context=False, include_input=False)
     # Even a body that is not JSON, or not an object, names what is wrong in
     # ``details`` (the field is the body itself), as every other 400 does.
-    for e in errors:
+    for e in problems:
         if e["type"] == "model_type" and not e["loc"]:
             detail = {"field": "body", "message": "must be a JSON object"}
-            return "INVALID_REQUEST", "The request body must be a JSON object.", [detail]
+            return errors.INVALID_REQUEST("The request body must be a JSON object.", [detail])
     details = [
         {"field": ".".join(str(part) for part in e["loc"]) or "body", "message": e["msg"]}
-        for e in errors
+        for e in problems
     ]
     fields = ", ".join(d["field"] for d in details)
-    return "VALIDATION_ERROR", f"Invalid request field(s): {fields}.", details
-
-
-async def _read_json(request: web.Request, settings: Settings) -> bytes:
-    if request.content_type != _JSON:
-        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
-    length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        raise _too_large(settings.max_body_bytes)
-    try:
-        return await request.app[APP_BODY_READS].read(request)
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(settings.max_body_bytes) from None
+    return errors.VALIDATION_ERROR(f"Invalid request field(s): {fields}.", details)
 
 
 def _parse(raw: bytes, model: type[_Model]) -> _Model:
@@ -69,14 +57,11 @@ def _parse(raw: bytes, model: type[_Model]) -> _Model:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         detail = {"field": "body", "message": str(exc)}
-        raise ApiError(
-            400, "INVALID_JSON", "The request body is not valid JSON.", [detail]
-        ) from None
+        raise errors.INVALID_JSON("The request body is not valid JSON.", [detail]) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error_type, message, details = _validation_details(exc)
-        raise ApiError(400, error_type, message, details) from None
+        raise _validation_error(exc) from None
 
 
 async def submit_workflow(request: web.Request) -> web.Response:
@@ -86,7 +71,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     project_id = principal.project_id
     workflow_id = request.match_info["workflow_id"]
 
-    raw = await _read_json(request, settings)
+    raw = await read_json_body(request, settings)
     body = _parse(raw, SubmitWorkflowRequest)
     problems, run_timeout, queue_name = submission.check(settings, workflow_id, body)
     problems += submission.carried_json(raw, body)
@@ -94,9 +79,9 @@ async def submit_workflow(request: web.Request) -> web.Response:
         raise submission.invalid(problems)
 
     link = app[APP_LINK]
-    submission.require_registry(link, settings)
+    submission.require_registry(link)
     deployment = submission.resolve(link, project_id, body.deployment_id, workflow_id)
-    submission.require_broker(link, settings)
+    submission.require_broker(link)
     stamped = submission.stamp(
         project_id=project_id,
         workflow_id=workflow_id,
@@ -120,7 +105,7 @@ async def batch_run(request: web.Request) -> web.Response:
     principal = app[APP_KEYS].authorize(_api_key(request), request.headers.get("X-Project-ID"))
     project_id = principal.project_id
 
-    raw = await _read_json(request, settings)
+    raw = await read_json_body(request, settings)
     batch = _parse(raw, BatchRunRequest)
     items = batch.workflows
     if len(items) > settings.max_batch_items:
@@ -140,7 +125,7 @@ async def batch_run(request: web.Request) -> web.Response:
         raise submission.invalid(problems)
 
     link = app[APP_LINK]
-    submission.require_registry(link, settings)
+    submission.require_registry(link)
     deployments = [
         submission.resolve(
             link,
@@ -152,7 +137,7 @@ async def batch_run(request: web.Request) -> web.Response:
         )
         for index, item in enumerate(items)
     ]
-    submission.require_broker(link, settings)
+    submission.require_broker(link)
     # One session for the whole batch unless it names one (as Polos does per submit).
     session_id = batch.session_id or new_session_id()
     # One span for the batch; an item's own otel_traceparent is kept as it came.
@@ -183,20 +168,22 @@ async def batch_run(request: web.Request) -> web.Response:
         for s in accepted:
             submission.announce(link, s)
     if len(accepted) < len(stamped):
-        raise _partial_failure(stamped, outcomes, settings)
+        raise _partial_failure(stamped, outcomes)
     executions = [{"execution_id": s.execution_id, "created_at": s.created_at} for s in stamped]
     return _json({"executions": executions})
 
 
 def _partial_failure(
-    stamped: list[submission.Stamped], outcomes: list[BaseException | None], settings: Settings
+    stamped: list[submission.Stamped], outcomes: list[BaseException | None]
 ) -> ApiError:
     """Some confirms failed: the error names each item, and which ones are accepted anyway."""
     for outcome in outcomes:
         if outcome is not None and not isinstance(outcome, ApiError):
             raise outcome  # a bug, not the broker: the middleware answers 500
-    errors = [o for o in outcomes if isinstance(o, ApiError)]
-    status = 429 if any(e.status == 429 for e in errors) else 503
+    failed = [o for o in outcomes if isinstance(o, ApiError)]
+    kind = (
+        errors.BATCH_QUEUE_FULL if any(e.status == 429 for e in failed) else errors.BATCH_INCOMPLETE
+    )
     details = []
     for index, (s, outcome) in enumerate(zip(stamped, outcomes, strict=True)):
         if isinstance(outcome, ApiError):
@@ -205,24 +192,15 @@ def _partial_failure(
             details.append(
                 {"field": f"workflows.{index}", "message": f"accepted as {s.execution_id}"}
             )
-    return ApiError(
-        status,
-        "BATCH_INCOMPLETE",
-        f"{len(errors)} of {len(stamped)} workflows were not accepted; the others were and "
+    return kind(
+        f"{len(failed)} of {len(stamped)} workflows were not accepted; the others were and "
         "will run (see details). Retrying the whole batch runs those again.",
         details,
-        headers={"Retry-After": str(settings.retry_after_seconds)},
     )
 
 
 def _api_key(request: web.Request) -> str | None:
     return api_key_from(request.headers.get("Authorization"), request.cookies.get("polos_auth"))
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413, "PAYLOAD_TOO_LARGE", f"The request body exceeds the limit of {limit} bytes."
-    )
 
 
 async def health(request: web.Request) -> web.Response:

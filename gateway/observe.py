@@ -26,12 +26,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.context import APP_LINK, APP_WATCH
-from gateway.errors import Handler
 from gateway.settings import Settings
 from observe import MetricsServer, Tracer, tracer_for, valid_traceparent
 from observe.metrics import LATENCY_BUCKETS

@@ -28,10 +28,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway import executions
+from gateway import errors, executions
 from gateway.auth import Principal, api_key_from
-from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE
-from gateway.errors import ApiError
+from gateway.context import APP_KEYS, APP_LINK, APP_STORE
 from gateway.fleet import Fleet, Owned
 from gateway.settings import Settings
 from gateway.submission import unavailable
@@ -57,7 +56,7 @@ def _admin(request: web.Request) -> str:
     key = api_key_from(request.headers.get("Authorization"), request.cookies.get(COOKIE))
     key_id = request.app[APP_KEYS].authenticate_admin(key)
     if key_id is None:
-        raise ApiError(401, "ADMIN_KEY_REQUIRED", "The operator page needs an admin key.")
+        raise errors.ADMIN_KEY_REQUIRED("The operator page needs an admin key.")
     return key_id
 
 
@@ -78,7 +77,7 @@ async def open_session(request: web.Request) -> web.Response:
     except (ValueError, KeyError):
         key = None
     if not isinstance(key, str) or request.app[APP_KEYS].authenticate_admin(key) is None:
-        raise ApiError(401, "ADMIN_KEY_REQUIRED", "That is not an admin key.")
+        raise errors.ADMIN_KEY_REQUIRED("That is not an admin key.")
     response = web.Response(status=204)
     response.set_cookie(COOKIE, key, path="/ui", httponly=True, samesite="Strict")
     return response
@@ -96,8 +95,7 @@ async def queues(request: web.Request) -> web.Response:
     link, fleet = app[APP_LINK], app[APP_FLEET]
     connection = link.connection
     if connection is None:
-        retry = app[APP_SETTINGS].retry_after_seconds
-        raise unavailable("The message broker is unavailable.", retry)
+        raise unavailable("The message broker is unavailable.")
     await fleet.follow(connection)
     owned = fleet.owned()
     keys = set(link.state.queues) | set(owned)
@@ -186,7 +184,7 @@ async def recent(request: web.Request) -> web.Response:
             problems.append({"field": "limit", "message": f"1 to {MAX_LIST_LIMIT}"})
     if problems:
         fields = ", ".join(p["field"] for p in problems)
-        raise ApiError(400, "VALIDATION_ERROR", f"Invalid query parameter(s): {fields}.", problems)
+        raise errors.VALIDATION_ERROR(f"Invalid query parameter(s): {fields}.", problems)
     if workflow := query.get("workflow"):
         workflows = [workflow]
     else:
@@ -200,9 +198,7 @@ async def recent(request: web.Request) -> web.Response:
             *(store.list_runs(project_id, w, status, limit, None) for w in workflows)
         )
     except StoreError:
-        raise ApiError(
-            503, "STORE_UNAVAILABLE", "The execution store is unavailable; retry later."
-        ) from None
+        raise errors.STORE_UNAVAILABLE("The execution store is unavailable; retry later.") from None
     # UUIDv7 ids sort by creation time: the newest `limit` of all pages.
     records: list[ExecutionRecord] = heapq.nlargest(
         limit, (r for rs, _ in pages for r in rs), key=lambda r: r.id
@@ -217,7 +213,7 @@ def _as_project(request: web.Request) -> None:
     key_id = _admin(request)
     project_id = request.match_info["project_id"]
     if not request.app[APP_KEYS].has_project(project_id):
-        raise ApiError(404, "PROJECT_NOT_FOUND", f"Project {project_id!r} not found.")
+        raise errors.PROJECT_NOT_FOUND("Project not found.")
     request[executions.OPERATOR_PRINCIPAL] = Principal(project_id, key_id)
 
 

@@ -26,6 +26,29 @@ class Settings(BaseSettings):
     )
     # At most what one broker message carries once stamped (schemas.limits).
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=MAX_BODY_BYTES_CAP)
+    # -- what one connection may hold, and for how long (gateway/server.py) ---------------
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="Request line and header fields, in all"
+    )
+    max_header_line_bytes: int = Field(
+        default=8190, ge=256, description="The request line, and each header field"
+    )
+    max_header_count: int = Field(default=64, ge=8, description="Header fields per request")
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="From a request's first byte to the end of its headers"
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="From the end of the headers to the end of the body"
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=75.0, gt=0, description="An idle connection (or a new one, before its first byte)"
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open connections per process; unset: the open-files limit less 128 "
+        "(room for the broker, Redis and files)",
+    )
     default_run_timeout_seconds: int = Field(default=DEFAULT_RUN_TIMEOUT_SECONDS, ge=1)
     max_run_timeout_seconds: int = Field(default=24 * 3600, ge=1, le=MAX_RUN_TIMEOUT_CAP_S)
     queue_max_length: int = Field(

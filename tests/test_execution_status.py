@@ -204,6 +204,7 @@ async def test_runs_of_a_workflow_newest_first_paginated_and_filtered(system: Sy
     ("query", "field"),
     [
         ({"status": "finished"}, "status"),
+        ({"status": ""}, "status"),  # not "any status"
         ({"limit": "0"}, "limit"),
         ({"limit": "1001"}, "limit"),
         ({"limit": "ten"}, "limit"),
