@@ -15,6 +15,7 @@ from gateway.auth import KeyStore
 from gateway.bodies import BodyReads
 from gateway.context import (
     APP_BODY_READS,
+    APP_IDEMPOTENCY,
     APP_KEYS,
     APP_LINK,
     APP_OPENAPI,
@@ -29,6 +30,7 @@ from gateway.openapi import openapi_json
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
+from store.idempotency import IdempotencyKeys
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,12 @@ def create_app(settings: Settings) -> web.Application:
     app[APP_REDIS] = redis_client
     app[APP_STORE] = ExecutionStore(redis_client, key_prefix=settings.redis_key_prefix)
     app[APP_WATCH] = Watch()
+    app[APP_IDEMPOTENCY] = IdempotencyKeys(
+        redis_client,
+        retention_seconds=settings.idempotency_retention_seconds,
+        lease_seconds=settings.idempotency_lease,
+        key_prefix=settings.redis_key_prefix,
+    )
     app.on_shutdown.append(_abandon_incomplete_bodies)
     app.on_shutdown.append(_end_event_streams)
     app.cleanup_ctx.append(_keys_ctx)

@@ -44,6 +44,15 @@ def error_response(
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
+def store_unavailable(retry_after: int) -> ApiError:
+    return ApiError(
+        503,
+        "STORE_UNAVAILABLE",
+        "The execution store is unavailable; retry later.",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 _HTTP_ERROR_TYPES = {
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from schemas.api import (
+    IDEMPOTENCY_KEY_PATTERN,
     BatchRunRequest,
     BatchRunResponse,
     CancelExecutionResponse,
@@ -67,6 +68,22 @@ def _path(name: str, description: str = "") -> dict[str, Any]:
 
 
 _PROJECT = {"name": "X-Project-ID", "in": "header", "required": True, "schema": {"type": "string"}}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "1-255 visible ASCII characters. The same key with the same request in "
+    "this project within the retention window (24 h by default) answers the same execution "
+    "(with Idempotent-Replayed: true) and publishes nothing. Needs the execution store.",
+    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+}
+_IDEMPOTENCY_ERRORS = {
+    "409": _error(
+        "IDEMPOTENCY_KEY_IN_PROGRESS: another request with the key is still being submitted",
+        retry_after=True,
+    ),
+    "422": _error("IDEMPOTENCY_KEY_REUSED: the key was used with a different request"),
+}
 _EXECUTION = _path("execution_id", "Execution ID (a UUID); another project's is not found")
 
 _AUTH_ERRORS = {
@@ -82,7 +99,12 @@ _SUBMIT_ERRORS = {
     "413": _error("Body over the size limit"),
     "415": _error("Content-Type is not application/json"),
     "429": _error("Queue at its maximum length", retry_after=True),
-    "503": _error("Broker unavailable or no confirm in time", True),
+    "503": _error(
+        "Broker unavailable or no confirm in time; or, for a request with an idempotency "
+        "key, the execution store (STORE_UNAVAILABLE)",
+        True,
+    ),
+    **_IDEMPOTENCY_ERRORS,
 }
 
 
@@ -119,7 +141,7 @@ def _paths() -> dict[str, Any]:
             "post": _operation(
                 "submit_workflow",
                 "Submit a workflow for execution",
-                [_path("workflow_id")],
+                [_path("workflow_id"), _IDEMPOTENCY_KEY],
                 {
                     "200": _json(
                         "Accepted: the broker confirmed a persistent message",
@@ -134,7 +156,14 @@ def _paths() -> dict[str, Any]:
             "post": _operation(
                 "batch_run_workflows",
                 "Submit several workflows at once",
-                [],
+                [
+                    {
+                        **_IDEMPOTENCY_KEY,
+                        "description": "Keys every item without an idempotency_key of its own "
+                        "as item <index> of this batch: the same batch again answers as before "
+                        "and publishes only items no earlier attempt published.",
+                    }
+                ],
                 {
                     "200": _json(
                         "Every workflow accepted (each confirmed by the broker); one entry per "

@@ -55,6 +55,16 @@ def unavailable(message: str, retry_after: int) -> ApiError:
     return ApiError(503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)})
 
 
+class MaybePublished(ApiError):
+    """A 503 after which the message may be in its queue all the same: no confirm came."""
+
+
+def _maybe_published(message: str, retry_after: int) -> MaybePublished:
+    return MaybePublished(
+        503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)}
+    )
+
+
 def check(
     settings: Settings, workflow_id: str, body: SubmitWorkflowRequest, field: str = ""
 ) -> tuple[list[Detail], int, str]:
@@ -222,7 +232,7 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
                     routing_key, stamped.envelope, message_id=stamped.execution_id
                 )
     except (TimeoutError, ConfirmTimeout):
-        raise unavailable(
+        raise _maybe_published(
             "The message broker did not confirm the submission in time.",
             settings.retry_after_seconds,
         ) from None
@@ -237,9 +247,9 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
         # The cause names broker internals (connection reprs, queue names): it is
         # for the operator's log, not for the client.
         log.warning("submission to %s/%s not accepted: %s", project_id, queue_name, exc)
-        raise unavailable(
-            "The message broker is unavailable.", settings.retry_after_seconds
-        ) from None
+        # A channel lost mid-publish may have delivered it; a returned message was not.
+        error = unavailable if isinstance(exc, Unroutable) else _maybe_published
+        raise error("The message broker is unavailable.", settings.retry_after_seconds) from None
 
 
 def announce(link: BrokerLink, stamped: Stamped) -> None:
