@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import executions, handlers
 from gateway.auth import KeyStore
 from gateway.bodies import BodyReads
 from gateway.context import (
@@ -27,6 +26,7 @@ from gateway.context import (
 from gateway.errors import error_middleware
 from gateway.link import BrokerLink
 from gateway.openapi import openapi_json
+from gateway.routes import ROUTES, add_routes
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
@@ -85,11 +85,14 @@ async def _end_event_streams(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware(settings.retry_after_seconds)],
+    )
     app[APP_SETTINGS] = settings
     app[APP_KEYS] = KeyStore(settings.projects_file)
     app[APP_LINK] = BrokerLink(settings)
-    app[APP_OPENAPI] = openapi_json()
+    app[APP_OPENAPI] = openapi_json(ROUTES)
     app[APP_BODY_READS] = BodyReads()
     redis_client = open_redis(
         settings.redis_url.get_secret_value(), timeout_seconds=settings.redis_timeout_seconds
@@ -108,13 +111,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_store_ctx)
-    app.router.add_post("/api/v1/workflows/{workflow_id}/run", handlers.submit_workflow)
-    app.router.add_post("/api/v1/workflows/batch_run", handlers.batch_run)
-    app.router.add_get("/api/v1/workflows/{workflow_id}/runs", executions.workflow_runs)
-    app.router.add_get("/api/v1/executions/{execution_id}", executions.get_execution)
-    app.router.add_post("/api/v1/executions/{execution_id}/cancel", executions.cancel_execution)
-    app.router.add_get("/api/v1/executions/{execution_id}/events", executions.execution_events)
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/ready", handlers.ready)
-    app.router.add_get("/openapi.json", handlers.openapi)
+    add_routes(app)
     return app

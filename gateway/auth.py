@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import ApiError
+from gateway import errors
 from schemas.ids import now_rfc3339
 from schemas.topology import PROJECT_ID_PATTERN
 
@@ -95,22 +95,22 @@ class KeyStore:
         """The caller's principal for ``project_id``, or the ApiError to answer."""
         principal = self.authenticate(api_key)
         if principal is None:
-            raise ApiError(
-                401,
-                "UNAUTHORIZED",
-                "A valid API key is required (Authorization: Bearer <key> or cookie polos_auth).",
+            raise errors.UNAUTHORIZED(
+                "A valid API key is required (Authorization: Bearer <key> or cookie polos_auth)."
             )
         if not project_id:
-            raise ApiError(
-                400,
-                "MISSING_PROJECT_ID",
+            raise errors.MISSING_PROJECT_ID(
                 "The X-Project-ID header is required.",
                 [{"field": "X-Project-ID", "message": "required header"}],
             )
+        # The header is not repeated back: a client may have put the key in it.
         if not self.has_project(project_id):
-            raise ApiError(404, "PROJECT_NOT_FOUND", f"Project {project_id!r} not found.")
+            raise errors.PROJECT_NOT_FOUND(
+                "The project of X-Project-ID is not found.",
+                [{"field": "X-Project-ID", "message": "unknown project"}],
+            )
         if principal.project_id != project_id:
-            raise ApiError(403, "FORBIDDEN", "This API key does not belong to the project.")
+            raise errors.FORBIDDEN("This API key does not belong to the project.")
         return principal
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from broker.errors import BrokerError, Unroutable
 from broker.topology import declare_results_queue
+from gateway import errors
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE, APP_WATCH
 from gateway.errors import ApiError
@@ -55,26 +56,19 @@ def _principal(request: web.Request) -> Principal:
 def _execution_id(request: web.Request) -> str:
     value = request.match_info["execution_id"]
     if not _UUID_RE.fullmatch(value):
-        raise ApiError(
-            400,
-            "INVALID_EXECUTION_ID",
+        raise errors.INVALID_EXECUTION_ID(
             "The execution id is not a UUID.",
             [{"field": "execution_id", "message": "must be a UUID"}],
         )
     return value.lower()
 
 
-def _store_unavailable(settings: Settings) -> ApiError:
-    return ApiError(
-        503,
-        "STORE_UNAVAILABLE",
-        "The execution store is unavailable; retry later.",
-        headers={"Retry-After": str(settings.retry_after_seconds)},
-    )
+def _store_unavailable() -> ApiError:
+    return errors.STORE_UNAVAILABLE("The execution store is unavailable; retry later.")
 
 
 def _not_found(execution_id: str) -> ApiError:
-    return ApiError(404, "EXECUTION_NOT_FOUND", f"Execution {execution_id!r} not found.")
+    return errors.EXECUTION_NOT_FOUND(f"Execution {execution_id!r} not found.")
 
 
 async def _read(request: web.Request, project_id: str, execution_id: str) -> ExecutionRecord:
@@ -94,7 +88,7 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             record = await store.get(project_id, execution_id)
         except StoreError as exc:
             log.warning("execution store: %s", exc)
-            raise _store_unavailable(settings) from None
+            raise _store_unavailable() from None
         if record is not None:
             return record
         if deadline is None:
@@ -137,7 +131,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
     record = await _read(request, principal.project_id, execution_id)
     if record.status in TERMINAL_STATUSES:
         raise _terminal(record)
-    require_broker(link, settings)
+    require_broker(link)
     publisher = link.publisher
     assert publisher is not None
     request_message = CancelRequest(
@@ -160,9 +154,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
             await publisher.publish(inbox, body, message_id=message_id)
     except BrokerError as exc:
         log.warning("cancel of %s not published: %s", execution_id, exc)
-        raise unavailable(
-            "The message broker did not take the cancel request.", settings.retry_after_seconds
-        ) from None
+        raise unavailable("The message broker did not take the cancel request.") from None
 
     record = await _await_cancelled(request, principal.project_id, record, settings)
     if record.status is ExecutionStatus.CANCELLED:
@@ -178,9 +170,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
 
 
 def _terminal(record: ExecutionRecord) -> ApiError:
-    return ApiError(
-        409,
-        "EXECUTION_TERMINAL",
+    return errors.EXECUTION_TERMINAL(
         f"Execution {record.id!r} is already {record.status.value}.",
         [{"field": "status", "message": record.status.value}],
     )
@@ -218,9 +208,7 @@ async def execution_events(request: web.Request) -> web.StreamResponse:
         subscription = await watch.subscribe(link.connection, principal.project_id, execution_id)
     except BrokerError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
-        raise unavailable(
-            "The message broker is unavailable.", settings.retry_after_seconds
-        ) from None
+        raise unavailable("The message broker is unavailable.") from None
     try:
         # Subscribed first, read second: an event in between is in the inbox.
         record = await _read(request, principal.project_id, execution_id)
@@ -328,20 +316,18 @@ async def workflow_runs(request: web.Request) -> web.Response:
             )
     if problems:
         fields = ", ".join(p["field"] for p in problems)
-        raise ApiError(400, "VALIDATION_ERROR", f"Invalid query parameter(s): {fields}.", problems)
+        raise errors.VALIDATION_ERROR(f"Invalid query parameter(s): {fields}.", problems)
     try:
         records, cursor = await app[APP_STORE].list_runs(
             principal.project_id, workflow_id, status, limit, query.get("cursor") or None
         )
     except InvalidCursor:
-        raise ApiError(
-            400,
-            "VALIDATION_ERROR",
+        raise errors.VALIDATION_ERROR(
             "Invalid query parameter(s): cursor.",
             [{"field": "cursor", "message": "not a cursor this API returned"}],
         ) from None
     except StoreError as exc:
         log.warning("execution store: %s", exc)
-        raise _store_unavailable(app[APP_SETTINGS]) from None
+        raise _store_unavailable() from None
     page = WorkflowRunsResponse(executions=records, next_cursor=cursor)
     return _json(page.model_dump_json().encode())

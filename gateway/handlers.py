@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway import idempotency, submission
+from gateway import errors, idempotency, submission
 from gateway.auth import api_key_from
 from gateway.context import (
     APP_BODY_READS,
@@ -37,25 +37,25 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON, headers=headers)
 
 
-def _validation_details(exc: ValidationError) -> tuple[str, str, list[dict[str, str]]]:
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+def _validation_error(exc: ValidationError) -> ApiError:
+    problems = exc.errors(include_url=False, include_context=False, include_input=False)
     # Even a body that is not JSON, or not an object, names what is wrong in
     # ``details`` (the field is the body itself), as every other 400 does.
-    for e in errors:
+    for e in problems:
         if e["type"] == "model_type" and not e["loc"]:
             detail = {"field": "body", "message": "must be a JSON object"}
-            return "INVALID_REQUEST", "The request body must be a JSON object.", [detail]
+            return errors.INVALID_REQUEST("The request body must be a JSON object.", [detail])
     details = [
         {"field": ".".join(str(part) for part in e["loc"]) or "body", "message": e["msg"]}
-        for e in errors
+        for e in problems
     ]
     fields = ", ".join(d["field"] for d in details)
-    return "VALIDATION_ERROR", f"Invalid request field(s): {fields}.", details
+    return errors.VALIDATION_ERROR(f"Invalid request field(s): {fields}.", details)
 
 
 async def _read_json(request: web.Request, settings: Settings) -> bytes:
     if request.content_type != _JSON:
-        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
+        raise errors.UNSUPPORTED_MEDIA_TYPE("Content-Type must be application/json.")
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
         raise _too_large(settings.max_body_bytes)
@@ -76,14 +76,11 @@ def _parse(raw: bytes, model: type[_Model]) -> _Model:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         detail = {"field": "body", "message": str(exc)}
-        raise ApiError(
-            400, "INVALID_JSON", "The request body is not valid JSON.", [detail]
-        ) from None
+        raise errors.INVALID_JSON("The request body is not valid JSON.", [detail]) from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error_type, message, details = _validation_details(exc)
-        raise ApiError(400, error_type, message, details) from None
+        raise _validation_error(exc) from None
 
 
 async def submit_workflow(request: web.Request) -> web.Response:
@@ -101,9 +98,9 @@ async def submit_workflow(request: web.Request) -> web.Response:
         raise submission.invalid(problems)
 
     link = app[APP_LINK]
-    submission.require_registry(link, settings)
+    submission.require_registry(link)
     deployment = submission.resolve(link, project_id, body.deployment_id, workflow_id)
-    submission.require_broker(link, settings)
+    submission.require_broker(link)
     stamped = submission.stamp(
         project_id=project_id,
         workflow_id=workflow_id,
@@ -178,7 +175,7 @@ async def batch_run(request: web.Request) -> web.Response:
         raise submission.invalid(problems)
 
     link = app[APP_LINK]
-    submission.require_registry(link, settings)
+    submission.require_registry(link)
     deployments = [
         submission.resolve(
             link,
@@ -190,7 +187,7 @@ async def batch_run(request: web.Request) -> web.Response:
         )
         for index, item in enumerate(items)
     ]
-    submission.require_broker(link, settings)
+    submission.require_broker(link)
     # One session for the whole batch unless it names one (as Polos does per submit).
     session_id = batch.session_id or new_session_id()
     stamped = [
@@ -237,21 +234,23 @@ async def batch_run(request: web.Request) -> web.Response:
             if f and outcome is None:
                 submission.announce(link, s)
     if any(outcome is not None for outcome in outcomes):
-        raise _partial_failure(answers, outcomes, settings)
+        raise _partial_failure(answers, outcomes)
     executions = [{"execution_id": i, "created_at": at} for i, at in answers]
     headers = {idempotency.REPLAYED_HEADER: "true"} if keyed and not any(fresh) else None
     return _json({"executions": executions}, headers=headers)
 
 
 def _partial_failure(
-    answers: list[tuple[str, str]], outcomes: list[BaseException | None], settings: Settings
+    answers: list[tuple[str, str]], outcomes: list[BaseException | None]
 ) -> ApiError:
     """Some confirms failed: the error names each item, and which ones are accepted anyway."""
     for outcome in outcomes:
         if outcome is not None and not isinstance(outcome, ApiError):
             raise outcome  # a bug, not the broker: the middleware answers 500
-    errors = [o for o in outcomes if isinstance(o, ApiError)]
-    status = 429 if any(e.status == 429 for e in errors) else 503
+    failed = [o for o in outcomes if isinstance(o, ApiError)]
+    kind = (
+        errors.BATCH_QUEUE_FULL if any(e.status == 429 for e in failed) else errors.BATCH_INCOMPLETE
+    )
     details = []
     for index, ((execution_id, _), outcome) in enumerate(zip(answers, outcomes, strict=True)):
         if isinstance(outcome, ApiError):
@@ -260,14 +259,11 @@ def _partial_failure(
             details.append(
                 {"field": f"workflows.{index}", "message": f"accepted as {execution_id}"}
             )
-    return ApiError(
-        status,
-        "BATCH_INCOMPLETE",
-        f"{len(errors)} of {len(answers)} workflows were not accepted; the others were and "
+    return kind(
+        f"{len(failed)} of {len(answers)} workflows were not accepted; the others were and "
         "will run (see details). Retrying the whole batch runs those again, unless it "
         "carries idempotency keys.",
         details,
-        headers={"Retry-After": str(settings.retry_after_seconds)},
     )
 
 
@@ -276,9 +272,7 @@ def _api_key(request: web.Request) -> str | None:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413, "PAYLOAD_TOO_LARGE", f"The request body exceeds the limit of {limit} bytes."
-    )
+    return errors.PAYLOAD_TOO_LARGE(f"The request body exceeds the limit of {limit} bytes.")
 
 
 async def health(request: web.Request) -> web.Response:

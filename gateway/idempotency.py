@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import ApiError, store_unavailable
+from gateway import errors
+from gateway.errors import ApiError
 from gateway.settings import Settings
 from gateway.submission import MaybePublished, Stamped
 from schemas.api import (
@@ -71,9 +71,7 @@ def header_key(request: web.Request) -> str | None:
     if key is None:
         return None
     if not _KEY_RE.fullmatch(key):
-        raise ApiError(
-            400,
-            "INVALID_IDEMPOTENCY_KEY",
+        raise errors.INVALID_IDEMPOTENCY_KEY(
             "The Idempotency-Key header must be 1 to 255 visible ASCII characters.",
             [{"field": IDEMPOTENCY_KEY_HEADER, "message": "1-255 visible ASCII characters"}],
         )
@@ -261,7 +259,6 @@ async def claim(
             if conflicts:
                 raise _reused(conflicts)
             waiting: list[Claim] = []
-            lease_left = 0.0
             for c, holder, verdict in zip(open_claims, holders, verdicts, strict=True):
                 if verdict is Verdict.RESERVED:
                     continue
@@ -273,11 +270,10 @@ async def claim(
                         waiting.append(c)  # another request took it over first: look again
                 else:
                     waiting.append(c)
-                    lease_left = max(lease_left, holder.lease_left_seconds)
             if not waiting:
                 return
             if loop.time() >= deadline:
-                raise _in_progress(waiting, lease_left, settings)
+                raise _in_progress(waiting)
             await asyncio.sleep(_POLL_SECONDS)
             open_claims = waiting
     except BaseException as exc:
@@ -286,7 +282,9 @@ async def claim(
             c.held = False
         if isinstance(exc, StoreError):
             log.warning("idempotency keys: %s", exc)
-            raise store_unavailable(settings.retry_after_seconds) from None
+            raise errors.STORE_UNAVAILABLE(
+                "The execution store, which keeps idempotency keys, is unavailable; retry later."
+            ) from None
         raise
 
 
@@ -359,23 +357,17 @@ def _reused(conflicts: Sequence[Claim]) -> ApiError:
         {"field": c.field, "message": "already used with a different request"} for c in conflicts
     ]
     keys = ", ".join(repr(c.key) for c in conflicts[:3])
-    return ApiError(
-        422,
-        "IDEMPOTENCY_KEY_REUSED",
+    return errors.IDEMPOTENCY_KEY_REUSED(
         f"Idempotency key {keys} was already used with a different request in this project "
         "within the retention window; nothing was submitted.",
         details,
     )
 
 
-def _in_progress(waiting: Sequence[Claim], lease_left: float, settings: Settings) -> ApiError:
+def _in_progress(waiting: Sequence[Claim]) -> ApiError:
     details = [{"field": c.field, "message": "a request with it is in progress"} for c in waiting]
-    retry_after = max(settings.retry_after_seconds, math.ceil(lease_left))
-    return ApiError(
-        409,
-        "IDEMPOTENCY_KEY_IN_PROGRESS",
+    return errors.IDEMPOTENCY_KEY_IN_PROGRESS(
         "A request with the same idempotency key is still being submitted; retry later "
         "for its answer.",
         details,
-        headers={"Retry-After": str(retry_after)},
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 from broker.errors import BrokerUnavailable, ConfirmTimeout, PublishRejected, Unroutable
 from broker.registry import Deployment
+from gateway import errors
 from gateway.errors import ApiError
 from gateway.link import BrokerLink
 from gateway.settings import Settings
@@ -51,18 +52,16 @@ class Stamped:
     envelope: bytes
 
 
-def unavailable(message: str, retry_after: int) -> ApiError:
-    return ApiError(503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)})
+def unavailable(message: str) -> ApiError:
+    return errors.BROKER_UNAVAILABLE(message)
 
 
 class MaybePublished(ApiError):
     """A 503 after which the message may be in its queue all the same: no confirm came."""
 
 
-def _maybe_published(message: str, retry_after: int) -> MaybePublished:
-    return MaybePublished(
-        503, "BROKER_UNAVAILABLE", message, headers={"Retry-After": str(retry_after)}
-    )
+def _maybe_published(message: str) -> MaybePublished:
+    return MaybePublished(errors.BROKER_UNAVAILABLE, message)
 
 
 def check(
@@ -91,16 +90,14 @@ def check(
 
 def invalid(problems: list[Detail]) -> ApiError:
     fields = ", ".join(p["field"] for p in problems)
-    return ApiError(400, "VALIDATION_ERROR", f"Invalid request field(s): {fields}.", problems)
+    return errors.VALIDATION_ERROR(f"Invalid request field(s): {fields}.", problems)
 
 
-def require_registry(link: BrokerLink, settings: Settings) -> None:
+def require_registry(link: BrokerLink) -> None:
     if not link.registry_replayed:
         # Deployments are not known yet (the broker was unreachable since the
         # start): "not found" would be a lie the client does not retry.
-        raise unavailable(
-            "The gateway has not read the deployment registry yet.", settings.retry_after_seconds
-        )
+        raise unavailable("The gateway has not read the deployment registry yet.")
 
 
 def resolve(
@@ -115,20 +112,13 @@ def resolve(
     if deployment is None:
         details = [{"field": f"{field}deployment_id", "message": "not found"}] if field else []
         if deployment_id is None:
-            raise ApiError(
-                404,
-                "DEPLOYMENT_NOT_FOUND",
-                f"Project {project_id!r} has no registered deployment.",
-                details,
+            raise errors.DEPLOYMENT_NOT_FOUND(
+                f"Project {project_id!r} has no registered deployment.", details
             )
-        raise ApiError(
-            404, "DEPLOYMENT_NOT_FOUND", f"Deployment {deployment_id!r} not found.", details
-        )
+        raise errors.DEPLOYMENT_NOT_FOUND(f"Deployment {deployment_id!r} not found.", details)
     if workflow_id not in deployment.workflows:
         details = [{"field": f"{field}workflow_id", "message": "not registered"}] if field else []
-        raise ApiError(
-            404,
-            "WORKFLOW_NOT_FOUND",
+        raise errors.WORKFLOW_NOT_FOUND(
             f"Workflow {workflow_id!r} is not registered in deployment "
             f"{deployment.deployment_id!r}.",
             details,
@@ -136,10 +126,10 @@ def resolve(
     return deployment
 
 
-def require_broker(link: BrokerLink, settings: Settings) -> None:
+def require_broker(link: BrokerLink) -> None:
     publisher = link.publisher
     if link.queues is None or publisher is None or not publisher.available:
-        raise unavailable("The message broker is unavailable.", settings.retry_after_seconds)
+        raise unavailable("The message broker is unavailable.")
 
 
 def stamp(
@@ -233,15 +223,11 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
                 )
     except (TimeoutError, ConfirmTimeout):
         raise _maybe_published(
-            "The message broker did not confirm the submission in time.",
-            settings.retry_after_seconds,
+            "The message broker did not confirm the submission in time."
         ) from None
     except PublishRejected:
-        raise ApiError(
-            429,
-            "QUEUE_FULL",
-            f"Queue {queue_name!r} is at its maximum length; retry later.",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
+        raise errors.QUEUE_FULL(
+            f"Queue {queue_name!r} is at its maximum length; retry later."
         ) from None
     except (BrokerUnavailable, Unroutable) as exc:
         # The cause names broker internals (connection reprs, queue names): it is
@@ -249,7 +235,7 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
         log.warning("submission to %s/%s not accepted: %s", project_id, queue_name, exc)
         # A channel lost mid-publish may have delivered it; a returned message was not.
         error = unavailable if isinstance(exc, Unroutable) else _maybe_published
-        raise error("The message broker is unavailable.", settings.retry_after_seconds) from None
+        raise error("The message broker is unavailable.") from None
 
 
 def announce(link: BrokerLink, stamped: Stamped) -> None:

@@ -7,7 +7,7 @@ Unknown fields are ignored: the Polos SDK sends ``batch_id``, ``channel_context`
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -132,3 +132,18 @@ class CancelExecutionResponse(BaseModel):
     execution_id: str
     status: ExecutionStatus
     cancelled_at: str | None = None
+
+
+# -- process probes (``GET /health``, ``GET /ready``) ----------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadinessResponse(BaseModel):
+    """200 ``{"status": "ready"}``; 503 ``not_ready`` with what is missing."""
+
+    status: Literal["ready", "not_ready"]
+    broker_connected: bool | None = None
+    registry_replayed: bool | None = None
