@@ -22,16 +22,17 @@ agree on when a holder is presumed dead:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
 from store.execution_store import _mapped
 from store.layout import DEFAULT_PREFIX
+from store.pipelining import AutoPipeline, Script
 
 DEFAULT_IDEMPOTENCY_RETENTION_SECONDS = 24 * 3600
 
@@ -41,7 +42,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS[1]; ARGV: id, at, fp, lease ms, ttl s.  Returns {'reserved'} or what holds the key.
-_RESERVE = (
+_RESERVE = Script(
     _NOW_MS
     + """
 local found = redis.call('HMGET', KEYS[1], 'state', 'id', 'at', 'fp', 'lease')
@@ -59,7 +60,7 @@ return {state, found[2], found[3], found[4], tostring(left)}
 )
 
 # KEYS[1]; ARGV: the stale holder's id, id, at, lease ms, ttl s.  1 if ours now.
-_TAKE_OVER = (
+_TAKE_OVER = Script(
     _NOW_MS
     + """
 local found = redis.call('HMGET', KEYS[1], 'state', 'id', 'lease')
@@ -73,21 +74,21 @@ return 1
 )
 
 # KEYS[1]; ARGV: id, ttl s.  1 if that reservation is done now.
-_COMPLETE = """
+_COMPLETE = Script("""
 local found = redis.call('HMGET', KEYS[1], 'state', 'id')
 if found[1] ~= 'pending' or found[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'done')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
-"""
+""")
 
 # KEYS[1]; ARGV: id.  1 if that reservation is gone now.
-_RELEASE = """
+_RELEASE = Script("""
 local found = redis.call('HMGET', KEYS[1], 'state', 'id')
 if found[1] ~= 'pending' or found[2] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
-"""
+""")
 
 
 class Held(StrEnum):
@@ -144,11 +145,7 @@ class IdempotencyKeys:
         self.retention_seconds = retention_seconds
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.key_prefix = key_prefix
-        # redis-py loads a script on NOSCRIPT (a Redis restarted or flushed) by itself.
-        self._reserve = redis_client.register_script(_RESERVE)
-        self._take_over = redis_client.register_script(_TAKE_OVER)
-        self._complete = redis_client.register_script(_COMPLETE)
-        self._release = redis_client.register_script(_RELEASE)
+        self._calls = AutoPipeline(redis_client)
 
     def key(self, project_id: str, key: str) -> str:
         return f"{self.key_prefix}idem:{{{project_id}}}:k:{key}"
@@ -159,54 +156,48 @@ class IdempotencyKeys:
     async def reserve(self, wanted: Sequence[Reservation]) -> list[Holder | None]:
         """Reserve each key for its execution (None: reserved now) or say what holds it."""
         ttl = self.retention_seconds
-        calls = [
-            ([r.redis_key], [r.execution_id, r.created_at, r.fingerprint, self.lease_ms, ttl])
-            for r in wanted
-        ]
-        replies = await self._run(self._reserve, calls, "reserve")
+        replies = await self._run(
+            _RESERVE,
+            [
+                (r.redis_key, [r.execution_id, r.created_at, r.fingerprint, self.lease_ms, ttl])
+                for r in wanted
+            ],
+            "reserve",
+        )
         return [_holder(reply) for reply in replies]
 
     async def take_over(self, stale: Holder, wanted: Reservation) -> bool:
         """Whether ``wanted`` now holds the key whose holder ``stale`` let its lease pass."""
-        with _mapped("idempotency take over"):
-            taken = await self._take_over(
-                keys=[wanted.redis_key],
-                args=[
-                    stale.execution_id,
-                    wanted.execution_id,
-                    wanted.created_at,
-                    self.lease_ms,
-                    self.retention_seconds,
-                ],
-            )
+        args = [
+            stale.execution_id,
+            wanted.execution_id,
+            wanted.created_at,
+            self.lease_ms,
+            self.retention_seconds,
+        ]
+        [taken] = await self._run(_TAKE_OVER, [(wanted.redis_key, args)], "take over")
         return bool(taken)
 
     async def complete(self, published: Sequence[tuple[str, str]]) -> None:
         """(redis key, execution id) pairs whose execution is published: done for the retention."""
-        calls = [([key], [execution_id, self.retention_seconds]) for key, execution_id in published]
-        await self._run(self._complete, calls, "complete")
+        ttl = self.retention_seconds
+        await self._run(_COMPLETE, [(k, [i, ttl]) for k, i in published], "complete")
 
     async def release(self, unpublished: Sequence[tuple[str, str]]) -> None:
         """(redis key, execution id) pairs certainly never published: the keys are free again."""
-        calls = [([key], [execution_id]) for key, execution_id in unpublished]
-        await self._run(self._release, calls, "release")
+        await self._run(_RELEASE, [(k, [i]) for k, i in unpublished], "release")
 
     async def _run(
-        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]], what: str
+        self, script: Script, calls: Sequence[tuple[str, list[Any]]], what: str
     ) -> list[Any]:
-        """A lone call is one EVALSHA; several share a pipeline, which first asks Redis
-        whether its scripts are loaded (a round trip more, which a single submit is spared)."""
         with _mapped(f"idempotency {what}"):
             if len(calls) == 1:
-                keys, args = calls[0]
-                return [await script(keys=keys, args=args)]
-            if not calls:
-                return []
-            pipe = self._redis.pipeline(transaction=False)
-            for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
-            replies: list[Any] = await pipe.execute()
-            return replies
+                key, args = calls[0]
+                return [await self._calls.evalsha(script, [key], args)]
+            replies = await asyncio.gather(
+                *(self._calls.evalsha(script, [key], args) for key, args in calls)
+            )
+        return list(replies)
 
 
 def _holder(reply: list[Any]) -> Holder | None:
