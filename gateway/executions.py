@@ -100,6 +100,9 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
         await asyncio.sleep(0.01)
 
 
+# The other streams (gateway/run_events.py) read records the same way.
+read_record = _read
+
 # An id minted longer ago than this (by its UUIDv7 clock) is not waited for.
 RECENT_ID_SECONDS = 10.0
 

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from gateway import errors, executions, handlers
+from gateway import errors, executions, handlers, run_events
 from gateway.errors import ErrorKind
 from schemas.api import (
     IDEMPOTENCY_KEY_HEADER,
@@ -33,6 +33,7 @@ from schemas.api import (
     SubmitWorkflowResponse,
 )
 from schemas.dispatch import ExecutionStatus, LifecycleEvent
+from schemas.polos_events import StreamEvent
 from schemas.records import ExecutionRecord, WorkflowRunsResponse
 from store import MAX_LIST_LIMIT
 
@@ -270,6 +271,65 @@ ROUTES: tuple[Route, ...] = (
             errors.BROKER_UNAVAILABLE,
         ),
         params=(_EXECUTION_ID,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/events/stream",
+        run_events.stream_events,
+        "stream_events",
+        "Server-Sent Events of a run, as Polos streams them (polos-sdk stream_workflow)",
+        {
+            200: Answer(
+                "An event stream: one `data:` per event of the run after the cursor (a "
+                "StreamEvent: id, sequence_id, topic, event_type, data, created_at), `id` its "
+                "sequence_id; one event per status the run reached (workflow_queued, "
+                "workflow_admitted, workflow_start, then workflow_finish, workflow_failed, "
+                "workflow_timed_out, workflow_cancel or workflow_deduplicated). It closes after "
+                "the terminal event (at once if the run ended before the cursor). Comment "
+                "lines (`: keep-alive`) while idle.",
+                media_type="text/event-stream",
+                events={"message": StreamEvent},
+            )
+        },
+        (
+            errors.VALIDATION_ERROR,
+            errors.EXECUTION_NOT_FOUND,
+            errors.STORE_UNAVAILABLE,
+            errors.BROKER_UNAVAILABLE,
+        ),
+        params=(
+            Param("workflow_id", "query", "The run's workflow", required=False),
+            Param("workflow_run_id", "query", "The run (execution id)", required=False),
+            Param(
+                "topic",
+                "query",
+                "Instead of the two above: workflow/<workflow_id>/<run_id>",
+                required=False,
+            ),
+            Param(
+                "last_sequence_id",
+                "query",
+                "Resume after this event (or the Last-Event-ID header)",
+                schema={"type": "integer", "minimum": 0},
+                required=False,
+            ),
+            Param(
+                "last_timestamp",
+                "query",
+                "Without last_sequence_id: only events after this time (RFC 3339)",
+                required=False,
+            ),
+            Param(
+                "project_id",
+                "query",
+                "The project, when X-Project-ID is not sent",
+                required=False,
+            ),
+        ),
+        description="Polos's path and event shape; the events of one of our runs are the "
+        "transitions of its record, so any gateway answers the same and a stream resumes "
+        "from any sequence id.",
+        tag="Events",
     ),
     Route(
         "GET",
