@@ -124,7 +124,8 @@ async def test_a_done_key_is_never_released(keys: IdempotencyKeys) -> None:
     await keys.release([(first.redis_key, first.execution_id)])
 
     [found] = await keys.reserve([wanted(keys)])
-    assert found is not None and found.state is Held.DONE
+    assert found is not None
+    assert found.state is Held.DONE
 
 
 async def test_a_pending_key_whose_lease_passed_is_stale_and_one_request_takes_it_over(
@@ -139,7 +140,8 @@ async def test_a_pending_key_whose_lease_passed_is_stale_and_one_request_takes_i
     found = [f for [f] in await asyncio.gather(*(short.reserve([r]) for r in retries))]
     assert all(f is not None and f.state is Held.STALE for f in found)
     stale = found[0]
-    assert stale is not None and stale.execution_id == dead.execution_id
+    assert stale is not None
+    assert stale.execution_id == dead.execution_id
     taken = await asyncio.gather(*(short.take_over(stale, r) for r in retries))
 
     assert sum(taken) == 1
@@ -150,7 +152,8 @@ async def test_a_pending_key_whose_lease_passed_is_stale_and_one_request_takes_i
     # The dead holder, should it come back, can no longer complete the key.
     await short.complete([(dead.redis_key, dead.execution_id)])
     [still] = await short.reserve([wanted(short)])
-    assert still is not None and still.execution_id == winner.execution_id
+    assert still is not None
+    assert still.execution_id == winner.execution_id
 
 
 async def test_a_live_lease_cannot_be_taken_over(keys: IdempotencyKeys) -> None:
@@ -176,7 +179,8 @@ async def test_a_batch_reserves_many_keys_in_one_call(keys: IdempotencyKeys) -> 
 
     found = await keys.reserve(batch)
 
-    assert found[0] is not None and found[0].execution_id == taken.execution_id
+    assert found[0] is not None
+    assert found[0].execution_id == taken.execution_id
     assert found[1:] == [None, None]
 
 
