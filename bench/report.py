@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from bench import idempotency
+from bench import broker_work, idempotency
 from bench.stats import Measurement
 
 _SUT_ROLES = ("gateway", "server", "publisher", "dispatcher", "worker", "celery", "recorder")
@@ -207,6 +207,11 @@ def e2e_table(ms: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def broker_table(ms: Sequence[Measurement]) -> str:
+    rows = [(m.system, m.mode, m.extra.get("broker_per_execution") or {}) for m in ms]
+    return broker_work.broker_table(rows)
+
+
 def memory_table(ms: Sequence[Measurement], memory: Iterable[dict[str, Any]]) -> str:
     lines = ["| process | state | RSS MiB | |", "|---|---|---:|---|"]
     shown = {
@@ -366,6 +371,11 @@ def targets(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]] = ()) ->
         p50 = e2e_half[0].p50_ms
         name = "end to end: submit-to-worker-start p50 at half load (ms)"
         out.append(Target(name, "<= 10", p50, p50 <= 10))
+    counted = [m for m in e2e_half if m.extra.get("broker_per_execution")]
+    if counted:
+        enqueues = float(counted[0].extra["broker_per_execution"]["enqueues"])
+        name = "end to end: quorum enqueues per execution, recorder running"
+        out.append(Target(name, "<= 3", enqueues, enqueues <= 3))
     for entry in memory:
         if "growth_mb" in entry:
             growth = float(entry["growth_mb"])
@@ -395,6 +405,7 @@ def markdown_report(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]])
         ("Status reads, batch submits, recorder", store_table(ms)),
         ("Idempotency keys", idempotency_table(ms)),
         ("End to end", e2e_table(ms)),
+        ("Broker work per execution", broker_table(ms)),
         ("Memory", memory_table(ms, memory)),
         ("Dispatcher scaling", scaling_table(ms)),
         ("DESIGN §7", targets_table(targets(ms, memory))),

@@ -99,6 +99,8 @@ class Session:
             connection,
             confirm_timeout=settings.confirm_timeout_seconds,
             channels=settings.dispatcher_event_channels,
+            linger=settings.dispatcher_event_linger_seconds,
+            max_events=settings.dispatcher_event_batch_max,
         )
         await notifier.start()
         dispatch = PinnedPublishers(

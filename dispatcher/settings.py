@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     confirm_timeout_seconds: float = Field(default=5.0, gt=0)
     dispatcher_publish_channels: int = Field(default=2, ge=1, le=64)
     dispatcher_event_channels: int = Field(default=2, ge=1, le=64)
+    dispatcher_event_linger_seconds: float = Field(
+        default=0.002,
+        ge=0,
+        le=1,
+        description="How long lifecycle events wait to share a message (0: the next "
+        "event-loop round)",
+    )
+    dispatcher_event_batch_max: int = Field(
+        default=1000, ge=1, description="Most lifecycle events in one message"
+    )
     dispatcher_consumers_per_channel: int = Field(
         default=200, ge=1, description="Consumers sharing one AMQP channel"
     )

@@ -99,7 +99,11 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[APP_REDIS] = redis_client
     app[APP_STORE] = ExecutionStore(redis_client, key_prefix=settings.redis_key_prefix)
-    app[APP_WATCH] = Watch()
+    app[APP_WATCH] = Watch(
+        settings.redis_url.get_secret_value(),
+        key_prefix=settings.redis_key_prefix,
+        timeout_seconds=settings.redis_timeout_seconds,
+    )
     app[APP_IDEMPOTENCY] = IdempotencyKeys(
         redis_client,
         retention_seconds=settings.idempotency_retention_seconds,

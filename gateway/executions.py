@@ -204,14 +204,14 @@ async def _await_cancelled(
 
 async def execution_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings, link, watch = app[APP_SETTINGS], app[APP_LINK], app[APP_WATCH]
+    settings, watch = app[APP_SETTINGS], app[APP_WATCH]
     principal = _principal(request)
     execution_id = _execution_id(request)
     try:
-        subscription = await watch.subscribe(link.connection, principal.project_id, execution_id)
-    except BrokerError as exc:
+        subscription = await watch.subscribe(principal.project_id, execution_id)
+    except StoreError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
-        raise unavailable("The message broker is unavailable.") from None
+        raise _store_unavailable() from None
     try:
         # Subscribed first, read second: an event in between is in the inbox.
         record = await _read(request, principal.project_id, execution_id)
@@ -266,7 +266,7 @@ async def _stream(
         if isinstance(item, Signal):
             if item is END:
                 return
-            # RESYNC: events may have been missed while the connection was down.
+            # RESYNC: events may have been missed while Redis was out of reach.
             with contextlib.suppress(StoreError):
                 latest = await store.get(subscription.project_id, execution_id)
                 if latest is not None and rank(latest.status) > current:

@@ -264,12 +264,8 @@ ROUTES: tuple[Route, ...] = (
                 events={"record": ExecutionRecord, "lifecycle": LifecycleEvent},
             )
         },
-        (
-            errors.INVALID_EXECUTION_ID,
-            errors.EXECUTION_NOT_FOUND,
-            errors.STORE_UNAVAILABLE,
-            errors.BROKER_UNAVAILABLE,
-        ),
+        # Live events come from Redis now (the recorder's pub/sub), not from the broker.
+        (errors.INVALID_EXECUTION_ID, errors.EXECUTION_NOT_FOUND, errors.STORE_UNAVAILABLE),
         params=(_EXECUTION_ID,),
     ),
     Route(
@@ -291,12 +287,7 @@ ROUTES: tuple[Route, ...] = (
                 events={"message": StreamEvent},
             )
         },
-        (
-            errors.VALIDATION_ERROR,
-            errors.EXECUTION_NOT_FOUND,
-            errors.STORE_UNAVAILABLE,
-            errors.BROKER_UNAVAILABLE,
-        ),
+        (errors.VALIDATION_ERROR, errors.EXECUTION_NOT_FOUND, errors.STORE_UNAVAILABLE),
         params=(
             Param("workflow_id", "query", "The run's workflow", required=False),
             Param("workflow_run_id", "query", "The run (execution id)", required=False),

@@ -2,10 +2,11 @@
 
     ?workflow_id=W&workflow_run_id=R  (or topic=workflow/W/R)
         [&last_sequence_id=N | Last-Event-ID: N | &last_timestamp=T]
-      ─► subscribe to R's lifecycle (``Watch``), then read R's record
+      ─► subscribe to R's events (``Watch``: the recorder's Redis pub/sub), then read R's record
       ─► every event the record shows after the cursor (``schemas.polos_events``), as
          ``id: <sequence_id>`` + ``data: {id, sequence_id, topic, event_type, data, created_at}``
-      ─► on each lifecycle event: read the record again, send what is new
+      ─► on each event (published by the recorder once the record has it): read the
+         record again, send what is new
       ─► close after the terminal event (or at once if the run ended before the cursor)
 
 The events are derived from the record (one per status reached, numbered in
@@ -26,18 +27,15 @@ from datetime import datetime
 
 from aiohttp import web
 
-from broker.errors import BrokerError
 from gateway import errors
 from gateway.auth import Principal, api_key_from
-from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE, APP_WATCH
+from gateway.context import APP_KEYS, APP_SETTINGS, APP_STORE, APP_WATCH
 from gateway.executions import read_record
-from gateway.submission import unavailable
-from gateway.watch import END, Signal, Subscription
+from gateway.watch import END, Subscription
 from schemas.dispatch import TERMINAL_STATUSES
 from schemas.polos_events import StreamEvent, run_events
 from schemas.records import ExecutionRecord
-from store import ExecutionStore, StoreError
-from store.layout import rank
+from store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +43,6 @@ _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
 _TOPIC_RE = re.compile(r"^workflow/(?P<workflow_id>.+)/(?P<run_id>[^/]+)$")
-# A lifecycle event reaches the gateway and a recorder at about the same time:
-# the record may show it a few milliseconds later.
-_RECORD_CATCH_UP_SECONDS = 1.0
 
 
 class Cursor:
@@ -124,15 +119,14 @@ def _principal(request: web.Request) -> Principal:
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    link, watch = app[APP_LINK], app[APP_WATCH]
+    watch = request.app[APP_WATCH]
     principal = _principal(request)
     workflow_id, run_id, cursor = _query(request)
     try:
-        subscription = await watch.subscribe(link.connection, principal.project_id, run_id)
-    except BrokerError as exc:
+        subscription = await watch.subscribe(principal.project_id, run_id)
+    except StoreError as exc:
         log.warning("event stream of %s: %s", run_id, exc)
-        raise unavailable("The message broker is unavailable.") from None
+        raise errors.STORE_UNAVAILABLE("The execution store is unavailable; retry later.") from None
     try:
         # Subscribed first, read second: a transition in between wakes us.
         record = await read_record(request, principal.project_id, run_id)
@@ -197,27 +191,11 @@ async def _stream(
             continue
         if item is END:
             return
-        # A lifecycle event (or RESYNC after a reconnect): the record says what is new.
-        wanted = rank(record.status) if isinstance(item, Signal) else rank(item[0].status)
-        latest = await _caught_up(store, subscription, record, wanted)
-        if latest is not record:
-            record = latest
-            await _send(response, record, cursor)
-            idle_since = loop.time()
-
-
-async def _caught_up(
-    store: ExecutionStore, subscription: Subscription, record: ExecutionRecord, wanted: int
-) -> ExecutionRecord:
-    """The record once it shows rank ``wanted`` (or as it is after a short wait)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _RECORD_CATCH_UP_SECONDS
-    latest = record
-    while True:
+        # An event (or RESYNC after a lost connection): the record has it; it says what
+        # is new, and a repeat (events are at-least-once) adds nothing.
         with contextlib.suppress(StoreError):
-            found = await store.get(subscription.project_id, subscription.execution_id)
-            if found is not None and found != latest:
-                latest = found
-        if rank(latest.status) >= wanted or loop.time() >= deadline:
-            return latest
-        await asyncio.sleep(0.02)
+            latest = await store.get(subscription.project_id, subscription.execution_id)
+            if latest is not None and latest != record:
+                record = latest
+                await _send(response, record, cursor)
+                idle_since = loop.time()

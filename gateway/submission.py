@@ -28,7 +28,6 @@ from schemas.api import QUEUE_NAME_PATTERN, BatchRunRequest, SubmitWorkflowReque
 from schemas.dispatch import encode_queued_event
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, new_session_id
-from schemas.topology import event_routing_key
 
 _QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
 
@@ -245,9 +244,7 @@ def announce(link: BrokerLink, stamped: Stamped) -> None:
     with the dispatcher's first event instead.
     """
     link.events.send(
-        event_routing_key(
-            stamped.project_id, stamped.queue_name, stamped.workflow_id, stamped.execution_id
-        ),
+        stamped.project_id,
         encode_queued_event(
             execution_id=stamped.execution_id,
             created_at=stamped.created_at,
@@ -258,5 +255,4 @@ def announce(link: BrokerLink, stamped: Stamped) -> None:
             concurrency_key=stamped.concurrency_key,
             submission_raw=stamped.envelope,
         ),
-        f"{stamped.execution_id}/queued",
     )

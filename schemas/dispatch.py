@@ -4,8 +4,8 @@
     worker ──Running/Completed/Failed/Cancelled──► polos.results.<project>.<queue> ──► owner
     owner  ──its marker (the WorkMessage, BCC)───► polos.results.<project>.<queue>
     owner  ──CancelMessage──► polos.cancel (routing key = work queue) ──► workers
-    owner  ──LifecycleEvent─► polos.events (topic) ──► anyone (recorder, tests, metrics)
-    gateway ──LifecycleEvent(queued)─► polos.events, once a submission is confirmed
+    owner  ──EventBatch─► polos.events (topic, key <project>) ──► anyone (recorder, tests)
+    gateway ──EventBatch(queued events)─► polos.events, once per event-loop round
     gateway ──CancelRequest──► polos.results.<project>.<queue> ──► owner (a user's cancel)
 
 ``dispatch_id`` identifies one hand-over of an execution to the workers; a
@@ -14,11 +14,13 @@ re-dispatch after a takeover gets a new one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from schemas.envelope import SubmissionEnvelope
 
@@ -192,7 +194,7 @@ class CancelMessage(_Message):
 
 
 class LifecycleEvent(_Message):
-    """One transition of one execution, published on ``polos.events``.
+    """One transition of one execution, published on ``polos.events`` in an ``EventBatch``.
 
     ``submission`` is carried on the first events of an execution (the
     gateway's ``queued``, the owner's ``admitted`` or ``deduplicated``) so
@@ -245,6 +247,61 @@ def encode_queued_event(
             "submission": orjson.Fragment(submission_raw),
         }
     )
+
+
+class EventBatch(_Message):
+    """Lifecycle events of one project, many to a message, on ``polos.events``.
+
+    The wire format: ``{"type": "events", "events": [LifecycleEvent, ...]}``,
+    routing key ``schemas.topology.event_batch_routing_key(project_id)``. One
+    message carries what a publisher had within one flush (an event-loop round,
+    a few milliseconds), so each event costs the broker a fraction of an
+    enqueue. Events of one execution keep their order across batches (one
+    channel per project); they are at-least-once, so followers key them by
+    (execution_id, status).
+    """
+
+    type: Literal["events"] = "events"
+    events: list[LifecycleEvent]
+
+
+def encode_event_batch(events: Sequence[bytes]) -> bytes:
+    """An ``EventBatch`` of events already encoded (``encode``, ``encode_queued_event``),
+    joined without decoding them again."""
+    return b'{"type":"events","events":[' + b",".join(events) + b"]}"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvents:
+    """What a message on ``polos.events`` carried: the events that decoded, each with its
+    own JSON text, and the items that did not (the item's JSON text, the reason)."""
+
+    events: list[tuple[LifecycleEvent, bytes]]
+    rejected: list[tuple[bytes, str]]
+
+
+def decode_events(raw: bytes) -> DecodedEvents:
+    """A message on ``polos.events``: an ``EventBatch``, or one ``LifecycleEvent`` (as
+    published before batches, still queued during an upgrade).
+
+    A bad item inside a batch is rejected alone; raises ``ValueError`` when the
+    message as a whole is neither.
+    """
+    data = orjson.loads(raw)
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "lifecycle":
+        return DecodedEvents([(LifecycleEvent.model_validate(data), raw)], [])
+    if kind != "events" or not isinstance(data.get("events"), list):
+        raise ValueError("neither a lifecycle event nor a batch of them")
+    events: list[tuple[LifecycleEvent, bytes]] = []
+    rejected: list[tuple[bytes, str]] = []
+    for item in data["events"]:
+        text = orjson.dumps(item)
+        try:
+            events.append((LifecycleEvent.model_validate(item), text))
+        except ValidationError as exc:
+            rejected.append((text, f"undecodable lifecycle event in a batch: {exc}"))
+    return DecodedEvents(events, rejected)
 
 
 def encode(message: _Message) -> bytes:

@@ -18,7 +18,7 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent
+from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from schemas.ids import rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord
 from store.errors import StoreError, StoreUnavailable
@@ -26,6 +26,7 @@ from store.layout import (
     DEFAULT_PREFIX,
     decode_cursor,
     encode_cursor,
+    events_channel,
     index_key,
     record_key,
     status_index_keys,
@@ -95,8 +96,12 @@ class ExecutionStore:
 
     # -- writes ----------------------------------------------------------------------
 
-    async def record(self, events: Sequence[LifecycleEvent]) -> None:
-        """Apply ``events`` (any order, duplicates allowed) in one round trip.
+    async def record(
+        self, events: Sequence[LifecycleEvent], bodies: Sequence[bytes] | None = None
+    ) -> None:
+        """Apply ``events`` (any order, duplicates allowed) in one round trip, and publish
+        each on its execution's channel (``bodies``: the events as they were published;
+        encoded here if not given).
 
         Raises ``StoreUnavailable`` when Redis cannot take them (nothing or
         part of the batch may be applied; applying it again is harmless), and
@@ -104,27 +109,38 @@ class ExecutionStore:
         """
         if not events:
             return
+        if bodies is None:
+            bodies = [encode(event) for event in events]
         bound = trim_bound(int(time.time() * 1000) - self.retention_seconds * 1000)
         with _mapped("record"):
-            results = await self._apply(events, bound)
+            results = await self._apply(events, bodies, bound)
             if any(isinstance(r, redis_errors.NoScriptError) for r in results):
                 # The script cache is empty (Redis restarted or was flushed).
                 await self._redis.script_load(APPLY_EVENT_LUA)
-                results = await self._apply(events, bound)
+                results = await self._apply(events, bodies, bound)
         for result in results:
             if isinstance(result, Exception):
                 with _mapped("record"):
                     raise result
 
-    async def _apply(self, events: Sequence[LifecycleEvent], bound: str) -> list[Any]:
+    async def _apply(
+        self, events: Sequence[LifecycleEvent], bodies: Sequence[bytes], bound: str
+    ) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
-        for event in events:
+        prefix = self.key_prefix
+        for event, body in zip(events, bodies, strict=True):
             keys = [
-                record_key(self.key_prefix, event.project_id, event.execution_id),
-                index_key(self.key_prefix, event.project_id, event.workflow_id),
-                *status_index_keys(self.key_prefix, event.project_id, event.workflow_id),
+                record_key(prefix, event.project_id, event.execution_id),
+                index_key(prefix, event.project_id, event.workflow_id),
+                *status_index_keys(prefix, event.project_id, event.workflow_id),
             ]
-            args = script_args(event, ttl_seconds=self.retention_seconds, trim_bound=bound)
+            args = script_args(
+                event,
+                ttl_seconds=self.retention_seconds,
+                trim_bound=bound,
+                channel=events_channel(prefix, event.project_id, event.execution_id),
+                body=body,
+            )
             pipe.evalsha(APPLY_EVENT_SHA, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results

@@ -16,7 +16,9 @@ and not older (``at``, RFC 3339 text of one format, compares as text). Then:
 - so a terminal record never changes status or outcome again, and replaying an
   event (redelivery) or applying events in any order ends in the same record.
 
-Values are stored as JSON text; the script never parses them.
+Values are stored as JSON text; the script never parses them. Once applied,
+the event (as published) is published on its execution's pub/sub channel
+(``store.layout.events_channel``): the live event streams follow that.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ local record = KEYS[1]
 local status, pos, rank, at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local ttl, bound, member = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local n_fill, n_earliest = tonumber(ARGV[8]), tonumber(ARGV[9])
+local channel, body = ARGV[10], ARGV[11]
 
 local stored = redis.call('HMGET', record, 'rank', 'status_at', 'sidx')
 local old_rank = -1
@@ -45,7 +48,7 @@ elseif rank == old_rank and rank < {TERMINAL_RANK} then
   wins = at >= (stored[2] or '')
 end
 
-local i = 10
+local i = 12
 local fill_end = i + 2 * n_fill
 while i < fill_end do
   redis.call('HSETNX', record, ARGV[i], ARGV[i + 1])
@@ -80,6 +83,9 @@ end
 redis.call('ZADD', KEYS[2], 0, member)
 touch(KEYS[2])
 redis.call('EXPIRE', record, ttl)
+-- In the same step as the write, so a stream that read the record before it
+-- gets the event, and one that reads after it sees it in the record.
+if channel ~= '' then redis.call('PUBLISH', channel, body) end
 if wins then return 1 end
 return 0
 """
@@ -150,9 +156,15 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields]:
 
 
 def script_args(
-    event: LifecycleEvent, *, ttl_seconds: int, trim_bound: str
+    event: LifecycleEvent,
+    *,
+    ttl_seconds: int,
+    trim_bound: str,
+    channel: str = "",
+    body: bytes = b"",
 ) -> list[bytes | str | int]:
-    """ARGV of ``APPLY_EVENT_LUA`` for ``event``."""
+    """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
+    (none if empty) once the event is applied."""
     fill, earliest, win = event_fields(event)
     args: list[bytes | str | int] = [
         event.status.value,
@@ -164,6 +176,8 @@ def script_args(
         event.execution_id,
         len(fill),
         len(earliest),
+        channel,
+        body,
     ]
     for name, value in (*fill, *earliest, *win):
         args.append(name)

@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_queue
-from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_lifecycle
+from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_events
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.registry import QueueDeclared, QueueLimitSet
@@ -141,6 +141,7 @@ class EventLog:
         self.project = project
         self.events: list[LifecycleEvent] = []
         self.arrived_at: list[float] = []  # monotonic time each event arrived
+        self.batches: list[list[LifecycleEvent]] = []  # the messages they came in
         self._changed = asyncio.Condition()
         self._channel: AbstractChannel | None = None
 
@@ -156,10 +157,19 @@ class EventLog:
             await self._channel.close()
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        decoded = decode_events(message.body)
+        assert not decoded.rejected, decoded.rejected
         async with self._changed:
-            self.events.append(decode_lifecycle(message.body))
-            self.arrived_at.append(time.monotonic())
+            now = time.monotonic()
+            for event, _raw in decoded.events:
+                self.events.append(event)
+                self.arrived_at.append(now)
+            self.batches.append([event for event, _raw in decoded.events])
             self._changed.notify_all()
+
+    @property
+    def messages(self) -> int:
+        return len(self.batches)
 
     def of(self, execution_id: str) -> list[LifecycleEvent]:
         return [e for e in self.events if e.execution_id == execution_id]
