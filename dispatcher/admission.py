@@ -43,6 +43,9 @@ class Execution:
     envelope: SubmissionEnvelope
     raw: bytes
     submission: Delivery
+    # The delivery attempt its events report (LifecycleEvent.attempt): the one
+    # it was decided under, or its marker's once it is found in flight.
+    attempt: int = 0
     # Loop time until which a redelivery waits for its marker; None if first delivery.
     recover_until: float | None = None
     phase: Phase = Phase.PENDING
@@ -69,6 +72,7 @@ class Marker(NamedTuple):
     execution_id: str
     dispatch_id: str
     deadline: float
+    attempt: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -105,6 +105,7 @@ class Notifier:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         at: str | None = None,
+        attempt: int = 0,
     ) -> None:
         """Publish one transition; returns once its batch is confirmed (or failed: logged)."""
         try:
@@ -125,6 +126,7 @@ class Notifier:
                     error=error,
                     submission=envelope if with_submission else None,
                     cancelled_by=cancelled_by,
+                    attempt=attempt,
                 )
             )
         except Exception:

@@ -155,7 +155,7 @@ class QueueOwner:
             self.spawn(self.poison(delivery, self.name, f"undecodable submission: {exc}"))
             return
         self._ensure_results()
-        execution = Execution(envelope, delivery.body, delivery)
+        execution = Execution(envelope, delivery.body, delivery, attempt=delivery.attempt)
         orphan = None
         if delivery.redelivered:
             # It may be running on a worker, dispatched by an owner that is gone:

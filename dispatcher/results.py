@@ -83,12 +83,18 @@ class ResultsHandler:
             owner.spawn(owner.poison(delivery, owner.results_name, f"undecodable result: {exc}"))
             return
         if isinstance(message, WorkMessage):
-            marker = Marker(message.submission.execution_id, message.dispatch_id, message.deadline)
+            marker = Marker(
+                message.submission.execution_id,
+                message.dispatch_id,
+                message.deadline,
+                message.attempt,
+            )
             self._on_marker(delivery, marker)
         elif isinstance(message, Dispatched):
-            self._on_marker(
-                delivery, Marker(message.execution_id, message.dispatch_id, message.deadline)
+            marker = Marker(
+                message.execution_id, message.dispatch_id, message.deadline, message.attempt
             )
+            self._on_marker(delivery, marker)
         elif isinstance(message, Running):
             self._on_running(delivery, message)
         elif isinstance(message, CancelRequest):
@@ -142,6 +148,8 @@ class ResultsHandler:
         execution.marker = delivery
         execution.dispatch_id = marker.dispatch_id
         execution.deadline = marker.deadline
+        # It runs as admitted then: its events continue that decision's record.
+        execution.attempt = marker.attempt
         envelope = execution.envelope
         execution.work_queue = work_queue(envelope.project_id, envelope.deployment_id)
         self._owner.runs.arm_deadline(execution)
@@ -192,6 +200,7 @@ class ResultsHandler:
             dispatch_id=message.dispatch_id,
             worker_id=message.worker_id,
             at=at,
+            attempt=execution.attempt,
         )
         await delivery.ack()
 

@@ -54,6 +54,7 @@ class Runs:
             execution.envelope,
             duplicate_of=holder,
             with_submission=True,
+            attempt=execution.attempt,
         )
         await execution.submission.ack()
         if request is not None:
@@ -99,6 +100,7 @@ class Runs:
                 deadline=execution.deadline,
                 results_queue=self._owner.results_name,
                 submission_raw=execution.raw,
+                attempt=execution.attempt,
             )
             # One publish: the work to the work queue, and a copy of it to the
             # results queue as our marker (BCC). The broker stores both or neither,
@@ -141,6 +143,7 @@ class Runs:
             execution.envelope,
             dispatch_id=execution.dispatch_id,
             with_submission=True,
+            attempt=execution.attempt,
         )
 
     def arm_deadline(self, execution: Execution) -> None:
@@ -231,6 +234,7 @@ class Runs:
             result=result,
             error=error,
             cancelled_by=cancelled_by,
+            attempt=execution.attempt,
         )
         # Submission first: a crash after it leaves at worst an orphan marker, which
         # the next owner drops; the other way round it would dispatch again.

@@ -95,7 +95,10 @@ def create_app(settings: Settings) -> web.Application:
     app[APP_OPENAPI] = openapi_json(ROUTES)
     app[APP_BODY_READS] = BodyReads()
     redis_client = open_redis(
-        settings.redis_url.get_secret_value(), timeout_seconds=settings.redis_timeout_seconds
+        settings.redis_url.get_secret_value(),
+        timeout_seconds=settings.redis_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_seconds=settings.redis_pool_timeout_seconds,
     )
     app[APP_REDIS] = redis_client
     app[APP_STORE] = ExecutionStore(redis_client, key_prefix=settings.redis_key_prefix)

@@ -32,7 +32,7 @@ from schemas.dispatch import TERMINAL_STATUSES, CancelRequest, ExecutionStatus, 
 from schemas.ids import now_rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord, WorkflowRunsResponse
 from schemas.topology import results_queue
-from store import MAX_LIST_LIMIT, InvalidCursor, StoreError
+from store import MAX_LIST_LIMIT, InvalidCursor, StoreBusy, StoreError
 from store.layout import rank
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,15 @@ def _execution_id(request: web.Request) -> str:
     return value.lower()
 
 
-def _store_unavailable() -> ApiError:
-    return errors.STORE_UNAVAILABLE("The execution store is unavailable; retry later.")
+def _store_unavailable(settings: Settings, exc: StoreError | None = None) -> ApiError:
+    if isinstance(exc, StoreBusy):
+        message = (
+            "No connection to the execution store came free within "
+            f"{settings.redis_pool_timeout_seconds:g} s (too many reads at once); retry later."
+        )
+    else:
+        message = "The execution store is unavailable; retry later."
+    return errors.STORE_UNAVAILABLE(message)
 
 
 def _not_found(execution_id: str) -> ApiError:
@@ -88,7 +95,7 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             record = await store.get(project_id, execution_id)
         except StoreError as exc:
             log.warning("execution store: %s", exc)
-            raise _store_unavailable() from None
+            raise _store_unavailable(settings, exc) from None
         if record is not None:
             return record
         if deadline is None:
@@ -211,7 +218,7 @@ async def execution_events(request: web.Request) -> web.StreamResponse:
         subscription = await watch.subscribe(principal.project_id, execution_id)
     except StoreError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
-        raise _store_unavailable() from None
+        raise _store_unavailable(settings, exc) from None
     try:
         # Subscribed first, read second: an event in between is in the inbox.
         record = await _read(request, principal.project_id, execution_id)
@@ -331,6 +338,6 @@ async def workflow_runs(request: web.Request) -> web.Response:
         ) from None
     except StoreError as exc:
         log.warning("execution store: %s", exc)
-        raise _store_unavailable() from None
+        raise _store_unavailable(app[APP_SETTINGS], exc) from None
     page = WorkflowRunsResponse(executions=records, next_cursor=cursor)
     return _json(page.model_dump_json().encode())

@@ -94,6 +94,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     raw = await _read_json(request, settings)
     body = _parse(raw, SubmitWorkflowRequest)
     problems, run_timeout, queue_name = submission.check(settings, workflow_id, body)
+    problems += submission.carried_json(raw, body)
     if problems:
         raise submission.invalid(problems)
 
@@ -170,6 +171,7 @@ async def batch_run(request: web.Request) -> web.Response:
         )
         problems += item_problems
         checked.append((run_timeout, queue_name))
+    problems += submission.carried_json(raw, batch)
     problems += idempotency.check_batch_keys(batch)
     if problems:
         raise submission.invalid(problems)

@@ -8,7 +8,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.api import DEFAULT_RUN_TIMEOUT_SECONDS
+from schemas.limits import MAX_BODY_BYTES_CAP
 from schemas.topology import MAX_RUN_TIMEOUT_CAP_S
+from store import DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_TIMEOUT_SECONDS
 
 
 class Settings(BaseSettings):
@@ -21,7 +23,8 @@ class Settings(BaseSettings):
         default=Path("polos-projects.json"),
         description="Projects and their API key hashes; reloaded on SIGHUP.",
     )
-    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # At most what one broker message carries once stamped (schemas.limits).
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=MAX_BODY_BYTES_CAP)
     default_run_timeout_seconds: int = Field(default=DEFAULT_RUN_TIMEOUT_SECONDS, ge=1)
     max_run_timeout_seconds: int = Field(default=24 * 3600, ge=1, le=MAX_RUN_TIMEOUT_CAP_S)
     queue_max_length: int = Field(
@@ -39,6 +42,16 @@ class Settings(BaseSettings):
     )
     redis_key_prefix: str = "polos:"
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    redis_max_connections: int = Field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        description="Connections to the execution store at most; further reads wait for one",
+    )
+    redis_pool_timeout_seconds: float = Field(
+        default=DEFAULT_POOL_TIMEOUT_SECONDS,
+        gt=0,
+        description="How long a read waits for a free store connection before it answers 503",
+    )
     publish_queued_events: bool = Field(
         default=True,
         description="Publish a queued lifecycle event once a submission is confirmed, so its "

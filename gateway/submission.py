@@ -1,7 +1,8 @@
 """One submission, from a validated request to a confirmed message: what single and
 batch submits share.
 
-    check (the rules pydantic cannot state) ─► resolve (deployment, workflow)
+    check (the rules pydantic cannot state; ``carried_json``: what every later
+      layer can read) ─► resolve (deployment, workflow)
       ─► stamp (UUIDv7, defaults, the envelope) ─► publish with confirm
       ─► announce (the ``queued`` event: not awaited, never fails the submission)
 
@@ -13,8 +14,10 @@ where the step's input sits in the request body (``""`` for a single submit,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,7 @@ from schemas.api import QUEUE_NAME_PATTERN, BatchRunRequest, SubmitWorkflowReque
 from schemas.dispatch import encode_queued_event
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, new_session_id
+from schemas.limits import MAX_INT, MAX_VALUE_DEPTH, MIN_INT, ORJSON_READ_DEPTH, nests_deeper
 
 _QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
 
@@ -85,6 +89,100 @@ def check(
             }
         )
     return problems, run_timeout, queue_name
+
+
+# The values carried into the envelope whose shape is the client's.
+_CARRIED = ("payload", "initial_state")
+# Digits become "0" and "[" becomes "{", so one C pass over the body shows
+# whether anything in it can nest deeper than the budget (more brackets than
+# that) or be an integer beyond 64 bits (a run of 19 digits): almost no body.
+_SCREEN = bytes.maketrans(b"123456789[", b"000000000{")
+_LONG_DIGITS = b"0" * 19
+
+
+def carried_json(raw: bytes, body: SubmitWorkflowRequest | BatchRunRequest) -> list[Detail]:
+    """What in the carried values (``_CARRIED``) a later layer would refuse or change.
+
+    DESIGN G6: the gateway answers 200 only for what every later layer reads
+    as sent. Those layers decode with pydantic (``schemas.limits``: a value may
+    nest ``MAX_VALUE_DEPTH`` levels) and encode with orjson, which cannot
+    write integers beyond 64 bits (orjson reads them as floats: silently
+    inexact). Unknown fields are not carried, so nothing in them is refused.
+    """
+    screened = raw.translate(_SCREEN)
+    batch = isinstance(body, BatchRunRequest)
+    problems: list[Detail] = []
+    if screened.count(b"{") > MAX_VALUE_DEPTH:
+        items = body.workflows if isinstance(body, BatchRunRequest) else [body]
+        message = f"nests deeper than {MAX_VALUE_DEPTH} levels of arrays and objects"
+        problems = [
+            {"field": _field(batch, index, name), "message": message}
+            for index, item in enumerate(items)
+            for name in _CARRIED
+            if nests_deeper(getattr(item, name), MAX_VALUE_DEPTH)
+        ]
+    if not problems and _LONG_DIGITS in screened:
+        problems = _wide_integers(raw, batch)
+    return problems
+
+
+def _field(batch: bool, index: int, name: str) -> str:
+    return f"workflows.{index}.{name}" if batch else name
+
+
+class _WideInt:
+    """An integer literal beyond 64 bits, as the exact re-reading found it."""
+
+
+def _wide_integers(raw: bytes, batch: bool) -> list[Detail]:
+    """The carried values that hold an integer literal orjson cannot keep exact.
+
+    Only for bodies with a run of 19 digits (in a string, a float or an
+    integer): the standard library's parser reads integers exactly, and marks
+    those out of range so that the field they are in can be named.
+    """
+    wide = _WideInt()
+    found = False
+
+    def parse_int(text: str) -> int | _WideInt:
+        nonlocal found
+        value = int(text)
+        if MIN_INT <= value <= MAX_INT:
+            return value
+        found = True
+        return wide
+
+    # The standard parser recurses once per level, and orjson has read the body
+    # already, so it nests at most ORJSON_READ_DEPTH (deep unknown fields may).
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + ORJSON_READ_DEPTH)
+    try:
+        exact = json.loads(raw, parse_int=parse_int)
+    finally:
+        sys.setrecursionlimit(limit)
+    if not found:
+        return []
+    message = f"holds an integer beyond 64 bits ({MIN_INT} to {MAX_INT}); send it as a string"
+    items = exact["workflows"] if batch else [exact]
+    return [
+        {"field": _field(batch, index, name), "message": message}
+        for index, item in enumerate(items)
+        for name in _CARRIED
+        if _holds(item.get(name), wide)
+    ]
+
+
+def _holds(value: Any, marker: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is marker:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def invalid(problems: list[Detail]) -> ApiError:

@@ -59,10 +59,18 @@ class WorkMessage(_Message):
     deadline: float = Field(description="Unix seconds; the run is cancelled at this time")
     results_queue: str
     submission: SubmissionEnvelope
+    # The submission's delivery attempt it was admitted under (LifecycleEvent.attempt):
+    # an owner that finds this as a marker after a takeover reports under it.
+    attempt: int = 0
 
 
 def encode_work(
-    *, dispatch_id: str, deadline: float, results_queue: str, submission_raw: bytes
+    *,
+    dispatch_id: str,
+    deadline: float,
+    results_queue: str,
+    submission_raw: bytes,
+    attempt: int = 0,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -72,6 +80,7 @@ def encode_work(
             "deadline": deadline,
             "results_queue": results_queue,
             "submission": orjson.Fragment(submission_raw),
+            "attempt": attempt,
         }
     )
 
@@ -91,6 +100,7 @@ class Dispatched(_Message):
     dispatch_id: str
     deadline: float
     at: str
+    attempt: int = 0
 
 
 class Running(_Message):
@@ -200,6 +210,12 @@ class LifecycleEvent(_Message):
     gateway's ``queued``, the owner's ``admitted`` or ``deduplicated``) so
     followers can build a full record without asking. ``cancelled_by`` is the
     key id of whoever asked for a ``cancelled`` execution to stop.
+
+    ``attempt`` is the delivery attempt of the submission under which the
+    decision this event reports was taken (its quorum-queue delivery count; 0
+    for the first delivery and the gateway's ``queued``). A decision of a
+    later attempt supersedes those of earlier ones, whose acknowledgement was
+    lost (``store.update``).
     """
 
     type: Literal["lifecycle"] = "lifecycle"
@@ -218,6 +234,7 @@ class LifecycleEvent(_Message):
     error: ErrorInfo | None = None
     submission: SubmissionEnvelope | None = None
     cancelled_by: str | None = None
+    attempt: int = 0
 
 
 def encode_queued_event(

@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractConnection
 
 from broker.deadletter import REASON_HEADER
 from schemas.dispatch import Cancelled, Completed, Failed, Running
+from schemas.limits import MAX_RESULT_DEPTH
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
 from tests.worker_harness import FakeDispatcher, take_dead_letters, until
@@ -97,6 +98,21 @@ async def test_unserializable_result_is_a_failure(
     assert isinstance(failed, Failed)
     assert failed.error.type == "TypeError"
     assert "not JSON-serializable" in failed.error.message
+
+
+async def test_a_result_nested_deeper_than_the_owner_reads_is_a_failure(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    await start_worker()
+
+    deepest = await dispatcher.dispatch("nested", payload=MAX_RESULT_DEPTH)
+    completed = await dispatcher.wait_for(deepest, "completed")
+    assert isinstance(completed, Completed)
+
+    too_deep = await dispatcher.dispatch("nested", payload=MAX_RESULT_DEPTH + 1)
+    failed = await dispatcher.wait_for(too_deep, "failed")
+    assert isinstance(failed, Failed)
+    assert f"nests deeper than {MAX_RESULT_DEPTH} levels" in failed.error.message
 
 
 async def test_context_carries_the_submission(

@@ -39,6 +39,14 @@ async def unserializable(ctx: ExecutionContext, payload: Any) -> Any:
     return object()
 
 
+async def nested(ctx: ExecutionContext, payload: Any) -> Any:
+    """Returns a value nested ``payload`` levels of lists deep."""
+    value: Any = 1
+    for _ in range(payload):
+        value = [value]
+    return value
+
+
 async def context(ctx: ExecutionContext, payload: Any) -> Any:
     return {
         "execution_id": ctx.execution_id,
@@ -65,6 +73,7 @@ WORKFLOWS = {
     "sleep": sleep,
     "slow_first": slow_first,
     "unserializable": unserializable,
+    "nested": nested,
     "context": context,
 }
 

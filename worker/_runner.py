@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic_core import PydanticSerializationError
 
 from schemas.dispatch import Cancelled, Completed, ErrorInfo, Failed, Running, WorkMessage, encode
 from schemas.ids import now_rfc3339
+from schemas.limits import MAX_RESULT_DEPTH, nests_deeper
 from worker._context import ExecutionContext
 
 Handler = Callable[[ExecutionContext, Any], Awaitable[Any]]
@@ -101,14 +103,25 @@ def outcome(execution: Execution) -> tuple[str, bytes] | None:
         error = task.exception()
         if error is None:
             try:
-                body = encode(Completed(worker_id=ctx.worker_id, result=task.result(), **common))
+                completed = Completed(worker_id=ctx.worker_id, result=task.result(), **common)
+                data = completed.model_dump(mode="json")
+                body = orjson.dumps(data)
             except (PydanticSerializationError, TypeError, ValueError) as exc:
                 error = TypeError(
                     f"the result of {ctx.workflow_id!r} is not JSON-serializable: {exc}"
                 )
                 error.__cause__ = exc
             else:
-                return message_id(ctx, "completed"), body
+                brackets = body.count(b"{") + body.count(b"[")
+                if brackets <= MAX_RESULT_DEPTH or not nests_deeper(
+                    data["result"], MAX_RESULT_DEPTH
+                ):
+                    return message_id(ctx, "completed"), body
+                # The owner would refuse to decode it: the run would end timed_out.
+                error = ValueError(
+                    f"the result of {ctx.workflow_id!r} nests deeper than {MAX_RESULT_DEPTH} "
+                    "levels of arrays and objects"
+                )
     if execution.cancel_reason is not None:
         reason = execution.cancel_reason
     elif isinstance(error, DeadlineExceeded):
