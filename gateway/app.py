@@ -15,6 +15,7 @@ from gateway.auth import KeyStore, Principal
 from gateway.bodies import BodyReads
 from gateway.context import (
     APP_BODY_READS,
+    APP_IDEMPOTENCY,
     APP_KEYS,
     APP_LINK,
     APP_OPENAPI,
@@ -31,6 +32,7 @@ from gateway.server import handler_args, head_size_middleware
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
+from store.idempotency import IdempotencyKeys
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,12 @@ def create_app(settings: Settings) -> web.Application:
         settings.redis_url.get_secret_value(),
         key_prefix=settings.redis_key_prefix,
         timeout_seconds=settings.redis_timeout_seconds,
+    )
+    app[APP_IDEMPOTENCY] = IdempotencyKeys(
+        redis_client,
+        retention_seconds=settings.idempotency_retention_seconds,
+        lease_seconds=settings.idempotency_lease,
+        key_prefix=settings.redis_key_prefix,
     )
     app.on_shutdown.append(_abandon_incomplete_bodies)
     app.on_shutdown.append(_end_event_streams)

@@ -133,6 +133,19 @@ EXECUTION_TERMINAL = _kind(409, "EXECUTION_TERMINAL", "Already terminal (details
 STORE_UNAVAILABLE = _kind(
     503, "STORE_UNAVAILABLE", "The execution store (Redis) is unavailable", retry=True
 )
+# -- idempotency keys (gateway/idempotency.py) ---------------------------------------------
+INVALID_IDEMPOTENCY_KEY = _kind(
+    400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key is not 1-255 visible ASCII characters"
+)
+IDEMPOTENCY_KEY_IN_PROGRESS = _kind(
+    409,
+    "IDEMPOTENCY_KEY_IN_PROGRESS",
+    "Another request with the key is still being submitted",
+    retry=True,
+)
+IDEMPOTENCY_KEY_REUSED = _kind(
+    422, "IDEMPOTENCY_KEY_REUSED", "The idempotency key was used with a different request"
+)
 
 # aiohttp raises these itself (router, body size); rendered as the kinds above.
 _HTTP_EXCEPTION_KINDS = {

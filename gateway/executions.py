@@ -71,7 +71,7 @@ def _execution_id(request: web.Request) -> str:
     return value.lower()
 
 
-def _store_unavailable(settings: Settings, exc: StoreError) -> ApiError:
+def _store_unavailable(settings: Settings, exc: StoreError | None = None) -> ApiError:
     if isinstance(exc, StoreBusy):
         message = (
             "No connection to the execution store came free within "
@@ -114,6 +114,9 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             raise _not_found(execution_id)
         await asyncio.sleep(0.01)
 
+
+# The other streams (gateway/run_events.py) read records the same way.
+read_record = _read
 
 # An id minted longer ago than this (by its UUIDv7 clock) is not waited for.
 RECENT_ID_SECONDS = 10.0

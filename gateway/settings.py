@@ -105,6 +105,28 @@ class Settings(BaseSettings):
         default=15.0, gt=0, description="Comment lines on an idle event stream"
     )
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
+    # -- idempotency keys (kept in the execution store's Redis) --------------------------
+    idempotency_retention_seconds: int = Field(
+        default=24 * 3600, ge=1, description="How long a key answers with its execution"
+    )
+    idempotency_wait_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A request whose key another request is still publishing waits this long "
+        "for its answer before it answers 409",
+    )
+    idempotency_lease_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a key's holder is presumed alive while it publishes; default "
+        "the longest a publish can take (two confirm timeouts, two Redis timeouts, 1 s)",
+    )
+
+    @property
+    def idempotency_lease(self) -> float:
+        if self.idempotency_lease_seconds is not None:
+            return self.idempotency_lease_seconds
+        return 2 * self.confirm_timeout_seconds + 2 * self.redis_timeout_seconds + 1.0
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Settings:

@@ -59,6 +59,14 @@ def unavailable(message: str) -> ApiError:
     return errors.BROKER_UNAVAILABLE(message)
 
 
+class MaybePublished(ApiError):
+    """A 503 after which the message may be in its queue all the same: no confirm came."""
+
+
+def _maybe_published(message: str) -> MaybePublished:
+    return MaybePublished(errors.BROKER_UNAVAILABLE, message)
+
+
 def check(
     settings: Settings, workflow_id: str, body: SubmitWorkflowRequest, field: str = ""
 ) -> tuple[list[Detail], int, str]:
@@ -315,7 +323,9 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
                     routing_key, stamped.envelope, message_id=stamped.execution_id
                 )
     except (TimeoutError, ConfirmTimeout):
-        raise unavailable("The message broker did not confirm the submission in time.") from None
+        raise _maybe_published(
+            "The message broker did not confirm the submission in time."
+        ) from None
     except PublishRejected:
         raise errors.QUEUE_FULL(
             f"Queue {queue_name!r} is at its maximum length; retry later."
@@ -324,7 +334,9 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
         # The cause names broker internals (connection reprs, queue names): it is
         # for the operator's log, not for the client.
         log.warning("submission to %s/%s not accepted: %s", project_id, queue_name, exc)
-        raise unavailable("The message broker is unavailable.") from None
+        # A channel lost mid-publish may have delivered it; a returned message was not.
+        error = unavailable if isinstance(exc, Unroutable) else _maybe_published
+        raise error("The message broker is unavailable.") from None
 
 
 def announce(link: BrokerLink, stamped: Stamped) -> None:

@@ -374,8 +374,12 @@ async def test_openapi_describes_the_submit_operation(world: World) -> None:
         assert _resolve(document, ref) is not None, ref
     operation = document["paths"]["/api/v1/workflows/{workflow_id}/run"]["post"]
     assert operation["operationId"] == "submit_workflow"
-    assert {p["name"] for p in operation["parameters"]} == {"workflow_id", "X-Project-ID"}
-    for status in ("200", "400", "401", "403", "404", "413", "415", "429", "503"):
+    assert {p["name"] for p in operation["parameters"]} == {
+        "workflow_id",
+        "X-Project-ID",
+        "Idempotency-Key",
+    }
+    for status in ("200", "400", "401", "403", "404", "409", "413", "415", "422", "429", "503"):
         assert status in operation["responses"], status
     request_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     request = _resolve(document, request_ref)
