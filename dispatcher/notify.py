@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,10 +64,13 @@ class Notifier:
         *,
         confirm_timeout: float,
         channels: int,
+        on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
         linger: float = 0.0,
         max_events: int = DEFAULT_MAX_EVENTS,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        # Told of every transition first (dispatcher/observe.py: metrics, spans).
+        self._on_event = on_event
         self._publishers = PinnedPublishers(
             connection, confirm_timeout=confirm_timeout, channels=channels
         )
@@ -105,8 +109,12 @@ class Notifier:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         at: str | None = None,
+        started_at: str | None = None,
+        attempt: int = 0,
     ) -> None:
         """Publish one transition; returns once its batch is confirmed (or failed: logged)."""
+        if self._on_event is not None:
+            self._on_event(status, envelope)
         try:
             body = encode(
                 LifecycleEvent(
@@ -125,6 +133,8 @@ class Notifier:
                     error=error,
                     submission=envelope if with_submission else None,
                     cancelled_by=cancelled_by,
+                    started_at=started_at,
+                    attempt=attempt,
                 )
             )
         except Exception:
@@ -193,10 +203,23 @@ class Notifier:
                 batch.done.set_result(None)
 
     async def cancel(
-        self, execution_id: str, work_queue: str, reason: Literal["timeout", "user"]
+        self,
+        execution_id: str,
+        work_queue: str,
+        reason: Literal["timeout", "user", "superseded"],
+        *,
+        dispatch_id: str | None = None,
+        worker_id: str | None = None,
     ) -> None:
-        """Tell the workers of ``work_queue`` to stop ``execution_id``."""
-        message = CancelMessage(execution_id=execution_id, reason=reason, at=now_rfc3339())
+        """Tell the workers of ``work_queue`` to stop ``execution_id`` (only that
+        dispatch, or only that worker's copy, when given)."""
+        message = CancelMessage(
+            execution_id=execution_id,
+            reason=reason,
+            at=now_rfc3339(),
+            dispatch_id=dispatch_id,
+            worker_id=worker_id,
+        )
         try:
             await self._publishers.pick(execution_id).publish(
                 work_queue,

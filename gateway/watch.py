@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,7 @@ Item = tuple[LifecycleEvent, bytes] | Signal
 class Subscription:
     project_id: str
     execution_id: str
+    key_id: str  # whose stream: revoking the key ends it
     inbox: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
 
 
@@ -119,10 +120,10 @@ class Watch:
     def streams(self) -> int:
         return sum(len(watched.subscriptions) for watched in self._watched.values())
 
-    async def subscribe(self, project_id: str, execution_id: str) -> Subscription:
+    async def subscribe(self, project_id: str, execution_id: str, key_id: str) -> Subscription:
         """Events of ``execution_id`` from now on; raises ``StoreUnavailable``."""
         channel = events_channel(self._prefix, project_id, execution_id)
-        subscription = Subscription(project_id, execution_id)
+        subscription = Subscription(project_id, execution_id, key_id)
         watched = self._watched.get(channel)
         if watched is None:
             watched = self._watched[channel] = _Watched(_new_ready())
@@ -154,9 +155,17 @@ class Watch:
 
     def end_all(self) -> None:
         """Shutdown: every stream ends now (its client reconnects to another gateway)."""
+        self.end_if(lambda _project_id, _key_id: True)
+
+    def end_if(self, ended: Callable[[str, str], bool]) -> int:
+        """End the streams for which ``ended(project_id, key_id)``; how many."""
+        count = 0
         for watched in self._watched.values():
             for subscription in watched.subscriptions:
-                subscription.inbox.put_nowait(END)
+                if ended(subscription.project_id, subscription.key_id):
+                    subscription.inbox.put_nowait(END)
+                    count += 1
+        return count
 
     async def close(self) -> None:
         for task in [*self._tasks, *([self._listener] if self._listener else [])]:

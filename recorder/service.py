@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ class RecorderStats:
     acked: int = 0
     dead_lettered: int = 0
     write_failures: int = 0  # attempts that found the store unavailable
+    # The newest event written: its ``at``, and when (Unix seconds) it was written.
+    last_event_at: str | None = None
+    last_written: float = 0.0
 
 
 class Recorder:
@@ -101,6 +105,15 @@ class Recorder:
         self._abandon = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unsettled = 0
+
+    async def backlog(self) -> int | None:
+        """Events waiting in the recorders' queue (the broker's count); None if unknown."""
+        if self._connection is None or self._connection.is_closed:
+            return None
+        # A channel of its own: a failed declare closes it, not the consumer's.
+        async with self._connection.channel() as channel:
+            queue = await channel.declare_queue(self.settings.recorder_queue, passive=True)
+            return queue.declaration_result.message_count
 
     @property
     def pending(self) -> int:
@@ -260,6 +273,7 @@ class Recorder:
             return  # abandoned (stopping with the store away): left unacknowledged
         if done:
             self.stats.recorded += len(events)
+            self.stats.last_event_at, self.stats.last_written = events[-1].at, time.time()
             await self._ack_batch([d.message for d in live])
             return
         # Redis refused something in the batch: find which, one event at a time.
@@ -271,6 +285,7 @@ class Recorder:
                     return
                 if one:
                     self.stats.recorded += 1
+                    self.stats.last_event_at, self.stats.last_written = event.at, time.time()
                 elif not await self._dead_letter_item(
                     delivery, body, "the execution store refused the event"
                 ):

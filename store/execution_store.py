@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from schemas.ids import rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord
-from store.errors import StoreError, StoreUnavailable
+from store.errors import StoreBusy, StoreError, StoreUnavailable
 from store.layout import (
     DEFAULT_PREFIX,
     decode_cursor,
@@ -36,6 +36,8 @@ from store.update import APPLY_EVENT_LUA, APPLY_EVENT_SHA, script_args
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 MAX_LIST_LIMIT = 1000
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
 
 # Redis is up but cannot take writes for now: the same as down for our callers.
 _UNAVAILABLE = (
@@ -53,25 +55,45 @@ _UNAVAILABLE = (
 def _mapped(what: str) -> Iterator[None]:
     try:
         yield
+    except redis_errors.ConnectionError as exc:
+        # The blocking pool's wait for a free connection ran out: Redis itself
+        # may be fine, there were more requests at once than connections.
+        if isinstance(exc.__cause__, TimeoutError):
+            raise StoreBusy(f"no redis connection came free in time ({what})") from exc
+        raise StoreUnavailable(f"redis unavailable ({what}): {exc!r}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"redis unavailable ({what}): {exc!r}") from exc
     except redis_errors.RedisError as exc:
         raise StoreError(f"redis refused {what}: {exc!r}") from exc
 
 
-def open_redis(url: str, *, timeout_seconds: float = 2.0) -> aioredis.Redis:
+def open_redis(
+    url: str,
+    *,
+    timeout_seconds: float = 2.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    pool_timeout_seconds: float = DEFAULT_POOL_TIMEOUT_SECONDS,
+) -> aioredis.Redis:
     """A client that fails fast when Redis is away (one quick retry, bounded timeouts).
 
     redis-py's default retries for several seconds; our callers have their own
     answer to an outage (503, or keep the events in the queue) and want it soon.
+
+    At most ``max_connections`` are open at once; a request that finds them all
+    in use waits up to ``pool_timeout_seconds`` for one (``StoreBusy`` after
+    that). redis-py's default pool refuses at once instead, so a burst of status
+    reads beyond the pool size failed while Redis was healthy.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=pool_timeout_seconds,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class ExecutionStore:
@@ -223,7 +245,7 @@ def _to_record(
     data: dict[str, Any] = {
         name: orjson.loads(value)
         for name, value in raw.items()
-        if name not in ("sidx", "rank", "status_at")
+        if name not in ("sidx", "rank", "status_at", "attempt")
     }
     error = data.pop("error", None)
     if error is not None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +304,37 @@ async def wait_for_log(log: Path, text: str, *, timeout: float = 15.0, count: in
         await asyncio.sleep(0.05)
     tail = read_log(log)[-3000:]
     raise AssertionError(f"{text!r} not in {log.name} after {timeout}s:\n{tail}")
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
+
+
+async def in_flight_per_ledger(connection: AbstractConnection, queue_name: str) -> set[str]:
+    """What the ledger left on a results queue says is still in flight (or pending).
+
+    Reads (and takes) every message left there, as a new owner would: it must all
+    be ledger records, and their fold is what the next owner would rebuild.
+    """
+    from dispatcher.lifecycle import QueueLifecycle, Tunables
+    from schemas.dispatch import LedgerRecord, decode_results_queue
+
+    channel = await connection.channel()
+    records: list[tuple[int, LedgerRecord]] = []
+    try:
+        queue = await channel.declare_queue(queue_name, passive=True)
+        left = queue.declaration_result.message_count or 0
+        # A consumer, not basic.get: quorum queues with single active consumer refuse it.
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages if left else _nothing():
+                decoded = decode_results_queue(message.body)
+                assert isinstance(decoded, LedgerRecord), f"not a ledger record: {decoded!r}"
+                records.append((len(records), decoded))
+                if len(records) == left:
+                    break
+    finally:
+        await channel.close()
+    lifecycle = QueueLifecycle(None, Tunables(), owner="test")
+    lifecycle.rebuild(records, time.time())
+    return set(lifecycle.executions)

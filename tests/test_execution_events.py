@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from gateway.auth import create_key, revoke_key
 from gateway.context import APP_WATCH
 from schemas.dispatch import ExecutionStatus
 from tests.conftest import assert_error
@@ -177,3 +180,37 @@ async def test_stream_errors_come_before_the_stream(system: System) -> None:
     await assert_error(await client.get(f"/api/v1/executions/{uuid.uuid4()}/events"), 401)
     watch = client.app[APP_WATCH]
     await until(lambda: watch.streams == 0, what="nothing left subscribed")
+
+
+async def test_revoking_a_key_ends_its_open_streams_and_only_those(system: System) -> None:
+    # The gateway's own SIGHUP handler reloads the keys file (as `kill -HUP` does).
+    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+    # A second key of the project, so the module's own key outlives this test.
+    second_key, second_id = create_key(system.tenant.projects_file, system.project)
+    os.kill(os.getpid(), signal.SIGHUP)
+    holder = await system.submit("sleep", payload={"seconds": 30})
+    await system.events.wait_status(holder, S.RUNNING)
+    theirs = await system.client.get(
+        f"/api/v1/executions/{holder}/events",
+        headers={**system.headers, "Authorization": f"Bearer {second_key}"},
+    )
+    assert theirs.status == 200
+    ours = await open_stream(system, holder)
+    revoked, kept = Stream(), Stream()
+    readers = [
+        asyncio.create_task(read_stream(theirs, revoked)),
+        asyncio.create_task(read_stream(ours, kept)),
+    ]
+    await until(lambda: len(revoked.events) == len(kept.events) == 1, what="both streams open")
+
+    assert revoke_key(system.tenant.projects_file, second_id)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+    async with asyncio.timeout(5):
+        await readers[0]
+    assert revoked.closed
+    await asyncio.sleep(0.3)
+    assert not kept.closed
+    await system.client.post(f"/api/v1/executions/{holder}/cancel", headers=system.headers)
+    async with asyncio.timeout(5):
+        await readers[1]

@@ -60,7 +60,7 @@ async def test_a_stream_gets_its_executions_events_and_not_another_projects(
     watch: Watch, redis: aioredis.Redis, uid: str
 ) -> None:
     execution_id = str(uuid.uuid4())
-    mine = await watch.subscribe(f"p{uid}", execution_id)
+    mine = await watch.subscribe(f"p{uid}", execution_id, "key_test")
     # Same execution id, another project: another channel.
     await _publish(redis, uid, f"other{uid}", execution_id, ExecutionStatus.RUNNING)
     body = _event(f"p{uid}", execution_id, ExecutionStatus.ADMITTED)
@@ -80,9 +80,9 @@ async def test_a_stream_joining_while_the_last_one_unsubscribes_gets_events(
     watch: Watch, redis: aioredis.Redis, uid: str
 ) -> None:
     project, execution_id = f"p{uid}", str(uuid.uuid4())
-    first = await watch.subscribe(project, execution_id)
+    first = await watch.subscribe(project, execution_id, "key_test")
     watch.unsubscribe(first)  # the last stream: its channel goes (in a task)
-    second = await watch.subscribe(project, execution_id)
+    second = await watch.subscribe(project, execution_id, "key_test")
     await asyncio.sleep(0.1)  # the unsubscribe task has run by now
 
     assert watch.channels == 1
@@ -105,12 +105,14 @@ async def test_a_lost_connection_is_subscribed_again_and_streams_resync(
     watch = Watch(proxy.url(), key_prefix=f"test:{uid}:", timeout_seconds=0.5)
     try:
         project, execution_id = f"p{uid}", str(uuid.uuid4())
-        subscription = await watch.subscribe(project, execution_id)
+        subscription = await watch.subscribe(project, execution_id, "key_test")
 
         proxy.cut()
         await asyncio.sleep(0.5)  # the listener notices and retries while refused
         with pytest.raises(Exception, match="cannot watch"):
-            await watch.subscribe(project, str(uuid.uuid4()))  # Redis away: an error at once
+            await watch.subscribe(
+                project, str(uuid.uuid4()), "key_test"
+            )  # Redis away: an error at once
         # Published while the stream could not hear it: the record has it, hence RESYNC.
         await _publish(redis, uid, project, execution_id, ExecutionStatus.RUNNING)
         proxy.restore()
