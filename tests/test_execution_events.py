@@ -201,7 +201,9 @@ async def test_revoking_a_key_ends_its_open_streams_and_only_those(system: Syste
         asyncio.create_task(read_stream(theirs, revoked)),
         asyncio.create_task(read_stream(ours, kept)),
     ]
-    await until(lambda: len(revoked.events) == len(kept.events) == 1, what="both streams open")
+    await until(
+        lambda: len(revoked.events) == len(kept.events) == 1, timeout=15, what="both streams open"
+    )
 
     assert revoke_key(system.tenant.projects_file, second_id)
     os.kill(os.getpid(), signal.SIGHUP)
