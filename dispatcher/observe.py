@@ -156,7 +156,13 @@ class DispatcherObserver:
                     "dispatch", envelope.otel_traceparent, admitted, None, _attributes(envelope)
                 )
         elif status in TERMINAL_STATUSES:
-            self._admitted_at.pop(envelope.execution_id, None)
+            # A run that ended before a worker reported it (no running event): its
+            # dispatch lasted until the dispatcher heard back.
+            admitted = self._admitted_at.pop(envelope.execution_id, None)
+            if admitted is not None and status is not ExecutionStatus.DEDUPLICATED:
+                self.tracer.record(
+                    "dispatch", envelope.otel_traceparent, admitted, None, _attributes(envelope)
+                )
 
     async def close(self) -> None:
         if self.tracer is not None:

@@ -117,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
         settings.redis_url.get_secret_value(),
         key_prefix=settings.redis_key_prefix,
         timeout_seconds=settings.redis_timeout_seconds,
+        wait_seconds=max(settings.redis_timeout_seconds, settings.redis_pool_timeout_seconds),
     )
     app[APP_IDEMPOTENCY] = IdempotencyKeys(
         redis_client,

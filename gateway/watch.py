@@ -89,6 +89,7 @@ class Watch:
         *,
         key_prefix: str,
         timeout_seconds: float = 2.0,
+        wait_seconds: float | None = None,
         reconnect_max_seconds: float = 2.0,
     ) -> None:
         # A client of its own: retries off (a lost connection is handled here, where the
@@ -101,7 +102,9 @@ class Watch:
             health_check_interval=0,
         )
         self._prefix = key_prefix
-        self._timeout = timeout_seconds
+        # How long a stream may wait for its subscription: the same bound as a read's
+        # wait for a pooled connection (many streams at once queue behind one another).
+        self._timeout = wait_seconds if wait_seconds is not None else timeout_seconds
         self._reconnect_max = reconnect_max_seconds
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
