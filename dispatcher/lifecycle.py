@@ -211,6 +211,7 @@ class QueueLifecycle:
         self._new_id = new_id
         self.executions: dict[str, Execution] = {}  # every one not terminal
         self._fifo: deque[Execution] = deque()
+        self._parked = 0  # of the fifo, those released (asked after every flush: counted)
         self._keys: dict[str, str] = {}  # concurrency key -> the execution holding it
         self._used = 0
         self._recent: OrderedDict[str, float] = OrderedDict()  # terminal id -> when
@@ -242,7 +243,7 @@ class QueueLifecycle:
     @property
     def parked(self) -> int:
         """Pending executions whose submission delivery was let go (kept in the ledger)."""
-        return sum(1 for x in self._fifo if x.released)
+        return self._parked
 
     @property
     def busy(self) -> bool:
@@ -314,6 +315,7 @@ class QueueLifecycle:
             self.executions[x.execution_id] = x
             if entry.stage == "pending":
                 self._fifo.append(x)
+                self._parked += x.released
                 continue
             x.stage = Stage.DISPATCHED if entry.stage == "dispatched" else Stage.RUNNING
             self._take_slot(x)
@@ -572,12 +574,12 @@ class QueueLifecycle:
             holder = self._keys.get(x.key) if x.key is not None else None
             if holder is not None and holder != x.execution_id:
                 # Settled without a slot: a duplicate never runs, so it never waits.
-                self._fifo.popleft()
+                self._pop_head()
                 self._finish(x, S.DEDUPLICATED, now, duplicate_of=holder, with_submission=True)
                 continue
             wanted = self._cancels.pop(x.execution_id, None)
             if wanted is not None:
-                self._fifo.popleft()
+                self._pop_head()
                 self._finish(
                     x,
                     S.CANCELLED,
@@ -588,7 +590,7 @@ class QueueLifecycle:
                 continue
             if not self.has_slot():
                 return
-            self._fifo.popleft()
+            self._pop_head()
             self._take_slot(x)
             assert x.envelope is not None  # pending executions always carry theirs
             x.deadline = now + x.envelope.run_timeout_seconds
@@ -653,6 +655,7 @@ class QueueLifecycle:
         if x.submission is None or x.released:
             return
         x.released = True
+        self._parked += x.stage is Stage.PENDING
         self._ledger(x)
         self._effects.append(Ack(x.submission))
         x.submission = None
@@ -677,6 +680,7 @@ class QueueLifecycle:
                 del self._keys[x.key]
         elif x.stage is Stage.PENDING and x in self._fifo:
             self._fifo.remove(x)
+            self._parked -= x.released
         x.stage = Stage.TERMINAL
         self.executions.pop(x.execution_id, None)
         self._remember(x.execution_id, now)
@@ -705,6 +709,10 @@ class QueueLifecycle:
             x.submission = None
 
     # -- bookkeeping ---------------------------------------------------------------------
+
+    def _pop_head(self) -> None:
+        x = self._fifo.popleft()
+        self._parked -= x.released
 
     def _take_slot(self, x: Execution) -> None:
         self._used += 1
