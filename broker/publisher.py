@@ -28,8 +28,9 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -59,6 +60,9 @@ class ConfirmedPublisher:
         self._batches: list[_Batch] = []
         self._deadlines = _Deadlines(confirm_timeout)
         self._next = itertools.cycle(range(self._n_channels))
+        self.in_flight = 0  # publishes awaiting their confirm (a metrics gauge reads it)
+        # Called with the seconds each publish took to its confirm (or failure).
+        self.observer: Callable[[float], None] | None = None
 
     async def start(self) -> None:
         for _ in range(self._n_channels):
@@ -107,6 +111,9 @@ class ConfirmedPublisher:
         item = _Publish(
             body, exchange, routing_key, mandatory, message_id, persistent, headers or None
         )
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
+        self.in_flight += 1
         try:
             if timeout is None or timeout == self._confirm_timeout:
                 await batch.publish(item, self._deadlines)
@@ -121,6 +128,10 @@ class ConfirmedPublisher:
             raise PublishRejected(f"broker rejected the publish to {routing_key!r}") from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise BrokerUnavailable(f"broker unavailable: {exc!r}") from exc
+        finally:
+            self.in_flight -= 1
+            if observer is not None:
+                observer(time.perf_counter() - started)
 
     def _pick_batch(self) -> _Batch:
         if self._connection.is_closed or not self._channels:

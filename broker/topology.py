@@ -7,9 +7,10 @@ from typing import Any
 
 import aiormq
 from aio_pika import ExchangeType
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from broker.errors import BrokerUnavailable
+from schemas.status import STATUS_EXCHANGE
 from schemas.topology import (
     CANCEL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -82,3 +83,8 @@ async def declare_recorder_queue(
     queue = await channel.declare_queue(name, durable=True, arguments=RECORDER_QUEUE_ARGUMENTS)
     await queue.bind(exchange, binding_key)
     return queue
+
+
+async def declare_status_exchange(channel: AbstractChannel) -> AbstractExchange:
+    """Where dispatchers tell the operator page what they own (``schemas/status.py``)."""
+    return await channel.declare_exchange(STATUS_EXCHANGE, ExchangeType.FANOUT, durable=True)

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import observe, operator
 from gateway.auth import KeyStore, Principal
 from gateway.bodies import BodyReads
 from gateway.context import (
     APP_BODY_READS,
+    APP_IDEMPOTENCY,
     APP_KEYS,
     APP_LINK,
     APP_OPENAPI,
@@ -30,6 +32,7 @@ from gateway.server import handler_args, head_size_middleware
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
+from store.idempotency import IdempotencyKeys
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +106,31 @@ def create_app(settings: Settings) -> web.Application:
     app[APP_OPENAPI] = openapi_json(ROUTES, settings)
     app[APP_BODY_READS] = BodyReads()
     redis_client = open_redis(
-        settings.redis_url.get_secret_value(), timeout_seconds=settings.redis_timeout_seconds
+        settings.redis_url.get_secret_value(),
+        timeout_seconds=settings.redis_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_seconds=settings.redis_pool_timeout_seconds,
     )
     app[APP_REDIS] = redis_client
     app[APP_STORE] = ExecutionStore(redis_client, key_prefix=settings.redis_key_prefix)
-    app[APP_WATCH] = Watch()
+    app[APP_WATCH] = Watch(
+        settings.redis_url.get_secret_value(),
+        key_prefix=settings.redis_key_prefix,
+        timeout_seconds=settings.redis_timeout_seconds,
+        wait_seconds=max(settings.redis_timeout_seconds, settings.redis_pool_timeout_seconds),
+    )
+    app[APP_IDEMPOTENCY] = IdempotencyKeys(
+        redis_client,
+        retention_seconds=settings.idempotency_retention_seconds,
+        lease_seconds=settings.idempotency_lease,
+        key_prefix=settings.redis_key_prefix,
+    )
     app.on_shutdown.append(_abandon_incomplete_bodies)
     app.on_shutdown.append(_end_event_streams)
     app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_store_ctx)
     add_routes(app)
+    observe.install(app, settings)  # metrics and spans, when configured
+    operator.install(app, settings)  # the operator page, /ui
     return app

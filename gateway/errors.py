@@ -94,6 +94,12 @@ UNAUTHORIZED = _kind(
     "Missing or invalid API key",
     headers={"WWW-Authenticate": 'Bearer realm="polos"'},
 )
+ADMIN_KEY_REQUIRED = _kind(
+    401,
+    "ADMIN_KEY_REQUIRED",
+    "The operator page needs an admin key",
+    headers={"WWW-Authenticate": 'Bearer realm="polos-admin"'},
+)
 FORBIDDEN = _kind(403, "FORBIDDEN", "API key bound to another project")
 PROJECT_NOT_FOUND = _kind(404, "PROJECT_NOT_FOUND", "Unknown project")
 # -- request bodies ------------------------------------------------------------------------
@@ -126,6 +132,19 @@ EXECUTION_NOT_FOUND = _kind(404, "EXECUTION_NOT_FOUND", "No such execution in th
 EXECUTION_TERMINAL = _kind(409, "EXECUTION_TERMINAL", "Already terminal (details: status)")
 STORE_UNAVAILABLE = _kind(
     503, "STORE_UNAVAILABLE", "The execution store (Redis) is unavailable", retry=True
+)
+# -- idempotency keys (gateway/idempotency.py) ---------------------------------------------
+INVALID_IDEMPOTENCY_KEY = _kind(
+    400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key is not 1-255 visible ASCII characters"
+)
+IDEMPOTENCY_KEY_IN_PROGRESS = _kind(
+    409,
+    "IDEMPOTENCY_KEY_IN_PROGRESS",
+    "Another request with the key is still being submitted",
+    retry=True,
+)
+IDEMPOTENCY_KEY_REUSED = _kind(
+    422, "IDEMPOTENCY_KEY_REUSED", "The idempotency key was used with a different request"
 )
 
 # aiohttp raises these itself (router, body size); rendered as the kinds above.

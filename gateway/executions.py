@@ -32,7 +32,7 @@ from schemas.dispatch import TERMINAL_STATUSES, CancelRequest, ExecutionStatus, 
 from schemas.ids import now_rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord, WorkflowRunsResponse
 from schemas.topology import results_queue
-from store import MAX_LIST_LIMIT, InvalidCursor, StoreError
+from store import MAX_LIST_LIMIT, InvalidCursor, StoreBusy, StoreError
 from store.layout import rank
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,14 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(status=status, body=body, content_type=_JSON)
 
 
+# Set by the operator page's routes (gateway/operator.py), which check the admin key
+# and name the project themselves.
+OPERATOR_PRINCIPAL = web.RequestKey("operator_principal", Principal)
+
+
 def _principal(request: web.Request) -> Principal:
+    if OPERATOR_PRINCIPAL in request:
+        return request[OPERATOR_PRINCIPAL]
     api_key = api_key_from(request.headers.get("Authorization"), request.cookies.get("polos_auth"))
     return request.app[APP_KEYS].authorize(api_key, request.headers.get("X-Project-ID"))
 
@@ -64,8 +71,15 @@ def _execution_id(request: web.Request) -> str:
     return value.lower()
 
 
-def _store_unavailable() -> ApiError:
-    return errors.STORE_UNAVAILABLE("The execution store is unavailable; retry later.")
+def _store_unavailable(settings: Settings, exc: StoreError | None = None) -> ApiError:
+    if isinstance(exc, StoreBusy):
+        message = (
+            "No connection to the execution store came free within "
+            f"{settings.redis_pool_timeout_seconds:g} s (too many reads at once); retry later."
+        )
+    else:
+        message = "The execution store is unavailable; retry later."
+    return errors.STORE_UNAVAILABLE(message)
 
 
 def _not_found(execution_id: str) -> ApiError:
@@ -89,7 +103,7 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             record = await store.get(project_id, execution_id)
         except StoreError as exc:
             log.warning("execution store: %s", exc)
-            raise _store_unavailable() from None
+            raise _store_unavailable(settings, exc) from None
         if record is not None:
             return record
         if deadline is None:
@@ -100,6 +114,9 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             raise _not_found(execution_id)
         await asyncio.sleep(0.01)
 
+
+# The other streams (gateway/run_events.py) read records the same way.
+read_record = _read
 
 # An id minted longer ago than this (by its UUIDv7 clock) is not waited for.
 RECENT_ID_SECONDS = 10.0
@@ -202,16 +219,14 @@ async def _await_cancelled(
 
 async def execution_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings, link, watch = app[APP_SETTINGS], app[APP_LINK], app[APP_WATCH]
+    settings, watch = app[APP_SETTINGS], app[APP_WATCH]
     principal = _principal(request)
     execution_id = _execution_id(request)
     try:
-        subscription = await watch.subscribe(
-            link.connection, principal.project_id, execution_id, principal.key_id
-        )
-    except BrokerError as exc:
+        subscription = await watch.subscribe(principal.project_id, execution_id, principal.key_id)
+    except StoreError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
-        raise unavailable("The message broker is unavailable.") from None
+        raise _store_unavailable(settings, exc) from None
     try:
         # Subscribed first, read second: an event in between is in the inbox.
         record = await _read(request, principal.project_id, execution_id)
@@ -266,7 +281,7 @@ async def _stream(
         if isinstance(item, Signal):
             if item is END:
                 return
-            # RESYNC: events may have been missed while the connection was down.
+            # RESYNC: events may have been missed while Redis was out of reach.
             with contextlib.suppress(StoreError):
                 latest = await store.get(subscription.project_id, execution_id)
                 if latest is not None and rank(latest.status) > current:
@@ -332,6 +347,6 @@ async def workflow_runs(request: web.Request) -> web.Response:
         ) from None
     except StoreError as exc:
         log.warning("execution store: %s", exc)
-        raise _store_unavailable() from None
+        raise _store_unavailable(app[APP_SETTINGS], exc) from None
     page = WorkflowRunsResponse(executions=records, next_cursor=cursor)
     return _json(page.model_dump_json().encode())

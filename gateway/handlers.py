@@ -10,10 +10,18 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway import errors, submission
+from gateway import errors, idempotency, submission
 from gateway.auth import api_key_from
-from gateway.context import APP_KEYS, APP_LINK, APP_OPENAPI, APP_SETTINGS
+from gateway.context import (
+    APP_IDEMPOTENCY,
+    APP_KEYS,
+    APP_LINK,
+    APP_OPENAPI,
+    APP_SETTINGS,
+    APP_STORE,
+)
 from gateway.errors import ApiError
+from gateway.observe import submit_traceparent
 from gateway.request_body import read_json_body
 from schemas.api import BatchRunRequest, SubmitWorkflowRequest
 from schemas.ids import new_session_id
@@ -25,8 +33,8 @@ _Model = TypeVar("_Model", bound=BaseModel)
 log = logging.getLogger(__name__)
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON)
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON, headers=headers)
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -69,10 +77,12 @@ async def submit_workflow(request: web.Request) -> web.Response:
     principal = app[APP_KEYS].authorize(_api_key(request), request.headers.get("X-Project-ID"))
     project_id = principal.project_id
     workflow_id = request.match_info["workflow_id"]
+    key = idempotency.header_key(request)
 
     raw = await read_json_body(request, settings)
     body = _parse(raw, SubmitWorkflowRequest)
     problems, run_timeout, queue_name = submission.check(settings, workflow_id, body)
+    problems += submission.carried_json(raw, body)
     if problems:
         raise submission.invalid(problems)
 
@@ -88,8 +98,40 @@ async def submit_workflow(request: web.Request) -> web.Response:
         run_timeout=run_timeout,
         body=body,
         submitted_by=principal.key_id,
+        traceparent=submit_traceparent(request, body.otel_traceparent),
     )
+    if key is not None:
+        return await _submit_keyed(request, project_id, key, body, stamped)
     await submission.publish(link, settings, stamped)
+    if settings.publish_queued_events:
+        submission.announce(link, stamped)
+    return _json({"execution_id": stamped.execution_id, "created_at": stamped.created_at})
+
+
+async def _submit_keyed(
+    request: web.Request,
+    project_id: str,
+    key: str,
+    body: SubmitWorkflowRequest,
+    stamped: submission.Stamped,
+) -> web.Response:
+    app = request.app
+    settings, link, keys = app[APP_SETTINGS], app[APP_LINK], app[APP_IDEMPOTENCY]
+    fingerprint = idempotency.fingerprint(stamped.workflow_id, body)
+    claim = idempotency.claim_for(keys, project_id, key, stamped, fingerprint)
+    await idempotency.claim(keys, app[APP_STORE], settings, project_id, [claim])
+    if claim.replay is not None:
+        execution_id, created_at = claim.replay
+        return _json(
+            {"execution_id": execution_id, "created_at": created_at},
+            headers={idempotency.REPLAYED_HEADER: "true"},
+        )
+    try:
+        await submission.publish(link, settings, stamped)
+    except ApiError as exc:
+        await idempotency.settle(keys, [claim], [exc])
+        raise
+    await idempotency.settle(keys, [claim], [None])
     if settings.publish_queued_events:
         submission.announce(link, stamped)
     return _json({"execution_id": stamped.execution_id, "created_at": stamped.created_at})
@@ -101,6 +143,7 @@ async def batch_run(request: web.Request) -> web.Response:
     settings = app[APP_SETTINGS]
     principal = app[APP_KEYS].authorize(_api_key(request), request.headers.get("X-Project-ID"))
     project_id = principal.project_id
+    header_key = idempotency.header_key(request)
 
     raw = await read_json_body(request, settings)
     batch = _parse(raw, BatchRunRequest)
@@ -117,6 +160,8 @@ async def batch_run(request: web.Request) -> web.Response:
         )
         problems += item_problems
         checked.append((run_timeout, queue_name))
+    problems += submission.carried_json(raw, batch)
+    problems += idempotency.check_batch_keys(batch)
     if problems:
         raise submission.invalid(problems)
 
@@ -136,6 +181,8 @@ async def batch_run(request: web.Request) -> web.Response:
     submission.require_broker(link)
     # One session for the whole batch unless it names one (as Polos does per submit).
     session_id = batch.session_id or new_session_id()
+    # One span for the batch; an item's own otel_traceparent is kept as it came.
+    traceparent = submit_traceparent(request, batch.otel_traceparent)
     stamped = [
         submission.stamp(
             project_id=project_id,
@@ -147,27 +194,48 @@ async def batch_run(request: web.Request) -> web.Response:
             submitted_by=principal.key_id,
             session_id=session_id,
             defaults=batch,
+            traceparent=item.otel_traceparent or traceparent,
         )
         for item, deployment, (run_timeout, queue_name) in zip(
             items, deployments, checked, strict=True
         )
     ]
+    keys = app[APP_IDEMPOTENCY]
+    claims = idempotency.batch_claims(keys, project_id, batch, header_key, stamped)
+    keyed = [c for c in claims if c is not None]
+    if keyed:
+        await idempotency.claim(keys, app[APP_STORE], settings, project_id, keyed)
+    # Replayed items (an earlier request published them) are answered, not published.
+    fresh = [c is None or c.held for c in claims]
     # Every confirm in flight at once.
-    outcomes = await asyncio.gather(
-        *(submission.publish(link, settings, s) for s in stamped), return_exceptions=True
+    to_publish = [s for s, f in zip(stamped, fresh, strict=True) if f]
+    published = iter(
+        await asyncio.gather(
+            *(submission.publish(link, settings, s) for s in to_publish), return_exceptions=True
+        )
     )
-    accepted = [s for s, outcome in zip(stamped, outcomes, strict=True) if outcome is None]
+    outcomes = [next(published) if f else None for f in fresh]
+    if keyed:
+        await idempotency.settle(
+            keys, keyed, [o for c, o in zip(claims, outcomes, strict=True) if c is not None]
+        )
+    answers = [
+        c.replay if c is not None and c.replay is not None else (s.execution_id, s.created_at)
+        for s, c in zip(stamped, claims, strict=True)
+    ]
     if settings.publish_queued_events:
-        for s in accepted:
-            submission.announce(link, s)
-    if len(accepted) < len(stamped):
-        raise _partial_failure(stamped, outcomes)
-    executions = [{"execution_id": s.execution_id, "created_at": s.created_at} for s in stamped]
-    return _json({"executions": executions})
+        for s, f, outcome in zip(stamped, fresh, outcomes, strict=True):
+            if f and outcome is None:
+                submission.announce(link, s)
+    if any(outcome is not None for outcome in outcomes):
+        raise _partial_failure(answers, outcomes)
+    executions = [{"execution_id": i, "created_at": at} for i, at in answers]
+    headers = {idempotency.REPLAYED_HEADER: "true"} if keyed and not any(fresh) else None
+    return _json({"executions": executions}, headers=headers)
 
 
 def _partial_failure(
-    stamped: list[submission.Stamped], outcomes: list[BaseException | None]
+    answers: list[tuple[str, str]], outcomes: list[BaseException | None]
 ) -> ApiError:
     """Some confirms failed: the error names each item, and which ones are accepted anyway."""
     for outcome in outcomes:
@@ -178,16 +246,17 @@ def _partial_failure(
         errors.BATCH_QUEUE_FULL if any(e.status == 429 for e in failed) else errors.BATCH_INCOMPLETE
     )
     details = []
-    for index, (s, outcome) in enumerate(zip(stamped, outcomes, strict=True)):
+    for index, ((execution_id, _), outcome) in enumerate(zip(answers, outcomes, strict=True)):
         if isinstance(outcome, ApiError):
             details.append({"field": f"workflows.{index}", "message": outcome.message})
         else:
             details.append(
-                {"field": f"workflows.{index}", "message": f"accepted as {s.execution_id}"}
+                {"field": f"workflows.{index}", "message": f"accepted as {execution_id}"}
             )
     return kind(
-        f"{len(failed)} of {len(stamped)} workflows were not accepted; the others were and "
-        "will run (see details). Retrying the whole batch runs those again.",
+        f"{len(failed)} of {len(answers)} workflows were not accepted; the others were and "
+        "will run (see details). Retrying the whole batch runs those again, unless it "
+        "carries idempotency keys.",
         details,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -35,7 +36,9 @@ class BrokerLink:
         self.publisher: ConfirmedPublisher | None = None
         self.follower: RegistryFollower | None = None
         self.queues: QueueDirectory | None = None
-        self.events = Announcer()
+        self.events = Announcer(linger=settings.queued_event_linger_seconds)
+        # Given to the publisher once it exists (gateway/observe.py: publish latency).
+        self.publish_observer: Callable[[float], None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,6 +93,7 @@ class BrokerLink:
                     confirm_timeout=settings.confirm_timeout_seconds,
                     channels=settings.publish_channels,
                 )
+                publisher.observer = self.publish_observer
                 await publisher.start()
                 async with connection.channel() as channel:
                     await declare_dead_letters(channel)

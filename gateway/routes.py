@@ -19,9 +19,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from gateway import errors, executions, handlers
+from gateway import errors, executions, handlers, run_events
 from gateway.errors import ErrorKind
 from schemas.api import (
+    IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_PATTERN,
     BatchRunRequest,
     BatchRunResponse,
     CancelExecutionResponse,
@@ -31,6 +33,7 @@ from schemas.api import (
     SubmitWorkflowResponse,
 )
 from schemas.dispatch import ExecutionStatus, LifecycleEvent
+from schemas.polos_events import StreamEvent
 from schemas.records import ExecutionRecord, WorkflowRunsResponse
 from store import MAX_LIST_LIMIT
 
@@ -121,6 +124,22 @@ _SUBMIT_ERRORS = (
     errors.QUEUE_FULL,
     errors.BROKER_UNAVAILABLE,
 )
+# A submission with an Idempotency-Key (gateway/idempotency.py).
+_IDEMPOTENCY_ERRORS = (
+    errors.INVALID_IDEMPOTENCY_KEY,
+    errors.IDEMPOTENCY_KEY_IN_PROGRESS,
+    errors.IDEMPOTENCY_KEY_REUSED,
+    errors.STORE_UNAVAILABLE,
+)
+_IDEMPOTENCY_KEY = Param(
+    IDEMPOTENCY_KEY_HEADER,
+    "header",
+    "The same key with the same request in this project within the retention window (24 h "
+    "by default) answers the same execution (header Idempotent-Replayed: true) and publishes "
+    "nothing; with another request it is a 422. Needs the execution store (503 without it).",
+    schema={"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+    required=False,
+)
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -134,9 +153,9 @@ ROUTES: tuple[Route, ...] = (
                 "Accepted: the broker confirmed a persistent message", SubmitWorkflowResponse
             )
         },
-        _SUBMIT_ERRORS,
+        (*_SUBMIT_ERRORS, *_IDEMPOTENCY_ERRORS),
         body=SubmitWorkflowRequest,
-        params=(Param("workflow_id", description="Workflow ID to execute"),),
+        params=(Param("workflow_id", description="Workflow ID to execute"), _IDEMPOTENCY_KEY),
     ),
     Route(
         "POST",
@@ -151,8 +170,24 @@ ROUTES: tuple[Route, ...] = (
                 BatchRunResponse,
             )
         },
-        (*_SUBMIT_ERRORS, errors.BATCH_QUEUE_FULL, errors.BATCH_INCOMPLETE),
+        (
+            *_SUBMIT_ERRORS,
+            errors.BATCH_QUEUE_FULL,
+            errors.BATCH_INCOMPLETE,
+            *_IDEMPOTENCY_ERRORS,
+        ),
         body=BatchRunRequest,
+        params=(
+            Param(
+                IDEMPOTENCY_KEY_HEADER,
+                "header",
+                "Keys each item without an idempotency_key of its own as item <index> of "
+                "this batch: the same batch again answers as before and publishes only the "
+                "items no earlier attempt published.",
+                schema={"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                required=False,
+            ),
+        ),
         description="Validated as a whole: one invalid item (details name it: "
         "workflows.<index>.<field>), more items than the configured maximum, or an unknown "
         "deployment or workflow, and nothing is published. All items are published with their "
@@ -236,13 +271,63 @@ ROUTES: tuple[Route, ...] = (
                 events={"record": ExecutionRecord, "lifecycle": LifecycleEvent},
             )
         },
-        (
-            errors.INVALID_EXECUTION_ID,
-            errors.EXECUTION_NOT_FOUND,
-            errors.STORE_UNAVAILABLE,
-            errors.BROKER_UNAVAILABLE,
-        ),
+        # Live events come from Redis now (the recorder's pub/sub), not from the broker.
+        (errors.INVALID_EXECUTION_ID, errors.EXECUTION_NOT_FOUND, errors.STORE_UNAVAILABLE),
         params=(_EXECUTION_ID,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/events/stream",
+        run_events.stream_events,
+        "stream_events",
+        "Server-Sent Events of a run, as Polos streams them (polos-sdk stream_workflow)",
+        {
+            200: Answer(
+                "An event stream: one `data:` per event of the run after the cursor (a "
+                "StreamEvent: id, sequence_id, topic, event_type, data, created_at), `id` its "
+                "sequence_id; one event per status the run reached (workflow_queued, "
+                "workflow_admitted, workflow_start, then workflow_finish, workflow_failed, "
+                "workflow_timed_out, workflow_cancel or workflow_deduplicated). It closes after "
+                "the terminal event (at once if the run ended before the cursor). Comment "
+                "lines (`: keep-alive`) while idle.",
+                media_type="text/event-stream",
+                events={"message": StreamEvent},
+            )
+        },
+        (errors.VALIDATION_ERROR, errors.EXECUTION_NOT_FOUND, errors.STORE_UNAVAILABLE),
+        params=(
+            Param("workflow_id", "query", "The run's workflow", required=False),
+            Param("workflow_run_id", "query", "The run (execution id)", required=False),
+            Param(
+                "topic",
+                "query",
+                "Instead of the two above: workflow/<workflow_id>/<run_id>",
+                required=False,
+            ),
+            Param(
+                "last_sequence_id",
+                "query",
+                "Resume after this event (or the Last-Event-ID header)",
+                schema={"type": "integer", "minimum": 0},
+                required=False,
+            ),
+            Param(
+                "last_timestamp",
+                "query",
+                "Without last_sequence_id: only events after this time (RFC 3339)",
+                required=False,
+            ),
+            Param(
+                "project_id",
+                "query",
+                "The project, when X-Project-ID is not sent",
+                required=False,
+            ),
+        ),
+        description="Polos's path and event shape; the events of one of our runs are the "
+        "transitions of its record, so any gateway answers the same and a stream resumes "
+        "from any sequence id.",
+        tag="Events",
     ),
     Route(
         "GET",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from observe import ObserveSettings
 from schemas.topology import RECORDER_BINDING_KEY, RECORDER_QUEUE
 from store import DEFAULT_RETENTION_SECONDS
 
@@ -36,6 +37,7 @@ class RecorderSettings(BaseSettings):
     reconnect_interval_seconds: float = Field(
         default=1.0, gt=0, description="Between attempts to reach the broker again"
     )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     @model_validator(mode="after")
     def _batch_within_prefetch(self) -> RecorderSettings:

@@ -36,10 +36,18 @@ def _one_shot(services: dict[str, Any]) -> set[str]:
     return {
         name
         for service in services.values()
-        for name, dependency in (service.get("depends_on") or {}).items()
+        # depends_on is a mapping with conditions, or a plain list of names.
+        for name, dependency in _dependencies(service).items()
         if isinstance(dependency, dict)
         and dependency.get("condition") == "service_completed_successfully"
     }
+
+
+def _dependencies(service: dict[str, Any]) -> dict[str, Any]:
+    depends_on = service.get("depends_on") or {}
+    if isinstance(depends_on, list):
+        return {name: None for name in depends_on}
+    return dict(depends_on)
 
 
 def test_every_long_running_service_has_a_restart_policy() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from observe import ObserveSettings
+
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
@@ -18,7 +20,20 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="SIGTERM: how long running executions may take before they are handed back",
     )
+    worker_running_delay_seconds: float = Field(
+        default=0.05,
+        ge=0,
+        description="an execution still running this long after it started is reported "
+        "(in a heartbeat) and its work acknowledged; shorter runs are never reported running",
+    )
+    worker_hold_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="the longest a delivery waits here for a free slot; after half of it the "
+        "waiting ones are handed back to the queue",
+    )
     confirm_timeout_seconds: float = Field(default=5.0, gt=0)
     worker_reconnect_interval_seconds: float = Field(
         default=1.0, gt=0, description="wait between attempts to reach the broker on start"
     )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
