@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from broker.errors import BrokerError
 from dispatcher.consumers import Delivery
@@ -74,11 +75,12 @@ class Effector:
         self._results_name = results_name
         self._after_flush = after_flush
         self._task: asyncio.Task[None] | None = None
+        self._acking: set[asyncio.Task[None]] = set()
         self._stopped = False
 
     @property
     def flushing(self) -> bool:
-        return self._task is not None
+        return self._task is not None or bool(self._acking)
 
     def kick(self) -> None:
         """Something may be due: start a flush unless one runs (it loops until idle)."""
@@ -87,12 +89,14 @@ class Effector:
 
     def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
+        for task in [self._task, *self._acking]:
+            if task is not None:
+                task.cancel()
 
     async def wait(self) -> None:
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in [self._task, *self._acking] if t is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
         try:
@@ -122,15 +126,40 @@ class Effector:
                 message_id=f"{lifecycle.owner}/{lifecycle.epoch}/{write.seq}",
             )
             effects += lifecycle.on_ledger_written(write)
-        sends = [e for e in effects if not isinstance(e, Ack)]
+        # Work and cancels before the next flush: its record may name what follows
+        # from them. Events are awaited only by this flush's acknowledgements (a
+        # terminal event goes out before its submission is let go); the next flush
+        # does not wait for them (the Notifier lingers to batch them).
+        events = [e for e in effects if isinstance(e, Emit)]
+        sends = [e for e in effects if isinstance(e, Dispatch | SendCancel)]
+        acks = [e for e in effects if isinstance(e, Ack)]
         if sends:
             await asyncio.gather(*(self._send(e) for e in sends))
-        for effect in effects:
-            if isinstance(effect, Ack):
-                delivery = self._deliveries.take(effect.ref)
-                if delivery is not None:
-                    await delivery.ack()
+        if events:
+            self._spawn(self._announce_then_ack(events, acks))
+        else:
+            await self._ack(acks)
         return True
+
+    async def _announce_then_ack(self, events: list[Emit], acks: list[Ack]) -> None:
+        await asyncio.gather(*(self._emit(e) for e in events))
+        await self._ack(acks)
+
+    async def _ack(self, acks: list[Ack]) -> None:
+        for effect in acks:
+            delivery = self._deliveries.take(effect.ref)
+            if delivery is not None:
+                await delivery.ack()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._acking.add(task)
+        task.add_done_callback(self._acked)
+
+    def _acked(self, task: asyncio.Task[None]) -> None:
+        self._acking.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s: announcing or acknowledging failed", self._results_name, exc_info=exc)
 
     async def _send(self, effect: Effect) -> None:
         if isinstance(effect, Dispatch):

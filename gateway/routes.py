@@ -296,13 +296,23 @@ ROUTES: tuple[Route, ...] = (
         },
         (errors.VALIDATION_ERROR, errors.EXECUTION_NOT_FOUND, errors.STORE_UNAVAILABLE),
         params=(
-            Param("workflow_id", "query", "The run's workflow", required=False),
-            Param("workflow_run_id", "query", "The run (execution id)", required=False),
+            # Described as the polos-sdk sends them; `topic=workflow/<workflow_id>/<run_id>`
+            # is also accepted in their place (Polos's other form), undescribed.
             Param(
-                "topic",
+                "workflow_id",
                 "query",
-                "Instead of the two above: workflow/<workflow_id>/<run_id>",
-                required=False,
+                "The run's workflow",
+                schema={"type": "string", "minLength": 1},
+            ),
+            Param(
+                "workflow_run_id",
+                "query",
+                "The run (execution id, a UUID)",
+                schema={
+                    "type": "string",
+                    "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                    "[0-9a-fA-F]{12}$",
+                },
             ),
             Param(
                 "last_sequence_id",

@@ -22,7 +22,6 @@ from gateway import submission
 from gateway.context import APP_LINK, APP_REDIS, APP_SETTINGS
 from gateway.idempotency import fingerprint
 from schemas.api import SubmitWorkflowRequest
-from schemas.dispatch import ExecutionStatus
 from schemas.topology import submit_queue
 from store.idempotency import IdempotencyKeys, Reservation
 from tests.conftest import (
@@ -114,11 +113,12 @@ async def accepted(response: Any) -> dict[str, str]:
 
 
 def ran(system: System, queue: str) -> set[str]:
-    """The executions of ``queue`` that a worker started."""
+    """The executions of ``queue`` that a worker ran (reported running, or ended by a
+    worker: a short run is never reported running)."""
     return {
         e.execution_id
         for e in system.events.events
-        if e.queue_name == queue and e.status is ExecutionStatus.RUNNING
+        if e.queue_name == queue and e.worker_id is not None
     }
 
 
