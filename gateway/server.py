@@ -157,6 +157,7 @@ class GatewayProtocol(web.RequestHandler):
         self._doorman = doorman
         self._head_bytes = 0  # of the head now arriving
         self._line_bytes = 0  # of its request line
+        self._tail = b""  # its last bytes, for an end of head split across reads
         self._line_ended = False
         self._head_timer: asyncio.TimerHandle | None = None
         # Heads parsed (aiohttp's count) against answers finished: equal while
@@ -186,10 +187,16 @@ class GatewayProtocol(web.RequestHandler):
         waiting = self._request_count == self._finished and self._draining is None
         if waiting and data and not self._force_close:
             if not self._head_bytes:
-                self._line_bytes, self._line_ended = 0, False
+                self._line_bytes, self._line_ended, self._tail = 0, False, b""
                 self._head_timer = self._loop.call_later(
                     self._settings.header_timeout_seconds, self._head_too_slow
                 )
+            if self._head_ends_too_late(data):
+                limit = self._settings.max_header_bytes
+                self.refuse(
+                    errors.HEADERS_TOO_LARGE(f"The request's headers exceed {limit} bytes.")
+                )
+                return
             self._head_bytes += len(data)
             if not self._line_ended:
                 end = data.find(b"\n")
@@ -203,12 +210,18 @@ class GatewayProtocol(web.RequestHandler):
             self._cancel_head_timer()
             self._doorman.works(self)
             self._fail_broken_body(waiting)
-        elif waiting and self._head_bytes > self._settings.max_header_bytes:
-            self.refuse(
-                errors.HEADERS_TOO_LARGE(
-                    f"The request's headers exceed {self._settings.max_header_bytes} bytes."
-                )
-            )
+
+    def _head_ends_too_late(self, data: bytes) -> bool:
+        """Whether the head cannot end within ``max_header_bytes``: judged before the
+        parser sees the excess, so an oversized head costs a search, not a parse."""
+        room = max(0, self._settings.max_header_bytes - self._head_bytes)
+        window = self._tail + data[:room]
+        self._tail = (self._tail + data)[-3:]
+        if len(data) <= room:
+            return False
+        # Empty lines before a request line are allowed (RFC 9112 2.2); they end nothing.
+        start = len(window) - len(window.lstrip(b"\r\n")) if not self._head_bytes else 0
+        return window.find(b"\r\n\r\n", start) < 0
 
     def _fail_broken_body(self, waiting: bool) -> None:
         """A message parsed while a body was still arriving can only be aiohttp's refusal

@@ -228,6 +228,30 @@ async def test_an_unfinished_head_over_max_header_bytes_is_refused_at_once(
     assert answer.error()["error_type"] == "HEADERS_TOO_LARGE"
 
 
+@pytest.mark.parametrize(("size", "status"), [(-10, 200), (10, 431)])
+async def test_max_header_bytes_is_exact_however_the_head_is_split(
+    gateway: Gateway, size: int, status: int
+) -> None:
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    field = b"X-Pad: " + b"a" * 4000 + b"\r\n"
+    while len(head) + len(field) < gateway.settings.max_header_bytes:
+        head += field
+    last = gateway.settings.max_header_bytes + size - len(head) - len(b"X-End: \r\n\r\n")
+    head += b"X-End: " + b"a" * last + b"\r\n\r\n"
+    assert len(head) == gateway.settings.max_header_bytes + size
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.site.port)
+    reading = asyncio.create_task(read_all(reader, 3.0))
+    with contextlib.suppress(ConnectionError):
+        for at in range(0, len(head), 4093):  # the end of the head split across reads
+            writer.write(head[at : at + 4093])
+            await writer.drain()
+            await asyncio.sleep(0.01)
+    answer = parse(await reading)
+    writer.close()
+
+    assert answer.status == status
+
+
 async def test_a_whole_head_over_max_header_bytes_is_refused(gateway: Gateway) -> None:
     fields = {f"X-Pad-{i}": "a" * 4000 for i in range(10)}
     async with (
