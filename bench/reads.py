@@ -200,8 +200,8 @@ async def _publish_events(amqp_url: str, queue: str, binding_key: str, bodies: l
     """Declare the recorder queue as the recorder does, then publish every event confirmed."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
+        await declare_recorder_queue(connection, queue, binding_key)
         channel = await connection.channel(publisher_confirms=True)
-        await declare_recorder_queue(channel, queue, binding_key)
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
         keys = [orjson.loads(b) for b in bodies]
         for start in range(0, len(bodies), 500):

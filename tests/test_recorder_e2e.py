@@ -52,7 +52,7 @@ async def test_published_events_become_records(
     assert record.started_at is not None
     await eventually(lambda: recorder.pending == 0, what="acks")
     assert recorder.stats.acked == 120
-    assert await queue_depth(amqp, recorder_settings("", uid).recorder_queue) == 0
+    assert await queue_depth(amqp, recorder.settings.recorder_queue) == 0
 
 
 async def test_events_published_out_of_order_end_terminal(
@@ -97,7 +97,7 @@ async def test_poison_events_are_dead_lettered_and_the_rest_recorded(
     await eventually(lambda: recorder.pending == 0, what="everything settled")
     assert recorder.stats.dead_lettered == 2
     assert recorder.stats.acked == 3
-    assert await queue_depth(amqp, recorder_settings("", uid).recorder_queue) == 0
+    assert await queue_depth(amqp, recorder.settings.recorder_queue) == 0
 
 
 async def test_recorders_share_one_queue(
@@ -127,10 +127,7 @@ async def test_python_m_recorder_records_and_stops_on_sigterm(
     settings = recorder_settings(amqp_url, uid)
     delete_queues(settings.recorder_queue)
     # Declared before any recorder runs (as a deployment does): events wait in it.
-    async with amqp.channel() as channel:
-        await declare_recorder_queue(
-            channel, settings.recorder_queue, settings.recorder_binding_key
-        )
+    await declare_recorder_queue(amqp, settings.recorder_queue, settings.recorder_binding_key)
     runs = [Run(uid) for _ in range(5)]
     await publish_events(amqp, [event for run in runs for event in run.lifecycle()])
 
