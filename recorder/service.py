@@ -318,7 +318,7 @@ class Recorder:
         """
         groups: list[tuple[object | None, list[AbstractIncomingMessage]]] = []
         for message in messages:
-            channel = message.channel
+            channel = _channel_of(message)
             if groups and groups[-1][0] is channel:
                 groups[-1][1].append(message)
             else:
