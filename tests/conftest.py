@@ -484,3 +484,25 @@ async def make_recorder(
     """Start recorders of this test (its own queue and key prefix); stopped at the end."""
     async with recorders(amqp_url, uid, delete_queues) as make:
         yield make
+
+
+# -- RabbitMQ nodes of a test's own (tests/broker_nodes.py) --------------------------
+
+from tests.broker_nodes import NodeSet, RabbitNode  # noqa: E402
+
+NodeFactory = Callable[..., RabbitNode]
+ClusterFactory = Callable[..., list[RabbitNode]]
+
+
+@pytest.fixture
+def rabbit_node() -> Iterator[NodeFactory]:
+    """``rabbit_node(consumer_timeout_ms=60000)``: a private node, serving; removed at the end."""
+    with NodeSet() as nodes:
+        yield nodes.node
+
+
+@pytest.fixture
+def rabbit_cluster() -> Iterator[ClusterFactory]:
+    """``rabbit_cluster(3)``: private nodes forming one cluster; removed at the end."""
+    with NodeSet() as nodes:
+        yield nodes.cluster
