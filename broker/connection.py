@@ -211,11 +211,13 @@ class FailoverConnection(RobustConnection):
             else:
                 # Another connection of the process moved on already: follow it.
                 wait = 0.0
+            lost = self.url
             self._position = self._nodes.position
             self.url = URL(self._nodes.current)
             self.reconnect_interval = wait
-            log.warning(
-                "broker connection closed; next attempt on %s in %.2fs",
+            log.info(
+                "no connection to %s; next attempt on %s in %.2fs",
+                redacted(lost),
                 redacted(self.url),
                 wait,
             )
