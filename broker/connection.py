@@ -50,6 +50,12 @@ T = TypeVar("T")
 FIRST_BACKOFF_SECONDS = 0.1
 DEFAULT_MAX_BACKOFF_SECONDS = 1.0
 CONNECT_TIMEOUT_SECONDS = 10.0
+# After a lost connection, how long a process waits once connected again before
+# it uses the broker: quorum queues led by a lost node have no leader for a few
+# hundred milliseconds, and RabbitMQ 3.10 nacks for good every publish of a
+# channel whose first publish to such a queue falls in that window (measured:
+# channels opened 0-0.3 s after a node's kill -9 stay nacked; 0.5 s later, fine).
+SETTLE_SECONDS = 1.0
 SCHEMES = ("amqp", "amqps")
 _SEPARATORS = (",", ";")
 
@@ -224,6 +230,10 @@ class FailoverConnection(RobustConnection):
         await super()._on_connection_close(closing)
 
     async def _on_connected(self) -> None:
+        if self.connection_attempt:
+            # Connected again after a loss: let the queues the lost node led elect
+            # new leaders before channels come back and publish (see SETTLE_SECONDS).
+            await asyncio.sleep(SETTLE_SECONDS)
         await super()._on_connected()
         self._nodes.connected()
         self._backoff.reset()
@@ -282,19 +292,23 @@ async def retry(
     backoff: Backoff,
     retry_on: Callable[[Exception], bool] = lambda _exc: True,
     stop: asyncio.Event | None = None,
+    attempts: int | None = None,
 ) -> T:
     """``attempt()`` until it succeeds, waiting ``backoff`` between failures.
 
-    An exception ``retry_on`` refuses is raised at once. When ``stop`` is set
-    (before an attempt, or while waiting), raises BrokerUnavailable.
+    An exception ``retry_on`` refuses, or the one of the last of ``attempts``
+    attempts, is raised. When ``stop`` is set (before an attempt, or while
+    waiting), raises BrokerUnavailable.
     """
+    made = 0
     while True:
         if stop is not None and stop.is_set():
             raise BrokerUnavailable(f"stopped before {what} succeeded")
         try:
+            made += 1
             return await attempt()
         except Exception as exc:
-            if not retry_on(exc):
+            if not retry_on(exc) or (attempts is not None and made >= attempts):
                 raise
             wait = backoff.next()
             log.warning("%s failed (%r); trying again in %.2fs", what, exc, wait)

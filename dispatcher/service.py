@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 
+from broker.connection import SETTLE_SECONDS
 from dispatcher.session import Session
 from dispatcher.settings import Settings
 
@@ -144,9 +145,10 @@ class Dispatcher:
             await session.close()
             self._session = None
             if not self._stop.is_set():
-                # Its node may be gone: the next session tries the next node first.
+                # Its node may be gone: the next session tries the next node first,
+                # once the queues that node led have new leaders (SETTLE_SECONDS).
                 self._nodes.moved_on()
-                wait = backoff.next()
+                wait = max(backoff.next(), SETTLE_SECONDS)
                 log.warning("connection lost; a new session in %.2fs", wait)
                 await self._pause(wait)
         log.info("dispatcher stopped")
