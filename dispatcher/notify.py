@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractConnection
 
-from broker.errors import BrokerError
+from broker.connection import Backoff, retry
+from broker.errors import BrokerError, PublishRejected
 from dispatcher.publishers import PinnedPublishers
 from schemas.dispatch import CancelMessage, ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from schemas.envelope import SubmissionEnvelope
@@ -24,6 +25,10 @@ from schemas.ids import now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, EVENTS_EXCHANGE, event_routing_key
 
 log = logging.getLogger(__name__)
+
+# A nacked lifecycle event is tried this often, waits between them up to this long.
+EVENT_ATTEMPTS = 5
+EVENT_RETRY_MAX_SECONDS = 1.0
 
 
 class Notifier:
@@ -78,14 +83,23 @@ class Notifier:
                 envelope.workflow_id,
                 envelope.execution_id,
             )
-            await self._publishers.pick(envelope.execution_id).publish(
-                routing_key,
-                encode(event),
-                # The same for a repeat of the transition (after a takeover), so
-                # followers can recognise it.
-                message_id=f"{envelope.execution_id}/{status.value}",
-                exchange=EVENTS_EXCHANGE,
-                mandatory=False,
+            publisher, body = self._publishers.pick(envelope.execution_id), encode(event)
+            # A nack here is a queue without a leader for a moment (a node was
+            # lost), not a full one: the recorders' queue has no length limit.
+            await retry(
+                lambda: publisher.publish(
+                    routing_key,
+                    body,
+                    # The same for a repeat of the transition (after a takeover), so
+                    # followers can recognise it.
+                    message_id=f"{envelope.execution_id}/{status.value}",
+                    exchange=EVENTS_EXCHANGE,
+                    mandatory=False,
+                ),
+                what=f"lifecycle event {status.value}",
+                backoff=Backoff(EVENT_RETRY_MAX_SECONDS),
+                retry_on=lambda exc: isinstance(exc, PublishRejected),
+                attempts=EVENT_ATTEMPTS,
             )
         except BrokerError as exc:
             log.warning(

@@ -281,3 +281,16 @@ def test_every_process_reads_the_same_replica_count(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("POLOS_QUORUM_GROUP_SIZE", "0")
     with pytest.raises(ValidationError):
         GatewaySettings()
+
+
+async def test_retry_gives_up_after_its_attempts_with_the_last_error() -> None:
+    calls = 0
+
+    async def attempt() -> None:
+        nonlocal calls
+        calls += 1
+        raise BrokerUnavailable(f"down {calls}")
+
+    with pytest.raises(BrokerUnavailable, match="down 3"):
+        await retry(attempt, what="test", backoff=Backoff(0.01), attempts=3)
+    assert calls == 3
