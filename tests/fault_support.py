@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -40,6 +41,9 @@ from worker import Worker
 Client = TestClient[web.Request, web.Application]
 QUEUE = "steady"
 LIMIT = 4
+# The fault tests' rounds: 1 in CI (bounded); more for a longer chaos run, e.g.
+# POLOS_CHAOS_ROUNDS=10 make pytest PYTEST_ARGS="-m chaos".
+CHAOS_ROUNDS = max(1, int(os.environ.get("POLOS_CHAOS_ROUNDS", "1")))
 # A recorder that waits for fuller batches, as a busy one finds them: a batch is
 # in hand, unacknowledged, whenever the broker goes away.
 RECORDER_BATCH_WAIT_SECONDS = 0.25

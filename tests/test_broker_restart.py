@@ -16,7 +16,7 @@ import pytest
 
 from tests.broker_nodes import RabbitNode
 from tests.conftest import NodeFactory
-from tests.fault_support import Load, Stack, assert_accounted, running_stack
+from tests.fault_support import CHAOS_ROUNDS, Load, Stack, assert_accounted, running_stack
 from tests.store_support import eventually
 
 # How long the broker stays away, and the load runs on either side of it.
@@ -59,25 +59,26 @@ async def _back_at_work(load: Load, stack: Stack, node: RabbitNode, what: str) -
             ) from None
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.chaos
+@pytest.mark.timeout(120 + 60 * CHAOS_ROUNDS)
 async def test_every_process_survives_broker_restarts_under_load(
     rabbit_node: NodeFactory, tmp_path: Path
 ) -> None:
     node = rabbit_node()
     async with running_stack([node.url], tmp_path) as stack, Load(stack) as load:
         await asyncio.sleep(STEADY_SECONDS)
+        for _ in range(CHAOS_ROUNDS):
+            await asyncio.to_thread(node.stop_app)
+            await asyncio.sleep(OUTAGE_SECONDS)
+            await asyncio.to_thread(node.start_app)
+            await _back_at_work(load, stack, node, "stop_app/start_app")
+            await asyncio.sleep(STEADY_SECONDS)
 
-        await asyncio.to_thread(node.stop_app)
-        await asyncio.sleep(OUTAGE_SECONDS)
-        await asyncio.to_thread(node.start_app)
-        await _back_at_work(load, stack, node, "stop_app/start_app")
-        await asyncio.sleep(STEADY_SECONDS)
-
-        await asyncio.to_thread(node.kill9)
-        await asyncio.sleep(OUTAGE_SECONDS)
-        await asyncio.to_thread(node.restart)
-        await _back_at_work(load, stack, node, "kill -9 and a new start")
-        await asyncio.sleep(STEADY_SECONDS)
+            await asyncio.to_thread(node.kill9)
+            await asyncio.sleep(OUTAGE_SECONDS)
+            await asyncio.to_thread(node.restart)
+            await _back_at_work(load, stack, node, "kill -9 and a new start")
+            await asyncio.sleep(STEADY_SECONDS)
         await load.stop()
 
         await stack.every_process_serves()

@@ -25,7 +25,7 @@ from broker.errors import PublishRejected
 from broker.publisher import RENEW_SECONDS, ConfirmedPublisher
 from broker.topology import declare_queue
 from tests.broker_nodes import NodeSet, RabbitNode
-from tests.fault_support import Load, Stack, assert_accounted, running_stack
+from tests.fault_support import CHAOS_ROUNDS, Load, Stack, assert_accounted, running_stack
 from tests.store_support import eventually
 
 MAX_REFUSED_SECONDS = 5.0  # G9
@@ -133,7 +133,8 @@ async def test_a_channel_first_used_while_its_queue_has_no_leader_recovers(
         await _restarted(cluster, leader)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.chaos
+@pytest.mark.timeout(240 + 120 * CHAOS_ROUNDS)
 async def test_losing_nodes_under_load_costs_seconds_of_503s_and_nothing_accepted(
     cluster: list[RabbitNode], tmp_path: Path
 ) -> None:
@@ -143,18 +144,21 @@ async def test_losing_nodes_under_load_costs_seconds_of_503s_and_nothing_accepte
         # The broker's defaults on 3 nodes: every quorum queue and the stream on all three.
         await _fully_replicated(nodes[0], 3)
 
-        first = node_at(nodes, stack.gateway_node)
-        await _lose(nodes, first, load, stack, "the gateway's node")
-        await asyncio.to_thread(first.restart)
-        live = next(node for node in nodes if node is not first)
-        await _fully_replicated(live, 3)
-        await asyncio.sleep(STEADY_SECONDS)
+        down: RabbitNode | None = None
+        for _ in range(CHAOS_ROUNDS):
+            if down is not None:  # a longer (chaos) run: the last round's second loss
+                await _restarted(nodes, down)
+                await asyncio.sleep(STEADY_SECONDS)
+            first = node_at(nodes, stack.gateway_node)
+            await _lose(nodes, first, load, stack, "the gateway's node")
+            await _restarted(nodes, first)
+            await asyncio.sleep(STEADY_SECONDS)
 
-        leaders = Counter(
-            leader for leader, _, _ in (await asyncio.to_thread(queues, live)).values()
-        )
-        second = next(node for node in nodes if node.name == leaders.most_common(1)[0][0])
-        await _lose(nodes, second, load, stack, f"the node leading {leaders[second.name]} queues")
+            live = next(node for node in nodes if node is not first)
+            listing = await asyncio.to_thread(queues, live)
+            leaders = Counter(leader for leader, _, _ in listing.values())
+            down = next(node for node in nodes if node.name == leaders.most_common(1)[0][0])
+            await _lose(nodes, down, load, stack, f"the node leading {leaders[down.name]}")
         await load.stop()
 
         await stack.every_process_serves()
