@@ -9,5 +9,6 @@ COPY worker worker
 COPY examples examples
 COPY store store
 COPY recorder recorder
+COPY observe observe
 RUN pip install --no-cache-dir .
 ENV PYTHONUNBUFFERED=1

@@ -3,8 +3,10 @@
 Ours: ``python -m gateway`` → submission queues (``e2e_queues`` of them, each
 with concurrency limit ``e2e_limit`` set by the requests) → ``python -m
 dispatcher`` → ``python -m worker bench.e2e_worker:create`` (a no-op
-workflow). The peer: FastAPI + Celery ``send_task`` → a ``celery worker``
-running the same no-op task with ``acks_late``.
+workflow), with ``python -m recorder`` writing every execution's record to
+Redis beside them (the execution store is part of what a user runs). The
+peer: FastAPI + Celery ``send_task`` → a ``celery worker`` running the same
+no-op task with ``acks_late``.
 
 Figures per phase: executions/s (executions started inside the measured
 window, from the workers' own records), submit-to-worker-start latency (from
@@ -16,6 +18,10 @@ setups do). Closed loop through the HTTP front measures saturation (the
 front accepts more than the pipeline executes, so a backlog grows and the
 latency then is mostly that backlog); open loop at a fraction of the
 executions/s measured there gives latency under a fixed offered load.
+
+Every phase also counts the broker's work per execution (``bench.broker_work``):
+quorum-queue enqueues, deliveries and acknowledgements in the run's vhost, from
+before the first submission until the last execution has run.
 """
 
 from __future__ import annotations
@@ -24,16 +30,16 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-import re
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import broker_work
 from bench.harness import Live
 from bench.phase import HttpPhase, Run, fraction_rate, measure_http, mode, request_body
+from bench.reads import recorder_process
 from bench.records import (
     EventFollower,
     LatencySummary,
@@ -44,6 +50,7 @@ from bench.records import (
 from bench.servers import (
     ServerProcess,
     celery_worker_process,
+    delete_queues,
     dispatcher_process,
     gateway_process,
     purge_queues,
@@ -52,7 +59,7 @@ from bench.servers import (
 )
 from bench.stats import Measurement
 from bench.submit import PEER_SYSTEM, peer_queue
-from schemas.topology import results_queue, submit_queue
+from schemas.topology import RECORDER_QUEUE, results_queue, submit_queue
 
 OURS = "ours end to end"
 PEER = "FastAPI + Celery worker end to end"
@@ -101,6 +108,7 @@ class Pipeline:
     submission_queues: Callable[[list[str]], list[str]]
     side_queues: Callable[[list[str]], list[str]] = lambda names: []
     follower_project: str | None = None
+    submission_kind: str = "submit"  # of bench.broker_work.queue_kind
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -115,6 +123,11 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
         follower = EventFollower(pipe.follower_project, names[0])
         await follower.start(run.amqp_url)
     run.progress.phase(f"{pipe.system}: {'closed loop' if rate is None else f'{rate:,.0f}/s'}")
+    # Broker work: from before the first submission to after the last execution (the
+    # readings take the broker a moment: outside the measured window).
+    lines_before = count_lines(pipe.records())
+    counted_before = await broker_work.read_async(run.vhost)
+    purged = 0
     try:
         result = await measure_http(
             run,
@@ -171,14 +184,21 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
             m.extra["result_p50_ms"] = got.p50_ms
             m.extra["result_p99_ms"] = got.p99_ms
             m.extra["result_p999_ms"] = got.p999_ms
-        run.record(m)
-        return m
     finally:
         # A saturation phase leaves a backlog: drop it, let what is in flight finish.
-        await purge_queues(run.amqp_url, pipe.submission_queues(names))
+        purged = await purge_queues(run.amqp_url, pipe.submission_queues(names))
         await settle(pipe.records())
         if follower is not None:
             await follower.close()
+    counted_after = await broker_work.read_async(run.vhost)
+    if counted_before is not None and counted_after is not None:
+        work = broker_work.work_between(counted_before, counted_after)
+        executed = count_lines(pipe.records()) - lines_before
+        per = work.per(executed, purged=purged, purged_kind=pipe.submission_kind)
+        m.extra["broker_per_execution"] = per
+        run.progress.note(broker_work.describe(per))
+    run.record(m)
+    return m
 
 
 async def e2e_runs(run: Run, pipe: Pipeline, *, open_loop: bool = True) -> None:
@@ -212,25 +232,38 @@ async def ours(run: Run) -> Any:
         amqp_url=run.amqp_url,
         tenant=tenant,
         directory=run.directory,
-        extra_env=config.gateway_env,
+        extra_env={"POLOS_REDIS_KEY_PREFIX": run.redis_prefix, **config.gateway_env},
         uvloop=config.uvloop,
         tree=config.gateway_tree,
     )
-    async with running(gateway, dispatcher, worker):
-        front = [gateway]
-        yield Pipeline(
-            key="e2e",
-            system=OURS,
-            front=front,
-            front_role="gateway",
-            roles={"dispatcher": dispatcher, "worker": worker},
-            records=lambda: [records],
-            queue_names=lambda tag: [f"e{tag}q{i}" for i in range(config.e2e_queues)],
-            submission_queues=lambda names: [submit_queue(project, n) for n in names],
-            side_queues=lambda names: [results_queue(project, n) for n in names],
-            follower_project=project,
-            notes={"worker_concurrency": config.worker_concurrency, "dispatchers": 1},
-        )
+    # The execution store is part of the pipeline: its recorder consumes a queue of its own
+    # bound to this project's events (deleted afterwards: later phases of the run publish
+    # events of the same project, and nothing would drain it).
+    recorder_queue = f"{RECORDER_QUEUE}.{run.run_id}.e2e"
+    recorder = recorder_process(
+        run, 0, queue=recorder_queue, binding_key=f"{project}.#", prefix=run.redis_prefix
+    )
+    try:
+        async with running(recorder, gateway, dispatcher, worker):
+            yield Pipeline(
+                key="e2e",
+                system=OURS,
+                front=[gateway],
+                front_role="gateway",
+                roles={"dispatcher": dispatcher, "worker": worker, "recorder": recorder},
+                records=lambda: [records],
+                queue_names=lambda tag: [f"e{tag}q{i}" for i in range(config.e2e_queues)],
+                submission_queues=lambda names: [submit_queue(project, n) for n in names],
+                side_queues=lambda names: [results_queue(project, n) for n in names],
+                follower_project=project,
+                notes={
+                    "worker_concurrency": config.worker_concurrency,
+                    "dispatchers": 1,
+                    "recorder": True,
+                },
+            )
+    finally:
+        await delete_queues(run.amqp_url, [recorder_queue])
 
 
 async def peer_e2e(run: Run, front: ServerProcess) -> None:
@@ -259,6 +292,7 @@ async def peer_e2e(run: Run, front: ServerProcess) -> None:
             queue_names=lambda tag: [f"e{tag}q{i}" for i in range(config.e2e_queues)],
             # One Celery queue whatever the body says (Celery has no per-queue limits).
             submission_queues=lambda names: [queue],
+            submission_kind="celery",
             notes={
                 "celery_pool": config.celery_pool,
                 "celery_concurrency": config.celery_concurrency,
@@ -270,10 +304,8 @@ async def peer_e2e(run: Run, front: ServerProcess) -> None:
 
 
 async def profile_e2e(run: Run, pipe: Pipeline) -> None:
-    """Where an execution's cost goes: py-spy on the dispatcher and the worker during a
-    closed-loop phase; then RabbitMQ's global counters around an open-loop phase (no
-    backlog: everything submitted runs), divided by the executions, give the broker
-    operations per execution (other users of the broker add to them: see ``other``)."""
+    """Where an execution's cost goes: py-spy on the gateway, the dispatcher and the worker
+    during a closed-loop phase (every phase counts the broker's work: ``bench.broker_work``)."""
     from bench.profile import record_profile
     from bench.submit import find_py_spy
 
@@ -298,49 +330,8 @@ async def profile_e2e(run: Run, pipe: Pipeline) -> None:
                     record_profile(py_spy, pids[role], out, seconds=seconds)
                 )
             profiled = dataclasses.replace(pipe, key="e2e-profiled", system=f"{OURS}, under py-spy")
-            saturation = await e2e_phase(run, profiled, None)
+            await e2e_phase(run, profiled, None)
     finally:
         run.config = saved
     for role, out in outs.items():
         run.artifacts[f"{role}-profile"] = str(out)
-    counted = dataclasses.replace(
-        pipe, key="e2e-counted", system=f"{OURS}, broker operations counted", follower_project=None
-    )
-    before_lines = count_lines(pipe.records())
-    before = await asyncio.to_thread(broker_counters)
-    m = await e2e_phase(run, counted, fraction_rate(saturation.rate, 0.5))
-    after = await asyncio.to_thread(broker_counters)
-    executed = count_lines(pipe.records()) - before_lines
-    if before and after and executed > 0:
-        per = {k: round((after[k] - before.get(k, 0)) / executed, 2) for k in after}
-        m.extra["broker_ops_per_execution"] = per
-        m.extra["broker_ops_executions"] = executed
-        run.progress.note(f"broker operations per execution ({executed:,} executions): {per}")
-
-
-_SECTION = re.compile(r"\[\{protocol,amqp091\}(?:,\{queue_type,(\w+)\})?\]\s*=>\s*#\{(.*?)\}", re.S)
-_FIELD = re.compile(r"(\w+)\s*=>\s*(-?\d+)")
-
-
-def broker_counters() -> dict[str, int]:
-    """RabbitMQ's global AMQP counters (``rabbit_global_counters``, 3.9+), broker-wide.
-
-    Read-only; {} when ``rabbitmqctl`` cannot ask (a remote broker, no rights).
-    """
-    try:
-        text = subprocess.run(
-            ["rabbitmqctl", "eval", "rabbit_global_counters:overview()."],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    out: dict[str, int] = {}
-    for queue_type, body in _SECTION.findall(text):
-        prefix = f"{queue_type.replace('rabbit_', '').replace('_queue', '')}." if queue_type else ""
-        for name, value in _FIELD.findall(body):
-            if name.startswith("messages_") and name.endswith("_total"):
-                out[prefix + name[len("messages_") : -len("_total")]] = int(value)
-    return out

@@ -29,6 +29,9 @@ how long it took from the client to it. Connection ``i`` sends
 ``method`` and ``paths`` make other requests: with ``paths`` (e.g. one status
 read per existing execution), connection ``i`` cycles through its share of
 them (``paths[i::connections]``), each request prepared once as bytes.
+
+``unique_header`` names a header that every request carries with a value no
+other request of the run has (an ``Idempotency-Key`` that is never a retry).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -46,6 +50,8 @@ from bench.stats import WorkerReport
 ENGINES = ("raw", "aiohttp")
 # Replaced in each request by the wall-clock send time, "%017.6f" (same length).
 STAMP = b"0000000000.000000"
+# Replaced in each request by a value unique to it (``unique_header``).
+KEY_MARK = b"@@unique@@"
 # Open loop: how long after the window the backlog may still drain.
 _GRACE_S = 2.0
 
@@ -72,6 +78,7 @@ class LoadSpec:
     method: str = "POST"
     # When set, each connection cycles through its share of these instead of ``path``.
     paths: tuple[str, ...] = ()
+    unique_header: str | None = None
 
     def share(self, index: int) -> LoadSpec:
         return dataclasses.replace(self, index=index)
@@ -105,12 +112,26 @@ def request_bytes(
 ) -> bytes:
     head = [f"{spec.method} {path or spec.path} HTTP/1.1", f"Host: {target.host}:{target.port}"]
     head += [f"{name}: {value}" for name, value in spec.headers]
+    if spec.unique_header is not None:
+        head.append(f"{spec.unique_header}: {KEY_MARK.decode()}")
     head.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
 def stamp(sent_at: float) -> bytes:
     return b"%017.6f" % sent_at
+
+
+class _UniqueValues:
+    """``<random>-<n>``: the random part tells clients and runs apart."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex().encode()
+        self._sent = 0
+
+    def next(self) -> bytes:
+        self._sent += 1
+        return b"%s-%d" % (self._prefix, self._sent)
 
 
 def split_stamp(payload: bytes) -> tuple[bytes, bytes] | None:
@@ -205,6 +226,7 @@ class _RawClient(_Client):
         self._target = target
         self._payload = request_bytes(target, spec, body, paths[0])
         self._parts = split_stamp(self._payload)
+        self._unique = _UniqueValues() if spec.unique_header is not None else None
         # Several paths: cycle through them (no stamp: these are reads).
         self._cycle = (
             itertools.cycle([request_bytes(target, spec, body, p) for p in paths])
@@ -224,9 +246,10 @@ class _RawClient(_Client):
         if self._cycle is not None:
             return await conn.request(next(self._cycle))
         parts = self._parts
-        if parts is None:
-            return await conn.request(self._payload)
-        return await conn.request(parts[0] + stamp(sent_at) + parts[1])
+        payload = self._payload if parts is None else parts[0] + stamp(sent_at) + parts[1]
+        if self._unique is not None:
+            payload = payload.replace(KEY_MARK, self._unique.next(), 1)
+        return await conn.request(payload)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -251,12 +274,17 @@ class _AiohttpClient(_Client):
         self._headers = dict(spec.headers)
         self._body = body
         self._parts = split_stamp(body)
+        self._unique_header = spec.unique_header
+        self._unique = _UniqueValues()
 
     async def send(self, sent_at: float) -> int:
         parts = self._parts
         body = self._body if parts is None else parts[0] + stamp(sent_at) + parts[1]
         url = next(self._urls)
-        request = self._session.request(self._method, url, data=body, headers=self._headers)
+        headers = self._headers
+        if self._unique_header is not None:
+            headers = {**headers, self._unique_header: self._unique.next().decode()}
+        request = self._session.request(self._method, url, data=body, headers=headers)
         async with request as resp:
             await resp.read()
             return resp.status

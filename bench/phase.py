@@ -209,6 +209,7 @@ class HttpPhase:
     method: str = "POST"
     paths: tuple[str, ...] = ()  # cycled through per connection instead of ``path``
     connections: int | None = None  # instead of the configured number
+    unique_header: str | None = None  # a header whose value no two requests share
 
 
 @dataclass
@@ -236,6 +237,7 @@ async def measure_http(run: Run, phase: HttpPhase) -> HttpResult:
         engine=config.engine,
         method=phase.method,
         paths=phase.paths,
+        unique_header=phase.unique_header,
     )
     server_pids = [p for s in phase.servers for p in s.pids()]
     roles: dict[str, Sequence[int]] = {phase.role: server_pids, **phase.others}

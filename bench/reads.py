@@ -8,11 +8,12 @@
   the ids. Closed loop: reads/s, latency, gateway CPU per read.
 - ``batch-submit``: ``POST /api/v1/workflows/batch_run`` with ``batch_size``
   items each, closed loop: submissions/s beside the single submits.
-- ``recorder``: ``N`` queued events published (confirmed) to ``polos.events`` for
-  a project of the phase's own, waiting in a recorder queue of its own (bound
-  to that project only); then ``python -m recorder`` (1, then 2 processes)
-  starts on it with a key prefix of its own. Events/s runs from the first
-  record in Redis to the last (the recorder's start-up is not counted).
+- ``recorder``: ``N`` queued events published (confirmed) to ``polos.events``,
+  ``EVENTS_PER_MESSAGE`` to a batch, for a project of the phase's own, waiting
+  in a recorder queue of its own (bound to that project only); then
+  ``python -m recorder`` (1, then 2 processes) starts on it with a key prefix
+  of its own. Events/s runs from the first record in Redis to the last (the
+  recorder's start-up is not counted).
 
 Every key written under the run's prefix is deleted at the end of the run.
 """
@@ -35,8 +36,8 @@ from bench.phase import HttpPhase, Run, measure_http, request_body, submission
 from bench.servers import DEPLOYMENT, WORKFLOW, ServerProcess, delete_queues, running
 from bench.stats import Measurement
 from broker.topology import declare_recorder_queue
-from schemas.dispatch import LifecycleEvent, encode_queued_event
-from schemas.topology import EVENTS_EXCHANGE, event_routing_key, submit_queue
+from schemas.dispatch import LifecycleEvent, encode_event_batch, encode_queued_event
+from schemas.topology import EVENTS_EXCHANGE, event_batch_routing_key, submit_queue
 from store import ExecutionStore
 from store.execution_store import open_redis
 from store.layout import index_key
@@ -45,6 +46,9 @@ BATCH_PATH = "/api/v1/workflows/batch_run"
 _EVENTS_QUEUE_NAME = "rec"
 # Records written per ``ExecutionStore.record`` call when prefilling.
 _PREFILL_BATCH = 500
+# Events per message in the recorder phase: about what a round of the gateway or a
+# dispatcher flush carries at a few hundred executions/s.
+EVENTS_PER_MESSAGE = 20
 
 
 def redis_url() -> str:
@@ -197,14 +201,19 @@ def recorder_process(
 
 
 async def _publish_events(amqp_url: str, queue: str, binding_key: str, bodies: list[bytes]) -> None:
-    """Declare the recorder queue as the recorder does, then publish every event confirmed."""
+    """Declare the recorder queue as the recorder does, then publish every event confirmed,
+    ``EVENTS_PER_MESSAGE`` to a batch as the gateway and dispatchers send them."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         await declare_recorder_queue(connection, queue, binding_key)
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
-        keys = [orjson.loads(b) for b in bodies]
-        for start in range(0, len(bodies), 500):
+        project_id = orjson.loads(bodies[0])["project_id"] if bodies else ""
+        batches = [
+            encode_event_batch(bodies[i : i + EVENTS_PER_MESSAGE])
+            for i in range(0, len(bodies), EVENTS_PER_MESSAGE)
+        ]
+        for start in range(0, len(batches), 100):
             await asyncio.gather(
                 *(
                     exchange.publish(
@@ -213,13 +222,9 @@ async def _publish_events(amqp_url: str, queue: str, binding_key: str, bodies: l
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         ),
-                        routing_key=event_routing_key(
-                            head["project_id"], head["queue_name"], WORKFLOW, head["execution_id"]
-                        ),
+                        routing_key=event_batch_routing_key(project_id),
                     )
-                    for body, head in zip(
-                        bodies[start : start + 500], keys[start : start + 500], strict=True
-                    )
+                    for body in batches[start : start + 100]
                 )
             )
     finally:
@@ -303,6 +308,7 @@ async def recorder_phase(run: Run, processes: int) -> Measurement:
     )
     m.extra["events"] = count
     m.extra["event_bytes"] = len(bodies[0])
+    m.extra["events_per_message"] = EVENTS_PER_MESSAGE
     m.extra["busy_before_cores"] = busy_before
     run.record(m)
     return m

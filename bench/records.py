@@ -130,7 +130,9 @@ class EventFollower:
             EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key=f"{self.project_id}.{self.queue_name}.#")
+        # Batches carry a project's events (schemas.dispatch.EventBatch): the queue is
+        # picked out of each.
+        await queue.bind(exchange, routing_key=f"{self.project_id}.#")
         await queue.consume(self._on_event, no_ack=True)
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
@@ -138,9 +140,16 @@ class EventFollower:
         if b'"status":"completed"' not in body:
             return
         arrived = time.time()
-        execution_id = orjson.loads(body).get("execution_id")
-        if isinstance(execution_id, str):
-            self.completed.setdefault(execution_id, arrived)
+        data = orjson.loads(body)
+        events = data.get("events", [data]) if isinstance(data, dict) else []
+        for event in events:
+            execution_id = event.get("execution_id") if isinstance(event, dict) else None
+            if (
+                isinstance(execution_id, str)
+                and event.get("status") == "completed"
+                and event.get("queue_name") == self.queue_name
+            ):
+                self.completed.setdefault(execution_id, arrived)
 
     async def close(self) -> None:
         if self._connection is not None:

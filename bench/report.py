@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from bench import broker_work, idempotency
 from bench.stats import Measurement
 
 _SUT_ROLES = ("gateway", "server", "publisher", "dispatcher", "worker", "celery", "recorder")
@@ -206,6 +207,11 @@ def e2e_table(ms: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def broker_table(ms: Sequence[Measurement]) -> str:
+    rows = [(m.system, m.mode, m.extra.get("broker_per_execution") or {}) for m in ms]
+    return broker_work.broker_table(rows)
+
+
 def memory_table(ms: Sequence[Measurement], memory: Iterable[dict[str, Any]]) -> str:
     lines = ["| process | state | RSS MiB | |", "|---|---|---:|---|"]
     shown = {
@@ -293,6 +299,26 @@ def store_table(ms: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def idempotency_table(ms: Sequence[Measurement]) -> str:
+    """Issue 12: submissions without a key, with a new key each, and all retries of one."""
+    rows = [m for m in ms if m.key in idempotency.SYSTEMS]
+    if not rows:
+        return ""
+    base = _median([m.rate for m in rows if m.key == idempotency.NO_KEY])
+    lines = [
+        "| system | answered 200/s | p50 ms | p99 ms | not ok "
+        "| CPU us/req: SUT / broker | cores: SUT / broker / loadgen / other | x no key |",
+        "|---|---:|---:|---:|---|---|---|---:|",
+    ]
+    for m in rows:
+        sut_us, broker_us = cpu_us_per_ok(m)
+        lines.append(
+            f"| {m.system} | {m.rate:,.0f} | {_ms(m.p50_ms)} | {_ms(m.p99_ms)} | {_not_ok(m)} "
+            f"| {sut_us:.0f} / {broker_us:.0f} | {_cores(m)} | {_ratio(m.rate, base)} |"
+        )
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str
@@ -345,6 +371,11 @@ def targets(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]] = ()) ->
         p50 = e2e_half[0].p50_ms
         name = "end to end: submit-to-worker-start p50 at half load (ms)"
         out.append(Target(name, "<= 10", p50, p50 <= 10))
+    counted = [m for m in e2e_half if m.extra.get("broker_per_execution")]
+    if counted:
+        enqueues = float(counted[0].extra["broker_per_execution"]["enqueues"])
+        name = "end to end: quorum enqueues per execution, recorder running"
+        out.append(Target(name, "<= 3", enqueues, enqueues <= 3))
     for entry in memory:
         if "growth_mb" in entry:
             growth = float(entry["growth_mb"])
@@ -372,7 +403,9 @@ def markdown_report(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]])
         ("Submissions", submissions_table(ms)),
         ("Latency below saturation, open loop", latency_table(ms)),
         ("Status reads, batch submits, recorder", store_table(ms)),
+        ("Idempotency keys", idempotency_table(ms)),
         ("End to end", e2e_table(ms)),
+        ("Broker work per execution", broker_table(ms)),
         ("Memory", memory_table(ms, memory)),
         ("Dispatcher scaling", scaling_table(ms)),
         ("DESIGN §7", targets_table(targets(ms, memory))),

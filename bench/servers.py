@@ -347,19 +347,22 @@ async def wait_for_consumer(amqp_url: str, queue: str, *, timeout_s: float = 30.
     raise RuntimeError(f"nobody consumes {queue} after {timeout_s:.0f} s")
 
 
-async def purge_queues(amqp_url: str, names: Iterable[str]) -> None:
-    """Drop what waits in these queues (a backlog a saturation phase left)."""
+async def purge_queues(amqp_url: str, names: Iterable[str]) -> int:
+    """Drop what waits in these queues (a backlog a saturation phase left); how many."""
+    purged = 0
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         channel = await connection.channel()
         for name in names:
             try:
                 queue = await channel.declare_queue(name, passive=True)
-                await queue.purge()
+                ok = await queue.purge()
+                purged += int(getattr(ok, "message_count", 0) or 0)
             except aio_pika.exceptions.ChannelClosed:
                 channel = await connection.channel()
     finally:
         await connection.close()
+    return purged
 
 
 def bare_http_process(directory: Path) -> ServerProcess:

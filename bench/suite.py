@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import dispatchers, e2e, reads, submit
+from bench import dispatchers, e2e, idempotency, reads, submit
 from bench.phase import BenchConfig, Run
 from bench.progress import Progress
 from bench.servers import ServerProcess, delete_queues
@@ -43,6 +43,7 @@ SYSTEMS: dict[str, str] = {
     "status-reads": "GET /api/v1/executions/{id} from the gateway, records that exist",
     "batch-submit": "POST /api/v1/workflows/batch_run, submissions/s",
     "recorder": "the recorder's events/s draining a queue of lifecycle events",
+    "idempotent-submit": "submits without a key, with a new Idempotency-Key each, all retries",
 }
 GROUPS: dict[str, tuple[str, ...]] = {
     # Issue 2: the gateway against the broker's limit, one process and one per core.
@@ -50,6 +51,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "end-to-end": ("e2e", "peer-e2e", "dispatcher-memory", "scaling"),
     # Issue 4: status reads, batch submits, the recorder.
     "store": ("status-reads", "batch-submit", "recorder"),
+    # Issue 12: what an idempotency key costs.
+    "idempotency": ("idempotent-submit",),
     "all": tuple(SYSTEMS),
 }
 _OURS = ("broker", "schemas", "gateway", "dispatcher", "worker")
@@ -93,16 +96,19 @@ def expected_phases(config: BenchConfig, systems: Sequence[str]) -> int:
         "status-reads": 2,
         "batch-submit": 1,
         "recorder": len(config.recorder_processes),
+        "idempotent-submit": idempotency.phases(config.repeat),
     }
     return sum(count[s] for s in systems)
 
 
 async def _run_systems(run: Run, chosen: list[str]) -> None:
     config = run.config
-    extras = [s for s in ("status-reads", "batch-submit") if s in chosen]
+    extras = [s for s in ("status-reads", "batch-submit", "idempotent-submit") if s in chosen]
 
     async def then(servers: Sequence[ServerProcess]) -> None:
         await reads.gateway_extras(run, servers, extras)
+        if "idempotent-submit" in extras:
+            await idempotency.idempotent_submits(run, servers)
 
     if "gateway-1" in chosen and "bare-publish" in chosen:
         # Back to back, alternating: the ratio is the figure.

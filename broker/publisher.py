@@ -29,8 +29,9 @@ import contextlib
 import functools
 import itertools
 import logging
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,6 +67,9 @@ class ConfirmedPublisher:
         self._renewals: list[asyncio.Task[None] | None] = [None] * self._n_channels
         self._renewed_at = [-RENEW_SECONDS] * self._n_channels
         self._retiring: dict[AbstractChannel, asyncio.Task[None]] = {}
+        self.in_flight = 0  # publishes awaiting their confirm (a metrics gauge reads it)
+        # Called with the seconds each publish took to its confirm (or failure).
+        self.observer: Callable[[float], None] | None = None
 
     async def start(self) -> None:
         for _ in range(self._n_channels):
@@ -114,20 +118,28 @@ class ConfirmedPublisher:
         ``PublishRejected`` (nack: the queue is full) or ``Unroutable`` (no such queue).
         """
         batch = self._pick_batch()
-        for attempt in range(2):
-            item = _Publish(
-                body, exchange, routing_key, mandatory, message_id, persistent, headers or None
-            )
-            try:
-                await self._publish_on(batch, item, timeout)
-                return
-            except aiormq.exceptions.DeliveryError as exc:
-                replacement = await self._replacement(batch) if attempt == 0 else None
-                if replacement is None:
-                    raise PublishRejected(
-                        f"broker rejected the publish to {routing_key!r}"
-                    ) from exc
-                batch = replacement
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
+        self.in_flight += 1
+        try:
+            for attempt in range(2):
+                item = _Publish(
+                    body, exchange, routing_key, mandatory, message_id, persistent, headers or None
+                )
+                try:
+                    await self._publish_on(batch, item, timeout)
+                    return
+                except aiormq.exceptions.DeliveryError as exc:
+                    replacement = await self._replacement(batch) if attempt == 0 else None
+                    if replacement is None:
+                        raise PublishRejected(
+                            f"broker rejected the publish to {routing_key!r}"
+                        ) from exc
+                    batch = replacement
+        finally:
+            self.in_flight -= 1
+            if observer is not None:
+                observer(time.perf_counter() - started)
 
     async def _publish_on(self, batch: _Batch, item: _Publish, timeout: float | None) -> None:
         """One publish on ``batch``, errors mapped (but a nack: the caller decides)."""

@@ -7,9 +7,10 @@ from typing import Any
 
 import aiormq
 from aio_pika import ExchangeType
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from broker.errors import BrokerUnavailable
+from schemas.status import STATUS_EXCHANGE
 from schemas.topology import (
     CANCEL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -104,3 +105,8 @@ async def declare_recorder_queue(
             await queue.bind(exchange, binding_key)
     except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         raise BrokerUnavailable(f"cannot bind {name!r}: {exc!r}") from exc
+
+
+async def declare_status_exchange(channel: AbstractChannel) -> AbstractExchange:
+    """Where dispatchers tell the operator page what they own (``schemas/status.py``)."""
+    return await channel.declare_exchange(STATUS_EXCHANGE, ExchangeType.FANOUT, durable=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 from collections.abc import Sequence
 
 from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
+from observe import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +35,6 @@ async def _serve(settings: Settings, *, burst: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.observe)
     asyncio.run(_serve(settings, burst=args.burst))
     return 0

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -38,6 +39,9 @@ class Delivery:
     tag: int
     body: bytes
     redelivered: bool
+    # How many times a quorum queue handed this message out before (0 the first
+    # time): which decision about it is the latest (``LifecycleEvent.attempt``).
+    attempt: int = 0
 
     async def ack(self) -> None:
         # A channel that is gone has requeued the message already; the next
@@ -48,6 +52,23 @@ class Delivery:
     async def nack(self, *, requeue: bool = True) -> None:
         with contextlib.suppress(*CHANNEL_GONE):
             await self.channel.basic_nack(self.tag, requeue=requeue)
+
+
+def delivery_attempt(headers: Mapping[str, Any] | None) -> int:
+    """Earlier deliveries of a quorum-queue message, from the headers the broker adds.
+
+    ``x-delivery-count`` counts every return to the queue (nack, a closed
+    channel) on RabbitMQ 3.x to 4.2; 4.3 narrows it to failed deliveries and
+    counts every hand-out in ``x-acquired-count``, which we prefer. Absent on
+    a first delivery (and on classic queues): 0.
+    """
+    if not headers:
+        return 0
+    for name in ("x-acquired-count", "x-delivery-count"):
+        value = headers.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
 
 
 OnMessage = Callable[[Delivery], None]
@@ -109,7 +130,13 @@ class ConsumerPool:
             frame = message.delivery
             assert isinstance(frame, spec.Basic.Deliver)
             consumer.on_message(
-                Delivery(message.channel, frame.delivery_tag or 0, message.body, frame.redelivered)
+                Delivery(
+                    message.channel,
+                    frame.delivery_tag or 0,
+                    message.body,
+                    frame.redelivered,
+                    delivery_attempt(message.header.properties.headers),
+                )
             )
 
         try:

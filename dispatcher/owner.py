@@ -1,15 +1,23 @@
-"""One submission queue, as its owner runs it: consume, decide, let go.
+"""One submission queue: who owns it, and the consumers of its owner.
 
-Every dispatcher that matches a queue consumes it; single active consumer
-makes exactly one of them the owner, and only the owner gets deliveries. So
-the results consumer starts lazily, on the first delivery, and is cancelled
-whenever we let go of the queue (the results queue is single-active too).
+Ownership is the results queue's single active consumer. Every dispatcher
+whose patterns match a queue consumes its results queue and publishes an
+``OwnerProbe`` there; only the active consumer receives anything, so
+receiving a delivery means we own the queue::
 
-A submission stays unacknowledged until its execution is terminal; so does
-the marker (a copy of the work message) that reaches the results queue in the
-same publish as the work. Whoever owns the queue next finds both (requeued)
-and knows the execution is running: ``results.py``. The gate decides
-(``admission.py``); what happens to an admitted execution is ``runs.py``.
+    STANDBY ──first delivery──► SYNCING ──our probe back──► OWNING ──► STOPPED
+      (a probe of ours is out)   (records held, the rest      (the lifecycle runs;
+                                  buffered until the probe:    submissions consumed)
+                                  all that was queued before
+                                  it has been delivered)
+
+The owner holds its newest ledger record at all times, so when it dies the
+broker returns it and wakes the next consumer in line. Only the owner consumes
+the submission queue, so it can consume again with another prefetch whenever
+it likes (a larger limit; too many pending submissions parked in the ledger).
+
+What happens to executions is ``lifecycle.py`` (pure); carrying it out is
+``effects.py``. This module only moves deliveries between the broker and them.
 """
 
 from __future__ import annotations
@@ -17,31 +25,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from collections.abc import Coroutine
+from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 
 from broker.deadletter import dead_letter
 from broker.errors import BrokerError
-from dispatcher.admission import Execution, Gate, Phase, Verdict
 from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
-from dispatcher.results import ResultsHandler
-from dispatcher.runs import Runs
+from dispatcher.effects import Deliveries, Effector
+from dispatcher.lifecycle import QueueLifecycle
 from dispatcher.work import Links
+from schemas.dispatch import (
+    Cancelled,
+    CancelRequest,
+    Completed,
+    Dispatched,
+    Failed,
+    Heartbeat,
+    HeartbeatEntry,
+    LedgerRecord,
+    OwnerProbe,
+    Released,
+    ResultsQueueMessage,
+    Running,
+    WorkMessage,
+    decode_results_queue,
+    encode,
+)
 from schemas.envelope import decode_submission
 from schemas.topology import results_queue, submit_queue
 
 log = logging.getLogger(__name__)
 
 
-class _Token:
-    """Deliveries of a consumer we cancelled are handed back, not handled."""
-
-    __slots__ = ("live",)
-
-    def __init__(self) -> None:
-        self.live = True
+class OwnerState(StrEnum):
+    STANDBY = "standby"
+    SYNCING = "syncing"
+    OWNING = "owning"
+    STOPPED = "stopped"
 
 
 class QueueOwner:
@@ -52,78 +77,276 @@ class QueueOwner:
         self.queue_name = queue_name
         self.name = submit_queue(project_id, queue_name)
         self.results_name = results_queue(project_id, queue_name)
-        self.gate = Gate(limit)
+        self.state = OwnerState.STANDBY
         self.window = self.settings.window_for(limit)
-        self.loop = asyncio.get_running_loop()
-        self.runs = Runs(self)
-        self.results = ResultsHandler(self)
-        self._submissions: Consumer | None = None
-        self._submissions_token = _Token()
+        self.lifecycle = QueueLifecycle(limit, links.tunables, owner=links.owner_id)
+        self.deliveries = Deliveries()
+        self.effector = Effector(
+            links,
+            self.lifecycle,
+            self.deliveries,
+            project_id=project_id,
+            queue_name=queue_name,
+            results_name=self.results_name,
+            after_flush=self._after_flush,
+        )
         self._results: Consumer | None = None
-        self._results_token = _Token()
-        self._results_starting = False
-        self._reconsume_wanted = False
-        self._letting_go = False
-        self._draining = False
-        self._stopped = False
+        self._submissions: Consumer | None = None
+        self._submissions_prefetch = 0
+        self._intake_busy = False  # a consume/cancel of submissions is under way
+        self._nonce = ""
+        self._records: list[tuple[int, LedgerRecord]] = []
+        self._buffer: list[tuple[Delivery, ResultsQueueMessage]] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._busy = False
-        self._owning = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"<QueueOwner {self.name}>"
+        return f"<QueueOwner {self.name} {self.state}>"
 
-    # -- lifecycle -------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Consume the queue (the session made sure it exists)."""
-        await self._consume()
-
-    def set_limit(self, limit: int | None) -> None:
-        """A new limit applies at once; a window too small for it is renewed when idle."""
-        if limit == self.gate.limit:
-            return
-        log.info("%s: concurrency limit %s -> %s", self.name, self.gate.limit, limit)
-        self.gate.limit = limit
-        cap = self.settings.window_for(None) if limit is None else limit
-        if cap > self.window and not self._draining:
-            self._reconsume_wanted = True
-        self.pump()
-
-    def drain(self) -> None:
-        """Admit nothing more; what is in flight runs to its end."""
-        self._draining = True
-        self._reconsume_wanted = False
-        self.gate.admitting = False
+    # -- what the session asks -----------------------------------------------------------
 
     @property
     def held(self) -> int:
-        return len(self.gate.held)
+        return self.lifecycle.held
+
+    @property
+    def limit(self) -> int | None:
+        return self.lifecycle.limit
+
+    @property
+    def owning(self) -> bool:
+        """Whether this dispatcher owns the queue (a standby only consumes its results)."""
+        return self.state is OwnerState.OWNING
+
+    @property
+    def pending(self) -> int:
+        """Submissions received and waiting for a slot."""
+        return self.lifecycle.pending
+
+    async def start(self) -> None:
+        """Consume the results queue and ask who owns the queue."""
+        prefetch = min(2 * self.window + 256, 65535)
+        self._results = await self.links.pool.consume(
+            self.results_name,
+            prefetch=prefetch,
+            on_message=self._on_result,
+            on_cancelled=self._on_gone,
+        )
+        await self._probe()
+
+    def set_limit(self, limit: int | None) -> None:
+        if limit == self.lifecycle.limit:
+            return
+        log.info("%s: concurrency limit %s -> %s", self.name, self.lifecycle.limit, limit)
+        self.window = self.settings.window_for(limit)
+        self.lifecycle.set_limit(limit, time.time())
+        self._kick()
+
+    def drain(self) -> None:
+        """Admit nothing more; what is in flight runs on."""
+        self.lifecycle.drain()
 
     def stop(self) -> None:
         """Forget everything (the connection is closing, or the queue is gone)."""
-        self._stopped = True
-        self._submissions_token.live = False
-        self._results_token.live = False
-        for execution in list(self.gate.held.values()) + list(self.gate.pending):
-            if execution.timer is not None:
-                execution.timer.cancel()
-        for orphan in self.gate.orphans.values():
-            if orphan.timer is not None:
-                orphan.timer.cancel()
+        self.state = OwnerState.STOPPED
+        self.effector.stop()
+        if self._timer is not None:
+            self._timer.cancel()
         for task in self._tasks:
             task.cancel()
+        self.deliveries.clear()
         self._set_busy(False)
 
-    async def _consume(self) -> None:
-        self._owning = False
-        token = self._submissions_token = _Token()
-        self._submissions = await self.links.pool.consume(
-            self.name,
-            prefetch=self.window,
-            on_message=lambda delivery: self._on_submission(delivery, token),
-            on_cancelled=self._on_gone,
+    async def wait_tasks(self) -> None:
+        await self.effector.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- ownership -----------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        self._nonce = uuid.uuid4().hex
+        probe = OwnerProbe(owner=self.links.owner_id, nonce=self._nonce)
+        await self.links.publisher.publish(
+            self.results_name, encode(probe), message_id=f"probe/{self._nonce}"
         )
+
+    def _on_result(self, delivery: Delivery) -> None:
+        self.links.activity()
+        if self.state is OwnerState.STOPPED:
+            return  # the channel closes with us: the broker takes it back
+        try:
+            message = decode_results_queue(delivery.body)
+        except ValidationError as exc:
+            self._spawn(self.poison(delivery, self.results_name, f"undecodable result: {exc}"))
+            return
+        if self.state is OwnerState.STANDBY:
+            self.state = OwnerState.SYNCING
+            log.info("%s: active on its results queue; reading what was left", self.name)
+            if not self._is_current_probe(message):
+                # Ours may have reached the owner before us; one behind all that is here.
+                self._spawn(self._probe_or_fail())
+        if self.state is OwnerState.SYNCING:
+            self._sync(delivery, message)
+        else:
+            self._handle(delivery, message)
+
+    def _is_current_probe(self, message: ResultsQueueMessage) -> bool:
+        return (
+            isinstance(message, OwnerProbe)
+            and message.owner == self.links.owner_id
+            and message.nonce == self._nonce
+        )
+
+    async def _probe_or_fail(self) -> None:
+        try:
+            await self._probe()
+        except BrokerError as exc:
+            self.links.fail(exc)
+
+    def _sync(self, delivery: Delivery, message: ResultsQueueMessage) -> None:
+        if isinstance(message, LedgerRecord):
+            self._records.append((self.deliveries.hold(delivery), message))
+        elif isinstance(message, OwnerProbe):
+            self._spawn(delivery.ack())
+            if self._is_current_probe(message):
+                self._take_over()
+        else:
+            self._buffer.append((delivery, message))
+
+    def _take_over(self) -> None:
+        records, self._records = self._records, []
+        self.lifecycle.rebuild(records, time.time())
+        self.state = OwnerState.OWNING
+        log.info(
+            "%s: we own it now (%d ledger record(s); %d in flight, %d pending)",
+            self.name,
+            len(records),
+            self.lifecycle.held,
+            self.lifecycle.pending,
+        )
+        buffered, self._buffer = self._buffer, []
+        for delivery, message in buffered:
+            self._handle(delivery, message)
+        self._kick()
+        self._spawn(self._consume_submissions(self.window))
+
+    # -- the results queue, while we own it ------------------------------------------------
+
+    def _handle(self, delivery: Delivery, message: ResultsQueueMessage) -> None:
+        now = time.time()
+        lifecycle = self.lifecycle
+        if isinstance(message, OwnerProbe | WorkMessage | Dispatched):
+            # A standby's probe, a stale one of ours, or a marker of the old design.
+            self._spawn(delivery.ack())
+            return
+        ref = self.deliveries.hold(delivery)
+        if isinstance(message, LedgerRecord):
+            if message.owner == self.links.owner_id and message.epoch == lifecycle.epoch:
+                lifecycle.on_own_record(ref, message.seq)
+            else:
+                log.warning("%s: a ledger record of another owner arrived late", self.name)
+                self._spawn(self._ack(ref))
+                return
+        elif isinstance(message, Heartbeat):
+            lifecycle.on_heartbeat(ref, message, now)
+        elif isinstance(message, Running):
+            # A worker of the old design: its running report is a heartbeat.
+            entry = HeartbeatEntry(
+                execution_id=message.execution_id,
+                dispatch_id=message.dispatch_id,
+                started_at=message.at,
+                redelivered=True,
+            )
+            heartbeat = Heartbeat(worker_id=message.worker_id, at=message.at, executions=[entry])
+            lifecycle.on_heartbeat(ref, heartbeat, now)
+        elif isinstance(message, Completed | Failed | Cancelled):
+            lifecycle.on_result(ref, message, now)
+        elif isinstance(message, Released):
+            lifecycle.on_released(ref, message, now)
+        else:
+            assert isinstance(message, CancelRequest)
+            lifecycle.on_cancel_request(ref, message, now)
+        self._kick()
+
+    async def _ack(self, ref: int) -> None:
+        delivery = self.deliveries.take(ref)
+        if delivery is not None:
+            await delivery.ack()
+
+    # -- the submission queue --------------------------------------------------------------
+
+    def _on_submission(self, delivery: Delivery) -> None:
+        self.links.activity()
+        if self.state is not OwnerState.OWNING:
+            return  # stopped: the broker takes it back with the channel
+        try:
+            envelope = decode_submission(delivery.body)
+        except ValidationError as exc:
+            self._spawn(self.poison(delivery, self.name, f"undecodable submission: {exc}"))
+            return
+        self.lifecycle.on_submission(
+            self.deliveries.hold(delivery), envelope, delivery.body, delivery.attempt, time.time()
+        )
+        self._kick()
+
+    async def _consume_submissions(self, prefetch: int) -> None:
+        self._intake_busy = True
+        try:
+            if self._submissions is not None:
+                await self.links.pool.cancel(self._submissions)
+                self._submissions = None
+            if prefetch > 0 and self.state is OwnerState.OWNING:
+                self._submissions = await self.links.pool.consume(
+                    self.name,
+                    prefetch=prefetch,
+                    on_message=self._on_submission,
+                    on_cancelled=self._on_gone,
+                )
+            self._submissions_prefetch = prefetch if self._submissions is not None else 0
+        except CHANNEL_GONE as exc:
+            self.links.fail(exc)
+        finally:
+            self._intake_busy = False
+
+    def _adjust_intake(self) -> None:
+        """Consume with the prefetch the window leaves: submissions parked in the ledger
+        count against it, so memory never grows with the backlog."""
+        if self.state is not OwnerState.OWNING or self._intake_busy:
+            return
+        parked = self.lifecycle.parked
+        want = max(0, self.window - parked)
+        current = self._submissions_prefetch
+        if want == current:
+            return
+        if (want < current and parked >= self.window // 2) or want > current:
+            if want > current and current and want < current + self.window // 4:
+                return  # not worth a new consumer yet
+            self._spawn(self._consume_submissions(want))
+
+    # -- driving the lifecycle -------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self.effector.kick()
+
+    def _after_flush(self) -> None:
+        if self.state is not OwnerState.OWNING:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, self.lifecycle.next_wakeup() - time.time())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._adjust_intake()
+        self._set_busy(self.lifecycle.busy)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.state is OwnerState.OWNING:
+            self.lifecycle.tick(time.time())
+            self._kick()
+
+    # -- the rest --------------------------------------------------------------------------
 
     def _on_gone(self) -> None:
         log.warning(
@@ -131,114 +354,13 @@ class QueueOwner:
         )
         self.stop()
         self.links.gone(self.project_id, self.queue_name)
-        self.spawn(self._cancel_consumers())  # stop() cancelled the tasks before it
+        self._tasks.add(asyncio.ensure_future(self._cancel_consumers()))
 
     async def _cancel_consumers(self) -> None:
         for consumer in (self._results, self._submissions):
             if consumer is not None:
                 await self.links.pool.cancel(consumer)
         self._results = self._submissions = None
-
-    # -- submissions -----------------------------------------------------------------
-
-    def _on_submission(self, delivery: Delivery, token: _Token) -> None:
-        self.links.activity()
-        if not token.live or self._letting_go or self._stopped:
-            self.spawn(delivery.nack(requeue=True))
-            return
-        if not self._owning:
-            self._owning = True
-            log.info("%s: we own it now (first delivery)", self.name)
-        try:
-            envelope = decode_submission(delivery.body)
-        except ValidationError as exc:
-            self.spawn(self.poison(delivery, self.name, f"undecodable submission: {exc}"))
-            return
-        self._ensure_results()
-        execution = Execution(envelope, delivery.body, delivery)
-        orphan = None
-        if delivery.redelivered:
-            # It may be running on a worker, dispatched by an owner that is gone:
-            # its marker may be here already, or arrive within the grace.
-            orphan = self.gate.orphans.pop(envelope.execution_id, None)
-            if orphan is None:
-                execution.recover_until = (
-                    self.loop.time() + self.settings.dispatcher_recovery_grace_seconds
-                )
-        self.gate.enqueue(execution)
-        if orphan is not None:
-            self.results.adopt(execution, orphan)
-        self.pump()
-
-    def pump(self) -> None:
-        """Settle the head of the queue for as long as it can be."""
-        if self._stopped:
-            return
-        now = self.loop.time()
-        while (decision := self.gate.next(now)) is not None:
-            execution = decision.execution
-            if decision.verdict is Verdict.RECOVER:
-                assert execution.recover_until is not None
-                execution.timer = self.loop.call_at(
-                    execution.recover_until, self._recovery_over, execution
-                )
-            elif decision.verdict is Verdict.DEDUPLICATE:
-                assert decision.duplicate_of is not None
-                self.runs.deduplicate(execution, decision.duplicate_of)
-            else:
-                self.runs.admit(execution)
-        self._maybe_reconsume()
-        self._set_busy(self.gate.busy)
-
-    def _recovery_over(self, execution: Execution) -> None:
-        execution.timer = None
-        if execution.phase is not Phase.RECOVERING:
-            return
-        decision = self.gate.resolve_recovering(execution)
-        if decision is not None:
-            if decision.verdict is Verdict.DEDUPLICATE:
-                assert decision.duplicate_of is not None
-                self.runs.deduplicate(execution, decision.duplicate_of)
-            else:
-                self.runs.admit(execution)
-        self.pump()
-
-    # -- the results consumer --------------------------------------------------------
-
-    def _ensure_results(self) -> None:
-        if self._results is None and not self._results_starting and not self._letting_go:
-            self._results_starting = True
-            self.spawn(self._start_results())
-
-    async def _start_results(self) -> None:
-        token = self._results_token = _Token()
-        # Markers stay unacked while their executions run, and orphans while
-        # settled: the window must hold all of them and leave room for results.
-        prefetch = min(2 * self.window + 64, 65535)
-        try:
-            consumer = await self.links.pool.consume(
-                self.results_name,
-                prefetch=prefetch,
-                on_message=lambda delivery: self._on_result(delivery, token),
-                on_cancelled=self._on_gone,
-            )
-        except CHANNEL_GONE as exc:
-            self.links.fail(exc)
-            return
-        finally:
-            self._results_starting = False
-        if not token.live or self._letting_go or self._stopped:
-            await self.links.pool.cancel(consumer)
-            return
-        self._results = consumer
-
-    def _on_result(self, delivery: Delivery, token: _Token) -> None:
-        self.links.activity()
-        if not token.live or self._stopped:
-            self.spawn(delivery.nack(requeue=True))
-            return
-        self.results.handle(delivery)
-        self.pump()
 
     async def poison(self, delivery: Delivery, source: str, reason: str) -> None:
         """Keep it once in the dead-letter queue, then drop it: it never loops."""
@@ -252,59 +374,7 @@ class QueueOwner:
             return
         await delivery.ack()
 
-    # -- letting go, to consume again with a larger window ---------------------------
-
-    def _maybe_reconsume(self) -> None:
-        if (
-            self._reconsume_wanted
-            and not self._letting_go
-            and not self._stopped
-            and self.gate.used == 0
-        ):
-            self._letting_go = True
-            self.gate.admitting = False
-            self.spawn(self._reconsume())
-
-    async def _reconsume(self) -> None:
-        # Never while we hold an admitted execution: a standby would take the
-        # queue over and admit up to the limit beside ours.
-        log.info("%s: consuming again for a larger window", self.name)
-        try:
-            await self._let_go()
-            self.window = self.settings.window_for(self.gate.limit)
-            self._reconsume_wanted = False
-            self._letting_go = False
-            self.gate.admitting = not self._draining
-            if not self._stopped:
-                await self._consume()
-        except CHANNEL_GONE as exc:
-            self.links.fail(exc)
-
-    async def _let_go(self) -> None:
-        # Results first: once we stop consuming submissions another owner may
-        # start, and its markers and results must not reach us.
-        results, self._results = self._results, None
-        self._results_token.live = False
-        if results is not None:
-            await self.links.pool.cancel(results)
-        for orphan in self.gate.orphans.values():
-            if orphan.timer is not None:
-                orphan.timer.cancel()
-            await orphan.marker.nack(requeue=True)
-            if orphan.result is not None:
-                await orphan.result[0].nack(requeue=True)
-        self.gate.orphans.clear()
-        submissions, self._submissions = self._submissions, None
-        self._submissions_token.live = False
-        if submissions is not None:
-            await self.links.pool.cancel(submissions)
-        for execution in self.gate.take_all_pending():
-            await execution.submission.nack(requeue=True)
-        self._set_busy(self.gate.busy)
-
-    # -- plumbing --------------------------------------------------------------------
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -318,7 +388,3 @@ class QueueOwner:
         if busy != self._busy:
             self._busy = busy
             self.links.busy_changed(busy)
-
-    async def wait_tasks(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._tasks, return_exceptions=True)

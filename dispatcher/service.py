@@ -26,8 +26,10 @@ import logging
 import os
 
 from broker.connection import SETTLE_SECONDS
+from dispatcher.observe import DispatcherObserver
 from dispatcher.session import Session
 from dispatcher.settings import Settings
+from dispatcher.status import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class Dispatcher:
         self._last_activity = 0.0
         # Queues the last session owned: the next one looks for them first.
         self._owned: set[tuple[str, str]] = set()
+        # Metrics, spans and the operator page's status (dispatcher/observe.py, status.py).
+        self.observer = DispatcherObserver(settings.observe)
+        self._watchers = Watchers(self, self.observer)
 
     @property
     def session(self) -> Session | None:
@@ -114,6 +119,13 @@ class Dispatcher:
             self._task = asyncio.create_task(self._supervise(), name="dispatcher")
 
     async def _supervise(self) -> None:
+        await self._watchers.start()
+        try:
+            await self._supervise_sessions()
+        finally:
+            await self._watchers.close()
+
+    async def _supervise_sessions(self) -> None:
         backoff = self.settings.backoff()
         while not self._stop.is_set():
             session = self._session = Session(
@@ -122,6 +134,7 @@ class Dispatcher:
                 busy_changed=self._busy_changed,
                 activity=self._touch,
                 first=self._owned,
+                on_event=self.observer.event,
             )
             if not await self._start_session(session):
                 await session.close()

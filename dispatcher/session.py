@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any
 
@@ -42,6 +43,8 @@ from dispatcher.probe import QueueProbe
 from dispatcher.publishers import PinnedPublishers
 from dispatcher.settings import Settings
 from dispatcher.work import Links, WorkQueues
+from schemas.dispatch import ExecutionStatus
+from schemas.envelope import SubmissionEnvelope
 from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
 from schemas.topology import results_queue, submit_queue
 
@@ -61,9 +64,11 @@ class Session:
         busy_changed: Callable[[bool], None],
         activity: Callable[[], None],
         first: Collection[QueueKey] = (),
+        on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
     ) -> None:
         self.settings = settings
         self._nodes = nodes
+        self._on_event = on_event
         self._first = first
         self.broken = asyncio.Event()
         self.owners: dict[QueueKey, QueueOwner] = {}
@@ -100,6 +105,9 @@ class Session:
             connection,
             confirm_timeout=settings.confirm_timeout_seconds,
             channels=settings.dispatcher_event_channels,
+            on_event=self._on_event,
+            linger=settings.dispatcher_event_linger_seconds,
+            max_events=settings.dispatcher_event_batch_max,
         )
         await notifier.start()
         dispatch = PinnedPublishers(
@@ -115,6 +123,8 @@ class Session:
             await declare_recorder_queue(connection, replicas=replicas)
         self._links = Links(
             settings=settings,
+            owner_id=f"dispatcher-{uuid.uuid4().hex[:12]}",
+            tunables=settings.tunables(),
             connection=connection,
             publisher=publisher,
             dispatch=dispatch,

@@ -7,6 +7,8 @@ from fnmatch import fnmatchcase
 from pydantic import Field, model_validator
 
 from broker.settings import BrokerSettings
+from dispatcher.lifecycle import Tunables
+from observe import ObserveSettings
 
 # basic.qos prefetch_count is an AMQP short.
 MAX_PREFETCH = 65535
@@ -28,17 +30,20 @@ class Settings(BrokerSettings):
         le=MAX_PREFETCH,
         description="Prefetch of an unlimited queue: how many submissions are held in memory",
     )
-    dispatcher_recovery_grace_seconds: float = Field(
-        default=2.0,
-        ge=0,
-        description="After a takeover, how long a redelivered submission waits for its "
-        "dispatched marker before it is dispatched again",
+    dispatcher_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long an execution a worker reported running is kept after its "
+        "last heartbeat; then it is dispatched again (workers renew every third of it)",
     )
-    dispatcher_orphan_marker_grace_seconds: float = Field(
-        default=5.0,
-        ge=0,
-        description="How long a dispatched marker without its submission is kept (and "
-        "counted against the limit) before it is dropped",
+    dispatcher_hold_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=600,
+        description="The longest a submission or ledger delivery is held unacknowledged "
+        "(keep it well below the broker's consumer_timeout): then what it says is kept in "
+        "the ledger instead",
     )
     dispatcher_cancel_queued_wait_seconds: float = Field(
         default=3600.0,
@@ -59,6 +64,16 @@ class Settings(BrokerSettings):
     )
     dispatcher_publish_channels: int = Field(default=2, ge=1, le=64)
     dispatcher_event_channels: int = Field(default=2, ge=1, le=64)
+    dispatcher_event_linger_seconds: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="How long lifecycle events wait to share a message (0: the next "
+        "event-loop round)",
+    )
+    dispatcher_event_batch_max: int = Field(
+        default=1000, ge=1, description="Most lifecycle events in one message"
+    )
     dispatcher_consumers_per_channel: int = Field(
         default=200, ge=1, description="Consumers sharing one AMQP channel"
     )
@@ -70,11 +85,26 @@ class Settings(BrokerSettings):
     dispatcher_reconnect_max_seconds: float | None = Field(
         default=None, gt=0, description="Former name of POLOS_RECONNECT_INTERVAL_SECONDS"
     )
+    dispatcher_status_interval_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How often the dispatcher tells the operator page what it owns "
+        "(polos.status); 0 = never",
+    )
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     @model_validator(mode="after")
     def _former_reconnect(self) -> Settings:
         self._adopt_reconnect(self.dispatcher_reconnect_max_seconds)
         return self
+
+    def tunables(self) -> Tunables:
+        return Tunables(
+            lease_seconds=self.dispatcher_lease_seconds,
+            hold_seconds=self.dispatcher_hold_seconds,
+            cancel_queued_wait_seconds=self.dispatcher_cancel_queued_wait_seconds,
+            cancel_unknown_wait_seconds=self.dispatcher_cancel_unknown_wait_seconds,
+        )
 
     def queue_patterns(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.dispatcher_queues.split(",") if p.strip())
@@ -87,7 +117,7 @@ class Settings(BrokerSettings):
         return configured if configured is not None else self.default_concurrency_limit
 
     def window_for(self, limit: int | None) -> int:
-        """The prefetch of a submission consumer: what the gate can choose from.
+        """The prefetch of a submission consumer: what the lifecycle can choose from.
 
         Twice the limit leaves room to raise the limit without re-consuming.
         """

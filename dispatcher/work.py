@@ -12,6 +12,7 @@ from broker.errors import Unroutable
 from broker.publisher import ConfirmedPublisher
 from broker.topology import declare_work_queue
 from dispatcher.consumers import ConsumerPool
+from dispatcher.lifecycle import Tunables
 from dispatcher.notify import Notifier
 from dispatcher.publishers import PinnedPublishers
 from dispatcher.settings import Settings
@@ -38,20 +39,15 @@ class WorkQueues:
         body: bytes,
         *,
         message_id: str,
-        copy_to: str,
     ) -> None:
-        """Publish to the work queue ``name`` and, in the same publish, to ``copy_to``.
-
-        With confirm; raises BrokerError.
-        """
+        """Publish to the work queue ``name``, with confirm; raises BrokerError."""
         await self.ensure(name)
-        headers = {"BCC": [copy_to]}
         try:
-            await publisher.publish(name, body, message_id=message_id, headers=headers)
+            await publisher.publish(name, body, message_id=message_id)
         except Unroutable:
             self._declared.discard(name)
             await self._declare(name)
-            await publisher.publish(name, body, message_id=message_id, headers=headers)
+            await publisher.publish(name, body, message_id=message_id)
 
     async def _declare(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -66,6 +62,8 @@ class Links:
     """What every queue owner of one connection shares."""
 
     settings: Settings
+    owner_id: str  # this session's name in probes and ledger records
+    tunables: Tunables
     connection: AbstractConnection
     publisher: ConfirmedPublisher
     dispatch: PinnedPublishers

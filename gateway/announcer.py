@@ -4,22 +4,27 @@ A submission's record must exist from the moment it is accepted (a client
 polls ``GET /api/v1/executions/{id}`` right after the 200), yet nothing but the
 submission's own confirm may stand between the client and its answer. So the
 event goes out on a channel without publisher confirms: a handler only appends
-to a list, and once per event-loop iteration everything appended is marshalled
-and handed to aiormq's writer as one frame run (one system call, no task).
-Only when the channel is being restored, or the connection's write queue is
-full, does a task wait for it. If the broker is away the round is dropped
-(logged): the record then appears with the dispatcher's first event instead.
+to a list, and once per event-loop iteration (or ``POLOS_QUEUED_EVENT_LINGER_SECONDS``
+after a round's first event) everything appended becomes one
+``EventBatch`` message per project (``schemas.dispatch.encode_event_batch``:
+the events joined as they are, no re-encoding), marshalled and handed to
+aiormq's writer as one frame run (one system call, no task). So a round of
+submissions costs the broker one enqueue into ``polos.recorder``, not one
+each. Only when the channel is being restored, or the connection's write
+queue is full, does a task wait for it. If the broker is away the round is
+dropped (logged): the record then appears with the dispatcher's first event
+instead.
 
-Bounded: at most ``MAX_PENDING`` events wait for a flush; more are dropped
-(counted in ``dropped``). Measured (``python -m bench gateway-1``, 2 cores):
-about 15 µs of gateway CPU per submission; the broker's second quorum write
-(the event in ``polos.recorder``) costs it about 80 µs more.
+Bounded: at most ``MAX_PENDING`` events wait for a flush (more are dropped,
+counted in ``dropped``), and a message carries at most ``MAX_BATCH_EVENTS``
+events or about ``MAX_BATCH_BYTES`` bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import cast
 
 import aiormq
@@ -28,18 +33,27 @@ from aiormq import spec
 from aiormq.abc import ChannelFrame
 
 from broker.frames import PERSISTENT, publish_frames
-from schemas.topology import EVENTS_EXCHANGE
+from schemas.dispatch import encode_event_batch
+from schemas.topology import EVENTS_EXCHANGE, event_batch_routing_key
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 10_000
+MAX_BATCH_EVENTS = 1000
+MAX_BATCH_BYTES = 1 << 20
+
+# One message of a round: (routing key, body, how many events it carries).
+_Message = tuple[str, bytes, int]
 
 
 class Announcer:
-    def __init__(self) -> None:
+    def __init__(self, *, linger: float = 0.0) -> None:
+        # 0: flush on the next loop round; more: that long after a round's first event,
+        # so one message carries more submissions (fewer enqueues at low rates).
+        self._linger = linger
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.Channel | None = None
-        self._pending: list[tuple[str, bytes, str]] = []
+        self._pending: list[tuple[str, bytes]] = []
         self._scheduled = False
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
@@ -62,16 +76,21 @@ class Announcer:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def send(self, routing_key: str, body: bytes, message_id: str) -> None:
-        """Queue one event for the next flush; never raises, never waits."""
+    def send(self, project_id: str, body: bytes) -> None:
+        """Queue one encoded LifecycleEvent of ``project_id`` for the next flush; never
+        raises, never waits."""
         if self._channel is None or len(self._pending) >= MAX_PENDING:
             self._drop(1, "not connected" if self._channel is None else "too many pending")
             return
-        self._pending.append((routing_key, body, message_id))
+        self._pending.append((project_id, body))
         if not self._scheduled and self._task is None:
-            # Once per loop iteration, after the handlers that run in it.
+            # Once per loop iteration (or linger), after the handlers that run in it.
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+            loop = asyncio.get_running_loop()
+            if self._linger > 0:
+                loop.call_later(self._linger, self._flush_soon)
+            else:
+                loop.call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         """The usual round: written synchronously, no task, no lock to wait for."""
@@ -105,19 +124,19 @@ class Announcer:
         finally:
             self._task = None
 
-    async def _send(self, batch: list[tuple[str, bytes, str]]) -> int:
-        """Write ``batch``; how many were written."""
+    async def _send(self, batch: list[tuple[str, bytes]]) -> int:
+        """Write ``batch``; how many events were written."""
         assert self._channel is not None
         if self._channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
         underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         if not all(hasattr(underlay, name) for name in ("lock", "write_queue", "max_content_size")):
-            for routing_key, body, message_id in batch:  # an aiormq we do not know
+            for routing_key, body, _count in _messages(batch):  # an aiormq we do not know
                 await underlay.basic_publish(
                     body,
                     exchange=EVENTS_EXCHANGE,
                     routing_key=routing_key,
-                    properties=_properties(message_id),
+                    properties=_properties(uuid.uuid4().hex),
                     wait=False,
                 )
             return len(batch)
@@ -128,20 +147,19 @@ class Announcer:
         return count
 
     def _marshal(
-        self, underlay: aiormq.Channel, batch: list[tuple[str, bytes, str]]
+        self, underlay: aiormq.Channel, batch: list[tuple[str, bytes]]
     ) -> tuple[bytes, int]:
-        """The whole round as one write for aiormq's writer, frames from ``broker.frames``
-        (``basic_publish`` costs several times as much per message; without confirms
-        there is no delivery tag to register)."""
+        """The whole round as one write for aiormq's writer: a message per project, frames
+        from ``broker.frames`` (``basic_publish`` costs several times as much; without
+        confirms there is no delivery tag to register). How many events it carries."""
         number = underlay.number
         size = underlay.max_content_size
         parts = []
-        for routing_key, body, message_id in batch:
-            try:
-                parts.append(_event_frames(number, routing_key, body, message_id, size))
-            except (TypeError, ValueError) as exc:  # a routing key over 255 bytes
-                self._drop(1, repr(exc))
-        return b"".join(parts), len(parts)
+        sent = 0
+        for routing_key, body, count in _messages(batch):
+            parts.append(_event_frames(number, routing_key, body, uuid.uuid4().hex, size))
+            sent += count
+        return b"".join(parts), sent
 
     def _drop(self, count: int, why: str) -> None:
         self.dropped += count
@@ -152,10 +170,28 @@ class Announcer:
             )
 
 
+def _messages(batch: list[tuple[str, bytes]]) -> list[_Message]:
+    """The round's events as batch messages: per project, bounded in count and size."""
+    by_project: dict[str, list[bytes]] = {}
+    for project_id, body in batch:
+        by_project.setdefault(project_id, []).append(body)
+    messages: list[_Message] = []
+    for project_id, bodies in by_project.items():
+        key = event_batch_routing_key(project_id)
+        start, size = 0, 0
+        for i, body in enumerate(bodies):
+            if i > start and (i - start >= MAX_BATCH_EVENTS or size + len(body) > MAX_BATCH_BYTES):
+                messages.append((key, encode_event_batch(bodies[start:i]), i - start))
+                start, size = i, 0
+            size += len(body)
+        messages.append((key, encode_event_batch(bodies[start:]), len(bodies) - start))
+    return messages
+
+
 def _event_frames(
     channel: int, routing_key: str, body: bytes, message_id: str, max_content_size: int
 ) -> bytes:
-    """One event's frames: to ``polos.events``, persistent, not mandatory."""
+    """One message's frames: to ``polos.events``, persistent, not mandatory."""
     return publish_frames(
         channel,
         EVENTS_EXCHANGE,

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import executions, handlers
-from gateway.auth import KeyStore
+from gateway import observe, operator
+from gateway.auth import KeyStore, Principal
 from gateway.bodies import BodyReads
 from gateway.context import (
     APP_BODY_READS,
+    APP_IDEMPOTENCY,
     APP_KEYS,
     APP_LINK,
     APP_OPENAPI,
@@ -26,9 +27,12 @@ from gateway.context import (
 from gateway.errors import error_middleware
 from gateway.link import BrokerLink
 from gateway.openapi import openapi_json
+from gateway.routes import ROUTES, add_routes
+from gateway.server import handler_args, head_size_middleware
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
+from store.idempotency import IdempotencyKeys
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,14 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     def reload() -> None:
         try:
             keys.load()
-            log.info("reloaded %s", keys.path)
         except Exception:
             log.exception("reloading %s failed; keeping the keys loaded before", keys.path)
+            return
+        # A revoked key's open event streams end with it.
+        ended = app[APP_WATCH].end_if(
+            lambda project_id, key_id: not keys.holds(Principal(project_id, key_id))
+        )
+        log.info("reloaded %s; ended %d event streams of revoked keys", keys.path, ended)
 
     loop = asyncio.get_running_loop()
     # Only the main thread can own signal handlers (tests run apps elsewhere).
@@ -83,30 +92,45 @@ async def _end_event_streams(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            error_middleware(settings.retry_after_seconds),
+            head_size_middleware(settings),
+        ],
+        handler_args=handler_args(settings),
+    )
     app[APP_SETTINGS] = settings
     app[APP_KEYS] = KeyStore(settings.projects_file)
     app[APP_LINK] = BrokerLink(settings)
-    app[APP_OPENAPI] = openapi_json()
+    app[APP_OPENAPI] = openapi_json(ROUTES, settings)
     app[APP_BODY_READS] = BodyReads()
     redis_client = open_redis(
-        settings.redis_url.get_secret_value(), timeout_seconds=settings.redis_timeout_seconds
+        settings.redis_url.get_secret_value(),
+        timeout_seconds=settings.redis_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_seconds=settings.redis_pool_timeout_seconds,
     )
     app[APP_REDIS] = redis_client
     app[APP_STORE] = ExecutionStore(redis_client, key_prefix=settings.redis_key_prefix)
-    app[APP_WATCH] = Watch()
+    app[APP_WATCH] = Watch(
+        settings.redis_url.get_secret_value(),
+        key_prefix=settings.redis_key_prefix,
+        timeout_seconds=settings.redis_timeout_seconds,
+        wait_seconds=max(settings.redis_timeout_seconds, settings.redis_pool_timeout_seconds),
+    )
+    app[APP_IDEMPOTENCY] = IdempotencyKeys(
+        redis_client,
+        retention_seconds=settings.idempotency_retention_seconds,
+        lease_seconds=settings.idempotency_lease,
+        key_prefix=settings.redis_key_prefix,
+    )
     app.on_shutdown.append(_abandon_incomplete_bodies)
     app.on_shutdown.append(_end_event_streams)
     app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_store_ctx)
-    app.router.add_post("/api/v1/workflows/{workflow_id}/run", handlers.submit_workflow)
-    app.router.add_post("/api/v1/workflows/batch_run", handlers.batch_run)
-    app.router.add_get("/api/v1/workflows/{workflow_id}/runs", executions.workflow_runs)
-    app.router.add_get("/api/v1/executions/{execution_id}", executions.get_execution)
-    app.router.add_post("/api/v1/executions/{execution_id}/cancel", executions.cancel_execution)
-    app.router.add_get("/api/v1/executions/{execution_id}/events", executions.execution_events)
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/ready", handlers.ready)
-    app.router.add_get("/openapi.json", handlers.openapi)
+    add_routes(app)
+    observe.install(app, settings)  # metrics and spans, when configured
+    operator.install(app, settings)  # the operator page, /ui
     return app

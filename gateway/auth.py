@@ -3,7 +3,11 @@
 Keys live in a JSON file (``POLOS_PROJECTS_FILE``) as SHA-256 hashes only::
 
     {"projects": {"acme": {"keys": [{"id": "key_1f2e...", "sha256": "<hex>",
-                                     "created_at": "..."}]}}}
+                                     "created_at": "..."}]}},
+     "admins": {"keys": [...]}}
+
+Admin keys (``keys create --admin``) open the operator page (``/ui``) and
+nothing else; project keys never open it.
 
 A key is 32 random bytes, so a fast hash is the right one: there is nothing
 to brute-force, and hashing costs well under a microsecond per request. The
@@ -27,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import ApiError
+from gateway import errors
 from schemas.ids import now_rfc3339
 from schemas.topology import PROJECT_ID_PATTERN
 
@@ -62,6 +66,8 @@ class KeyStore:
         self.path = path
         self._projects: frozenset[str] = frozenset()
         self._by_digest: dict[bytes, _KeyRecord] = {}
+        self._admins: dict[bytes, str] = {}
+        self._principals: frozenset[Principal] = frozenset()
 
     def load(self) -> None:
         """Read the file; on any error keep what was loaded before and raise."""
@@ -74,8 +80,28 @@ class KeyStore:
                 digest = bytes.fromhex(key["sha256"])
                 principal = Principal(project_id, key.get("id") or key_id_for(digest))
                 by_digest[digest] = _KeyRecord(digest, principal)
+        admins = {
+            bytes.fromhex(key["sha256"]): key.get("id") or key_id_for(bytes.fromhex(key["sha256"]))
+            for key in data.get("admins", {}).get("keys", [])
+        }
         self._projects = frozenset(projects)
         self._by_digest = by_digest
+        self._admins = admins
+        self._principals = frozenset(record.principal for record in by_digest.values())
+
+    def authenticate_admin(self, api_key: str | None) -> str | None:
+        """The admin key's id, or None (the operator page's check)."""
+        if not api_key:
+            return None
+        digest = digest_key(api_key)
+        for known, key_id in self._admins.items():
+            if hmac.compare_digest(known, digest):
+                return key_id
+        return None
+
+    def holds(self, principal: Principal) -> bool:
+        """Whether this key is still valid for its project (not revoked)."""
+        return principal in self._principals
 
     def has_project(self, project_id: str) -> bool:
         return project_id in self._projects
@@ -95,22 +121,22 @@ class KeyStore:
         """The caller's principal for ``project_id``, or the ApiError to answer."""
         principal = self.authenticate(api_key)
         if principal is None:
-            raise ApiError(
-                401,
-                "UNAUTHORIZED",
-                "A valid API key is required (Authorization: Bearer <key> or cookie polos_auth).",
+            raise errors.UNAUTHORIZED(
+                "A valid API key is required (Authorization: Bearer <key> or cookie polos_auth)."
             )
         if not project_id:
-            raise ApiError(
-                400,
-                "MISSING_PROJECT_ID",
+            raise errors.MISSING_PROJECT_ID(
                 "The X-Project-ID header is required.",
                 [{"field": "X-Project-ID", "message": "required header"}],
             )
+        # The header is not repeated back: a client may have put the key in it.
         if not self.has_project(project_id):
-            raise ApiError(404, "PROJECT_NOT_FOUND", f"Project {project_id!r} not found.")
+            raise errors.PROJECT_NOT_FOUND(
+                "The project of X-Project-ID is not found.",
+                [{"field": "X-Project-ID", "message": "unknown project"}],
+            )
         if principal.project_id != project_id:
-            raise ApiError(403, "FORBIDDEN", "This API key does not belong to the project.")
+            raise errors.FORBIDDEN("This API key does not belong to the project.")
         return principal
 
 
@@ -151,6 +177,21 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def create_admin_key(path: Path, api_key: str | None = None) -> tuple[str, str]:
+    """Add an operator key (it opens ``/ui``, no project's API); return (key, key id)."""
+    key = api_key or KEY_PREFIX + "admin_" + secrets.token_urlsafe(32)
+    digest = digest_key(key)
+    key_id = key_id_for(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        data = _read(path)
+        keys = data.setdefault("admins", {}).setdefault("keys", [])
+        if not any(k.get("sha256") == digest.hex() for k in keys):
+            keys.append({"id": key_id, "sha256": digest.hex(), "created_at": now_rfc3339()})
+        _write_atomic(path, data)
+    return key, key_id
+
+
 def create_key(path: Path, project_id: str, api_key: str | None = None) -> tuple[str, str]:
     """Add a key to ``project_id`` (creating the project); return (key, key id).
 
@@ -177,7 +218,7 @@ def revoke_key(path: Path, key_id: str) -> bool:
     with _locked(path):
         data = _read(path)
         found = False
-        for project in data.get("projects", {}).values():
+        for project in [*data.get("projects", {}).values(), data.get("admins", {})]:
             keys = project.get("keys", [])
             kept = [k for k in keys if k.get("id") != key_id]
             found = found or len(kept) != len(keys)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from broker.registry import register_deployment
 from gateway.app import create_app
-from gateway.auth import create_key, revoke_key
+from gateway.auth import create_admin_key, create_key, revoke_key
+from gateway.server import serve_until_signalled
 from gateway.settings import Settings
+from observe import setup_logging
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
 
 
@@ -27,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True
     )
     create = keys.add_parser("create", help="create a key for a project; prints it once")
-    create.add_argument("--project", required=True)
+    whose = create.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--project")
+    whose.add_argument(
+        "--admin", action="store_true", help="an operator key: opens /ui, no project's API"
+    )
     create.add_argument(
         "--key", help="record this key instead of generating one (development setups)"
     )
@@ -49,20 +52,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.observe)
     if args.command in (None, "serve"):
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
-            handle_signals=True,
-            access_log=None,
-        )
+        asyncio.run(serve_until_signalled(create_app(settings), settings))
         return 0
     if args.command == "keys":
+        if args.keys_command == "create" and args.admin:
+            key, key_id = create_admin_key(settings.projects_file, args.key)
+            print(key)
+            print(f"# admin key id {key_id}", file=sys.stderr)
+            return 0
         if args.keys_command == "create":
             key, key_id = create_key(settings.projects_file, args.project, args.key)
             print(key)

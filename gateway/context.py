@@ -11,6 +11,7 @@ from gateway.link import BrokerLink
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore
+from store.idempotency import IdempotencyKeys
 
 APP_SETTINGS = web.AppKey("settings", Settings)
 APP_KEYS = web.AppKey("keys", KeyStore)
@@ -20,3 +21,4 @@ APP_BODY_READS = web.AppKey("body_reads", BodyReads)
 APP_REDIS = web.AppKey("redis", aioredis.Redis)
 APP_STORE = web.AppKey("store", ExecutionStore)
 APP_WATCH = web.AppKey("watch", Watch)
+APP_IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)

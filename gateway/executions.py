@@ -20,6 +20,7 @@ from aiohttp import web
 
 from broker.errors import BrokerError, Unroutable
 from broker.topology import declare_results_queue
+from gateway import errors
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE, APP_WATCH
 from gateway.errors import ApiError
@@ -31,14 +32,15 @@ from schemas.dispatch import TERMINAL_STATUSES, CancelRequest, ExecutionStatus, 
 from schemas.ids import now_rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord, WorkflowRunsResponse
 from schemas.topology import results_queue
-from store import MAX_LIST_LIMIT, InvalidCursor, StoreError
+from store import MAX_LIST_LIMIT, InvalidCursor, StoreBusy, StoreError
 from store.layout import rank
 
 log = logging.getLogger(__name__)
 
-_UUID_RE = re.compile(
+EXECUTION_ID_PATTERN = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
+_UUID_RE = re.compile(EXECUTION_ID_PATTERN)
 _JSON = "application/json"
 DEFAULT_LIST_LIMIT = 50
 
@@ -47,7 +49,14 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(status=status, body=body, content_type=_JSON)
 
 
+# Set by the operator page's routes (gateway/operator.py), which check the admin key
+# and name the project themselves.
+OPERATOR_PRINCIPAL = web.RequestKey("operator_principal", Principal)
+
+
 def _principal(request: web.Request) -> Principal:
+    if OPERATOR_PRINCIPAL in request:
+        return request[OPERATOR_PRINCIPAL]
     api_key = api_key_from(request.headers.get("Authorization"), request.cookies.get("polos_auth"))
     return request.app[APP_KEYS].authorize(api_key, request.headers.get("X-Project-ID"))
 
@@ -55,26 +64,26 @@ def _principal(request: web.Request) -> Principal:
 def _execution_id(request: web.Request) -> str:
     value = request.match_info["execution_id"]
     if not _UUID_RE.fullmatch(value):
-        raise ApiError(
-            400,
-            "INVALID_EXECUTION_ID",
+        raise errors.INVALID_EXECUTION_ID(
             "The execution id is not a UUID.",
             [{"field": "execution_id", "message": "must be a UUID"}],
         )
     return value.lower()
 
 
-def _store_unavailable(settings: Settings) -> ApiError:
-    return ApiError(
-        503,
-        "STORE_UNAVAILABLE",
-        "The execution store is unavailable; retry later.",
-        headers={"Retry-After": str(settings.retry_after_seconds)},
-    )
+def _store_unavailable(settings: Settings, exc: StoreError | None = None) -> ApiError:
+    if isinstance(exc, StoreBusy):
+        message = (
+            "No connection to the execution store came free within "
+            f"{settings.redis_pool_timeout_seconds:g} s (too many reads at once); retry later."
+        )
+    else:
+        message = "The execution store is unavailable; retry later."
+    return errors.STORE_UNAVAILABLE(message)
 
 
 def _not_found(execution_id: str) -> ApiError:
-    return ApiError(404, "EXECUTION_NOT_FOUND", f"Execution {execution_id!r} not found.")
+    return errors.EXECUTION_NOT_FOUND(f"Execution {execution_id!r} not found.")
 
 
 async def _read(request: web.Request, project_id: str, execution_id: str) -> ExecutionRecord:
@@ -94,7 +103,7 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             record = await store.get(project_id, execution_id)
         except StoreError as exc:
             log.warning("execution store: %s", exc)
-            raise _store_unavailable(settings) from None
+            raise _store_unavailable(settings, exc) from None
         if record is not None:
             return record
         if deadline is None:
@@ -105,6 +114,9 @@ async def _read(request: web.Request, project_id: str, execution_id: str) -> Exe
             raise _not_found(execution_id)
         await asyncio.sleep(0.01)
 
+
+# The other streams (gateway/run_events.py) read records the same way.
+read_record = _read
 
 # An id minted longer ago than this (by its UUIDv7 clock) is not waited for.
 RECENT_ID_SECONDS = 10.0
@@ -137,7 +149,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
     record = await _read(request, principal.project_id, execution_id)
     if record.status in TERMINAL_STATUSES:
         raise _terminal(record)
-    require_broker(link, settings)
+    require_broker(link)
     publisher = link.publisher
     assert publisher is not None
     request_message = CancelRequest(
@@ -160,9 +172,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
             await publisher.publish(inbox, body, message_id=message_id)
     except BrokerError as exc:
         log.warning("cancel of %s not published: %s", execution_id, exc)
-        raise unavailable(
-            "The message broker did not take the cancel request.", settings.retry_after_seconds
-        ) from None
+        raise unavailable("The message broker did not take the cancel request.") from None
 
     record = await _await_cancelled(request, principal.project_id, record, settings)
     if record.status is ExecutionStatus.CANCELLED:
@@ -178,9 +188,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
 
 
 def _terminal(record: ExecutionRecord) -> ApiError:
-    return ApiError(
-        409,
-        "EXECUTION_TERMINAL",
+    return errors.EXECUTION_TERMINAL(
         f"Execution {record.id!r} is already {record.status.value}.",
         [{"field": "status", "message": record.status.value}],
     )
@@ -211,16 +219,14 @@ async def _await_cancelled(
 
 async def execution_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings, link, watch = app[APP_SETTINGS], app[APP_LINK], app[APP_WATCH]
+    settings, watch = app[APP_SETTINGS], app[APP_WATCH]
     principal = _principal(request)
     execution_id = _execution_id(request)
     try:
-        subscription = await watch.subscribe(link.connection, principal.project_id, execution_id)
-    except BrokerError as exc:
+        subscription = await watch.subscribe(principal.project_id, execution_id, principal.key_id)
+    except StoreError as exc:
         log.warning("event stream of %s: %s", execution_id, exc)
-        raise unavailable(
-            "The message broker is unavailable.", settings.retry_after_seconds
-        ) from None
+        raise _store_unavailable(settings, exc) from None
     try:
         # Subscribed first, read second: an event in between is in the inbox.
         record = await _read(request, principal.project_id, execution_id)
@@ -275,7 +281,7 @@ async def _stream(
         if isinstance(item, Signal):
             if item is END:
                 return
-            # RESYNC: events may have been missed while the connection was down.
+            # RESYNC: events may have been missed while Redis was out of reach.
             with contextlib.suppress(StoreError):
                 latest = await store.get(subscription.project_id, execution_id)
                 if latest is not None and rank(latest.status) > current:
@@ -312,7 +318,8 @@ async def workflow_runs(request: web.Request) -> web.Response:
     query = request.query
     problems: list[dict[str, str]] = []
     status: ExecutionStatus | None = None
-    if raw_status := query.get("status"):
+    # An empty status is not "any status": it is no status there is.
+    if (raw_status := query.get("status")) is not None:
         try:
             status = ExecutionStatus(raw_status)
         except ValueError:
@@ -328,20 +335,18 @@ async def workflow_runs(request: web.Request) -> web.Response:
             )
     if problems:
         fields = ", ".join(p["field"] for p in problems)
-        raise ApiError(400, "VALIDATION_ERROR", f"Invalid query parameter(s): {fields}.", problems)
+        raise errors.VALIDATION_ERROR(f"Invalid query parameter(s): {fields}.", problems)
     try:
         records, cursor = await app[APP_STORE].list_runs(
             principal.project_id, workflow_id, status, limit, query.get("cursor") or None
         )
     except InvalidCursor:
-        raise ApiError(
-            400,
-            "VALIDATION_ERROR",
+        raise errors.VALIDATION_ERROR(
             "Invalid query parameter(s): cursor.",
             [{"field": "cursor", "message": "not a cursor this API returned"}],
         ) from None
     except StoreError as exc:
         log.warning("execution store: %s", exc)
-        raise _store_unavailable(app[APP_SETTINGS]) from None
+        raise _store_unavailable(app[APP_SETTINGS], exc) from None
     page = WorkflowRunsResponse(executions=records, next_cursor=cursor)
     return _json(page.model_dump_json().encode())

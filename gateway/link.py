@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -38,7 +39,9 @@ class BrokerLink:
         self.publisher: ConfirmedPublisher | None = None
         self.follower: RegistryFollower | None = None
         self.queues: QueueDirectory | None = None
-        self.events = Announcer()
+        self.events = Announcer(linger=settings.queued_event_linger_seconds)
+        # Given to the publisher once it exists (gateway/observe.py: publish latency).
+        self.publish_observer: Callable[[float], None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -94,6 +97,7 @@ class BrokerLink:
                 confirm_timeout=settings.confirm_timeout_seconds,
                 channels=settings.publish_channels,
             )
+            publisher.observer = self.publish_observer
             await publisher.start()
             await declare_dead_letters(connection, replicas=replicas)
             async with connection.channel() as channel:

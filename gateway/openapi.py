@@ -1,287 +1,214 @@
-"""Our API description: the Polos ``submit_workflow`` operation, the execution API
-(status, cancel, live events, runs, batch submit) and the errors we answer.
+"""``/openapi.json``, generated from the route table (``gateway.routes``) and the
+pydantic models in ``schemas``: what the app serves, validates and answers is
+what this describes.
 
-Built from the pydantic models in ``schemas``, so it cannot drift from what the
-handlers validate and answer.
+Each error status of an operation lists the error kinds (``gateway.errors``)
+behind it, with ``Retry-After`` or ``WWW-Authenticate`` where the kind sets
+them. An event stream is described per event, as OpenAPI 3.1 tools read
+``text/event-stream`` (schemathesis, like 3.2's ``itemSchema``): an object
+with ``event``, ``id`` and ``data``, the JSON in ``data`` given by
+``contentMediaType``/``contentSchema``.
 """
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
-from schemas.api import (
-    BatchRunRequest,
-    BatchRunResponse,
-    CancelExecutionResponse,
-    ErrorBody,
-    SubmitWorkflowRequest,
-    SubmitWorkflowResponse,
-)
-from schemas.dispatch import ExecutionStatus, LifecycleEvent
-from schemas.records import ExecutionRecord, WorkflowRunsResponse
-from store import MAX_LIST_LIMIT
+from gateway.errors import ErrorKind
+from gateway.routes import Answer, Route
+from gateway.settings import Settings
+from schemas.api import QUEUE_NAME_PATTERN, ErrorBody
 
-_MODELS = (
-    SubmitWorkflowRequest,
-    SubmitWorkflowResponse,
-    BatchRunRequest,
-    BatchRunResponse,
-    ExecutionRecord,
-    WorkflowRunsResponse,
-    CancelExecutionResponse,
-    LifecycleEvent,
-    ErrorBody,
-)
 _SECURITY: list[dict[str, list[str]]] = [{"bearer_auth": []}, {"cookie_auth": []}]
+_PROJECT = {
+    "name": "X-Project-ID",
+    "in": "header",
+    "description": "Project ID",
+    "required": True,
+    "schema": {"type": "string"},
+}
+_HEADER_DOCS = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer"},
+    },
+    "WWW-Authenticate": {"description": "The Bearer scheme", "schema": {"type": "string"}},
+    "Allow": {"description": "Methods the path allows", "schema": {"type": "string"}},
+}
+_PATH_PARAM = re.compile(r"\{([^}]+)\}")
 
 
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _json(description: str, schema: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+def _event_schema(events: Mapping[str, type[BaseModel]]) -> dict[str, Any]:
+    """One server-sent event: which ``event`` it is says what its ``data`` holds."""
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "id": {"type": "string"},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": _ref(model),
+                    },
+                },
+            }
+            for name, model in events.items()
+        ]
+    }
 
 
-def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
-    response = _json(description, "ErrorBody")
-    if retry_after:
-        response["headers"] = {
-            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+def _answer_schema(answer: Answer) -> dict[str, Any]:
+    if answer.events:
+        return _event_schema(answer.events)
+    if answer.model is not None:
+        return _ref(answer.model)
+    return dict(answer.schema or {})
+
+
+def _error_description(kinds: Sequence[ErrorKind]) -> str:
+    return "; ".join(f"{kind.error_type}: {kind.meaning}" for kind in kinds)
+
+
+def _responses(route: Route) -> dict[str, Any]:
+    by_status: dict[int, list[ErrorKind]] = defaultdict(list)
+    for kind in route.error_kinds():
+        by_status[kind.status].append(kind)
+    responses: dict[str, Any] = {}
+    for status in sorted({*route.answers, *by_status}):
+        answer = route.answers.get(status)
+        kinds = by_status.get(status, [])
+        descriptions = [answer.description] if answer is not None else []
+        if kinds:
+            descriptions.append(_error_description(kinds))
+        content: dict[str, Any] = {}
+        if answer is not None:
+            content[answer.media_type] = {"schema": _answer_schema(answer)}
+        if kinds:
+            error = _ref(ErrorBody)
+            json = content.get("application/json")
+            # A status that is an answer and an error (503 of /ready) is either shape.
+            schema = {"anyOf": [json["schema"], error]} if json else error
+            content["application/json"] = {"schema": schema}
+        response: dict[str, Any] = {"description": " | ".join(descriptions), "content": content}
+        headers = _error_headers(kinds)
+        if status == 405:
+            headers["Allow"] = _HEADER_DOCS["Allow"]
+        if headers:
+            response["headers"] = headers
+        responses[str(status)] = response
+    return responses
+
+
+def _error_headers(kinds: Iterable[ErrorKind]) -> dict[str, Any]:
+    names = {name for kind in kinds for name in kind.headers}
+    if any(kind.retry for kind in kinds):
+        names.add("Retry-After")
+    return {name: _HEADER_DOCS[name] for name in sorted(names)}
+
+
+def _parameters(route: Route) -> list[dict[str, Any]]:
+    declared = {p.name for p in route.params if p.where == "path"}
+    in_path = set(_PATH_PARAM.findall(route.path))
+    if declared != in_path:
+        raise ValueError(f"{route.path}: path parameters {sorted(in_path)}, declared {declared}")
+    parameters = []
+    for param in route.params:
+        parameter: dict[str, Any] = {
+            "name": param.name,
+            "in": param.where,
+            "required": param.required or param.where == "path",
+            "schema": dict(param.schema),
         }
-    return response
+        if param.description:
+            parameter["description"] = param.description
+        parameters.append(parameter)
+    if route.auth:
+        parameters.append(_PROJECT)
+    return parameters
 
 
-def _path(name: str, description: str = "") -> dict[str, Any]:
-    parameter: dict[str, Any] = {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-    }
-    if description:
-        parameter["description"] = description
-    return parameter
-
-
-_PROJECT = {"name": "X-Project-ID", "in": "header", "required": True, "schema": {"type": "string"}}
-_EXECUTION = _path("execution_id", "Execution ID (a UUID); another project's is not found")
-
-_AUTH_ERRORS = {
-    "401": _error("Missing or invalid API key"),
-    "403": _error("API key bound to another project"),
-}
-_STORE_DOWN = _error("The execution store (Redis) is unavailable", retry_after=True)
-
-_SUBMIT_ERRORS = {
-    "400": _error("Bad request (malformed JSON, invalid field)"),
-    **_AUTH_ERRORS,
-    "404": _error("Project, deployment or workflow not found"),
-    "413": _error("Body over the size limit"),
-    "415": _error("Content-Type is not application/json"),
-    "429": _error("Queue at its maximum length", retry_after=True),
-    "503": _error("Broker unavailable or no confirm in time", True),
-}
-
-
-def _operation(
-    operation_id: str,
-    summary: str,
-    parameters: list[dict[str, Any]],
-    responses: dict[str, Any],
-    *,
-    description: str = "",
-    body: str | None = None,
-) -> dict[str, Any]:
+def _operation(route: Route) -> dict[str, Any]:
     operation: dict[str, Any] = {
-        "tags": ["Executions"],
-        "summary": summary,
-        "operationId": operation_id,
-        "parameters": [*parameters, _PROJECT],
-        "responses": responses,
-        "security": _SECURITY,
+        "tags": [route.tag],
+        "summary": route.summary,
+        "operationId": route.operation_id,
     }
-    if description:
-        operation["description"] = description
-    if body is not None:
+    if route.description:
+        operation["description"] = route.description
+    parameters = _parameters(route)
+    if parameters:
+        operation["parameters"] = parameters
+    if route.body is not None:
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": _ref(body)}},
+            "content": {"application/json": {"schema": _ref(route.body)}},
         }
+    operation["responses"] = _responses(route)
+    if route.auth:
+        operation["security"] = _SECURITY
     return operation
 
 
-def _paths() -> dict[str, Any]:
-    return {
-        "/api/v1/workflows/{workflow_id}/run": {
-            "post": _operation(
-                "submit_workflow",
-                "Submit a workflow for execution",
-                [_path("workflow_id")],
-                {
-                    "200": _json(
-                        "Accepted: the broker confirmed a persistent message",
-                        "SubmitWorkflowResponse",
-                    ),
-                    **_SUBMIT_ERRORS,
-                },
-                body="SubmitWorkflowRequest",
-            )
-        },
-        "/api/v1/workflows/batch_run": {
-            "post": _operation(
-                "batch_run_workflows",
-                "Submit several workflows at once",
-                [],
-                {
-                    "200": _json(
-                        "Every workflow accepted (each confirmed by the broker); one entry per "
-                        "requested workflow, in request order",
-                        "BatchRunResponse",
-                    ),
-                    **_SUBMIT_ERRORS,
-                    "400": _error(
-                        "Some item is invalid (details name it: workflows.<index>.<field>), or "
-                        "more items than the configured maximum; nothing was published"
-                    ),
-                    "404": _error(
-                        "The deployment, or an item's workflow, is not found (details name the "
-                        "item); nothing was published"
-                    ),
-                    "503": _error(
-                        "Some items were not confirmed (BATCH_INCOMPLETE): details say, per "
-                        "item, which were accepted (they run) and which were not; or the "
-                        "broker is unavailable",
-                        True,
-                    ),
-                },
-                description="Validated as a whole: one invalid item and nothing is published. "
-                "All items are published with their confirms in flight at once; 200 only once "
-                "every one is confirmed. Fields an item leaves out take the batch's value.",
-                body="BatchRunRequest",
-            )
-        },
-        "/api/v1/workflows/{workflow_id}/runs": {
-            "get": _operation(
-                "list_workflow_runs",
-                "The project's recent executions of a workflow, newest first",
-                [
-                    _path("workflow_id"),
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "enum": [s.value for s in ExecutionStatus]},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_LIST_LIMIT,
-                            "default": 50,
-                        },
-                    },
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "required": False,
-                        "description": "next_cursor of the previous page",
-                        "schema": {"type": "string"},
-                    },
-                ],
-                {
-                    "200": _json("A page of runs", "WorkflowRunsResponse"),
-                    "400": _error("Bad status, limit or cursor"),
-                    **_AUTH_ERRORS,
-                    "503": _STORE_DOWN,
-                },
-            )
-        },
-        "/api/v1/executions/{execution_id}": {
-            "get": _operation(
-                "get_execution",
-                "What became of an execution",
-                [_EXECUTION],
-                {
-                    "200": _json(
-                        "The execution (Polos ExecutionResponse fields, plus ours)",
-                        "ExecutionRecord",
-                    ),
-                    "400": _error("The execution id is not a UUID"),
-                    **_AUTH_ERRORS,
-                    "404": _error("No such execution in this project"),
-                    "503": _STORE_DOWN,
-                },
-            )
-        },
-        "/api/v1/executions/{execution_id}/cancel": {
-            "post": _operation(
-                "cancel_execution",
-                "Cancel an execution",
-                [_EXECUTION],
-                {
-                    "200": _json("Cancelled", "CancelExecutionResponse"),
-                    "202": _json(
-                        "Requested but not done yet (e.g. it is still queued: it ends cancelled "
-                        "when it reaches the head of its queue, without running); status is "
-                        "the current one",
-                        "CancelExecutionResponse",
-                    ),
-                    "400": _error("The execution id is not a UUID"),
-                    **_AUTH_ERRORS,
-                    "404": _error("No such execution in this project"),
-                    "409": _error(
-                        "Already terminal; details give the status "
-                        '([{"field": "status", "message": "<status>"}])'
-                    ),
-                    "503": _error("The execution store or the broker is unavailable", True),
-                },
-                description="A running execution is cancelled on its worker and frees its slot "
-                "and concurrency key; a queued one never runs.",
-            )
-        },
-        "/api/v1/executions/{execution_id}/events": {
-            "get": _operation(
-                "execution_events",
-                "Server-Sent Events of an execution's lifecycle",
-                [_EXECUTION],
-                {
-                    "200": {
-                        "description": "An event stream: first `event: record` (data: the "
-                        "ExecutionRecord as it is now), then one `event: lifecycle` per "
-                        "transition (data: a LifecycleEvent); `id` is "
-                        "`<execution_id>/<status>`. It closes after the terminal status. "
-                        "Comment lines (`: keep-alive`) while idle.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    },
-                    "400": _error("The execution id is not a UUID"),
-                    **_AUTH_ERRORS,
-                    "404": _error("No such execution in this project"),
-                    "503": _error("The execution store or the broker is unavailable", True),
-                },
-            )
-        },
-        "/health": {"get": {"summary": "Process is up", "responses": {"200": {}}}},
-        "/ready": {
-            "get": {
-                "summary": "Broker connected and registry replayed",
-                "responses": {"200": {}, "503": {}},
-            }
-        },
-    }
+def _models(routes: Sequence[Route]) -> list[type[BaseModel]]:
+    models: list[type[BaseModel]] = [ErrorBody]
+    for route in routes:
+        if route.body is not None:
+            models.append(route.body)
+        for answer in route.answers.values():
+            if answer.model is not None:
+                models.append(answer.model)
+            models.extend(answer.events.values())
+    return list(dict.fromkeys(models))
 
 
-def build_openapi() -> dict[str, Any]:
+def _narrow(schemas: dict[str, Any], model: str, field: str, **bounds: Any) -> None:
+    """Add ``bounds`` to a model's field (to its non-null variant if it may be null)."""
+    if model not in schemas:
+        return
+    prop = schemas[model]["properties"][field]
+    for variant in prop.get("anyOf", [prop]):
+        if variant.get("type") != "null":
+            variant.update(bounds)
+
+
+def _gateway_rules(schemas: dict[str, Any], settings: Settings) -> None:
+    """What this gateway's settings and its own checks (gateway/submission.py) add to
+    the models' constraints, so the description says what it accepts."""
+    for model in ("SubmitWorkflowRequest", "BatchWorkflowItem"):
+        _narrow(schemas, model, "run_timeout_seconds", maximum=settings.max_run_timeout_seconds)
+    _narrow(schemas, "BatchRunRequest", "workflows", maxItems=settings.max_batch_items)
+    if "BatchWorkflowItem" in schemas:
+        # Without a queue_name the workflow id names the queue, so it must be a valid one.
+        schemas["BatchWorkflowItem"]["anyOf"] = [
+            {"required": ["queue_name"], "properties": {"queue_name": {"type": "string"}}},
+            {"properties": {"workflow_id": {"pattern": QUEUE_NAME_PATTERN}}},
+        ]
+
+
+def build_openapi(routes: Sequence[Route], settings: Settings) -> dict[str, Any]:
+    documented = [route for route in routes if route.documented]
+    paths: dict[str, dict[str, Any]] = defaultdict(dict)
+    for route in documented:
+        paths[route.path][route.method.lower()] = _operation(route)
     schemas: dict[str, Any] = {}
-    for model in _MODELS:
+    for model in _models(documented):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    _gateway_rules(schemas, settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -289,7 +216,7 @@ def build_openapi() -> dict[str, Any]:
             "version": "1.0.0",
             "description": "Submit durable workflow executions and follow them; RabbitMQ-backed.",
         },
-        "paths": _paths(),
+        "paths": dict(paths),
         "components": {
             "schemas": schemas,
             "securitySchemes": {
@@ -300,5 +227,5 @@ def build_openapi() -> dict[str, Any]:
     }
 
 
-def openapi_json() -> bytes:
-    return orjson.dumps(build_openapi())
+def openapi_json(routes: Sequence[Route], settings: Settings) -> bytes:
+    return orjson.dumps(build_openapi(routes, settings))

@@ -8,6 +8,8 @@ import signal
 
 from broker.connection import retry
 from broker.errors import BrokerUnavailable
+from observe import MetricsServer, setup_logging
+from recorder.observe import RecorderCollector, recorder_registry
 from recorder.service import Recorder
 from recorder.settings import RecorderSettings
 
@@ -15,12 +17,32 @@ log = logging.getLogger("recorder")
 
 
 async def serve(settings: RecorderSettings) -> int:
+    current: list[Recorder] = []  # the recorder of the moment, for the metrics
+    server = None
+    if settings.observe.metrics_port:
+        collector = RecorderCollector(lambda: current[0] if current else None)
+        server = MetricsServer(
+            recorder_registry(collector),
+            host=settings.observe.metrics_host,
+            port=settings.observe.metrics_port,
+            refresh=[collector.refresh],
+        )
+        await server.start()
+    try:
+        return await _record(settings, current)
+    finally:
+        if server is not None:
+            await server.close()
+
+
+async def _record(settings: RecorderSettings, current: list[Recorder]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     recorder = Recorder(settings)
+    current[:] = [recorder]
     # The broker may still be starting: keep trying until it answers or we are told to stop.
     try:
         await retry(
@@ -48,7 +70,6 @@ async def serve(settings: RecorderSettings) -> int:
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return asyncio.run(serve(RecorderSettings()))
+    settings = RecorderSettings()
+    setup_logging(settings.observe)
+    return asyncio.run(serve(settings))

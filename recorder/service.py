@@ -1,16 +1,23 @@
 """The recorder: lifecycle events from ``polos.recorder`` into the execution store.
 
     polos.events (topic) ──#──► polos.recorder (quorum) ──► Recorder ──pipeline──► Redis
+                                                                        └─PUBLISH─► live streams
 
-- Deliveries are batched (up to ``recorder_batch_size``, or whatever arrived
-  within ``recorder_batch_wait_seconds``) and written in one round trip.
+- Deliveries are batched (up to ``recorder_batch_size`` events, or whatever
+  arrived within ``recorder_batch_wait_seconds``) and written in one round trip.
 - A delivery is acknowledged only after its batch was written. While Redis is
   away the batch is retried with backoff and held unacknowledged; the prefetch
   bounds what is held, the rest waits in the queue. If the recorder dies
   meanwhile, the broker redelivers to another recorder. Writes are idempotent
   (see ``store.update``), so a redelivery is harmless.
-- An undecodable event, or one Redis refuses, is dead-lettered with the reason
-  and acknowledged: it is kept, never retried forever.
+- A delivery is a batch of events (``schemas.dispatch.EventBatch``), or one
+  event as published before batches; every event of it is written, and then
+  it is acknowledged. Once written, each event is also published on its
+  execution's Redis channel (``store.layout.events_channel``, in the same
+  script call), which the gateways' live event streams follow.
+- An undecodable message is dead-lettered whole with the reason; an event of a
+  batch that does not decode, or that Redis refuses, is dead-lettered alone
+  and the rest of its batch recorded. Nothing is retried forever.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,15 +38,15 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from pydantic import ValidationError
 
 from broker.connection import connect_robust
 from broker.deadletter import dead_letter
 from broker.errors import BrokerError, BrokerUnavailable
 from broker.publisher import ConfirmedPublisher
 from broker.topology import declare_dead_letters, declare_recorder_queue
+from recorder.delivery import Delivery
 from recorder.settings import RecorderSettings
-from schemas.dispatch import LifecycleEvent, decode_lifecycle
+from schemas.dispatch import LifecycleEvent
 from store import ExecutionStore, StoreError, StoreUnavailable, open_redis
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,9 @@ class RecorderStats:
     acked: int = 0
     dead_lettered: int = 0
     write_failures: int = 0  # attempts that found the store unavailable
+    # The newest event written: its ``at``, and when (Unix seconds) it was written.
+    last_event_at: str | None = None
+    last_written: float = 0.0
 
 
 class Recorder:
@@ -102,6 +113,15 @@ class Recorder:
         self._abandon = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unsettled = 0
+
+    async def backlog(self) -> int | None:
+        """Events waiting in the recorders' queue (the broker's count); None if unknown."""
+        if self._connection is None or self._connection.is_closed:
+            return None
+        # A channel of its own: a failed declare closes it, not the consumer's.
+        async with self._connection.channel() as channel:
+            queue = await channel.declare_queue(self.settings.recorder_queue, passive=True)
+            return queue.declaration_result.message_count
 
     @property
     def pending(self) -> int:
@@ -231,10 +251,12 @@ class Recorder:
             first = await self._inbox.get()
             if first is None:
                 return
-            batch = [first]
+            batch = [Delivery.of(first)]
+            events = len(batch[0].events)
             stop_after = False
             deadline = loop.time() + wait
-            while len(batch) < size:
+            # Up to ``size`` events (a delivery is a batch of them) or the wait.
+            while events < size:
                 try:
                     item = self._inbox.get_nowait()
                 except asyncio.QueueEmpty:
@@ -249,45 +271,58 @@ class Recorder:
                 if item is None:
                     stop_after = True
                     break
-                batch.append(item)
+                batch.append(Delivery.of(item))
+                events += len(batch[-1].events)
             await self._process(batch)
             if stop_after:
                 return
 
-    async def _process(self, batch: Sequence[AbstractIncomingMessage]) -> None:
-        decoded: list[tuple[LifecycleEvent, AbstractIncomingMessage]] = []
-        for message in batch:
-            try:
-                decoded.append((decode_lifecycle(message.body), message))
-            except (ValidationError, ValueError) as exc:
-                await self._dead_letter(message, f"undecodable lifecycle event: {exc}")
-        if not decoded:
+    async def _process(self, batch: Sequence[Delivery]) -> None:
+        live: list[Delivery] = []
+        for delivery in batch:
+            if delivery.poison is not None:
+                await self._dead_letter(delivery.message, delivery.poison)
+            elif await self._dead_letter_rejected(delivery):
+                live.append(delivery)
+        if not live:
             return
-        done = await self._write([event for event, _ in decoded])
+        events = [event for d in live for event in d.events]
+        bodies = [body for d in live for body in d.bodies]
+        done = await self._write(events, bodies)
         if done is None:
             return  # abandoned (stopping with the store away): left unacknowledged
         if done:
-            self.stats.recorded += len(decoded)
-            await self._ack_batch([message for _, message in decoded])
+            self.stats.recorded += len(events)
+            self.stats.last_event_at, self.stats.last_written = events[-1].at, time.time()
+            await self._ack_batch([d.message for d in live])
             return
-        # Redis refused something in the batch: find which, one at a time.
-        for event, message in decoded:
-            one = await self._write([event])
-            if one is None:
-                return
-            if one:
-                self.stats.recorded += 1
-                await self._ack([message])
-            else:
-                await self._dead_letter(message, "the execution store refused the event")
+        # Redis refused something in the batch: find which, one event at a time.
+        for delivery in live:
+            settled = False
+            for event, body in zip(delivery.events, delivery.bodies, strict=True):
+                one = await self._write([event], [body])
+                if one is None:
+                    return
+                if one:
+                    self.stats.recorded += 1
+                    self.stats.last_event_at, self.stats.last_written = event.at, time.time()
+                elif not await self._dead_letter_item(
+                    delivery, body, "the execution store refused the event"
+                ):
+                    settled = True  # handed back whole
+                    break
+            if not settled:
+                await self._ack([delivery.message])
 
-    async def _write(self, events: Sequence[LifecycleEvent]) -> bool | None:
+    async def _write(
+        self, events: Sequence[LifecycleEvent], bodies: Sequence[bytes]
+    ) -> bool | None:
         """True once written, False if refused, None if abandoned while Redis is away."""
         assert self.store is not None
         delay = self.settings.recorder_retry_initial_seconds
         while True:
             try:
-                await self.store.record(events)
+                await self.store.record(events, bodies)
             except StoreUnavailable as exc:
                 self.stats.write_failures += 1
                 if self.store_available:
@@ -350,6 +385,32 @@ class Recorder:
             finally:
                 self._unsettled -= 1
 
+    async def _dead_letter_rejected(self, delivery: Delivery) -> bool:
+        """Dead-letter the bad events of a batch, each alone; False if that failed (the
+        delivery was then handed back whole, to be tried again)."""
+        for body, reason in delivery.rejected:
+            if not await self._dead_letter_item(delivery, body, reason):
+                return False
+        return True
+
+    async def _dead_letter_item(self, delivery: Delivery, body: bytes, reason: str) -> bool:
+        """One event of ``delivery`` to the dead letters; if that fails, the whole delivery
+        goes back to the queue (its other events are written again then: harmless)."""
+        assert self._publisher is not None
+        try:
+            await dead_letter(
+                self._publisher, body, source_queue=self.settings.recorder_queue, reason=reason
+            )
+        except BrokerError as exc:
+            log.warning("cannot dead-letter a poison event, requeueing its batch: %r", exc)
+            with contextlib.suppress(*_ACK_ERRORS):
+                await delivery.message.nack(requeue=True)
+            self._unsettled -= 1
+            return False
+        log.warning("dead-lettered a lifecycle event: %s", reason)
+        self.stats.dead_lettered += 1
+        return True
+
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         assert self._publisher is not None
         try:
@@ -366,7 +427,7 @@ class Recorder:
                 await message.nack(requeue=True)
             self._unsettled -= 1
             return
-        log.warning("dead-lettered a lifecycle event: %s", reason)
+        log.warning("dead-lettered a lifecycle event message: %s", reason)
         try:
             await message.ack()
         except _ACK_ERRORS as exc:

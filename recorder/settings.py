@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, model_validator
 
 from broker.settings import BrokerSettings
+from observe import ObserveSettings
 from schemas.topology import RECORDER_BINDING_KEY, RECORDER_QUEUE
 from store import DEFAULT_RETENTION_SECONDS
 
@@ -30,6 +31,7 @@ class RecorderSettings(BrokerSettings):
     recorder_retry_initial_seconds: float = Field(default=0.1, gt=0)
     recorder_retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=10.0, ge=0)
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     @model_validator(mode="after")
     def _batch_within_prefetch(self) -> RecorderSettings:

@@ -7,7 +7,7 @@ Unknown fields are ignored: the Polos SDK sends ``batch_id``, ``channel_context`
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +15,9 @@ from schemas.dispatch import ExecutionStatus
 
 INT32_MAX = 2**31 - 1
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+# Visible ASCII: a key travels in an HTTP header and in a Redis key name.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 DEFAULT_RUN_TIMEOUT_SECONDS = 3600
 
 QueueName = Annotated[str, Field(pattern=QUEUE_NAME_PATTERN, min_length=1, max_length=128)]
@@ -86,6 +89,13 @@ class BatchWorkflowItem(SubmitWorkflowRequest):
     """
 
     workflow_id: str = Field(min_length=1, max_length=255)
+    # Our extension (Polos ignores unknown fields): this item's own idempotency key.
+    idempotency_key: str | None = Field(
+        default=None,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Idempotency key of this item (1-255 visible ASCII characters); "
+        "overrides the batch's Idempotency-Key header for it",
+    )
 
 
 class BatchRunRequest(BaseModel):
@@ -122,3 +132,18 @@ class CancelExecutionResponse(BaseModel):
     execution_id: str
     status: ExecutionStatus
     cancelled_at: str | None = None
+
+
+# -- process probes (``GET /health``, ``GET /ready``) ----------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadinessResponse(BaseModel):
+    """200 ``{"status": "ready"}``; 503 ``not_ready`` with what is missing."""
+
+    status: Literal["ready", "not_ready"]
+    broker_connected: bool | None = None
+    registry_replayed: bool | None = None

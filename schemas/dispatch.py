@@ -1,24 +1,41 @@
 """Wire formats between dispatcher and workers, and the lifecycle events.
 
     dispatcher ──WorkMessage──► polos.work.<project>.<deployment> ──► worker
-    worker ──Running/Completed/Failed/Cancelled──► polos.results.<project>.<queue> ──► owner
-    owner  ──its marker (the WorkMessage, BCC)───► polos.results.<project>.<queue>
+    worker ──Heartbeat (running + lease renewals, one per worker and flush)─┐
+    worker ──Completed/Failed/Cancelled/Released─────────────────────────────┤
+    owner  ──LedgerRecord (its durable in-flight state, to itself)───────────┤
+    dispatcher ──OwnerProbe (who owns it? / a sync marker)───────────────────┤
+                                                polos.results.<project>.<queue>
     owner  ──CancelMessage──► polos.cancel (routing key = work queue) ──► workers
-    owner  ──LifecycleEvent─► polos.events (topic) ──► anyone (recorder, tests, metrics)
-    gateway ──LifecycleEvent(queued)─► polos.events, once a submission is confirmed
+    owner  ──EventBatch─► polos.events (topic, key <project>) ──► anyone (recorder, tests)
+    gateway ──EventBatch(queued events)─► polos.events, once per event-loop round
     gateway ──CancelRequest──► polos.results.<project>.<queue> ──► owner (a user's cancel)
 
 ``dispatch_id`` identifies one hand-over of an execution to the workers; a
-re-dispatch after a takeover gets a new one.
+re-dispatch (its lease expired, or its worker released it) gets a new one.
+
+Leases (DESIGN §3). A worker that has run an execution for ``running_delay``
+(a few tens of ms) reports it in a ``Heartbeat`` to the work's
+``results_queue``; once that heartbeat is confirmed the worker acknowledges the
+work delivery, and from then on the execution is protected by its lease only:
+the worker renews it with one heartbeat per results queue every
+``lease_seconds / 3`` carrying everything it runs there, the owner keeps it
+until ``receipt of the last heartbeat + lease_seconds``, and a worker whose
+heartbeats are not confirmed stops its copy ``lease_seconds - margin`` after
+the last confirmed one, so a re-dispatch never overlaps a stale copy. A run
+that ends before ``running_delay`` is never reported running: its result
+carries ``started_at``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from schemas.envelope import SubmissionEnvelope
 
@@ -49,6 +66,9 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+DEFAULT_LEASE_SECONDS = 30.0
+
+
 class WorkMessage(_Message):
     """An admitted execution handed to the worker fleet of its deployment."""
 
@@ -56,11 +76,32 @@ class WorkMessage(_Message):
     dispatch_id: str
     deadline: float = Field(description="Unix seconds; the run is cancelled at this time")
     results_queue: str
+    lease_seconds: float = Field(
+        default=DEFAULT_LEASE_SECONDS,
+        gt=0,
+        description="How long the owner keeps a lease after the last heartbeat it received",
+    )
+    dispatch_count: int = Field(
+        default=1,
+        ge=1,
+        description="How many times the owner handed this execution out, this one included "
+        "(more than 1: a lease expired or a worker released it)",
+    )
     submission: SubmissionEnvelope
+    # The submission's delivery attempt it was admitted under (LifecycleEvent.attempt):
+    # an owner that finds this as a marker after a takeover reports under it.
+    attempt: int = 0
 
 
 def encode_work(
-    *, dispatch_id: str, deadline: float, results_queue: str, submission_raw: bytes
+    *,
+    dispatch_id: str,
+    deadline: float,
+    results_queue: str,
+    submission_raw: bytes,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    dispatch_count: int = 1,
+    attempt: int = 0,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -69,7 +110,10 @@ def encode_work(
             "dispatch_id": dispatch_id,
             "deadline": deadline,
             "results_queue": results_queue,
+            "lease_seconds": lease_seconds,
+            "dispatch_count": dispatch_count,
             "submission": orjson.Fragment(submission_raw),
+            "attempt": attempt,
         }
     )
 
@@ -89,6 +133,7 @@ class Dispatched(_Message):
     dispatch_id: str
     deadline: float
     at: str
+    attempt: int = 0
 
 
 class Running(_Message):
@@ -99,12 +144,39 @@ class Running(_Message):
     at: str
 
 
+class HeartbeatEntry(_Message):
+    execution_id: str
+    dispatch_id: str
+    started_at: str
+    redelivered: bool = Field(
+        default=False,
+        description="The broker redelivered this work to us: its earlier holder is gone "
+        "(a worker stops an unacknowledged copy when its channel dies)",
+    )
+
+
+class Heartbeat(_Message):
+    """A worker runs these executions of one results queue (and renews their leases).
+
+    Published persistent, mandatory, with confirm, one per results queue and
+    flush: ``running_delay`` after an execution started (if it still runs), and
+    every ``lease_seconds / 3`` for all of them. The first heartbeat that carries
+    a dispatch is its ``running`` report.
+    """
+
+    type: Literal["heartbeat"] = "heartbeat"
+    worker_id: str
+    at: str
+    executions: list[HeartbeatEntry]
+
+
 class Completed(_Message):
     type: Literal["completed"] = "completed"
     execution_id: str
     dispatch_id: str
     worker_id: str
     at: str
+    started_at: str | None = None
     result: Any = None
 
 
@@ -120,6 +192,7 @@ class Failed(_Message):
     dispatch_id: str
     worker_id: str
     at: str
+    started_at: str | None = None
     error: ErrorInfo
 
 
@@ -131,11 +204,25 @@ class Cancelled(_Message):
     dispatch_id: str
     worker_id: str
     at: str
+    started_at: str | None = None
+    reason: str
+
+
+class Released(_Message):
+    """The worker gives a dispatch back without a result (it is shutting down, or
+    it lost its lease): the owner dispatches the execution again at once."""
+
+    type: Literal["released"] = "released"
+    execution_id: str
+    dispatch_id: str
+    worker_id: str
+    at: str
     reason: str
 
 
 ResultMessage = Annotated[
-    Dispatched | Running | Completed | Failed | Cancelled, Field(discriminator="type")
+    Dispatched | Running | Completed | Failed | Cancelled | Released | Heartbeat,
+    Field(discriminator="type"),
 ]
 RESULT_MESSAGE: TypeAdapter[ResultMessage] = TypeAdapter(ResultMessage)
 
@@ -161,13 +248,79 @@ class CancelRequest(_Message):
     seen_status: ExecutionStatus | None = None
 
 
+# -- the owner's ledger -------------------------------------------------------------
+
+
+class LedgerEntry(_Message):
+    """What the owner knows of one execution, as of the record that carries it.
+
+    ``stage``: ``pending`` (waiting for a slot), ``dispatched`` (work published,
+    no report yet), ``running`` (reported: only its lease protects it),
+    ``ended`` (terminal: a tombstone), ``cancel`` (a user's cancel request for an
+    execution not seen yet, kept until ``until``). ``submission`` is present once
+    the submission's delivery was released: the record is then its only copy.
+    """
+
+    execution_id: str
+    stage: Literal["pending", "dispatched", "running", "ended", "cancel"]
+    dispatch_id: str | None = None
+    dispatch_count: int = 0
+    deadline: float | None = None
+    attempt: int = 0
+    concurrency_key: str | None = None
+    workflow_id: str = ""
+    deployment_id: str = ""
+    submission: SubmissionEnvelope | None = None
+    requested_by: str | None = None
+    until: float | None = None
+
+
+class LedgerRecord(_Message):
+    """The owner's durable in-flight state, on its own results queue.
+
+    The owner keeps every record it wrote unacknowledged until a later
+    ``checkpoint`` (the whole state) is confirmed, then acknowledges the older
+    ones; a checkpoint is written at least every ``hold_seconds``, so no record is
+    held longer and the newest one always is (a standby is woken by its return
+    when the owner dies). ``epoch`` grows with every new owner; (epoch, seq)
+    orders the records of all owners.
+    """
+
+    type: Literal["ledger"] = "ledger"
+    owner: str
+    epoch: int
+    seq: int
+    checkpoint: bool
+    entries: list[LedgerEntry]
+
+
+class OwnerProbe(_Message):
+    """Published by a dispatcher to a results queue it consumes: only the active
+    (single active consumer) one receives it, so receiving its own probe tells it
+    that it owns the queue, and that everything queued before it was delivered."""
+
+    type: Literal["owner_probe"] = "owner_probe"
+    owner: str
+    nonce: str
+
+
 # The owner's marker is the work message itself: one publish to the work queue
 # with the results queue in ``BCC``, so the broker stores marker and work
 # together or neither (two publishes can be split by a crash, leaving a marker
 # without work: an execution that would hang until its deadline). ``Dispatched``
 # is still read, as a marker without the work.
 ResultsQueueMessage = Annotated[
-    Dispatched | Running | Completed | Failed | Cancelled | WorkMessage | CancelRequest,
+    Dispatched
+    | Running
+    | Completed
+    | Failed
+    | Cancelled
+    | Released
+    | Heartbeat
+    | WorkMessage
+    | CancelRequest
+    | LedgerRecord
+    | OwnerProbe,
     Field(discriminator="type"),
 ]
 RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQueueMessage)
@@ -182,22 +335,35 @@ def decode_results_queue(raw: bytes) -> ResultsQueueMessage:
 
 
 class CancelMessage(_Message):
+    """Stop an execution. ``dispatch_id`` set: only that dispatch (a stale copy the
+    owner superseded); None: any copy of the execution."""
+
     type: Literal["cancel"] = "cancel"
     execution_id: str
-    reason: Literal["timeout", "user"]
+    reason: Literal["timeout", "user", "superseded"]
     at: str
+    dispatch_id: str | None = None
+    worker_id: str | None = Field(
+        default=None, description="Set: only this worker's copy (a second one of a dispatch)"
+    )
 
 
 # -- lifecycle events -----------------------------------------------------------------
 
 
 class LifecycleEvent(_Message):
-    """One transition of one execution, published on ``polos.events``.
+    """One transition of one execution, published on ``polos.events`` in an ``EventBatch``.
 
     ``submission`` is carried on the first events of an execution (the
     gateway's ``queued``, the owner's ``admitted`` or ``deduplicated``) so
     followers can build a full record without asking. ``cancelled_by`` is the
     key id of whoever asked for a ``cancelled`` execution to stop.
+
+    ``attempt`` is the delivery attempt of the submission under which the
+    decision this event reports was taken (its quorum-queue delivery count; 0
+    for the first delivery and the gateway's ``queued``). A decision of a
+    later attempt supersedes those of earlier ones, whose acknowledgement was
+    lost (``store.update``).
     """
 
     type: Literal["lifecycle"] = "lifecycle"
@@ -216,6 +382,12 @@ class LifecycleEvent(_Message):
     error: ErrorInfo | None = None
     submission: SubmissionEnvelope | None = None
     cancelled_by: str | None = None
+    started_at: str | None = None
+    attempt: int = Field(
+        default=0,
+        description="The delivery attempt of the submission the deciding owner acted on "
+        "(x-delivery-count): a later attempt's decision supersedes an earlier one's",
+    )
 
 
 def encode_queued_event(
@@ -245,6 +417,61 @@ def encode_queued_event(
             "submission": orjson.Fragment(submission_raw),
         }
     )
+
+
+class EventBatch(_Message):
+    """Lifecycle events of one project, many to a message, on ``polos.events``.
+
+    The wire format: ``{"type": "events", "events": [LifecycleEvent, ...]}``,
+    routing key ``schemas.topology.event_batch_routing_key(project_id)``. One
+    message carries what a publisher had within one flush (an event-loop round,
+    a few milliseconds), so each event costs the broker a fraction of an
+    enqueue. Events of one execution keep their order across batches (one
+    channel per project); they are at-least-once, so followers key them by
+    (execution_id, status).
+    """
+
+    type: Literal["events"] = "events"
+    events: list[LifecycleEvent]
+
+
+def encode_event_batch(events: Sequence[bytes]) -> bytes:
+    """An ``EventBatch`` of events already encoded (``encode``, ``encode_queued_event``),
+    joined without decoding them again."""
+    return b'{"type":"events","events":[' + b",".join(events) + b"]}"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvents:
+    """What a message on ``polos.events`` carried: the events that decoded, each with its
+    own JSON text, and the items that did not (the item's JSON text, the reason)."""
+
+    events: list[tuple[LifecycleEvent, bytes]]
+    rejected: list[tuple[bytes, str]]
+
+
+def decode_events(raw: bytes) -> DecodedEvents:
+    """A message on ``polos.events``: an ``EventBatch``, or one ``LifecycleEvent`` (as
+    published before batches, still queued during an upgrade).
+
+    A bad item inside a batch is rejected alone; raises ``ValueError`` when the
+    message as a whole is neither.
+    """
+    data = orjson.loads(raw)
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "lifecycle":
+        return DecodedEvents([(LifecycleEvent.model_validate(data), raw)], [])
+    if kind != "events" or not isinstance(data.get("events"), list):
+        raise ValueError("neither a lifecycle event nor a batch of them")
+    events: list[tuple[LifecycleEvent, bytes]] = []
+    rejected: list[tuple[bytes, str]] = []
+    for item in data["events"]:
+        text = orjson.dumps(item)
+        try:
+            events.append((LifecycleEvent.model_validate(item), text))
+        except ValidationError as exc:
+            rejected.append((text, f"undecodable lifecycle event in a batch: {exc}"))
+    return DecodedEvents(events, rejected)
 
 
 def encode(message: _Message) -> bytes:

@@ -92,7 +92,7 @@ RESULTS_PREFIX = "polos.results."
 # Direct exchange: routing key = the work queue name, so a cancel reaches every
 # worker of that deployment (each binds an exclusive queue) and no one else.
 CANCEL_EXCHANGE = "polos.cancel"
-# Topic exchange of lifecycle events; see ``event_routing_key``.
+# Topic exchange of lifecycle events, in batches; see ``event_batch_routing_key``.
 EVENTS_EXCHANGE = "polos.events"
 
 
@@ -139,8 +139,19 @@ def _topic_word(value: str, limit: int = EVENT_WORD_MAX_BYTES) -> str:
     return f"{head}~{digest}"
 
 
+def event_batch_routing_key(project_id: str) -> str:
+    """The routing key of an ``EventBatch``: its project (one word).
+
+    A batch carries the events of one project, whatever their queues and
+    workflows, so ``<project>.#`` (or ``#``) is what a follower binds; finer
+    bindings of the single-event keys below match no batch.
+    """
+    return _topic_word(project_id)
+
+
 def event_routing_key(project_id: str, queue_name: str, workflow_id: str, execution_id: str) -> str:
-    """``<project>.<queue>.<workflow>.<execution_id>``, dots inside words replaced by ``_``.
+    """The key single lifecycle events had before batches (still accepted by the recorder):
+    ``<project>.<queue>.<workflow>.<execution_id>``, dots inside words replaced by ``_``.
 
     Bind ``acme.#`` for a project, ``acme.emails.#`` for a queue,
     ``*.*.summarize.*`` for a workflow, ``#.<execution_id>`` for one execution.

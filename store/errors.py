@@ -2,7 +2,8 @@
 
 StoreError
 ├── StoreUnavailable   Redis cannot be reached, is loading, read-only or out of memory
-│                      (retry later; the status API answers 503)
+│   │                  (retry later; the status API answers 503)
+│   └── StoreBusy      Redis is up, but no connection of the pool came free in time
 └── InvalidCursor      a list cursor this store did not issue (also a ValueError → 400)
 """
 
@@ -15,6 +16,10 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """Redis cannot take the request now; nothing was lost, try again later."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Every pooled connection stayed in use for the whole wait: too many reads at once."""
 
 
 class InvalidCursor(StoreError, ValueError):

@@ -18,14 +18,15 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent
+from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from schemas.ids import rfc3339, uuid7_time_ms
 from schemas.records import ExecutionRecord
-from store.errors import StoreError, StoreUnavailable
+from store.errors import StoreBusy, StoreError, StoreUnavailable
 from store.layout import (
     DEFAULT_PREFIX,
     decode_cursor,
     encode_cursor,
+    events_channel,
     index_key,
     record_key,
     status_index_keys,
@@ -35,6 +36,8 @@ from store.update import APPLY_EVENT_LUA, APPLY_EVENT_SHA, script_args
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 MAX_LIST_LIMIT = 1000
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
 
 # Redis is up but cannot take writes for now: the same as down for our callers.
 _UNAVAILABLE = (
@@ -52,25 +55,45 @@ _UNAVAILABLE = (
 def _mapped(what: str) -> Iterator[None]:
     try:
         yield
+    except redis_errors.ConnectionError as exc:
+        # The blocking pool's wait for a free connection ran out: Redis itself
+        # may be fine, there were more requests at once than connections.
+        if isinstance(exc.__cause__, TimeoutError):
+            raise StoreBusy(f"no redis connection came free in time ({what})") from exc
+        raise StoreUnavailable(f"redis unavailable ({what}): {exc!r}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"redis unavailable ({what}): {exc!r}") from exc
     except redis_errors.RedisError as exc:
         raise StoreError(f"redis refused {what}: {exc!r}") from exc
 
 
-def open_redis(url: str, *, timeout_seconds: float = 2.0) -> aioredis.Redis:
+def open_redis(
+    url: str,
+    *,
+    timeout_seconds: float = 2.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    pool_timeout_seconds: float = DEFAULT_POOL_TIMEOUT_SECONDS,
+) -> aioredis.Redis:
     """A client that fails fast when Redis is away (one quick retry, bounded timeouts).
 
     redis-py's default retries for several seconds; our callers have their own
     answer to an outage (503, or keep the events in the queue) and want it soon.
+
+    At most ``max_connections`` are open at once; a request that finds them all
+    in use waits up to ``pool_timeout_seconds`` for one (``StoreBusy`` after
+    that). redis-py's default pool refuses at once instead, so a burst of status
+    reads beyond the pool size failed while Redis was healthy.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=pool_timeout_seconds,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class ExecutionStore:
@@ -95,8 +118,12 @@ class ExecutionStore:
 
     # -- writes ----------------------------------------------------------------------
 
-    async def record(self, events: Sequence[LifecycleEvent]) -> None:
-        """Apply ``events`` (any order, duplicates allowed) in one round trip.
+    async def record(
+        self, events: Sequence[LifecycleEvent], bodies: Sequence[bytes] | None = None
+    ) -> None:
+        """Apply ``events`` (any order, duplicates allowed) in one round trip, and publish
+        each on its execution's channel (``bodies``: the events as they were published;
+        encoded here if not given).
 
         Raises ``StoreUnavailable`` when Redis cannot take them (nothing or
         part of the batch may be applied; applying it again is harmless), and
@@ -104,27 +131,38 @@ class ExecutionStore:
         """
         if not events:
             return
+        if bodies is None:
+            bodies = [encode(event) for event in events]
         bound = trim_bound(int(time.time() * 1000) - self.retention_seconds * 1000)
         with _mapped("record"):
-            results = await self._apply(events, bound)
+            results = await self._apply(events, bodies, bound)
             if any(isinstance(r, redis_errors.NoScriptError) for r in results):
                 # The script cache is empty (Redis restarted or was flushed).
                 await self._redis.script_load(APPLY_EVENT_LUA)
-                results = await self._apply(events, bound)
+                results = await self._apply(events, bodies, bound)
         for result in results:
             if isinstance(result, Exception):
                 with _mapped("record"):
                     raise result
 
-    async def _apply(self, events: Sequence[LifecycleEvent], bound: str) -> list[Any]:
+    async def _apply(
+        self, events: Sequence[LifecycleEvent], bodies: Sequence[bytes], bound: str
+    ) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
-        for event in events:
+        prefix = self.key_prefix
+        for event, body in zip(events, bodies, strict=True):
             keys = [
-                record_key(self.key_prefix, event.project_id, event.execution_id),
-                index_key(self.key_prefix, event.project_id, event.workflow_id),
-                *status_index_keys(self.key_prefix, event.project_id, event.workflow_id),
+                record_key(prefix, event.project_id, event.execution_id),
+                index_key(prefix, event.project_id, event.workflow_id),
+                *status_index_keys(prefix, event.project_id, event.workflow_id),
             ]
-            args = script_args(event, ttl_seconds=self.retention_seconds, trim_bound=bound)
+            args = script_args(
+                event,
+                ttl_seconds=self.retention_seconds,
+                trim_bound=bound,
+                channel=events_channel(prefix, event.project_id, event.execution_id),
+                body=body,
+            )
             pipe.evalsha(APPLY_EVENT_SHA, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
@@ -207,7 +245,7 @@ def _to_record(
     data: dict[str, Any] = {
         name: orjson.loads(value)
         for name, value in raw.items()
-        if name not in ("sidx", "rank", "status_at")
+        if name not in ("sidx", "rank", "status_at", "attempt")
     }
     error = data.pop("error", None)
     if error is not None:

@@ -3,6 +3,7 @@
     <prefix>exec:{<project>}:<execution_id>         hash: one execution
     <prefix>runs:{<project>}:all:<workflow_id>      zset: every execution of the workflow
     <prefix>runs:{<project>}:<status>:<workflow_id> zset: those whose status is <status>
+    <prefix>events:{<project>}:<execution_id>       pub/sub channel: each event, as recorded
 
 Every sorted-set member has score 0 and is an execution id: UUIDv7 ids in their
 canonical (lowercase) text sort by creation time, so a lexicographic range
@@ -43,6 +44,13 @@ def rank(status: ExecutionStatus) -> int:
 
 def record_key(prefix: str, project_id: str, execution_id: str) -> str:
     return f"{prefix}exec:{{{project_id}}}:{execution_id}"
+
+
+def events_channel(prefix: str, project_id: str, execution_id: str) -> str:
+    """Where the recorder publishes each event of an execution once it is written (live
+    event streams subscribe here). Pub/sub channels ignore the database number: the
+    prefix is what keeps two environments on one Redis apart."""
+    return f"{prefix}events:{{{project_id}}}:{execution_id}"
 
 
 def index_key(

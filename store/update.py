@@ -1,5 +1,15 @@
 """Applying one lifecycle event to a record: a Lua script, so it is atomic without WATCH.
 
+Attempts first. Each event carries the delivery attempt of the submission
+under which its decision was taken (``LifecycleEvent.attempt``; the
+gateway's ``queued`` is 0). A decision whose acknowledgement was lost (a
+broker crash) is taken again on the redelivery, and only that one is durable
+(DESIGN §3). So an event of a *higher* attempt than the record's supersedes
+everything the lower attempts decided (``DECISION_FIELDS``: status, outcome,
+their timestamps) and is applied as to a fresh record; an event of a *lower*
+attempt contributes only the submission's facts; equal attempts follow the
+monotonic rule.
+
 The monotonic rule. Each status has a rank: queued 0 < admitted 1 < running 2
 < terminal 3 (completed, failed, timed_out, cancelled, deduplicated). An event
 *wins* when its rank is higher than the record's, or equal and not terminal
@@ -7,16 +17,19 @@ and not older (``at``, RFC 3339 text of one format, compares as text). Then:
 
 - a winning event sets the status and its outcome fields (result, error,
   completed_at, cancelled_at, cancelled_by, duplicate_of, worker_id);
-- every event, winning or not, fills the facts it carries that the record
-  lacks (the submission's fields, worker_id): a late ``admitted`` still
-  contributes the payload to a record already ``completed``;
+- every event, winning or not, fills the submission's facts it carries that
+  the record lacks, and (of the current attempt) the worker_id: a late
+  ``admitted`` still contributes the payload to a record already ``completed``;
 - ``admitted_at`` and ``started_at`` keep the earliest time any event gave
   (after a takeover an execution may be started again; it started first then);
 - nothing is ever written as null: an event that lacks a field leaves it;
-- so a terminal record never changes status or outcome again, and replaying an
-  event (redelivery) or applying events in any order ends in the same record.
+- so within an attempt a terminal record never changes status or outcome
+  again, and replaying an event (redelivery) or applying events in any order
+  ends in the same record.
 
-Values are stored as JSON text; the script never parses them.
+Values are stored as JSON text; the script never parses them. Once applied,
+the event (as published) is published on its execution's pub/sub channel
+(``store.layout.events_channel``): the live event streams follow that.
 """
 
 from __future__ import annotations
@@ -29,23 +42,64 @@ import orjson
 from schemas.dispatch import LifecycleEvent
 from store.layout import STATUS_POSITION, TERMINAL_RANK, rank
 
+# What a decision sets: cleared when a later attempt supersedes it.
+DECISION_FIELDS = (
+    "result",
+    "error",
+    "admitted_at",
+    "started_at",
+    "completed_at",
+    "cancelled_at",
+    "cancelled_by",
+    "duplicate_of",
+    "worker_id",
+)
+
 APPLY_EVENT_LUA = f"""
 local record = KEYS[1]
 local status, pos, rank, at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local ttl, bound, member = tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local n_fill, n_earliest = tonumber(ARGV[8]), tonumber(ARGV[9])
+local attempt, n_facts = tonumber(ARGV[8]), tonumber(ARGV[9])
+local n_fill, n_earliest = tonumber(ARGV[10]), tonumber(ARGV[11])
+local channel, body = ARGV[12], ARGV[13]
 
-local stored = redis.call('HMGET', record, 'rank', 'status_at', 'sidx')
+local function touch(index)
+  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
+  redis.call('EXPIRE', index, ttl)
+end
+
+local stored = redis.call('HMGET', record, 'rank', 'status_at', 'sidx', 'attempt')
 local old_rank = -1
 if stored[1] then old_rank = tonumber(stored[1]) end
+local old_attempt = tonumber(stored[4] or '0')
+local current = attempt >= old_attempt
+if attempt > old_attempt and stored[1] then
+  -- The decisions of earlier attempts were not durable: this one supersedes them.
+  redis.call('HDEL', record, {", ".join(repr(f) for f in DECISION_FIELDS)})
+  old_rank = -1
+end
 local wins = false
-if rank > old_rank then
+if not current then
+  wins = false
+elseif rank > old_rank then
   wins = true
 elseif rank == old_rank and rank < {TERMINAL_RANK} then
   wins = at >= (stored[2] or '')
 end
 
-local i = 10
+local i = 14
+local facts_end = i + 2 * n_facts
+while i < facts_end do
+  redis.call('HSETNX', record, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if not current then
+  -- An earlier attempt's event: only the submission's facts above count.
+  redis.call('ZADD', KEYS[2], 0, member)
+  touch(KEYS[2])
+  redis.call('EXPIRE', record, ttl)
+  return 0
+end
 local fill_end = i + 2 * n_fill
 while i < fill_end do
   redis.call('HSETNX', record, ARGV[i], ARGV[i + 1])
@@ -53,16 +107,11 @@ while i < fill_end do
 end
 local earliest_end = i + 2 * n_earliest
 while i < earliest_end do
-  local current = redis.call('HGET', record, ARGV[i])
-  if not current or ARGV[i + 1] < current then
+  local current_value = redis.call('HGET', record, ARGV[i])
+  if not current_value or ARGV[i + 1] < current_value then
     redis.call('HSET', record, ARGV[i], ARGV[i + 1])
   end
   i = i + 2
-end
-
-local function touch(index)
-  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
-  redis.call('EXPIRE', index, ttl)
 end
 
 if wins then
@@ -70,7 +119,10 @@ if wins then
     redis.call('HSET', record, ARGV[i], ARGV[i + 1])
     i = i + 2
   end
-  redis.call('HSET', record, 'status', status, 'sidx', pos, 'rank', rank, 'status_at', at)
+  redis.call(
+    'HSET', record, 'status', status, 'sidx', pos, 'rank', rank, 'status_at', at,
+    'attempt', attempt
+  )
   if stored[3] and tonumber(stored[3]) ~= pos then
     redis.call('ZREM', KEYS[2 + tonumber(stored[3])], member)
   end
@@ -80,6 +132,9 @@ end
 redis.call('ZADD', KEYS[2], 0, member)
 touch(KEYS[2])
 redis.call('EXPIRE', record, ttl)
+-- In the same step as the write, so a stream that read the record before it
+-- gets the event, and one that reads after it sees it in the record.
+if channel ~= '' then redis.call('PUBLISH', channel, body) end
 if wins then return 1 end
 return 0
 """
@@ -110,19 +165,24 @@ def _json(value: Any) -> bytes:
 Fields = list[tuple[str, bytes]]
 
 
-def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields]:
-    """``(fill, earliest, win)`` of the script (see the module docstring)."""
+def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields]:
+    """``(facts, fill, earliest, win)`` of the script (see the module docstring).
+
+    ``facts`` are the submission's (any attempt may fill them), ``fill`` what
+    the event's own decision knows (worker_id).
+    """
+    facts: Fields = []
     fill: Fields = []
     earliest: Fields = []
     win: Fields = []
     for name in ("workflow_id", "deployment_id", "queue_name", "concurrency_key"):
         value = getattr(event, name)
         if value is not None:
-            fill.append((name, _json(value)))
+            facts.append((name, _json(value)))
     submission = event.submission
     if submission is not None:
         envelope = submission.model_dump(mode="json", include=set(_SUBMISSION_FIELDS))
-        fill.extend((name, _json(value)) for name, value in envelope.items() if value is not None)
+        facts.extend((name, _json(value)) for name, value in envelope.items() if value is not None)
 
     status = event.status.value
     at = _json(event.at)
@@ -130,6 +190,9 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields]:
         earliest.append(("admitted_at", at))
     elif status == "running":
         earliest.append(("started_at", at))
+    if event.started_at is not None:
+        # A run that ended before it was reported running says when it started.
+        earliest.append(("started_at", _json(event.started_at)))
     if event.worker_id is not None:
         worker = _json(event.worker_id)
         fill.append(("worker_id", worker))
@@ -146,14 +209,20 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields]:
             win.append(("cancelled_at", at))
             if event.cancelled_by is not None:
                 win.append(("cancelled_by", _json(event.cancelled_by)))
-    return fill, earliest, win
+    return facts, fill, earliest, win
 
 
 def script_args(
-    event: LifecycleEvent, *, ttl_seconds: int, trim_bound: str
+    event: LifecycleEvent,
+    *,
+    ttl_seconds: int,
+    trim_bound: str,
+    channel: str = "",
+    body: bytes = b"",
 ) -> list[bytes | str | int]:
-    """ARGV of ``APPLY_EVENT_LUA`` for ``event``."""
-    fill, earliest, win = event_fields(event)
+    """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
+    (none if empty) once the event is applied."""
+    facts, fill, earliest, win = event_fields(event)
     args: list[bytes | str | int] = [
         event.status.value,
         STATUS_POSITION[event.status],
@@ -162,10 +231,14 @@ def script_args(
         ttl_seconds,
         trim_bound,
         event.execution_id,
+        event.attempt,
+        len(facts),
         len(fill),
         len(earliest),
+        channel,
+        body,
     ]
-    for name, value in (*fill, *earliest, *win):
+    for name, value in (*facts, *fill, *earliest, *win):
         args.append(name)
         args.append(value)
     return args

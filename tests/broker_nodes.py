@@ -6,8 +6,10 @@ its own env file (so ``/etc/rabbitmq/rabbitmq-env.conf`` does not apply), and
 ``HOME`` is the node set's directory, which holds an Erlang cookie of the set's
 own. The CLI run with that ``HOME`` cannot even authenticate to the shared node.
 
-Plain standard library, so ``scripts/rabbit-nodes`` uses it too; the pytest
-fixtures (``rabbit_node``, ``rabbit_cluster``) live in ``tests/conftest.py``.
+One node's lifecycle lives here; sets of nodes, clusters and their cleanup in
+``tests/broker_node_sets.py``; the pytest fixtures (``rabbit_node``,
+``rabbit_cluster``) in ``tests/conftest.py``. Plain standard library, so
+``scripts/rabbit-nodes`` uses the same code.
 
 Everything here blocks (a CLI call takes about a second). An async test that
 keeps a gateway or consumer running while it faults a node calls these through
@@ -17,7 +19,6 @@ keeps a gateway or consumer running while it faults a node calls these through
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
 import secrets
@@ -26,18 +27,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 #: Where the Debian package keeps the real scripts; ``/usr/sbin`` wrappers
 #: would ``su rabbitmq``, who cannot read a test's directory.
 DEFAULT_BIN_DIR = "/usr/lib/rabbitmq/bin"
-STATE_FILE = "nodes.json"
 # Erlang sizes its port table from this; an unlimited hard limit is no size.
 MAX_OPEN_FILES = 65536
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -68,7 +65,9 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Nobody listens on ``port`` (connections in TIME_WAIT do not count, as for Erlang)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -98,7 +97,7 @@ def amqp_answers(port: int, *, timeout: float = 1.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -268,11 +267,21 @@ class RabbitNode:
         if pid is not None:
             self._wait_gone(pid)
 
-    def kill9(self) -> None:
-        """SIGKILL this node's VM only (found by its pid file): a crash, no goodbye."""
+    def kill9(self, *, flush: bool = True) -> None:
+        """SIGKILL this node's VM only (found by its pid file): a crash, no goodbye.
+
+        RabbitMQ 3.10 (Ra 2.0) writes a quorum queue's registration to disk
+        on a timer (dets auto_save, 0.5 s; Ra's metadata 5 s), so a queue
+        declared just before a SIGKILL comes back empty and leaderless
+        forever (seen here at 0 s, not at 1.5 s). Unless
+        ``flush=False`` (that race itself is the test) the VM writes its
+        tables out first, as any node running for a second would have.
+        """
         pid = self.os_pid()
         if pid is None:
             raise NodeError(f"{self.name} has no running VM to kill")
+        if flush:
+            self.eval("[dets:sync(T) || T <- dets:all()], ok.")
         os.kill(pid, signal.SIGKILL)
         self._wait_gone(pid)
         self.pid_file.unlink(missing_ok=True)
@@ -290,18 +299,18 @@ class RabbitNode:
         """The VM's OS pid: the pid file, or (early in boot) our marker in /proc."""
         with contextlib.suppress(OSError, ValueError):
             pid = int(self.pid_file.read_text().strip())
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 return pid
         marker = f"\0-polos_node\0{self.name}\0".encode()
         for proc in Path("/proc").glob("[0-9]*"):
             with contextlib.suppress(OSError):
-                if marker in b"\0" + (proc / "cmdline").read_bytes() and _pid_alive(int(proc.name)):
+                if marker in b"\0" + (proc / "cmdline").read_bytes() and pid_alive(int(proc.name)):
                     return int(proc.name)
         return None
 
     def _wait_gone(self, pid: int, *, within: float = 30.0) -> None:
         deadline = time.monotonic() + within
-        while _pid_alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise NodeError(f"{self.name} (pid {pid}) still alive after {within}s")
             time.sleep(0.02)
@@ -344,149 +353,3 @@ def new_node(
         config=dict(config or {}),
         seed=seed,
     )
-
-
-def start_nodes(nodes: Sequence[RabbitNode], *, within: float = 90.0) -> None:
-    """Start nodes at once and wait for all; a cluster's seed must be the first.
-
-    Nodes with a ``seed`` join it at their first boot (classic-config peer
-    discovery), so they start only once the seed serves: no stop_app/join
-    round trips through the CLI.
-    """
-    seeds = [node for node in nodes if node.seed is None]
-    joiners = [node for node in nodes if node.seed is not None]
-    for group in (seeds, joiners):
-        for node in group:
-            node.launch()
-        for node in group:
-            node.wait_ready(within=within)
-
-
-def save_state(home: Path, nodes: Sequence[RabbitNode]) -> None:
-    rows = [{**asdict(node), "home": str(node.home)} for node in nodes]
-    (home / STATE_FILE).write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def load_state(home: Path) -> list[RabbitNode]:
-    rows = json.loads((home / STATE_FILE).read_text())
-    return [RabbitNode(**{**row, "home": Path(row["home"])}) for row in rows]
-
-
-def cluster_members(node: RabbitNode) -> list[str]:
-    """Running nodes of ``node``'s cluster, as that node sees them."""
-    raw = node.eval("rabbit_nodes:all_running().")
-    return sorted(part.strip(" '[]\n") for part in raw.split(",") if part.strip(" '[]\n"))
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WATCHDOG = """
-import os, shutil, sys, time
-from pathlib import Path
-from tests.broker_nodes import load_state, STATE_FILE
-owner, home = int(sys.argv[1]), Path(sys.argv[2])
-while True:
-    try:
-        os.kill(owner, 0)
-    except ProcessLookupError:
-        break
-    time.sleep(1)
-if (home / STATE_FILE).exists():
-    for node in load_state(home):
-        node.destroy()
-shutil.rmtree(home, ignore_errors=True)
-"""
-
-
-class NodeSet:
-    """Nodes one test starts, all removed on ``close`` (the fixtures' teardown).
-
-    Names carry a random token and ports are the kernel's free ones, so
-    parallel sessions never meet. A watchdog process outlives this one: if the
-    test process dies without teardown (killed, ``os._exit`` on a timeout), it
-    still kills the nodes and deletes their files, so no VM is left eating the
-    shared machine.
-    """
-
-    def __init__(self) -> None:
-        self.home = Path(tempfile.mkdtemp(prefix="polos-rabbit-"))
-        self.token = secrets.token_hex(3)
-        self.nodes: list[RabbitNode] = []
-        self._watchdog: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> NodeSet:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _add(
-        self,
-        consumer_timeout_ms: int | None,
-        config: Mapping[str, str] | None,
-        seed: str | None = None,
-    ) -> RabbitNode:
-        node = new_node(
-            self.home,
-            f"polos-{self.token}-{len(self.nodes) + 1}",
-            consumer_timeout_ms=consumer_timeout_ms,
-            config=config,
-            seed=seed,
-        )
-        self.nodes.append(node)
-        save_state(self.home, self.nodes)
-        if self._watchdog is None:
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.home)],
-                cwd=REPO_ROOT,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        return node
-
-    def node(
-        self,
-        *,
-        consumer_timeout_ms: int | None = None,
-        config: Mapping[str, str] | None = None,
-        start: bool = True,
-    ) -> RabbitNode:
-        """A new single node (started and serving unless ``start=False``)."""
-        node = self._add(consumer_timeout_ms, config)
-        if start:
-            node.start()
-        return node
-
-    def cluster(
-        self,
-        size: int = 3,
-        *,
-        consumer_timeout_ms: int | None = None,
-        config: Mapping[str, str] | None = None,
-    ) -> list[RabbitNode]:
-        """``size`` started nodes forming one cluster; the first is the seed."""
-        first = self._add(consumer_timeout_ms, config)
-        members = [first] + [
-            self._add(consumer_timeout_ms, config, seed=first.name) for _ in range(size - 1)
-        ]
-        start_nodes(members)
-        return members
-
-    def close(self) -> None:
-        errors: list[BaseException] = []
-        for node in self.nodes:
-            try:
-                node.destroy()
-            except (NodeError, OSError) as exc:
-                errors.append(exc)
-        shutil.rmtree(self.home, ignore_errors=True)
-        if self._watchdog is not None:
-            self._watchdog.kill()
-            self._watchdog.wait()
-        if errors:
-            raise NodeError(f"teardown of {self.home}: {errors}")

@@ -488,7 +488,8 @@ async def make_recorder(
 
 # -- RabbitMQ nodes of a test's own (tests/broker_nodes.py) --------------------------
 
-from tests.broker_nodes import NodeSet, RabbitNode  # noqa: E402
+from tests.broker_node_sets import NodeSet  # noqa: E402
+from tests.broker_nodes import RabbitNode  # noqa: E402
 
 NodeFactory = Callable[..., RabbitNode]
 ClusterFactory = Callable[..., list[RabbitNode]]

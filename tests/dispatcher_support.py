@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_queue
-from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_lifecycle
+from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_events
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.registry import QueueDeclared, QueueLimitSet
@@ -141,6 +141,7 @@ class EventLog:
         self.project = project
         self.events: list[LifecycleEvent] = []
         self.arrived_at: list[float] = []  # monotonic time each event arrived
+        self.batches: list[list[LifecycleEvent]] = []  # the messages they came in
         self._changed = asyncio.Condition()
         self._channel: AbstractChannel | None = None
 
@@ -156,10 +157,19 @@ class EventLog:
             await self._channel.close()
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        decoded = decode_events(message.body)
+        assert not decoded.rejected, decoded.rejected
         async with self._changed:
-            self.events.append(decode_lifecycle(message.body))
-            self.arrived_at.append(time.monotonic())
+            now = time.monotonic()
+            for event, _raw in decoded.events:
+                self.events.append(event)
+                self.arrived_at.append(now)
+            self.batches.append([event for event, _raw in decoded.events])
             self._changed.notify_all()
+
+    @property
+    def messages(self) -> int:
+        return len(self.batches)
 
     def of(self, execution_id: str) -> list[LifecycleEvent]:
         return [e for e in self.events if e.execution_id == execution_id]
@@ -294,3 +304,37 @@ async def wait_for_log(log: Path, text: str, *, timeout: float = 15.0, count: in
         await asyncio.sleep(0.05)
     tail = read_log(log)[-3000:]
     raise AssertionError(f"{text!r} not in {log.name} after {timeout}s:\n{tail}")
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
+
+
+async def in_flight_per_ledger(connection: AbstractConnection, queue_name: str) -> set[str]:
+    """What the ledger left on a results queue says is still in flight (or pending).
+
+    Reads (and takes) every message left there, as a new owner would: it must all
+    be ledger records, and their fold is what the next owner would rebuild.
+    """
+    from dispatcher.lifecycle import QueueLifecycle, Tunables
+    from schemas.dispatch import LedgerRecord, decode_results_queue
+
+    channel = await connection.channel()
+    records: list[tuple[int, LedgerRecord]] = []
+    try:
+        queue = await channel.declare_queue(queue_name, passive=True)
+        left = queue.declaration_result.message_count or 0
+        # A consumer, not basic.get: quorum queues with single active consumer refuse it.
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages if left else _nothing():
+                decoded = decode_results_queue(message.body)
+                assert isinstance(decoded, LedgerRecord), f"not a ledger record: {decoded!r}"
+                records.append((len(records), decoded))
+                if len(records) == left:
+                    break
+    finally:
+        await channel.close()
+    lifecycle = QueueLifecycle(None, Tunables(), owner="test")
+    lifecycle.rebuild(records, time.time())
+    return set(lifecycle.executions)

@@ -258,9 +258,13 @@ async def assert_accounted(load: Load, stack: Stack, *, timeout: float = 60.0) -
     except AssertionError:
         sample = sorted(pending)[:5]
         records = [await stack.store.get(stack.tenant.project_id, e) for e in sample]
+        ran = stack.probe.runs
+        seen = [
+            (e, r.status if r else None, f"ran {ran.count(e)}x")
+            for e, r in zip(sample, records, strict=True)
+        ]
         raise AssertionError(
-            f"{len(pending)} of {len(accepted)} accepted executions are not terminal; "
-            f"e.g. {[(e, r.status if r else None) for e, r in zip(sample, records, strict=True)]}"
+            f"{len(pending)} of {len(accepted)} accepted executions are not terminal; e.g. {seen}"
         ) from None
     ran = set(stack.probe.runs)
     for execution_id in accepted:

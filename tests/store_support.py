@@ -21,10 +21,10 @@ from aio_pika.abc import AbstractConnection
 from yarl import URL
 
 from recorder import Recorder, RecorderSettings
-from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode
+from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode, encode_event_batch
 from schemas.envelope import SubmissionEnvelope
 from schemas.ids import rfc3339
-from schemas.topology import EVENTS_EXCHANGE, event_routing_key
+from schemas.topology import EVENTS_EXCHANGE, event_batch_routing_key, event_routing_key
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -170,17 +170,24 @@ class Run:
         return [self.admitted(), self.running(), self.completed()]
 
 
-async def publish_events(connection: AbstractConnection, events: Sequence[LifecycleEvent]) -> None:
-    """Publish as the dispatcher does: persistent, to ``polos.events``, confirmed."""
-    await publish_raw(
-        connection,
-        [
-            (
-                event_routing_key(e.project_id, e.queue_name, e.workflow_id, e.execution_id),
-                encode(e),
-            )
-            for e in events
-        ],
+async def publish_events(
+    connection: AbstractConnection, events: Sequence[LifecycleEvent], *, per_message: int = 10
+) -> None:
+    """Publish as the dispatcher does: in batches of a project (``per_message`` events
+    each), persistent, to ``polos.events``, confirmed."""
+    messages = []
+    for start in range(0, len(events), per_message):
+        chunk = events[start : start + per_message]
+        for project in dict.fromkeys(e.project_id for e in chunk):
+            bodies = [encode(e) for e in chunk if e.project_id == project]
+            messages.append((event_batch_routing_key(project), encode_event_batch(bodies)))
+    await publish_raw(connection, messages)
+
+
+def single_event_key(event: LifecycleEvent) -> str:
+    """The routing key a single event had before batches (still accepted by the recorder)."""
+    return event_routing_key(
+        event.project_id, event.queue_name, event.workflow_id, event.execution_id
     )
 
 

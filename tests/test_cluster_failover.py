@@ -24,7 +24,8 @@ from broker.connection import Nodes, connect
 from broker.errors import PublishRejected
 from broker.publisher import RENEW_SECONDS, ConfirmedPublisher
 from broker.topology import declare_queue
-from tests.broker_nodes import NodeSet, RabbitNode
+from tests.broker_node_sets import NodeSet
+from tests.broker_nodes import RabbitNode
 from tests.fault_support import CHAOS_ROUNDS, Load, Stack, assert_accounted, running_stack
 from tests.store_support import eventually
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.dispatcher_support import (
 from tests.worker_harness import worker_process
 
 S = ExecutionStatus
+LEASE = 3.0
 
 
 @pytest.fixture
@@ -68,7 +70,11 @@ async def test_submitted_over_http_run_by_a_worker_process_and_the_event_carries
     await register(project, DEPLOYMENT, ["echo", "slow_first"])
     client = await make_gateway()
     dispatcher_log = tmp_path / "dispatcher.log"
-    processes.append(dispatcher_process(amqp_url, project, dispatcher_log))
+    processes.append(
+        dispatcher_process(
+            amqp_url, project, dispatcher_log, POLOS_DISPATCHER_LEASE_SECONDS=str(LEASE)
+        )
+    )
     workers = {}
     for name in ("w1", "w2"):
         worker = worker_process(amqp_url, project, DEPLOYMENT, tmp_path / f"{name}.log")
@@ -88,11 +94,14 @@ async def test_submitted_over_http_run_by_a_worker_process_and_the_event_carries
     # The gateway's queued event travels on another connection: its place among
     # the dispatcher's events is not fixed.
     assert S.QUEUED in event_log.statuses(execution_id)
-    assert dispatched(event_log, execution_id) == [S.ADMITTED, S.RUNNING, S.COMPLETED]
+    # A short run is never reported running; its result says when it started.
+    assert dispatched(event_log, execution_id) == [S.ADMITTED, S.COMPLETED]
+    assert completed.started_at is not None
     assert event_log.first(execution_id, S.ADMITTED).submission is not None
 
-    # A worker killed mid-run: its execution is redelivered to the other
-    # worker and completes; the dispatcher keeps its slot all along.
+    # A worker killed mid-run: once its lease expired the execution is
+    # dispatched again, to the other worker, and completes; the dispatcher
+    # keeps its slot all along.
     response = await client.post(
         "/api/v1/workflows/slow_first/run", json={"payload": None}, headers=tenant.headers
     )
@@ -101,10 +110,16 @@ async def test_submitted_over_http_run_by_a_worker_process_and_the_event_carries
     assert running.worker_id is not None
     victim = workers[_pid_of(running.worker_id)]
     victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
     completed = await event_log.wait_status(execution_id, S.COMPLETED, timeout=20)
     assert completed.result["redelivered"] is True
     assert _pid_of(completed.worker_id or "") != victim.pid
-    assert dispatched(event_log, execution_id) == [S.ADMITTED, S.RUNNING, S.RUNNING, S.COMPLETED]
+    statuses = dispatched(event_log, execution_id)
+    assert statuses == [S.ADMITTED, S.RUNNING, S.ADMITTED, S.COMPLETED]  # the 2nd is short
+    # Not before its lease ended (from its last heartbeat, shortly before the kill).
+    second = [e for e in event_log.of(execution_id) if e.status is S.ADMITTED][1]
+    assert second.dispatch_id != running.dispatch_id
+    assert event_log.arrival(execution_id, S.COMPLETED) - killed_at >= LEASE * 2 / 3 - 0.5
 
 
 async def test_burst_dispatcher_exits_once_its_queues_are_empty(

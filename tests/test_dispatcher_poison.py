@@ -11,7 +11,7 @@ from broker.publisher import ConfirmedPublisher
 from schemas.dispatch import ExecutionStatus
 from schemas.topology import results_queue, submit_queue
 from tests.conftest import DispatcherFactory, queue_depth
-from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
+from tests.dispatcher_support import EventLog, Probe, QueueKit, in_flight_per_ledger, probe_worker
 from tests.worker_harness import take_dead_letters
 
 S = ExecutionStatus
@@ -66,7 +66,7 @@ async def test_undecodable_submission_and_result_are_dead_lettered_once(
         assert await dead_letters(amqp, submit_queue(uid, "q"), 0, timeout=1.0) == []
         # Acknowledged after being kept: nothing comes back to be tried again.
         assert await queue_depth(amqp, submit_queue(uid, "q")) == 0
-        assert await queue_depth(amqp, results_queue(uid, "q")) == 0
+        assert await in_flight_per_ledger(amqp, results_queue(uid, "q")) == set()
         assert probe.runs == [good]
     finally:
         await worker.stop(drain_timeout=0)

@@ -34,7 +34,8 @@ async def test_each_of_many_queues_sharing_channels_keeps_its_own_limit(
     # 12 submission consumers (and their results consumers) on channels of 5.
     dispatcher = await make_dispatcher(dispatcher_consumers_per_channel=5)
 
-    ids = [await queue_kit.submit(queue, {"seconds": 0.2}) for _ in range(4) for queue in limits]
+    # Long enough that the submissions of a queue, sent one by one, overlap when run.
+    ids = [await queue_kit.submit(queue, {"seconds": 1.0}) for _ in range(4) for queue in limits]
     ends = await event_log.wait_terminal(ids, timeout=30)
 
     assert {e.status for e in ends.values()} == {S.COMPLETED}
@@ -61,6 +62,6 @@ async def test_the_dispatcher_holds_a_window_of_the_backlog_not_the_backlog(
     session = dispatcher.session
     assert session is not None
     owner = next(iter(session.owners.values()))
-    await until(lambda: len(owner.gate.pending) == 31, what="a full window")
+    await until(lambda: owner.lifecycle.pending == 31, what="a full window")
     assert owner.held == 1
     assert await queue_depth(amqp, submit_queue(queue_kit.project, "q")) == 68

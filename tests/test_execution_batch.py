@@ -216,3 +216,22 @@ async def test_polos_sdk_batch_invoke(system: System) -> None:
         record = await system.wait_status(handle.id, "completed")
         assert record["result"]["echo"] == {"n": n}
         assert record["user_id"] == "sdk-user"
+
+
+async def test_a_batchs_queued_events_reach_the_broker_as_one_message(system: System) -> None:
+    queues = [fresh_queue(system) for _ in range(2)]
+    items = [{"workflow_id": "echo", "payload": i, "queue_name": queues[i % 2]} for i in range(20)]
+    response = await post(system, {"workflows": items})
+    assert response.status == 200, await response.text()
+    ids = {e["execution_id"] for e in (await response.json())["executions"]}
+
+    log = system.events
+    await log.wait_for(
+        lambda: ids <= {e.execution_id for e in log.events if e.status == "queued"},
+        what="the queued events",
+    )
+    carrying = [
+        b for b in log.batches if any(e.execution_id in ids for e in b if e.status == "queued")
+    ]
+    assert len(carrying) == 1
+    assert {e.execution_id for e in carrying[0]} == ids

@@ -1,11 +1,13 @@
 """``GET /api/v1/executions/{id}/events``: Server-Sent Events from the current state on,
 closing after the terminal event; keep-alives while idle; a client that leaves
-takes its binding with it."""
+takes its subscription with it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from gateway.auth import create_key, revoke_key
 from gateway.context import APP_WATCH
 from schemas.dispatch import ExecutionStatus
 from tests.conftest import assert_error
@@ -143,26 +146,26 @@ async def test_an_idle_stream_gets_keepalives_and_ends_with_a_cancel(system: Sys
     await system.client.post(f"/api/v1/executions/{holder}/cancel", headers=system.headers)
 
 
-async def test_a_client_that_leaves_takes_its_binding_with_it(system: System) -> None:
+async def test_a_client_that_leaves_takes_its_subscription_with_it(system: System) -> None:
     queue = f"q-{uuid.uuid4().hex[:6]}"
     holder = await system.submit(
         "sleep", payload={"seconds": 30}, queue_name=queue, queue_concurrency_limit=1
     )
     await system.events.wait_status(holder, S.RUNNING)
     watch = system.client.app[APP_WATCH]
-    before = watch.bindings
+    before = watch.channels
 
-    # Two clients watch the same execution: one binding; it goes with the last.
+    # Two clients watch the same execution: one Redis channel; it goes with the last.
     first = await open_stream(system, holder)
     second = await open_stream(system, holder)
     await until(lambda: watch.streams == 2, what="two streams")
-    assert watch.bindings == before + 1
+    assert watch.channels == before + 1
     first.close()
     await until(lambda: watch.streams == 1, timeout=5, what="the first stream to go")
-    assert watch.bindings == before + 1
+    assert watch.channels == before + 1
     second.close()
     await until(lambda: watch.streams == 0, timeout=5, what="the second stream to go")
-    await until(lambda: watch.bindings == before, timeout=5, what="the binding to go")
+    await until(lambda: watch.channels == before, timeout=5, what="the channel to go")
     await system.client.post(f"/api/v1/executions/{holder}/cancel", headers=system.headers)
 
 
@@ -177,3 +180,41 @@ async def test_stream_errors_come_before_the_stream(system: System) -> None:
     await assert_error(await client.get(f"/api/v1/executions/{uuid.uuid4()}/events"), 401)
     watch = client.app[APP_WATCH]
     await until(lambda: watch.streams == 0, what="nothing left subscribed")
+
+
+async def test_revoking_a_key_ends_its_open_streams_and_only_those(system: System) -> None:
+    # The gateway's own SIGHUP handler reloads the keys file (as `kill -HUP` does).
+    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+    # A second key of the project, so the module's own key outlives this test.
+    second_key, second_id = create_key(system.tenant.projects_file, system.project)
+    os.kill(os.getpid(), signal.SIGHUP)
+    holder = await system.submit("sleep", payload={"seconds": 30})
+    # The record, not just the event: a stream opened on an older record would also
+    # get the `running` event, two events where this test waits for one each.
+    await system.wait_status(holder, "running")
+    theirs = await system.client.get(
+        f"/api/v1/executions/{holder}/events",
+        headers={**system.headers, "Authorization": f"Bearer {second_key}"},
+    )
+    assert theirs.status == 200
+    ours = await open_stream(system, holder)
+    revoked, kept = Stream(), Stream()
+    readers = [
+        asyncio.create_task(read_stream(theirs, revoked)),
+        asyncio.create_task(read_stream(ours, kept)),
+    ]
+    await until(
+        lambda: len(revoked.events) == len(kept.events) == 1, timeout=15, what="both streams open"
+    )
+
+    assert revoke_key(system.tenant.projects_file, second_id)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+    async with asyncio.timeout(5):
+        await readers[0]
+    assert revoked.closed
+    await asyncio.sleep(0.3)
+    assert not kept.closed
+    await system.client.post(f"/api/v1/executions/{holder}/cancel", headers=system.headers)
+    async with asyncio.timeout(5):
+        await readers[1]

@@ -1,15 +1,18 @@
 """Redis away: submissions and dispatch go on, status reads answer 503, and once Redis is
-back every record is there (the events waited in the recorder's queue)."""
+back every record is there (the events waited in the recorder's queue); a live event
+stream open meanwhile reads the record again and ends with the result."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from schemas.dispatch import ExecutionStatus
 from tests.conftest import assert_error
 from tests.execution_support import System, running_system
 from tests.redis_proxy import RedisProxy, redis_proxy
@@ -83,3 +86,37 @@ async def test_redis_down_mid_run_loses_no_record_and_fails_no_submission(
 async def test_an_unknown_id_is_still_404_when_redis_is_back(system: System) -> None:
     response = await system.client.get(f"/api/v1/executions/{uuid.uuid4()}", headers=system.headers)
     await assert_error(response, 404)
+
+
+async def test_a_stream_open_while_redis_drops_resyncs_and_ends_with_the_result(
+    system: System, proxy: RedisProxy
+) -> None:
+    execution_id = await system.submit("sleep", payload={"seconds": 1.5})
+    await system.events.wait_status(execution_id, ExecutionStatus.RUNNING)
+    response = await system.client.get(
+        f"/api/v1/executions/{execution_id}/events", headers=system.headers
+    )
+    assert response.status == 200
+    lines: list[str] = []
+
+    async def read() -> None:
+        async for raw in response.content:
+            lines.append(raw.decode().rstrip("\n"))
+
+    reader = asyncio.create_task(read())
+    try:
+        async with asyncio.timeout(5):
+            while not any(line.startswith("event: record") for line in lines):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        proxy.cut()  # the stream's subscription goes with it; the run ends meanwhile
+        await asyncio.sleep(2.0)
+        proxy.restore()
+        async with asyncio.timeout(10):
+            await reader  # the stream closes after the terminal status
+    finally:
+        reader.cancel()
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert data[-1]["status"] == "completed"
+    # Read again after the reconnect: a second record, the completed one.
+    records = [line for line in lines if line == "event: record"]
+    assert len(records) == 2, lines

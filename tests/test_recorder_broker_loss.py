@@ -48,7 +48,7 @@ async def test_events_published_while_the_recorder_lost_the_broker_are_recorded(
     await publish_events(amqp, [e for run in during for e in run.lifecycle()])
 
     async def waiting_in_the_queue() -> bool:
-        return await queue_depth(amqp, recorder.settings.recorder_queue) == 60
+        return await queue_depth(amqp, recorder.settings.recorder_queue) == 6  # ten a message
 
     await eventually(waiting_in_the_queue, what="events to wait in the queue")
     broker_proxy.restore()

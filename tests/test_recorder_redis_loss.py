@@ -61,7 +61,8 @@ async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
     await publish_events(amqp, [e for run in during for e in run.lifecycle()])
 
     async def all_received_and_failing() -> bool:
-        return recorder.pending == 90 and recorder.stats.write_failures >= 3
+        # 90 events, ten to a message.
+        return recorder.pending == 9 and recorder.stats.write_failures >= 3
 
     await eventually(all_received_and_failing, what="the recorder to hold every event")
     assert not recorder.store_available
@@ -75,7 +76,7 @@ async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
 
     await eventually(during_recorded, what="the held events to be recorded")
     await eventually(lambda: recorder.pending == 0, what="acks after the writes")
-    assert recorder.stats.acked == acked + 90
+    assert recorder.stats.acked == acked + 9
     assert recorder.store_available
     assert await count_completed(store, before) == len(before)
 
@@ -91,14 +92,14 @@ async def test_a_recorder_stopped_while_redis_is_down_hands_every_event_back(
     proxy.cut()
     runs = [Run(uid) for _ in range(20)]
     await publish_events(amqp, [e for run in runs for e in run.lifecycle()])
-    await eventually(lambda: cut_off.pending == 60, what="events held")
+    await eventually(lambda: cut_off.pending == 6, what="events held")  # 60, ten a message
 
     await cut_off.stop(timeout=0.3)  # Redis still away: it gives up and closes
     assert cut_off.stats.acked == 0
     queue = cut_off.settings.recorder_queue
 
     async def handed_back() -> bool:
-        return await queue_depth(amqp, queue) == 60
+        return await queue_depth(amqp, queue) == 6  # messages of ten events
 
     # A quorum queue returns a closed channel's deliveries through its Raft log: soon, not at once.
     await eventually(handed_back, what="the unwritten events to go back to the queue")

@@ -1,7 +1,8 @@
 """Broker loss, through a TCP proxy the test cuts (the shared broker is never stopped).
 
 A result decided while the broker is unreachable is delivered once it is back,
-and the work message is acknowledged only after the broker confirmed its result.
+and the work message of a run never reported running is acknowledged only after
+the broker confirmed its result.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ class Gated:
         return "done"
 
 
+@pytest.fixture(params=[0.05], ids=["reported"])
+def running_delay(request: pytest.FixtureRequest) -> float:
+    return float(request.param)
+
+
 @pytest.fixture
 async def gated_worker(
-    amqp_url: str, uid: str, broker_proxy: TcpProxy
+    amqp_url: str, uid: str, broker_proxy: TcpProxy, running_delay: float
 ) -> AsyncIterator[tuple[Worker, Gated]]:
     gated = Gated()
     # aio-pika reads the robust reconnect interval from the URL.
@@ -59,7 +65,9 @@ async def gated_worker(
         project=uid,
         deployment="v1",
         amqp_url=url,
-        settings=WorkerSettings(confirm_timeout_seconds=0.5),
+        settings=WorkerSettings(
+            confirm_timeout_seconds=0.5, worker_running_delay_seconds=running_delay
+        ),
     )
 
     async def gate(ctx: ExecutionContext, payload: Any) -> Any:
@@ -79,7 +87,7 @@ async def test_result_decided_during_an_outage_is_delivered_when_the_broker_retu
 ) -> None:
     worker, gated = gated_worker
     execution_id = await dispatcher.dispatch("gated")
-    await dispatcher.wait_for(execution_id, "running")
+    await dispatcher.wait_for_heartbeat(execution_id)
 
     broker_proxy.cut()
     gated.release.set()
@@ -97,7 +105,13 @@ async def test_result_decided_during_an_outage_is_delivered_when_the_broker_retu
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
 
 
-async def test_work_is_acknowledged_only_after_its_result_is_confirmed(
+# A run that is never reported running (it ends before the running delay) is
+# protected by its unacknowledged delivery alone.
+UNREPORTED = pytest.mark.parametrize("running_delay", [30.0], ids=["unreported"], indirect=True)
+
+
+@UNREPORTED
+async def test_unreported_work_is_acknowledged_only_after_its_result_is_confirmed(
     dispatcher: FakeDispatcher,
     gated_worker: tuple[Worker, Gated],
     broker_proxy: TcpProxy,
@@ -105,7 +119,8 @@ async def test_work_is_acknowledged_only_after_its_result_is_confirmed(
 ) -> None:
     worker, gated = gated_worker
     execution_id = await dispatcher.dispatch("gated")
-    await dispatcher.wait_for(execution_id, "running")
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 0))
+    await until(lambda: _true(gated.calls == 1))
 
     # The broker stores the result but its confirm never reaches the worker...
     broker_proxy.hold()
@@ -121,7 +136,7 @@ async def test_work_is_acknowledged_only_after_its_result_is_confirmed(
     await worker.stop()
     assert gated.calls == 1
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
-    assert {r.type for r in dispatcher.results_of(execution_id)} == {"running", "completed"}
+    assert {r.type for r in dispatcher.results_of(execution_id)} == {"completed"}
 
 
 async def test_worker_started_while_the_broker_is_unreachable_starts_when_it_returns(
@@ -153,7 +168,8 @@ async def test_worker_started_while_the_broker_is_unreachable_starts_when_it_ret
         await worker.stop()
 
 
-async def test_stopping_while_the_broker_is_unreachable_leaves_the_work_to_be_redone(
+@UNREPORTED
+async def test_stopping_while_the_broker_is_unreachable_leaves_unreported_work_to_be_redone(
     dispatcher: FakeDispatcher,
     gated_worker: tuple[Worker, Gated],
     broker_proxy: TcpProxy,
@@ -163,7 +179,8 @@ async def test_stopping_while_the_broker_is_unreachable_leaves_the_work_to_be_re
 ) -> None:
     worker, gated = gated_worker
     execution_id = await dispatcher.dispatch("gated")
-    await dispatcher.wait_for(execution_id, "running")
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 0))
+    await until(lambda: _true(gated.calls == 1))
     broker_proxy.cut()
     gated.release.set()
     await gated.finished.wait()
@@ -183,3 +200,7 @@ async def test_stopping_while_the_broker_is_unreachable_leaves_the_work_to_be_re
         await rerun.stop(drain_timeout=0)
     assert isinstance(completed, Completed)
     assert completed.worker_id == rerun.worker_id
+
+
+async def _true(value: bool) -> bool:
+    return value

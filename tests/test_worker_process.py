@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from schemas.dispatch import Completed, Running
+from schemas.dispatch import Completed, Released
 from tests.conftest import queue_depth
-from tests.worker_harness import FakeDispatcher, worker_process
+from tests.worker_harness import FakeDispatcher, has_depth, until, worker_process
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
@@ -57,13 +57,15 @@ async def exit_code(process: subprocess.Popen[bytes], timeout: float = 15.0) -> 
         raise AssertionError(f"worker {process.pid} still running after {timeout}s") from None
 
 
-async def test_execution_of_a_killed_worker_is_redelivered_and_completes(
+async def test_unreported_execution_of_a_killed_worker_is_redelivered_and_completes(
     dispatcher: FakeDispatcher, spawn: Spawn, amqp: AbstractConnection
 ) -> None:
-    first = spawn()
+    # Never reported running, so its delivery is still unacknowledged. (A
+    # leased one is dispatched again by its owner once the lease expires.)
+    first = spawn(POLOS_WORKER_RUNNING_DELAY_SECONDS="30")
     execution_id = await dispatcher.dispatch("slow_first")
-    running = await dispatcher.wait_for(execution_id, "running", timeout=15)
-    assert isinstance(running, Running)
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 0), timeout=15)
+    await asyncio.sleep(0.2)  # it is running
 
     first.kill()
     await exit_code(first)
@@ -72,7 +74,6 @@ async def test_execution_of_a_killed_worker_is_redelivered_and_completes(
     completed = await dispatcher.wait_for(execution_id, "completed", timeout=15)
     assert isinstance(completed, Completed)
     assert completed.result["redelivered"] is True
-    assert completed.worker_id != running.worker_id
     assert await exit_code(second) == 0
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
 
@@ -83,7 +84,7 @@ async def test_sigterm_lets_running_executions_finish_and_takes_no_more(
     worker = spawn(POLOS_WORKER_CONCURRENCY="1")
     first = await dispatcher.dispatch("sleep", {"seconds": 1, "result": "slept"})
     waiting = await dispatcher.dispatch("echo", "not taken")
-    await dispatcher.wait_for(first, "running", timeout=15)
+    await dispatcher.wait_for_heartbeat(first, timeout=15)
 
     worker.send_signal(signal.SIGTERM)
 
@@ -95,17 +96,38 @@ async def test_sigterm_lets_running_executions_finish_and_takes_no_more(
     assert await queue_depth(amqp, dispatcher.work_queue) == 1
 
 
-async def test_sigterm_hands_back_what_outlives_the_drain_timeout(
+async def test_sigterm_releases_a_leased_execution_that_outlives_the_drain_timeout(
     dispatcher: FakeDispatcher, spawn: Spawn, amqp: AbstractConnection
 ) -> None:
     worker = spawn(POLOS_WORKER_DRAIN_TIMEOUT_SECONDS="0.3")
-    execution_id = await dispatcher.dispatch("slow_first")
-    await dispatcher.wait_for(execution_id, "running", timeout=15)
+    execution_id = await dispatcher.dispatch("slow_first", dispatch_id="d-1")
+    await dispatcher.wait_for_heartbeat(execution_id, timeout=15)
 
     worker.send_signal(signal.SIGTERM)
 
     assert await exit_code(worker) == 0
-    assert [r.type for r in dispatcher.results_of(execution_id)] == ["running"]
+    released = await dispatcher.wait_for(execution_id, "released")
+    assert isinstance(released, Released)
+    assert (released.dispatch_id, released.reason) == ("d-1", "shutdown")
+    assert [r.type for r in dispatcher.results_of(execution_id)] == ["released"]
+    # Its delivery was acknowledged: the owner dispatches it again, not the broker.
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_sigterm_hands_back_an_unreported_execution_that_outlives_the_drain_timeout(
+    dispatcher: FakeDispatcher, spawn: Spawn, amqp: AbstractConnection
+) -> None:
+    worker = spawn(
+        POLOS_WORKER_DRAIN_TIMEOUT_SECONDS="0.3", POLOS_WORKER_RUNNING_DELAY_SECONDS="30"
+    )
+    execution_id = await dispatcher.dispatch("slow_first")
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 0), timeout=15)
+    await asyncio.sleep(0.2)  # it is running
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert await exit_code(worker) == 0
+    assert dispatcher.results_of(execution_id) == []
     assert await queue_depth(amqp, dispatcher.work_queue) == 1
 
     # Handed back, not lost: the next worker runs it (and sees it was delivered before).

@@ -1,4 +1,5 @@
-"""The worker runs what it is handed and reports it: running, then one terminal result."""
+"""The worker runs what it is handed and reports it: heartbeats while it runs long, then one
+terminal result."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from broker.deadletter import REASON_HEADER
-from schemas.dispatch import Cancelled, Completed, Failed, Running
+from schemas.dispatch import Cancelled, Completed, Failed
+from schemas.ids import now_rfc3339
+from schemas.limits import MAX_RESULT_DEPTH
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
 from tests.worker_harness import FakeDispatcher, take_dead_letters, until
@@ -50,10 +53,11 @@ async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[StartWorker]:
         await worker.stop(drain_timeout=0)
 
 
-async def test_runs_workflow_and_reports_running_then_completed(
+async def test_short_run_reports_only_its_result_which_says_when_it_started(
     dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
 ) -> None:
     worker = await start_worker()
+    before = now_rfc3339()
 
     execution_id = await dispatcher.dispatch("echo", {"greeting": "hi", "n": [1, 2]})
 
@@ -61,12 +65,12 @@ async def test_runs_workflow_and_reports_running_then_completed(
     assert isinstance(completed, Completed)
     assert completed.result == {"greeting": "hi", "n": [1, 2]}
     assert completed.worker_id == worker.worker_id
-    kinds = [result.type for result in dispatcher.results_of(execution_id)]
-    assert kinds == ["running", "completed"]
-    running = dispatcher.results_of(execution_id)[0]
-    assert isinstance(running, Running)
-    assert running.dispatch_id == completed.dispatch_id
+    assert completed.started_at is not None
+    assert before <= completed.started_at <= completed.at
+    await worker.wait_idle()
     await worker.stop()
+    assert [result.type for result in dispatcher.results_of(execution_id)] == ["completed"]
+    assert dispatcher.heartbeats_of(execution_id) == []
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
 
 
@@ -99,6 +103,21 @@ async def test_unserializable_result_is_a_failure(
     assert "not JSON-serializable" in failed.error.message
 
 
+async def test_a_result_nested_deeper_than_the_owner_reads_is_a_failure(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    await start_worker()
+
+    deepest = await dispatcher.dispatch("nested", payload=MAX_RESULT_DEPTH)
+    completed = await dispatcher.wait_for(deepest, "completed")
+    assert isinstance(completed, Completed)
+
+    too_deep = await dispatcher.dispatch("nested", payload=MAX_RESULT_DEPTH + 1)
+    failed = await dispatcher.wait_for(too_deep, "failed")
+    assert isinstance(failed, Failed)
+    assert f"nests deeper than {MAX_RESULT_DEPTH} levels" in failed.error.message
+
+
 async def test_context_carries_the_submission(
     dispatcher: FakeDispatcher, start_worker: StartWorker, uid: str
 ) -> None:
@@ -126,6 +145,7 @@ async def test_context_carries_the_submission(
         "queue_name": "q",
         "dispatch_id": "d-1",
         "deadline": deadline,
+        "lease_seconds": 30.0,
         "session_id": f"s-{execution_id}",
         "user_id": "u-1",
         "initial_state": {"step": 2},
@@ -152,7 +172,7 @@ async def test_duplicate_delivery_of_a_running_execution_runs_once(
     worker = await start_worker({"gated": gated})
     execution_id, body = dispatcher.work("gated")
     await dispatcher.publish(body)
-    await dispatcher.wait_for(execution_id, "running")
+    await dispatcher.wait_for_heartbeat(execution_id)
 
     await dispatcher.publish(body)
     await dispatcher.publish(body)
@@ -164,7 +184,7 @@ async def test_duplicate_delivery_of_a_running_execution_runs_once(
     await dispatcher.wait_for(execution_id, "completed")
     await worker.stop()
     assert calls == 1
-    assert [r.type for r in dispatcher.results_of(execution_id)] == ["running", "completed"]
+    assert [r.type for r in dispatcher.results_of(execution_id)] == ["completed"]
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
 
 
@@ -221,7 +241,7 @@ async def test_cancel_message_cancels_the_running_task(
     worker = await start_worker({"forever": forever})
     execution_id, body = dispatcher.work("forever")
     await dispatcher.publish(body)
-    await dispatcher.wait_for(execution_id, "running")
+    await dispatcher.wait_for_heartbeat(execution_id)
 
     await dispatcher.cancel(execution_id, "user")
 
@@ -242,7 +262,7 @@ async def test_cancel_message_cancels_the_running_task(
     later = await dispatcher.dispatch("echo", "after")
     await dispatcher.wait_for(later, "completed")
     await worker.stop()
-    assert [r.type for r in dispatcher.results_of(execution_id)] == ["running", "cancelled"]
+    assert [r.type for r in dispatcher.results_of(execution_id)] == ["cancelled"]
     assert await queue_depth(amqp, work_queue(dispatcher.project, "v1")) == 0
 
 
@@ -347,7 +367,7 @@ async def test_runs_at_most_concurrency_executions_at_once(
     await start_worker({"gated": gated}, concurrency=2)
     ids = [await dispatcher.dispatch("gated") for _ in range(5)]
     for execution_id in ids[:2]:
-        await dispatcher.wait_for(execution_id, "running")
+        await dispatcher.wait_for_heartbeat(execution_id)
     release.set()
     for execution_id in ids:
         await dispatcher.wait_for(execution_id, "completed")

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -27,7 +27,9 @@ from broker.topology import (
     declare_work_queue,
 )
 from schemas.dispatch import (
+    DEFAULT_LEASE_SECONDS,
     CancelMessage,
+    Heartbeat,
     ResultMessage,
     decode_result,
     encode,
@@ -54,6 +56,8 @@ class FakeDispatcher:
         self.work_queue = work_queue(project, deployment)
         self.results_queue = results_queue(project, queue_name)
         self.results: list[ResultMessage] = []
+        self.received: list[float] = []
+        """Monotonic arrival time of each of ``results``."""
         self._arrived = asyncio.Condition()
         self._channel: AbstractChannel | None = None
 
@@ -76,6 +80,7 @@ class FakeDispatcher:
         await message.ack()
         async with self._arrived:
             self.results.append(decode_result(message.body))
+            self.received.append(time.monotonic())
             self._arrived.notify_all()
 
     # -- work -----------------------------------------------------------------------
@@ -89,6 +94,7 @@ class FakeDispatcher:
         execution_id: str | None = None,
         dispatch_id: str | None = None,
         results_queue: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         **submission: Any,
     ) -> tuple[str, bytes]:
         """An execution id and the body of a work message for it."""
@@ -123,6 +129,7 @@ class FakeDispatcher:
             deadline=deadline if deadline is not None else time.time() + 60,
             results_queue=results_queue or self.results_queue,
             submission_raw=encode_submission(**fields),
+            lease_seconds=lease_seconds,
         )
         return execution_id, body
 
@@ -145,16 +152,54 @@ class FakeDispatcher:
         await self.publish(body)
         return execution_id
 
-    async def cancel(self, execution_id: str, reason: str = "user") -> None:
+    async def cancel(
+        self,
+        execution_id: str,
+        reason: Literal["timeout", "user", "superseded"] = "user",
+        *,
+        dispatch_id: str | None = None,
+    ) -> None:
         assert self._channel is not None
         exchange = await self._channel.get_exchange(CANCEL_EXCHANGE, ensure=False)
-        cancel = CancelMessage(execution_id=execution_id, reason=reason, at=now_rfc3339())
+        cancel = CancelMessage(
+            execution_id=execution_id,
+            reason=reason,
+            at=now_rfc3339(),
+            dispatch_id=dispatch_id,
+        )
         await exchange.publish(aio_pika.Message(encode(cancel)), routing_key=self.work_queue)
 
     # -- results --------------------------------------------------------------------
 
     def results_of(self, execution_id: str) -> list[ResultMessage]:
-        return [r for r in self.results if r.execution_id == execution_id]
+        return [
+            r
+            for r in self.results
+            if not isinstance(r, Heartbeat) and r.execution_id == execution_id
+        ]
+
+    def heartbeats_of(self, execution_id: str) -> list[tuple[float, Heartbeat]]:
+        """The heartbeats that carried ``execution_id``, with their arrival times."""
+        return [
+            (at, r)
+            for at, r in zip(self.received, self.results, strict=True)
+            if isinstance(r, Heartbeat)
+            and any(entry.execution_id == execution_id for entry in r.executions)
+        ]
+
+    async def wait_for_heartbeat(
+        self, execution_id: str, *, count: int = 1, timeout: float = 10.0
+    ) -> Heartbeat:
+        """The ``count``-th heartbeat carrying ``execution_id``."""
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(lambda: len(self.heartbeats_of(execution_id)) >= count)
+        except TimeoutError:
+            raise AssertionError(
+                f"{len(self.heartbeats_of(execution_id))} heartbeats for {execution_id} "
+                f"in {timeout}s, expected {count}"
+            ) from None
+        return self.heartbeats_of(execution_id)[count - 1][1]
 
     async def wait_for(
         self, execution_id: str, kind: str, *, timeout: float = 10.0

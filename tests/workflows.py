@@ -8,6 +8,7 @@ test uses names of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -39,6 +40,14 @@ async def unserializable(ctx: ExecutionContext, payload: Any) -> Any:
     return object()
 
 
+async def nested(ctx: ExecutionContext, payload: Any) -> Any:
+    """Returns a value nested ``payload`` levels of lists deep."""
+    value: Any = 1
+    for _ in range(payload):
+        value = [value]
+    return value
+
+
 async def context(ctx: ExecutionContext, payload: Any) -> Any:
     return {
         "execution_id": ctx.execution_id,
@@ -48,6 +57,7 @@ async def context(ctx: ExecutionContext, payload: Any) -> Any:
         "queue_name": ctx.queue_name,
         "dispatch_id": ctx.dispatch_id,
         "deadline": ctx.deadline,
+        "lease_seconds": ctx.lease_seconds,
         "session_id": ctx.session_id,
         "user_id": ctx.user_id,
         "initial_state": ctx.initial_state,
@@ -59,13 +69,21 @@ async def context(ctx: ExecutionContext, payload: Any) -> Any:
     }
 
 
+async def traced(ctx: ExecutionContext, payload: Any) -> Any:
+    """Logs one line (the worker's log context adds the ids) and returns its traceparent."""
+    logging.getLogger("tests.workflows").info("traced run")
+    return {"traceparent": ctx.traceparent}
+
+
 WORKFLOWS = {
     "echo": echo,
     "fail": fail,
     "sleep": sleep,
     "slow_first": slow_first,
     "unserializable": unserializable,
+    "nested": nested,
     "context": context,
+    "traced": traced,
 }
 
 

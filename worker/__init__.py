@@ -13,7 +13,8 @@ await worker.run()          # or: python -m worker mymodule:worker
 """
 
 from worker._context import ExecutionContext
-from worker._runner import DeadlineExceeded, Handler
+from worker._delivery import Handler
+from worker._runner import DeadlineExceeded
 from worker._settings import WorkerSettings
 from worker._worker import Worker
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
+from observe import setup_logging
 from worker._worker import Worker
 
 
@@ -35,12 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--burst", action="store_true", help="exit once the work queue is empty and nothing runs"
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", help="overrides POLOS_LOG_LEVEL")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     worker = load(args.target)
+    setup_logging(worker.settings.observe, level=args.log_level)
     asyncio.run(worker.run(burst=args.burst))
     return 0
 

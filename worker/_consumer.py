@@ -1,19 +1,18 @@
-"""The connected part of a worker: consuming work and cancels, running, draining.
+"""The connected part of a worker: consuming work and cancels, draining.
 
-    polos.work.<project>.<deployment> ──WorkMessage──► on_work ──► Execution
-        │ poison                 → polos.dead (reason), ack
-        │ already running here   → ack, drop        (at-least-once delivery)
-        │ recently finished here → ack, drop
-        │ deadline passed        → ack, drop        (the dispatcher timed it out)
-        └ else: Running ─► handler (deadline) ─► Completed | Failed | Cancelled
-                → results queue (confirmed) → then ack the work message
+    polos.work.<project>.<deployment> ──WorkMessage──► on_work
+        │ poison                          → polos.dead (reason), ack
+        │ this dispatch runs here already → ack, drop   (at-least-once delivery)
+        │ finished or cancelled here      → ack, drop
+        │ deadline passed                 → ack, drop   (the dispatcher timed it out)
+        └ else: the intake (worker._intake) starts it, keeps it waiting for a
+          slot, or hands it back; started ones are worker._executions'
     polos.cancel ──(routing key = work queue)──► exclusive queue ──► on_cancel
 
 The connection is robust: aio-pika reopens channels, QoS, the exclusive
-cancel queue with its binding, and both consumers after a loss. Deliveries
-made on a channel that died cannot be settled any more; the broker requeues
-them, and a redelivery of an execution still running here is adopted (its
-delivery is the one acknowledged after the result) instead of run again.
+cancel queue with its binding, and the consumers after a loss. Deliveries made
+on a channel that died cannot be settled any more; the broker requeues them,
+so what they carried stops here (see ``worker._executions``).
 """
 
 from __future__ import annotations
@@ -28,28 +27,28 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic import ValidationError
 
 from broker.connection import Backoff, Nodes, connect_robust, retry
-from broker.errors import BrokerError, Unroutable
+from broker.errors import BrokerError
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_work_queue
-from schemas.dispatch import WorkMessage, decode_cancel, decode_work
+from schemas.dispatch import decode_cancel, decode_work
 from schemas.topology import CANCEL_EXCHANGE, work_queue
-from worker._context import ExecutionContext
-from worker._delivery import SETTLE_ERRORS, Recent, close_quietly, settle
+from worker._delivery import SETTLE_ERRORS, Delivery, Handler, Recent, close_quietly, settle
+from worker._executions import Executions
 from worker._reporting import Reporter
-from worker._runner import Execution, Handler, call_with_deadline, outcome, running
+from worker._runner import Stop
+from worker._work_intake import WorkIntake
 
 log = logging.getLogger("worker")
 
-# After the drain deadline, how long cancelled handlers get to unwind before
-# their deliveries are handed back regardless.
+# After the drain deadline, how long cancelled handlers get to unwind (and
+# leased ones to be released) before their deliveries are handed back regardless.
 HAND_BACK_GRACE_S = 5.0
 # Burst mode: the worker is idle once nothing ran or arrived for this long.
 BURST_IDLE_S = 0.5
@@ -76,6 +75,8 @@ class Consumer:
         worker_id: str,
         confirm_timeout: float,
         reconnect_interval: float,
+        running_delay: float,
+        hold_seconds: float,
         replicas: int | None = None,
     ) -> None:
         self._nodes = Nodes.parse(amqp_url)
@@ -87,25 +88,32 @@ class Consumer:
         self._worker_id = worker_id
         self._confirm_timeout = confirm_timeout
         self._reconnect_interval = reconnect_interval
+        self._running_delay = running_delay
+        self._hold_seconds = hold_seconds
         self.work_queue = work_queue(project, deployment)
         self.cancel_queue = f"polos.cancel.{self.work_queue}.{worker_id}"
-        self.running: dict[str, Execution] = {}
-        # Cancelled executions (any dispatch) and finished dispatches: a later
-        # delivery of one is dropped. A *new* dispatch of an execution finished
-        # here runs again: its owner asked for it (e.g. it never got the result).
+        # Cancelled executions (an execution id: any dispatch; a pair: that
+        # dispatch): a later delivery of one is dropped. A *new* dispatch of an
+        # execution finished here runs again: its owner asked for it.
         self._cancelled = Recent()
-        self._finished = Recent()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._reporter: Reporter | None = None
+        self._executions: Executions | None = None
         self._work_channel: AbstractChannel | None = None
-        self._work: AbstractQueue | None = None
-        self._work_tag: str | None = None
+        self._intake: WorkIntake | None = None
         self._cancel_channel: AbstractChannel | None = None
-        self._supervisors: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._hurry = asyncio.Event()
-        self._last_activity = 0.0
+        self._last_arrival = 0.0
+
+    @property
+    def running(self) -> frozenset[str]:
+        """Execution ids held here: running, or waiting for a slot."""
+        ids = {key[0] for key in self._intake.waiting_keys} if self._intake is not None else set()
+        if self._executions is not None:
+            ids.update(execution.ctx.execution_id for execution in self._executions)
+        return frozenset(ids)
 
     # -- start ------------------------------------------------------------------
 
@@ -127,6 +135,7 @@ class Consumer:
         try:
             await self._setup(connection)
         except BaseException:
+            await self._discard_setup()
             await close_quietly(connection)
             raise
         self._connection = connection
@@ -154,11 +163,31 @@ class Consumer:
         await cancels.bind(CANCEL_EXCHANGE, routing_key=self.work_queue)
         await cancels.consume(self._on_cancel, no_ack=True)
 
+        self._executions = Executions(
+            self._publisher,
+            self._reporter,
+            worker_id=self._worker_id,
+            work_queue=self.work_queue,
+            running_delay=self._running_delay,
+            confirm_timeout=self._confirm_timeout,
+            on_ended=self._slot_freed,
+            on_leased=self._leased,
+        )
+        self._executions.start()
         self._work_channel = await connection.channel()
-        await self._work_channel.set_qos(prefetch_count=self._concurrency)
-        self._work = await self._work_channel.declare_queue(self.work_queue, passive=True)
-        self._last_activity = asyncio.get_running_loop().time()
-        self._work_tag = await self._work.consume(self._on_work)
+        self._intake = WorkIntake(
+            self._work_channel,
+            await self._work_channel.declare_queue(self.work_queue, passive=True),
+            concurrency=self._concurrency,
+            hold_seconds=self._hold_seconds,
+            timeout=self._confirm_timeout,
+            retry_interval=self._reconnect_interval,
+            on_message=self._on_work,
+            begin=self._executions.begin,
+            check_deliveries=self._executions.check_deliveries,
+        )
+        self._last_arrival = asyncio.get_running_loop().time()
+        await self._intake.start()
         log.info(
             "worker %s consuming %s (concurrency %d; workflows: %s)",
             self._worker_id,
@@ -167,12 +196,23 @@ class Consumer:
             ", ".join(sorted(self._workflows)),
         )
 
+    async def _discard_setup(self) -> None:
+        if self._intake is not None:
+            await self._intake.close(0)
+            self._intake = None
+        if self._executions is not None:
+            await self._executions.close()
+            self._executions = None
+
     # -- work -------------------------------------------------------------------
 
     async def _on_work(self, message: AbstractIncomingMessage) -> None:
-        # No await before the execution is recorded: deliveries are handled in
+        # No await before the delivery is recorded: deliveries are handled in
         # concurrent tasks, and a duplicate must see the first one.
-        self._last_activity = asyncio.get_running_loop().time()
+        assert self._executions is not None
+        assert self._intake is not None
+        executions, intake = self._executions, self._intake
+        now = self._last_arrival = asyncio.get_running_loop().time()
         if self._stopping:
             await settle(message, requeue=True)
             return
@@ -196,17 +236,29 @@ class Consumer:
                 f"unknown workflow {submission.workflow_id!r} in deployment {self._deployment!r}",
             )
             return
-        execution_id = submission.execution_id
-        held = self.running.get(execution_id)
+        delivery = Delivery(work, message, handler)
+        key = delivery.key
+        execution_id = key[0]
+        held = executions.get(key)
         if held is not None:
-            if held.delivery_alive:
+            if held.acked or held.delivery_alive:
                 log.info("dropping a duplicate delivery of running %s", execution_id)
                 await settle(message)
-            else:
-                log.info("adopting the redelivery of running %s", execution_id)
+                return
+            if held.handler_task.done():
+                # Its result is decided (no second copy can overlap): this live
+                # delivery is the one acknowledged once the result is confirmed.
                 held.message = message
-            return
-        if execution_id in self._cancelled or (execution_id, work.dispatch_id) in self._finished:
+                return
+            executions.stop(held, Stop.DELIVERY_LOST)
+        waiting = intake.waiting(key)
+        if waiting is not None:
+            if waiting.alive:
+                log.info("dropping a duplicate delivery of waiting %s", execution_id)
+                await settle(message)
+                return
+            intake.withdraw(key)
+        if execution_id in self._cancelled or key in self._cancelled or key in executions.finished:
             log.info("dropping a delivery of %s, finished or cancelled here", execution_id)
             await settle(message)
             return
@@ -214,77 +266,15 @@ class Consumer:
             log.info("dropping %s: its deadline passed before it started", execution_id)
             await settle(message)
             return
-        self._begin(work, message, handler)
+        await intake.admit(delivery, now)
 
-    def _begin(self, work: WorkMessage, message: AbstractIncomingMessage, handler: Handler) -> None:
-        ctx = ExecutionContext.from_work(
-            work, worker_id=self._worker_id, redelivered=bool(message.redelivered)
-        )
-        handler_task = asyncio.create_task(
-            call_with_deadline(handler, ctx, work.submission.payload),
-            name=f"workflow-{ctx.workflow_id}-{ctx.execution_id}",
-        )
-        execution = Execution(work=work, message=message, ctx=ctx, handler_task=handler_task)
-        self.running[ctx.execution_id] = execution
-        supervisor = asyncio.create_task(
-            self._supervise(execution), name=f"supervise-{ctx.execution_id}"
-        )
-        execution.supervisor = supervisor
-        self._supervisors.add(supervisor)
-        supervisor.add_done_callback(self._supervisors.discard)
+    def _slot_freed(self, delivery: Delivery) -> None:
+        if self._intake is not None:
+            self._intake.ended(delivery)
 
-    async def _supervise(self, execution: Execution) -> None:
-        assert self._reporter is not None
-        reporter = self._reporter
-        ctx = execution.ctx
-        results_queue = execution.work.results_queue
-        # Running goes out while the handler already runs; the terminal result
-        # waits for it, so the owner never sees them out of order.
-        running_id, running_body = running(ctx)
-        announce = asyncio.create_task(
-            reporter.publish(results_queue, running_body, message_id=running_id)
-        )
-        reported = False
-        try:
-            await asyncio.wait([execution.handler_task])
-            result = outcome(execution)
-            if result is None:
-                announce.cancel()
-                log.info("handing back %s", ctx.execution_id)
-                await settle(execution.message, requeue=True)
-                return
-            result_id, result_body = result
-            try:
-                with contextlib.suppress(Unroutable):
-                    await announce
-                await reporter.publish(results_queue, result_body, message_id=result_id)
-            except Unroutable:
-                # The owner's results queue is gone: keep the work, with why,
-                # rather than loop it or lose it.
-                await reporter.dead_letter(
-                    execution.message.body,
-                    source_queue=self.work_queue,
-                    reason=f"results queue {results_queue!r} does not exist",
-                    message_id=execution.message.message_id,
-                )
-            reported = True
-            await settle(execution.message)
-        except BrokerError as exc:
-            # Stopping while the broker is away, or no dead-letter queue to keep
-            # the work in: the delivery goes back to the queue with the channel.
-            log.error("could not report %s: %r", ctx.execution_id, exc)
-        except asyncio.CancelledError:
-            # Stopping past the drain grace: whatever was not reported is redone.
-            announce.cancel()
-            execution.handler_task.cancel()
-            if not reported:
-                await settle(execution.message, requeue=True)
-            raise
-        finally:
-            self.running.pop(ctx.execution_id, None)
-            if reported:
-                self._finished.add((ctx.execution_id, ctx.dispatch_id))
-            self._last_activity = asyncio.get_running_loop().time()
+    def _leased(self, delivery: Delivery) -> None:
+        if self._intake is not None:
+            self._intake.leased(delivery)
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         assert self._reporter is not None
@@ -311,13 +301,26 @@ class Consumer:
         except ValidationError as exc:
             log.warning("ignoring an undecodable cancel message: %s", exc)
             return
-        self._cancelled.add(cancel.execution_id)
-        execution = self.running.get(cancel.execution_id)
-        if execution is None or execution.handler_task.done():
+        execution_id, dispatch_id = cancel.execution_id, cancel.dispatch_id
+        self._cancelled.add(execution_id if dispatch_id is None else (execution_id, dispatch_id))
+
+        def targeted(key: tuple[str, str]) -> bool:
+            return key[0] == execution_id and dispatch_id in (None, key[1])
+
+        if self._executions is None or self._intake is None:
             return
-        log.info("cancelling %s (%s)", cancel.execution_id, cancel.reason)
-        execution.cancel_reason = cancel.reason
-        execution.handler_task.cancel()
+        for key in [key for key in self._intake.waiting_keys if targeted(key)]:
+            delivery = self._intake.withdraw(key)
+            if delivery is not None:
+                self._intake.settle_later(settle(delivery.message))
+        for execution in self._executions:
+            if not targeted(execution.key) or execution.handler_task.done():
+                continue
+            log.info("cancelling %s (%s)", execution_id, cancel.reason)
+            if cancel.reason == "superseded":
+                self._executions.stop(execution, Stop.SUPERSEDED)
+            else:
+                self._executions.stop(execution, Stop.CANCEL, cancel_reason=cancel.reason)
 
     # -- burst, stop ----------------------------------------------------------------
 
@@ -326,7 +329,11 @@ class Consumer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(0.1)
-            if self.running or loop.time() - self._last_activity < BURST_IDLE_S:
+            executions = self._executions
+            if executions is None or executions.supervisors or self.running:
+                continue
+            last = max(self._last_arrival, executions.last_activity)
+            if loop.time() - last < BURST_IDLE_S:
                 continue
             if await self._work_queue_empty():
                 return
@@ -348,39 +355,38 @@ class Consumer:
     async def stop(self, drain_timeout: float) -> None:
         """Stop taking work, drain, hand back the rest, and disconnect."""
         self._stopping = True
-        if self._work is not None and self._work_tag is not None:
-            with contextlib.suppress(*SETTLE_ERRORS, BrokerError, TimeoutError):
-                await self._work.cancel(self._work_tag, timeout=self._confirm_timeout)
-        if self._supervisors:
-            log.info("draining %d executions (up to %ss)", len(self._supervisors), drain_timeout)
+        if self._intake is not None:
+            await self._intake.stop()
+        executions = self._executions
+        if executions is not None and executions.supervisors:
+            log.info("draining %d executions (up to %ss)", len(executions), drain_timeout)
             waiters = [
-                asyncio.create_task(self._drained()),
+                asyncio.create_task(executions.wait()),
                 asyncio.create_task(self._hurry.wait()),
             ]
             await asyncio.wait(waiters, timeout=drain_timeout, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
-        await self._hand_back()
+        if executions is not None:
+            await self._hand_back(executions)
+        if self._intake is not None:
+            await self._intake.close(HAND_BACK_GRACE_S)
         await self._disconnect()
 
-    async def _drained(self) -> None:
-        while self._supervisors:
-            await asyncio.wait(list(self._supervisors))
-
-    async def _hand_back(self) -> None:
-        for execution in list(self.running.values()):
-            execution.hand_back = True
-            execution.handler_task.cancel()
-        # Past the drain deadline a result the broker cannot take now is not
-        # waited for: its delivery goes back to the queue with the channel.
-        if self._reporter is not None:
-            self._reporter.close()
-        if self._supervisors:
-            await asyncio.wait(list(self._supervisors), timeout=HAND_BACK_GRACE_S)
-        for supervisor in list(self._supervisors):
+    async def _hand_back(self, executions: Executions) -> None:
+        """Past the drain: unacknowledged deliveries go back to the queue, leased
+        executions are released (confirmed) so their owner dispatches them at once."""
+        for execution in executions:
+            executions.stop(execution, Stop.SHUTDOWN)
+        # A result the broker cannot take now is not waited for: an unacknowledged
+        # delivery goes back to the queue with the channel, a leased one when its
+        # lease ends on the owner.
+        executions.close_reporting()
+        await executions.wait(HAND_BACK_GRACE_S)
+        for supervisor in list(executions.supervisors):
             supervisor.cancel()
-        if self._supervisors:
-            await asyncio.wait(list(self._supervisors), timeout=HAND_BACK_GRACE_S)
+        await executions.wait(HAND_BACK_GRACE_S)
+        await executions.close()
 
     async def _disconnect(self) -> None:
         for channel in (self._work_channel, self._cancel_channel):

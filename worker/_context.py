@@ -26,6 +26,8 @@ class ExecutionContext:
     dispatch_id: str
     deadline: float
     """Unix seconds; the run is cancelled at this time."""
+    lease_seconds: float
+    """How long the owner keeps this dispatch without a heartbeat (the worker renews it)."""
     session_id: str
     user_id: str | None
     initial_state: Any
@@ -34,8 +36,13 @@ class ExecutionContext:
     concurrency_key: str | None
     worker_id: str
     redelivered: bool
-    """The broker delivered this work before (to a worker that died or lost its link)."""
+    """This execution was handed to a worker before: the broker redelivered the work (its
+    worker died or lost its link before reporting it), or the dispatcher dispatched it
+    again (its lease expired, or its worker released it)."""
     submission: SubmissionEnvelope
+    traceparent: str | None = None
+    """The W3C traceparent of the submission (its ``traceparent`` header or
+    ``otel_traceparent``; with tracing on, the gateway's ``submit`` span), as carried."""
 
     @property
     def remaining_seconds(self) -> float:
@@ -53,6 +60,7 @@ class ExecutionContext:
             queue_name=s.queue_name,
             dispatch_id=work.dispatch_id,
             deadline=work.deadline,
+            lease_seconds=work.lease_seconds,
             session_id=s.session_id,
             user_id=s.user_id,
             initial_state=s.initial_state,
@@ -62,4 +70,5 @@ class ExecutionContext:
             worker_id=worker_id,
             redelivered=redelivered,
             submission=s,
+            traceparent=s.otel_traceparent,
         )

@@ -1,17 +1,24 @@
-"""Settling deliveries, and remembering which ones to drop."""
+"""Work deliveries: settling them, and remembering which ones to drop."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
+from schemas.dispatch import WorkMessage
+from worker._context import ExecutionContext
+
 log = logging.getLogger("worker")
+
+Handler = Callable[[ExecutionContext, Any], Awaitable[Any]]
 
 # How many cancelled executions and finished dispatches are remembered to drop
 # a late redelivery of one; a bounded memory, not a guarantee (the dispatcher
@@ -50,9 +57,11 @@ async def close_quietly(connection: AbstractRobustConnection | None) -> None:
             await connection.close()
 
 
-async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> None:
-    """Ack (or nack with requeue) a delivery; a delivery whose channel died is
-    already back in its queue, and its redelivery is recognised."""
+async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> bool:
+    """Ack (or nack with requeue) a delivery; whether it could be.
+
+    A delivery whose channel died is already back in its queue.
+    """
     try:
         if requeue is None:
             await message.ack()
@@ -60,3 +69,30 @@ async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = Non
             await message.nack(requeue=requeue)
     except SETTLE_ERRORS as exc:
         log.info("could not settle a delivery (%r); the broker requeues it", exc)
+        return False
+    return True
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """A work delivery to run: a slot of the intake, then an execution."""
+
+    work: WorkMessage
+    message: AbstractIncomingMessage
+    handler: Handler
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.work.submission.execution_id, self.work.dispatch_id)
+
+    @property
+    def alive(self) -> bool:
+        return channel_open(self.message)
+
+
+def channel_open(message: AbstractIncomingMessage) -> bool:
+    """Whether ``message`` can still be settled (its channel is open)."""
+    try:
+        return not message.channel.is_closed
+    except ChannelInvalidStateError:
+        return False

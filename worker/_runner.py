@@ -10,19 +10,27 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic_core import PydanticSerializationError
 
-from schemas.dispatch import Cancelled, Completed, ErrorInfo, Failed, Running, WorkMessage, encode
+from schemas.dispatch import (
+    Cancelled,
+    Completed,
+    ErrorInfo,
+    Failed,
+    Released,
+    WorkMessage,
+    encode,
+)
 from schemas.ids import now_rfc3339
+from schemas.limits import MAX_RESULT_DEPTH, nests_deeper
 from worker._context import ExecutionContext
-
-Handler = Callable[[ExecutionContext, Any], Awaitable[Any]]
+from worker._delivery import Delivery, Handler, channel_open
 
 # Large tracebacks (deep recursion) would bloat the results queue; the tail
 # keeps the frames closest to the error.
@@ -34,30 +42,52 @@ class DeadlineExceeded(Exception):
     """The execution's deadline passed while its handler ran."""
 
 
+class Stop(StrEnum):
+    """Why the worker stopped a handler before it ended by itself."""
+
+    CANCEL = "cancel"
+    """A cancel message (user, timeout): it reports ``Cancelled``."""
+    SUPERSEDED = "superseded"
+    """The owner moved on to another dispatch: it reports nothing."""
+    LEASE_LOST = "lease_lost"
+    """Its lease here ended unrenewed: it reports nothing (a ``Released``, best effort)."""
+    DELIVERY_LOST = "delivery_lost"
+    """Its unacknowledged delivery went back to the queue with a dead channel: nothing."""
+    SHUTDOWN = "shutdown"
+    """Stopping past the drain: requeued, or (leased) a ``Released``."""
+
+
+SILENT = frozenset({Stop.SUPERSEDED, Stop.LEASE_LOST, Stop.DELIVERY_LOST})
+
+
 @dataclass(eq=False, slots=True)
 class Execution:
-    """An execution this worker holds, from delivery until its delivery is settled."""
+    """A dispatch this worker runs, from its start until it is settled."""
 
     work: WorkMessage
     message: AbstractIncomingMessage
-    """The delivery to settle; a redelivery after a lost channel replaces it."""
+    """The delivery to settle; a redelivery after a lost channel may replace it once the
+    handler is done (the result is decided: no second copy can overlap)."""
     ctx: ExecutionContext
+    delivery: Delivery
+    """Its slot in the intake."""
     handler_task: asyncio.Task[Any]
+    started: float
+    """Monotonic (loop) time the handler started."""
+    started_at: str
+    acked: bool = False
+    """The delivery is acknowledged: from then on the lease protects the execution."""
+    stop: Stop | None = None
     cancel_reason: str | None = None
-    hand_back: bool = False
     supervisor: asyncio.Task[None] | None = field(default=None)
 
     @property
-    def execution_id(self) -> str:
-        return self.ctx.execution_id
+    def key(self) -> tuple[str, str]:
+        return (self.ctx.execution_id, self.ctx.dispatch_id)
 
     @property
     def delivery_alive(self) -> bool:
-        """Whether the delivery can still be settled (its channel is open)."""
-        try:
-            return not self.message.channel.is_closed
-        except ChannelInvalidStateError:
-            return False
+        return channel_open(self.message)
 
 
 async def call_with_deadline(handler: Handler, ctx: ExecutionContext, payload: Any) -> Any:
@@ -73,42 +103,64 @@ async def call_with_deadline(handler: Handler, ctx: ExecutionContext, payload: A
         raise
 
 
-def running(ctx: ExecutionContext) -> tuple[str, bytes]:
-    message = Running(
+def released(execution: Execution, reason: str) -> tuple[str, bytes]:
+    ctx = execution.ctx
+    message = Released(
         execution_id=ctx.execution_id,
         dispatch_id=ctx.dispatch_id,
         worker_id=ctx.worker_id,
         at=now_rfc3339(),
+        reason=reason,
     )
-    return message_id(ctx, "running"), encode(message)
+    return message_id(ctx, f"released-{reason}"), encode(message)
 
 
 def outcome(execution: Execution) -> tuple[str, bytes] | None:
     """The terminal result (message id, body) of a finished handler task.
 
-    ``None`` when the execution is handed back (the worker is stopping): the
-    broker gives it to another worker, so nothing is reported.
+    ``None`` when the worker stopped it for a reason that reports nothing (see
+    ``Stop``): the execution is run again elsewhere, or the owner moved on.
     """
     ctx = execution.ctx
     task = execution.handler_task
     at = now_rfc3339()
-    common = {"execution_id": ctx.execution_id, "dispatch_id": ctx.dispatch_id, "at": at}
+    common: dict[str, Any] = {
+        "execution_id": ctx.execution_id,
+        "dispatch_id": ctx.dispatch_id,
+        "at": at,
+        "started_at": execution.started_at,
+    }
     error: BaseException | None = None
+    if execution.stop in SILENT:
+        # Even if the handler ignored its cancellation and returned: another copy
+        # may run by now, or the owner no longer has this dispatch.
+        return None
     if task.cancelled():
-        if execution.cancel_reason is None and execution.hand_back:
+        if execution.stop is Stop.SHUTDOWN:
             return None
     else:
         error = task.exception()
         if error is None:
             try:
-                body = encode(Completed(worker_id=ctx.worker_id, result=task.result(), **common))
+                completed = Completed(worker_id=ctx.worker_id, result=task.result(), **common)
+                data = completed.model_dump(mode="json")
+                body = orjson.dumps(data)
             except (PydanticSerializationError, TypeError, ValueError) as exc:
                 error = TypeError(
                     f"the result of {ctx.workflow_id!r} is not JSON-serializable: {exc}"
                 )
                 error.__cause__ = exc
             else:
-                return message_id(ctx, "completed"), body
+                brackets = body.count(b"{") + body.count(b"[")
+                if brackets <= MAX_RESULT_DEPTH or not nests_deeper(
+                    data["result"], MAX_RESULT_DEPTH
+                ):
+                    return message_id(ctx, "completed"), body
+                # The owner would refuse to decode it: the run would end timed_out.
+                error = ValueError(
+                    f"the result of {ctx.workflow_id!r} nests deeper than {MAX_RESULT_DEPTH} "
+                    "levels of arrays and objects"
+                )
     if execution.cancel_reason is not None:
         reason = execution.cancel_reason
     elif isinstance(error, DeadlineExceeded):

@@ -24,7 +24,8 @@ from schemas.topology import (
     work_queue,
 )
 from worker._consumer import Consumer
-from worker._runner import Handler
+from worker._delivery import Handler
+from worker._observe import WorkerObserver
 from worker._settings import WorkerSettings
 
 log = logging.getLogger("worker")
@@ -71,6 +72,11 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._workflows: dict[str, Handler] = {}
         self._consumer: Consumer | None = None
+        self.observer = WorkerObserver(
+            self.settings.observe,
+            running=lambda: len(self.running),
+            concurrency=self.settings.worker_concurrency,
+        )
 
     @property
     def concurrency(self) -> int:
@@ -86,8 +92,8 @@ class Worker:
 
     @property
     def running(self) -> frozenset[str]:
-        """Execution ids this worker holds right now."""
-        return frozenset(self._consumer.running) if self._consumer is not None else frozenset()
+        """Execution ids this worker holds right now (running, or waiting for a slot)."""
+        return self._consumer.running if self._consumer is not None else frozenset()
 
     def workflow(self, workflow_id: str) -> Callable[[H], H]:
         """Register ``async def handler(ctx, payload)`` as the workflow ``workflow_id``."""
@@ -125,14 +131,21 @@ class Worker:
             amqp_url=settings.amqp_url.get_secret_value(),
             project=self.project,
             deployment=self.deployment,
-            workflows=self._workflows,
+            workflows={wf: self.observer.wrap(wf, h) for wf, h in self._workflows.items()},
             concurrency=settings.worker_concurrency,
             worker_id=self.worker_id,
             confirm_timeout=settings.confirm_timeout_seconds,
             reconnect_interval=settings.reconnect_interval_seconds,
             replicas=settings.quorum_group_size,
+            running_delay=settings.worker_running_delay_seconds,
+            hold_seconds=settings.worker_hold_seconds,
         )
-        await consumer.start()
+        await self.observer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await self.observer.close()
+            raise
         self._consumer = consumer
 
     async def stop(self, *, drain_timeout: float | None = None) -> None:
@@ -143,7 +156,10 @@ class Worker:
             return
         if drain_timeout is None:
             drain_timeout = self.settings.worker_drain_timeout_seconds
-        await consumer.stop(drain_timeout)
+        try:
+            await consumer.stop(drain_timeout)
+        finally:
+            await self.observer.close()
 
     async def wait_idle(self) -> None:
         """Until nothing runs here and the work queue is empty (what burst mode waits for)."""

@@ -1,0 +1,212 @@
+"""Carrying out what a queue's lifecycle decided, one flush at a time, in phases.
+
+    1. the flush's ledger record, to the queue's results queue (confirmed)
+    2. work to the work queues, cancels, lifecycle events (confirmed)
+    3. acknowledgements (and the lifecycle hears of the confirmed checkpoint)
+
+Flushes never overlap: whatever the lifecycle decided while one ran goes into
+the next. That keeps every acknowledgement behind what makes it safe, and it
+means only the work of a dead owner's *last* record may be unsent (see
+``dispatcher/lifecycle.py``). A broker failure ends the session (the broker
+takes back everything held; the next owner rebuilds from the ledger).
+
+This module knows the lifecycle's effects and the broker links, nothing of the
+queue owner's consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from broker.errors import BrokerError
+from dispatcher.consumers import Delivery
+from dispatcher.lifecycle import Ack, Dispatch, Effect, Emit, Execution, QueueLifecycle, SendCancel
+from dispatcher.work import Links
+from schemas.dispatch import encode_work
+from schemas.envelope import SubmissionEnvelope
+from schemas.topology import work_queue
+
+log = logging.getLogger(__name__)
+
+
+class Deliveries:
+    """The deliveries an owner holds, by the handle its lifecycle knows them by."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, Delivery] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, delivery: Delivery) -> int:
+        self._next += 1
+        self._held[self._next] = delivery
+        return self._next
+
+    def take(self, ref: int) -> Delivery | None:
+        return self._held.pop(ref, None)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
+class Effector:
+    def __init__(
+        self,
+        links: Links,
+        lifecycle: QueueLifecycle,
+        deliveries: Deliveries,
+        *,
+        project_id: str,
+        queue_name: str,
+        results_name: str,
+        after_flush: Callable[[], None],
+    ) -> None:
+        self._links = links
+        self._lifecycle = lifecycle
+        self._deliveries = deliveries
+        self._project_id = project_id
+        self._queue_name = queue_name
+        self._results_name = results_name
+        self._after_flush = after_flush
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def flushing(self) -> bool:
+        return self._task is not None
+
+    def kick(self) -> None:
+        """Something may be due: start a flush unless one runs (it loops until idle)."""
+        if self._task is None and not self._stopped:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopped and await self._flush():
+                pass
+        except BrokerError as exc:
+            log.error("%s/%s: a flush failed: %s", self._project_id, self._queue_name, exc)
+            self._links.fail(exc)
+        except Exception as exc:
+            log.exception("%s/%s: a flush failed", self._project_id, self._queue_name)
+            self._links.fail(exc)
+        finally:
+            self._task = None
+        if not self._stopped:
+            self._after_flush()
+
+    async def _flush(self) -> bool:
+        lifecycle = self._lifecycle
+        effects = lifecycle.take_effects()
+        write = lifecycle.take_ledger(time.time())
+        if write is None and not effects:
+            return False
+        if write is not None:
+            await self._links.publisher.publish(
+                self._results_name,
+                write.body,
+                message_id=f"{lifecycle.owner}/{lifecycle.epoch}/{write.seq}",
+            )
+            effects += lifecycle.on_ledger_written(write)
+        sends = [e for e in effects if not isinstance(e, Ack)]
+        if sends:
+            await asyncio.gather(*(self._send(e) for e in sends))
+        for effect in effects:
+            if isinstance(effect, Ack):
+                delivery = self._deliveries.take(effect.ref)
+                if delivery is not None:
+                    await delivery.ack()
+        return True
+
+    async def _send(self, effect: Effect) -> None:
+        if isinstance(effect, Dispatch):
+            await self._dispatch(effect)
+        elif isinstance(effect, Emit):
+            await self._emit(effect)
+        elif isinstance(effect, SendCancel):
+            x = effect.execution
+            if not x.deployment_id:
+                return  # an execution we know nothing of: nowhere to send it
+            await self._links.notifier.cancel(
+                x.execution_id,
+                work_queue(self._project_id, x.deployment_id),
+                effect.reason,
+                dispatch_id=effect.dispatch_id,
+                worker_id=effect.worker_id,
+            )
+
+    async def _dispatch(self, effect: Dispatch) -> None:
+        x = effect.execution
+        assert x.raw is not None
+        try:
+            body = encode_work(
+                dispatch_id=effect.dispatch_id,
+                deadline=effect.deadline,
+                results_queue=self._results_name,
+                submission_raw=x.raw,
+                lease_seconds=self._lifecycle.tunables.lease_seconds,
+                dispatch_count=effect.count,
+            )
+            name = work_queue(self._project_id, x.deployment_id)
+            publisher = self._links.dispatch.pick(x.execution_id)
+            await self._links.work_queues.publish(
+                publisher, name, body, message_id=effect.dispatch_id
+            )
+        except BrokerError:
+            raise
+        except Exception as exc:
+            # Not the broker: this work cannot be sent at all (e.g. a name AMQP
+            # cannot carry). Failing the session would requeue it to fail the same
+            # way on every redelivery, so it ends here, failed, with the reason.
+            log.exception("%s: cannot dispatch %s", self._results_name, x.execution_id)
+            self._lifecycle.on_dispatch_failed(
+                x, effect.dispatch_id, f"cannot dispatch: {type(exc).__name__}: {exc}", time.time()
+            )
+
+    async def _emit(self, effect: Emit) -> None:
+        x = effect.execution
+        await self._links.notifier.event(
+            effect.status,
+            self._envelope_of(x),
+            dispatch_id=effect.dispatch_id,
+            worker_id=effect.worker_id,
+            duplicate_of=effect.duplicate_of,
+            result=effect.result,
+            error=effect.error,
+            with_submission=effect.with_submission and x.envelope is not None,
+            cancelled_by=effect.cancelled_by,
+            at=effect.at,
+            started_at=effect.started_at,
+            attempt=x.attempt,
+        )
+
+    def _envelope_of(self, x: Execution) -> SubmissionEnvelope:
+        if x.envelope is not None:
+            return x.envelope
+        # Rebuilt from the ledger, its submission not back yet: what the event needs.
+        return SubmissionEnvelope(
+            execution_id=x.execution_id,
+            created_at="",
+            project_id=self._project_id,
+            workflow_id=x.workflow_id,
+            deployment_id=x.deployment_id,
+            queue_name=self._queue_name,
+            concurrency_key=x.key,
+            run_timeout_seconds=1,
+            session_id="",
+            submitted_by="",
+        )

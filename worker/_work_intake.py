@@ -1,0 +1,174 @@
+"""The broker side of ``worker._intake``: the work consumer, its prefetch, the waiting.
+
+One task keeps the consumer at the prefetch the intake wants (a consumer's
+prefetch is fixed when it starts, so a change is a cancel and a new consume),
+hands back deliveries that waited too long, and, while some delivery is not
+yet acknowledged, checks every ``DELIVERY_CHECK_S`` whether its channel died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import ChannelInvalidStateError
+
+from broker.errors import BrokerError
+from worker._delivery import Delivery, settle
+from worker._intake import Admission, Intake
+
+log = logging.getLogger("worker")
+
+# How often deliveries not yet acknowledged are checked for a dead channel.
+DELIVERY_CHECK_S = 0.05
+CONSUME_ERRORS = (
+    BrokerError,
+    aiormq.exceptions.AMQPError,
+    ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+)
+
+
+class WorkIntake:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        *,
+        concurrency: int,
+        hold_seconds: float,
+        timeout: float,
+        retry_interval: float,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        begin: Callable[[Delivery], None],
+        check_deliveries: Callable[[], bool],
+    ) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._timeout = timeout
+        self._retry_interval = retry_interval
+        self._on_message = on_message
+        self._begin = begin
+        self._check_deliveries = check_deliveries
+        self._intake: Intake[Delivery] = Intake(concurrency, hold_seconds)
+        self._waiting: dict[tuple[str, str], Delivery] = {}
+        self._tag: str | None = None
+        self._prefetch = 0
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._chores: set[asyncio.Task[bool]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def waiting_keys(self) -> list[tuple[str, str]]:
+        return list(self._waiting)
+
+    async def start(self) -> None:
+        await self._consume()
+        self._task = asyncio.create_task(self._run(), name="work-intake")
+
+    def waiting(self, key: tuple[str, str]) -> Delivery | None:
+        return self._waiting.get(key)
+
+    def withdraw(self, key: tuple[str, str]) -> Delivery | None:
+        """Take a waiting delivery out (a cancel, a redelivery replacing a dead one)."""
+        delivery = self._waiting.pop(key, None)
+        if delivery is not None:
+            self._intake.withdraw(delivery)
+        return delivery
+
+    async def admit(self, delivery: Delivery, now: float) -> None:
+        admission = self._intake.arrive(delivery, now)
+        if admission is Admission.START:
+            self._begin(delivery)
+        elif admission is Admission.WAIT:
+            self._waiting[delivery.key] = delivery
+        else:
+            await settle(delivery.message, requeue=True)
+        self._changed.set()
+
+    def ended(self, delivery: Delivery) -> None:
+        """A handler ended: its slot is free (for the oldest waiting delivery)."""
+        for waiting in self._intake.end(delivery):
+            self._waiting.pop(waiting.key, None)
+            self._begin(waiting)
+        self._changed.set()
+
+    def leased(self, delivery: Delivery) -> None:
+        self._intake.lease(delivery)
+        self._changed.set()
+
+    def settle_later(self, settling: Coroutine[Any, Any, bool]) -> None:
+        task = asyncio.create_task(settling)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def stop(self) -> None:
+        """Take no more work: hand back every waiting delivery, cancel the consumer."""
+        self._stopping = True
+        for delivery in self._intake.drain():
+            self._waiting.pop(delivery.key, None)
+            await settle(delivery.message, requeue=True)
+        with contextlib.suppress(*CONSUME_ERRORS):
+            await self._consume()
+
+    async def close(self, grace: float) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._chores:
+            await asyncio.wait(list(self._chores), timeout=grace)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            handed = self._intake.due(loop.time())
+            for delivery in handed:
+                self._waiting.pop(delivery.key, None)
+            for key, delivery in list(self._waiting.items()):
+                if not delivery.alive:
+                    self.withdraw(key)
+            unacknowledged = self._check_deliveries()
+            waits: list[float] = []
+            try:
+                # Before the hand-back: a consumer still open would get them again.
+                await self._consume()
+            except CONSUME_ERRORS as exc:
+                log.warning("cannot change the work consumer (%r); retrying", exc)
+                waits.append(self._retry_interval)
+            for delivery in handed:
+                self.settle_later(settle(delivery.message, requeue=True))
+            due = self._intake.next_due()
+            if due is not None:
+                waits.append(max(0.0, due - loop.time()))
+            if self._waiting or unacknowledged:
+                waits.append(DELIVERY_CHECK_S)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(waits) if waits else None):
+                    await self._changed.wait()
+
+    async def _consume(self) -> None:
+        """Consume with the prefetch the intake wants (0: do not consume)."""
+        # Bounded: a robust channel waits for the connection to come back.
+        async with self._lock, asyncio.timeout(self._timeout):
+            target = 0 if self._stopping else self._intake.prefetch
+            if target == self._prefetch:
+                return
+            if self._tag is not None:
+                await self._queue.cancel(self._tag)
+                self._tag = None
+                self._prefetch = 0
+            if target > 0:
+                await self._channel.set_qos(prefetch_count=target)
+                self._tag = await self._queue.consume(self._on_message)
+                self._prefetch = target
+            log.info("consuming %s with a prefetch of %d", self._queue.name, target)
