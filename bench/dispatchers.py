@@ -64,8 +64,7 @@ class Filler:
         )
         self._publisher = ConfirmedPublisher(self._connection, confirm_timeout=30.0, channels=2)
         await self._publisher.start()
-        async with self._connection.channel() as channel:
-            await declare_registry(channel)
+        await declare_registry(self._connection)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -205,8 +205,8 @@ async def _publish_events(amqp_url: str, queue: str, binding_key: str, bodies: l
     ``EVENTS_PER_MESSAGE`` to a batch as the gateway and dispatchers send them."""
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
+        await declare_recorder_queue(connection, queue, binding_key)
         channel = await connection.channel(publisher_confirms=True)
-        await declare_recorder_queue(channel, queue, binding_key)
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
         project_id = orjson.loads(bodies[0])["project_id"] if bodies else ""
         batches = [

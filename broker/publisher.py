@@ -25,6 +25,7 @@ and one entry per publish in the event loop's timer heap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -45,6 +46,9 @@ from broker.frames import PERSISTENT, TRANSIENT, publish_frames
 
 log = logging.getLogger(__name__)
 
+# A channel replaced after a nack is not replaced again within this time.
+RENEW_SECONDS = 0.5
+
 
 class ConfirmedPublisher:
     """Publishes to the default exchange (routing key = queue name), ``mandatory``, unless told
@@ -60,6 +64,9 @@ class ConfirmedPublisher:
         self._batches: list[_Batch] = []
         self._deadlines = _Deadlines(confirm_timeout)
         self._next = itertools.cycle(range(self._n_channels))
+        self._renewals: list[asyncio.Task[None] | None] = [None] * self._n_channels
+        self._renewed_at = [-RENEW_SECONDS] * self._n_channels
+        self._retiring: dict[AbstractChannel, asyncio.Task[None]] = {}
         self.in_flight = 0  # publishes awaiting their confirm (a metrics gauge reads it)
         # Called with the seconds each publish took to its confirm (or failure).
         self.observer: Callable[[float], None] | None = None
@@ -75,10 +82,13 @@ class ConfirmedPublisher:
             await batch.close()
         self._batches.clear()
         await self._deadlines.close()
-        for channel in self._channels:
+        for task in self._retiring.values():
+            task.cancel()
+        for channel in [*self._channels, *self._retiring]:
             if not channel.is_closed:
                 await channel.close()
         self._channels.clear()
+        self._retiring.clear()
 
     @property
     def available(self) -> bool:
@@ -108,30 +118,88 @@ class ConfirmedPublisher:
         ``PublishRejected`` (nack: the queue is full) or ``Unroutable`` (no such queue).
         """
         batch = self._pick_batch()
-        item = _Publish(
-            body, exchange, routing_key, mandatory, message_id, persistent, headers or None
-        )
         observer = self.observer
         started = time.perf_counter() if observer is not None else 0.0
         self.in_flight += 1
+        try:
+            for attempt in range(2):
+                item = _Publish(
+                    body, exchange, routing_key, mandatory, message_id, persistent, headers or None
+                )
+                try:
+                    await self._publish_on(batch, item, timeout)
+                    return
+                except aiormq.exceptions.DeliveryError as exc:
+                    replacement = await self._replacement(batch) if attempt == 0 else None
+                    if replacement is None:
+                        raise PublishRejected(
+                            f"broker rejected the publish to {routing_key!r}"
+                        ) from exc
+                    batch = replacement
+        finally:
+            self.in_flight -= 1
+            if observer is not None:
+                observer(time.perf_counter() - started)
+
+    async def _publish_on(self, batch: _Batch, item: _Publish, timeout: float | None) -> None:
+        """One publish on ``batch``, errors mapped (but a nack: the caller decides)."""
+        routing_key = item.routing_key
         try:
             if timeout is None or timeout == self._confirm_timeout:
                 await batch.publish(item, self._deadlines)
             else:
                 async with asyncio.timeout(timeout):
                     await batch.publish(item, None)
+        except aiormq.exceptions.PublishError as exc:  # returned, a DeliveryError too
+            raise Unroutable(f"no queue {routing_key!r}") from exc
+        except aiormq.exceptions.DeliveryError:
+            raise
         except TimeoutError as exc:
             raise ConfirmTimeout(f"no confirm for {routing_key!r} within the timeout") from exc
-        except aiormq.exceptions.PublishError as exc:
-            raise Unroutable(f"no queue {routing_key!r}") from exc
-        except aiormq.exceptions.DeliveryError as exc:
-            raise PublishRejected(f"broker rejected the publish to {routing_key!r}") from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise BrokerUnavailable(f"broker unavailable: {exc!r}") from exc
-        finally:
-            self.in_flight -= 1
-            if observer is not None:
-                observer(time.perf_counter() - started)
+
+    async def _replacement(self, nacked: _Batch) -> _Batch | None:
+        """After a nack on ``nacked``: the batch of a fresh channel to try once more, or
+        None when ``nacked`` is itself fresh (the queue really is full).
+
+        RabbitMQ 3.10 nacks, for good, every publish of a channel whose first
+        publish to a quorum queue came while that queue had no leader (a node
+        was lost a moment ago): a channel that a process opened on failing
+        over. A new channel starts clean; opened once per RENEW_SECONDS at most.
+        """
+        if nacked not in self._batches:
+            return None  # closing
+        index = self._batches.index(nacked)
+        task = self._renewals[index]
+        if task is None or task.done():
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._renewed_at[index] < RENEW_SECONDS:
+                return None
+            self._renewed_at[index] = loop.time()
+            task = self._renewals[index] = loop.create_task(self._renew(index))
+        await asyncio.shield(task)
+        current = self._batches[index] if index < len(self._batches) else None
+        return current if current is not nacked else None
+
+    async def _renew(self, index: int) -> None:
+        try:
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("cannot replace a publishing channel: %r", exc)
+            return
+        old = self._channels[index]
+        self._channels[index] = channel
+        self._batches[index] = _Batch(channel)
+        log.info("replaced a publishing channel after a nack")
+        self._retiring[old] = asyncio.get_running_loop().create_task(self._retire(old))
+
+    async def _retire(self, channel: AbstractChannel) -> None:
+        # Its publishes in flight get their confirms, or time out, meanwhile.
+        await asyncio.sleep(self._confirm_timeout)
+        self._retiring.pop(channel, None)
+        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+            await channel.close()
 
     def _pick_batch(self) -> _Batch:
         if self._connection.is_closed or not self._channels:

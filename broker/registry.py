@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import ValidationError
 
-from broker.connection import connect
+from broker.connection import Nodes, connect
 from broker.publisher import ConfirmedPublisher
+from broker.topology import declare_queue
 from schemas.ids import now_rfc3339
 from schemas.registry import (
     DeploymentRegistered,
@@ -29,7 +30,7 @@ from schemas.registry import (
     decode_event,
     encode_event,
 )
-from schemas.topology import REGISTRY_STREAM, REGISTRY_STREAM_ARGUMENTS
+from schemas.topology import REGISTRY_STREAM, REGISTRY_STREAM_ARGUMENTS, replicated
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ class RegistryState:
         return self.deployments.get((project_id, deployment_id))
 
 
-async def declare_registry(channel: AbstractChannel) -> AbstractQueue:
-    return await channel.declare_queue(
-        REGISTRY_STREAM, durable=True, arguments=REGISTRY_STREAM_ARGUMENTS
+async def declare_registry(connection: AbstractConnection, *, replicas: int | None = None) -> None:
+    await declare_queue(
+        connection, REGISTRY_STREAM, replicated(REGISTRY_STREAM_ARGUMENTS, replicas)
     )
 
 
@@ -117,13 +118,20 @@ class RegistryWriter:
 
 
 async def register_deployment(
-    amqp_url: str, project_id: str, deployment_id: str, workflows: Iterable[str]
+    amqp_url: str,
+    project_id: str,
+    deployment_id: str,
+    workflows: Iterable[str],
+    *,
+    replicas: int | None = None,
 ) -> None:
-    """Record a deployment and its workflows (what a worker fleet does on start)."""
-    connection = await connect(amqp_url, "registry-client")
+    """Record a deployment and its workflows (what a worker fleet does on start).
+
+    ``amqp_url``: one URL or a comma-separated list (the first node that answers).
+    """
+    connection = await connect(Nodes.parse(amqp_url), "registry-client")
     try:
-        channel = await connection.channel()
-        await declare_registry(channel)
+        await declare_registry(connection, replicas=replicas)
         publisher = ConfirmedPublisher(connection, confirm_timeout=10.0, channels=1)
         await publisher.start()
         await RegistryWriter(publisher).register_deployment(project_id, deployment_id, workflows)
@@ -145,9 +153,15 @@ class RegistryFollower:
     PREFETCH = 1000
 
     def __init__(
-        self, connection: AbstractConnection, writer: RegistryWriter, state: RegistryState
+        self,
+        connection: AbstractConnection,
+        writer: RegistryWriter,
+        state: RegistryState,
+        *,
+        replicas: int | None = None,
     ) -> None:
         self._connection = connection
+        self._replicas = replicas
         self._writer = writer
         self.state = state
         self.replayed = asyncio.Event()
@@ -160,9 +174,10 @@ class RegistryFollower:
         self._listeners.append(listener)
 
     async def start(self) -> None:
+        await declare_registry(self._connection, replicas=self._replicas)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.PREFETCH)
-        queue = await declare_registry(self._channel)
+        queue = await self._channel.declare_queue(REGISTRY_STREAM, passive=True)
         await self._writer.append(ReplayMarker(at=now_rfc3339(), nonce=self._nonce))
         await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
 

@@ -29,7 +29,8 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractConnection
 
-from broker.errors import BrokerError
+from broker.connection import Backoff, retry
+from broker.errors import BrokerError, PublishRejected
 from dispatcher.publishers import PinnedPublishers
 from schemas.dispatch import (
     CancelMessage,
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_EVENTS = 1000
 DEFAULT_MAX_BYTES = 1 << 20
+# A nacked batch of events is tried this often, waits between them up to this long.
+EVENT_ATTEMPTS = 5
+EVENT_RETRY_MAX_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -176,13 +180,24 @@ class Notifier:
         task.add_done_callback(self._sending.discard)
 
     async def _publish(self, batch: _Batch) -> None:
+        message_id = uuid.uuid4().hex
         try:
-            await self._publishers.pick(batch.project_id).publish(
-                event_batch_routing_key(batch.project_id),
-                encode_event_batch(batch.bodies),
-                message_id=uuid.uuid4().hex,
-                exchange=EVENTS_EXCHANGE,
-                mandatory=False,
+            publisher = self._publishers.pick(batch.project_id)
+            body = encode_event_batch(batch.bodies)
+            # A nack here is a queue without a leader for a moment (a node was
+            # lost), not a full one: the recorders' queue has no length limit.
+            await retry(
+                lambda: publisher.publish(
+                    event_batch_routing_key(batch.project_id),
+                    body,
+                    message_id=message_id,
+                    exchange=EVENTS_EXCHANGE,
+                    mandatory=False,
+                ),
+                what="lifecycle events",
+                backoff=Backoff(EVENT_RETRY_MAX_SECONDS),
+                retry_on=lambda exc: isinstance(exc, PublishRejected),
+                attempts=EVENT_ATTEMPTS,
             )
         except BrokerError as exc:
             log.warning(

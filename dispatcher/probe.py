@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from broker.connection import connect
+from broker.connection import Nodes, connect
 from broker.errors import BrokerUnavailable
 
 # aiormq's write queue holds 10 frames; each probe channel queues at most two
@@ -49,8 +49,8 @@ class _Slot:
 
 
 class QueueProbe:
-    def __init__(self, amqp_url: str, *, on_lost: Callable[[BaseException | None], None]) -> None:
-        self._url = amqp_url
+    def __init__(self, nodes: Nodes, *, on_lost: Callable[[BaseException | None], None]) -> None:
+        self._nodes = nodes
         self._on_lost = on_lost
         self._connection: AbstractConnection | None = None
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
@@ -58,7 +58,7 @@ class QueueProbe:
         self.not_found = 0  # passive declares answered 404
 
     async def open(self) -> None:
-        connection = self._connection = await connect(self._url, "dispatcher-probe")
+        connection = self._connection = await connect(self._nodes, "dispatcher-probe")
         connection.close_callbacks.add(self._closed)
         for number in range(1, PROBE_CHANNELS + 1):
             self._free.put_nowait(_Slot(number))

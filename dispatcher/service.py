@@ -1,7 +1,8 @@
 """The dispatcher: a supervisor that keeps one session alive, and its in-process API.
 
     d = Dispatcher(settings)
-    await d.start()          connect (retrying with backoff), own the matching queues;
+    await d.start()          connect (retrying with backoff, node after node), own the
+                             matching queues;
                              returns once ``d.ready`` is set
     d.ready                  set while a session is up (registry replayed, queues consumed)
     d.idle                   set while nothing is pending or held in any queue
@@ -12,7 +13,9 @@
                              owned queue is empty and nothing is held
 
 A lost connection or channel ends the session; the next one is built from
-scratch after a backoff (the broker has requeued what the old one held).
+scratch, on the next node of the cluster first, after a short jittered backoff
+(``broker.connection.Backoff``, at most POLOS_RECONNECT_INTERVAL_SECONDS); the
+broker has requeued what the old one held.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import logging
 import os
 
+from broker.connection import SETTLE_SECONDS
 from dispatcher.observe import DispatcherObserver
 from dispatcher.session import Session
 from dispatcher.settings import Settings
@@ -30,12 +34,12 @@ from dispatcher.status import Watchers
 log = logging.getLogger(__name__)
 
 BURST_QUIET_SECONDS = 0.5
-FIRST_BACKOFF_SECONDS = 0.2
 
 
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._nodes = settings.broker_nodes()
         self.ready = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -122,10 +126,11 @@ class Dispatcher:
             await self._watchers.close()
 
     async def _supervise_sessions(self) -> None:
-        backoff = FIRST_BACKOFF_SECONDS
+        backoff = self.settings.backoff()
         while not self._stop.is_set():
             session = self._session = Session(
                 self.settings,
+                nodes=self._nodes,
                 busy_changed=self._busy_changed,
                 activity=self._touch,
                 first=self._owned,
@@ -134,10 +139,9 @@ class Dispatcher:
             if not await self._start_session(session):
                 await session.close()
                 self._session = None
-                await self._pause(backoff)
-                backoff = min(backoff * 2, self.settings.dispatcher_reconnect_max_seconds)
+                await self._pause(backoff.next())
                 continue
-            backoff = FIRST_BACKOFF_SECONDS
+            backoff.reset()
             self.sessions += 1
             self.ready.set()
             log.info("dispatcher ready (pid %d, session %d)", os.getpid(), self.sessions)
@@ -154,8 +158,12 @@ class Dispatcher:
             await session.close()
             self._session = None
             if not self._stop.is_set():
-                log.warning("connection lost; a new session in %.1fs", backoff)
-                await self._pause(backoff)
+                # Its node may be gone: the next session tries the next node first,
+                # once the queues that node led have new leaders (SETTLE_SECONDS).
+                self._nodes.moved_on()
+                wait = max(backoff.next(), SETTLE_SECONDS)
+                log.warning("connection lost; a new session in %.2fs", wait)
+                await self._pause(wait)
         log.info("dispatcher stopped")
 
     async def _start_session(self, session: Session) -> bool:

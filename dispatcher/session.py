@@ -26,7 +26,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
-from broker.connection import connect
+from broker.connection import Nodes, connect
 from broker.errors import BrokerUnavailable
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
@@ -60,12 +60,14 @@ class Session:
         self,
         settings: Settings,
         *,
+        nodes: Nodes,
         busy_changed: Callable[[bool], None],
         activity: Callable[[], None],
         first: Collection[QueueKey] = (),
         on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._nodes = nodes
         self._on_event = on_event
         self._first = first
         self.broken = asyncio.Event()
@@ -89,11 +91,10 @@ class Session:
     async def start(self) -> None:
         """Connect, replay the registry, own the matching queues; raises on failure."""
         settings = self.settings
-        connection = self._connection = await connect(
-            settings.amqp_url.get_secret_value(), "dispatcher"
-        )
+        replicas = settings.quorum_group_size
+        connection = self._connection = await connect(self._nodes, "dispatcher")
         connection.close_callbacks.add(self._connection_closed)
-        probe = self.probe = QueueProbe(settings.amqp_url.get_secret_value(), on_lost=self.fail)
+        probe = self.probe = QueueProbe(self._nodes, on_lost=self.fail)
         await probe.open()
         # Registry appends and dead letters; dispatches and events have their own.
         publisher = ConfirmedPublisher(
@@ -115,11 +116,11 @@ class Session:
             channels=settings.dispatcher_publish_channels,
         )
         await dispatch.start()
+        await declare_dead_letters(connection, replicas=replicas)
         async with connection.channel() as channel:
-            await declare_dead_letters(channel)
             await declare_dispatch_exchanges(channel)
-            if settings.dispatcher_declare_recorder_queue:
-                await declare_recorder_queue(channel)
+        if settings.dispatcher_declare_recorder_queue:
+            await declare_recorder_queue(connection, replicas=replicas)
         self._links = Links(
             settings=settings,
             owner_id=f"dispatcher-{uuid.uuid4().hex[:12]}",
@@ -133,13 +134,15 @@ class Session:
                 per_channel=settings.dispatcher_consumers_per_channel,
                 on_lost=self._lost,
             ),
-            work_queues=WorkQueues(connection),
+            work_queues=WorkQueues(connection, replicas=replicas),
             fail=self.fail,
             gone=self._gone,
             busy_changed=self._busy_changed,
             activity=self._activity,
         )
-        follower = RegistryFollower(connection, RegistryWriter(publisher), self._state)
+        follower = RegistryFollower(
+            connection, RegistryWriter(publisher), self._state, replicas=replicas
+        )
         follower.add_listener(self._on_registry_event)
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -232,7 +235,9 @@ class Session:
             self.missing.add(key)
             return False
         self.missing.discard(key)
-        await declare_results_queue(self._links.connection, results_queue(*key))
+        await declare_results_queue(
+            self._links.connection, results_queue(*key), replicas=self.settings.quorum_group_size
+        )
         # Registered before it starts, so a limit change reaches it meanwhile.
         owner = self.owners[key] = QueueOwner(self._links, *key, self._limit_of(key))
         await owner.start()

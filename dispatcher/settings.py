@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
 
+from broker.settings import BrokerSettings
 from dispatcher.lifecycle import Tunables
 from observe import ObserveSettings
 
@@ -15,10 +15,7 @@ MAX_PREFETCH = 65535
 MIN_LIMITED_WINDOW = 32
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
-
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+class Settings(BrokerSettings):
     dispatcher_queues: str = Field(
         default="*",
         description='Comma-separated fnmatch patterns over "<project>/<queue>" this '
@@ -65,7 +62,6 @@ class Settings(BaseSettings):
     dispatcher_drain_timeout_seconds: float = Field(
         default=30.0, ge=0, description="SIGTERM: how long in-flight executions may take"
     )
-    confirm_timeout_seconds: float = Field(default=5.0, gt=0)
     dispatcher_publish_channels: int = Field(default=2, ge=1, le=64)
     dispatcher_event_channels: int = Field(default=2, ge=1, le=64)
     dispatcher_event_linger_seconds: float = Field(
@@ -86,7 +82,9 @@ class Settings(BaseSettings):
         description="Declare polos.recorder at start, so lifecycle events are kept for the "
         "recorder even before one runs; turn off when no execution store is wanted",
     )
-    dispatcher_reconnect_max_seconds: float = Field(default=10.0, gt=0)
+    dispatcher_reconnect_max_seconds: float | None = Field(
+        default=None, gt=0, description="Former name of POLOS_RECONNECT_INTERVAL_SECONDS"
+    )
     dispatcher_status_interval_seconds: float = Field(
         default=2.0,
         ge=0,
@@ -94,6 +92,11 @@ class Settings(BaseSettings):
         "(polos.status); 0 = never",
     )
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
+
+    @model_validator(mode="after")
+    def _former_reconnect(self) -> Settings:
+        self._adopt_reconnect(self.dispatcher_reconnect_max_seconds)
+        return self
 
     def tunables(self) -> Tunables:
         return Tunables(

@@ -136,7 +136,9 @@ class Watchers:
             if self._connection is None:
                 settings = self._dispatcher.settings
                 self._connection = await connect_robust(
-                    settings.amqp_url.get_secret_value(), "dispatcher-status"
+                    settings.broker_nodes(),
+                    "dispatcher-status",
+                    max_backoff=settings.reconnect_interval_seconds,
                 )
             channel = await self._connection.channel(publisher_confirms=False)
             self._exchange = await declare_status_exchange(channel)

@@ -22,8 +22,9 @@ class WorkQueues:
     """Work queues are declared on the first dispatch to a deployment, and again
     if the broker returns a publish as unroutable (the queue was deleted)."""
 
-    def __init__(self, connection: AbstractConnection) -> None:
+    def __init__(self, connection: AbstractConnection, *, replicas: int | None = None) -> None:
         self._connection = connection
+        self._replicas = replicas
         self._declared: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -52,7 +53,7 @@ class WorkQueues:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if name not in self._declared:
-                await declare_work_queue(self._connection, name)
+                await declare_work_queue(self._connection, name, replicas=self._replicas)
                 self._declared.add(name)
 
 

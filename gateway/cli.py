@@ -78,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     asyncio.run(
         register_deployment(
-            settings.amqp_url.get_secret_value(), args.project, args.deployment, args.workflows
+            settings.amqp_url.get_secret_value(),
+            args.project,
+            args.deployment,
+            args.workflows,
+            replicas=settings.quorum_group_size,
         )
     )
     print(f"registered {args.project}/{args.deployment}: {', '.join(args.workflows)}")

@@ -168,7 +168,7 @@ async def cancel_execution(request: web.Request) -> web.Response:
             # No dispatcher has owned the queue yet: its inbox is declared as the
             # owner declares it, and the request waits there for the first one.
             assert link.connection is not None
-            await declare_results_queue(link.connection, inbox)
+            await declare_results_queue(link.connection, inbox, replicas=settings.quorum_group_size)
             await publisher.publish(inbox, body, message_id=message_id)
     except BrokerError as exc:
         log.warning("cancel of %s not published: %s", execution_id, exc)

@@ -2,8 +2,9 @@
 
 It connects in the background and retries until the broker answers, so the
 gateway starts (and answers ``/health``, and 503 on submit) while the broker
-is down. Once connected, aio-pika's robust connection restores channels by
-itself after a loss.
+is down. Once connected, the robust connection (``broker.connection``) goes
+to the next node of the cluster when it loses its own, and restores its
+channels by itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 from aio_pika.abc import AbstractRobustConnection
 
-from broker.connection import connect_robust
+from broker.connection import connect_robust, retry
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges
@@ -31,6 +32,8 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 class BrokerLink:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._nodes = settings.broker_nodes()
+        self._backoff = settings.backoff()
         self.state = RegistryState()
         self.connection: AbstractRobustConnection | None = None
         self.publisher: ConfirmedPublisher | None = None
@@ -79,51 +82,43 @@ class BrokerLink:
                 log.warning("the broker did not acknowledge the close; leaving it")
 
     async def _connect_until_done(self) -> None:
+        await retry(self._connect_once, what="connecting to the broker", backoff=self._backoff)
+        log.info("connected to the broker")
+
+    async def _connect_once(self) -> None:
         settings = self._settings
-        while True:
-            connection: AbstractRobustConnection | None = None
-            try:
-                connection = await connect_robust(
-                    settings.amqp_url.get_secret_value(),
-                    "gateway",
-                    reconnect_interval=settings.reconnect_interval_seconds,
-                )
-                publisher = ConfirmedPublisher(
-                    connection,
-                    confirm_timeout=settings.confirm_timeout_seconds,
-                    channels=settings.publish_channels,
-                )
-                publisher.observer = self.publish_observer
-                await publisher.start()
-                async with connection.channel() as channel:
-                    await declare_dead_letters(channel)
-                    # Queued events need the events exchange before any dispatcher ran.
-                    await declare_dispatch_exchanges(channel)
-                if settings.publish_queued_events:
-                    await self.events.start(connection)
-                writer = RegistryWriter(publisher)
-                follower = RegistryFollower(connection, writer, self.state)
-                await follower.start()
-            except asyncio.CancelledError:
-                if connection is not None:
-                    await connection.close()
-                raise
-            except Exception as exc:
-                log.warning(
-                    "broker not reachable (%r); retrying in %ss",
-                    exc,
-                    settings.reconnect_interval_seconds,
-                )
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-                await asyncio.sleep(settings.reconnect_interval_seconds)
-                continue
-            self.connection = connection
-            self.publisher = publisher
-            self.follower = follower
-            self.queues = QueueDirectory(
-                connection, writer, self.state, max_length=settings.queue_max_length
+        replicas = settings.quorum_group_size
+        connection = await connect_robust(
+            self._nodes, "gateway", max_backoff=settings.reconnect_interval_seconds
+        )
+        try:
+            publisher = ConfirmedPublisher(
+                connection,
+                confirm_timeout=settings.confirm_timeout_seconds,
+                channels=settings.publish_channels,
             )
-            log.info("connected to the broker")
-            return
+            publisher.observer = self.publish_observer
+            await publisher.start()
+            await declare_dead_letters(connection, replicas=replicas)
+            async with connection.channel() as channel:
+                # Queued events need the events exchange before any dispatcher ran.
+                await declare_dispatch_exchanges(channel)
+            if settings.publish_queued_events:
+                await self.events.start(connection)
+            writer = RegistryWriter(publisher)
+            follower = RegistryFollower(connection, writer, self.state, replicas=replicas)
+            await follower.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self.connection = connection
+        self.publisher = publisher
+        self.follower = follower
+        self.queues = QueueDirectory(
+            connection,
+            writer,
+            self.state,
+            max_length=settings.queue_max_length,
+            replicas=replicas,
+        )

@@ -26,11 +26,12 @@ class QueueDirectory:
         state: RegistryState,
         *,
         max_length: int,
+        replicas: int | None = None,
     ) -> None:
         self._connection = connection
         self._writer = writer
         self._state = state
-        self._arguments = submit_queue_arguments(max_length=max_length)
+        self._arguments = submit_queue_arguments(max_length=max_length, replicas=replicas)
         self._declared: set[str] = set()
         self._vanished: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}

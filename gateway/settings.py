@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.settings import BrokerSettings
 from observe import ObserveSettings
 from schemas.api import DEFAULT_RUN_TIMEOUT_SECONDS
 from schemas.limits import MAX_BODY_BYTES_CAP
@@ -14,10 +14,7 @@ from schemas.topology import MAX_RUN_TIMEOUT_CAP_S
 from store import DEFAULT_MAX_CONNECTIONS, DEFAULT_POOL_TIMEOUT_SECONDS
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
-
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+class Settings(BrokerSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     projects_file: Path = Field(
@@ -54,11 +51,9 @@ class Settings(BaseSettings):
     queue_max_length: int = Field(
         default=1_000_000, ge=1, description="x-max-length of new submission queues"
     )
-    confirm_timeout_seconds: float = Field(default=5.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
     publish_channels: int = Field(default=2, ge=1, le=64)
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
-    reconnect_interval_seconds: float = Field(default=1.0, gt=0)
     # -- the execution API (status, cancel, live events, batch) --------------------------
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),

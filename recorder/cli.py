@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
+from broker.connection import retry
 from broker.errors import BrokerUnavailable
 from observe import MetricsServer, setup_logging
 from recorder.observe import RecorderCollector, recorder_registry
@@ -44,19 +44,18 @@ async def _record(settings: RecorderSettings, current: list[Recorder]) -> int:
     recorder = Recorder(settings)
     current[:] = [recorder]
     # The broker may still be starting: keep trying until it answers or we are told to stop.
-    while True:
-        try:
-            await recorder.start()
-            break
-        except BrokerUnavailable as exc:
-            log.warning("%s; retrying in 1 s", exc)
-            recorder = Recorder(settings)
-            current[:] = [recorder]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await stop.wait()
+    try:
+        await retry(
+            recorder.start,
+            what="starting the recorder",
+            backoff=settings.backoff(),
+            retry_on=lambda exc: isinstance(exc, BrokerUnavailable),
+            stop=stop,
+        )
+    except BrokerUnavailable:
         if stop.is_set():
             return 0
+        raise
 
     stopped = asyncio.create_task(stop.wait())
     loop_ended = asyncio.create_task(recorder.wait_stopped())

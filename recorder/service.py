@@ -61,6 +61,14 @@ _ACK_ERRORS = (
 )
 
 
+def _channel_of(message: AbstractIncomingMessage) -> object | None:
+    """The channel a delivery came on, None once that channel is closed."""
+    try:
+        return message.channel
+    except _ACK_ERRORS:
+        return None
+
+
 @dataclass(slots=True)
 class RecorderStats:
     received: int = 0
@@ -147,21 +155,33 @@ class Recorder:
         try:
             if self._connection is None:
                 self._connection = await connect_robust(
-                    settings.amqp_url.get_secret_value(),
+                    settings.broker_nodes(),
                     "recorder",
-                    reconnect_interval=settings.reconnect_interval_seconds,
+                    max_backoff=settings.reconnect_interval_seconds,
                 )
-            self._publisher = ConfirmedPublisher(self._connection, confirm_timeout=10.0, channels=1)
+            self._publisher = ConfirmedPublisher(
+                self._connection, confirm_timeout=settings.confirm_timeout_seconds, channels=1
+            )
             await self._publisher.start()
+            replicas = settings.quorum_group_size
+            await declare_dead_letters(self._connection, replicas=replicas)
+            await declare_recorder_queue(
+                self._connection,
+                settings.recorder_queue,
+                settings.recorder_binding_key,
+                replicas=replicas,
+            )
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=settings.recorder_prefetch)
-            await declare_dead_letters(self._channel)
-            self._queue = await declare_recorder_queue(
-                self._channel, settings.recorder_queue, settings.recorder_binding_key
-            )
+            self._queue = await self._channel.declare_queue(settings.recorder_queue, passive=True)
             # Deliveries wait in the inbox until the batch loop below takes them.
             self._consumer_tag = await self._queue.consume(self._on_message)
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, OSError) as exc:
+        except (
+            BrokerError,
+            aiormq.exceptions.AMQPError,
+            aio_pika.exceptions.AMQPError,
+            OSError,
+        ) as exc:
             await self._close_resources()
             raise BrokerUnavailable(f"recorder cannot start: {exc!r}") from exc
         self._task = asyncio.create_task(self._run(), name="recorder")
@@ -331,13 +351,20 @@ class Recorder:
         been settled already: acking "up to the last" acks exactly the batch.
         After a reconnect a batch may span two channels; each gets its own.
         """
-        groups: list[list[AbstractIncomingMessage]] = []
+        groups: list[tuple[object | None, list[AbstractIncomingMessage]]] = []
         for message in messages:
-            if groups and groups[-1][-1].channel is message.channel:
-                groups[-1].append(message)
+            channel = _channel_of(message)
+            if groups and groups[-1][0] is channel:
+                groups[-1][1].append(message)
             else:
-                groups.append([message])
-        for group in groups:
+                groups.append((channel, [message]))
+        for channel, group in groups:
+            if channel is None:
+                # Delivered on a channel that died since (a broker restart): the
+                # broker redelivers them, and recording them again is harmless.
+                log.debug("%d deliveries on a lost channel: the broker redelivers them", len(group))
+                self._unsettled -= len(group)
+                continue
             try:
                 await group[-1].ack(multiple=True)
             except _ACK_ERRORS as exc:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.settings import BrokerSettings
 from observe import ObserveSettings
 from schemas.topology import RECORDER_BINDING_KEY, RECORDER_QUEUE
 from store import DEFAULT_RETENTION_SECONDS
 
 
-class RecorderSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
-
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+class RecorderSettings(BrokerSettings):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
     redis_key_prefix: str = "polos:"
@@ -34,9 +31,6 @@ class RecorderSettings(BaseSettings):
     recorder_retry_initial_seconds: float = Field(default=0.1, gt=0)
     recorder_retry_max_seconds: float = Field(default=5.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=10.0, ge=0)
-    reconnect_interval_seconds: float = Field(
-        default=1.0, gt=0, description="Between attempts to reach the broker again"
-    )
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     @model_validator(mode="after")

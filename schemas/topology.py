@@ -43,14 +43,31 @@ def work_queue(project_id: str, deployment_id: str) -> str:
     return f"{WORK_PREFIX}{project_id}.{deployment_id}"
 
 
-def submit_queue_arguments(*, max_length: int) -> dict[str, Any]:
+def replicated(arguments: dict[str, Any], replicas: int | None) -> dict[str, Any]:
+    """``arguments`` asking for ``replicas`` copies of the queue (None: the broker's default).
+
+    RabbitMQ compares these on every redeclare, so every process of a
+    deployment must be configured alike (``POLOS_QUORUM_GROUP_SIZE``); a queue
+    that exists with another count is used as it is (see ``broker.topology``).
+    """
+    if replicas is None:
+        return arguments
+    kind = arguments.get("x-queue-type")
+    if kind == "quorum":
+        return {**arguments, "x-quorum-initial-group-size": replicas}
+    if kind == "stream":
+        return {**arguments, "x-initial-cluster-size": replicas}
+    return arguments
+
+
+def submit_queue_arguments(*, max_length: int, replicas: int | None = None) -> dict[str, Any]:
     """Arguments of a submission queue.
 
     These are fixed at declaration (RabbitMQ refuses a redeclare with different
     values), so nothing here may depend on a single submission: the queue's
     concurrency limit lives in the registry stream, never in an argument.
     """
-    return {
+    arguments = {
         "x-queue-type": "quorum",
         "x-single-active-consumer": True,
         "x-max-length": max_length,
@@ -58,6 +75,7 @@ def submit_queue_arguments(*, max_length: int) -> dict[str, Any]:
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
         "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
     }
+    return replicated(arguments, replicas)
 
 
 WORK_QUEUE_ARGUMENTS: dict[str, Any] = {

@@ -57,11 +57,11 @@ class QueueKit:
 
     async def open(self) -> None:
         await self._publisher.start()
+        await declare_dead_letters(self.connection)
+        # A test session's own vhost has no registry until something declares it.
+        await declare_registry(self.connection)
         async with self.connection.channel() as channel:
-            await declare_dead_letters(channel)
             await declare_dispatch_exchanges(channel)
-            # A test session's own vhost has no registry until something declares it.
-            await declare_registry(channel)
 
     async def close(self) -> None:
         await self._publisher.close()

@@ -86,6 +86,7 @@ class TcpProxy:
         self.refusing = False
         self.holding = False
         self.accepted = 0
+        self.refused = 0  # connections turned away while cut
         self._pipes: set[_Pipe] = set()
         self._all_pipes: list[_Pipe] = []
         self._server: asyncio.Server | None = None
@@ -133,6 +134,7 @@ class TcpProxy:
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
+            self.refused += 1
             writer.transport.abort()
             return
         try:

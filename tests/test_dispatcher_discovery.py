@@ -38,8 +38,7 @@ async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
 async def dead_queues(amqp: AbstractConnection, uid: str) -> AsyncIterator[list[str]]:
     """``DEAD`` queue_declared events of the test's project for queues never declared."""
     names = [f"gone{n}" for n in range(DEAD)]
-    async with amqp.channel() as channel:
-        await declare_registry(channel)
+    await declare_registry(amqp)
     publisher = ConfirmedPublisher(amqp, confirm_timeout=10.0, channels=1)
     await publisher.start()
     writer = RegistryWriter(publisher)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
 from tests.conftest import queue_depth
 from tests.proxy import TcpProxy
-from tests.store_support import RecorderFactory, Run, eventually, publish_events
+from tests.redis_proxy import redis_proxy
+from tests.store_support import RecorderFactory, Run, eventually, publish_events, redis_host_port
 
 
 async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
@@ -60,3 +63,49 @@ async def test_events_published_while_the_recorder_lost_the_broker_are_recorded(
         return await queue_depth(amqp, recorder.settings.recorder_queue) == 0
 
     await eventually(drained, what="the queue to drain")
+
+
+async def test_a_batch_held_across_a_broker_loss_does_not_stop_the_recorder(
+    make_recorder: RecorderFactory,
+    broker_proxy: TcpProxy,
+    amqp_url: str,
+    amqp: AbstractConnection,
+    store: ExecutionStore,
+    uid: str,
+) -> None:
+    """Issue 9 item 4: the batch in hand when the broker went away came on a channel
+    that is closed by the time it can be acknowledged; the recorder used to exit there."""
+    async with redis_proxy(*redis_host_port()) as redis:
+        recorder = await make_recorder(
+            amqp_url=broker_proxy.url(amqp_url),
+            redis_url=redis.url(),
+            reconnect_interval_seconds=0.2,
+        )
+        redis.cut()
+        held = [Run(uid) for _ in range(10)]
+        await publish_events(amqp, [e for run in held for e in run.lifecycle()])
+        await eventually(lambda: recorder.stats.write_failures > 0, what="a batch to be held")
+
+        broker_proxy.cut()  # the held deliveries' channel dies with the connection
+        await asyncio.sleep(0.3)
+        broker_proxy.restore()
+        redis.restore()  # the held batch is written, then acknowledged on a dead channel
+
+        async def held_recorded() -> bool:
+            return await count_completed(store, held) == len(held)
+
+        await eventually(held_recorded, timeout=15, what="the held batch to be recorded")
+        after = [Run(uid) for _ in range(10)]
+        await publish_events(amqp, [e for run in after for e in run.lifecycle()])
+
+        async def after_recorded() -> bool:
+            return await count_completed(store, after) == len(after)
+
+        await eventually(after_recorded, timeout=15, what="recording after the loss")
+        assert recorder.running, "the recorder's batch loop ended"
+
+        async def drained() -> bool:
+            return await queue_depth(amqp, recorder.settings.recorder_queue) == 0
+
+        await eventually(drained, timeout=15, what="the redelivered events to be settled")
+        await eventually(lambda: recorder.pending == 0, what="nothing left unsettled")

@@ -60,7 +60,7 @@ async def test_published_events_become_records(
     await eventually(lambda: recorder.pending == 0, what="acks")
     assert recorder.stats.acked == 12  # ten events to a message
     assert recorder.stats.recorded == 120
-    assert await queue_depth(amqp, recorder_settings("", uid).recorder_queue) == 0
+    assert await queue_depth(amqp, recorder.settings.recorder_queue) == 0
 
 
 async def test_events_published_out_of_order_end_terminal(
@@ -112,14 +112,14 @@ async def test_a_bad_event_in_a_batch_is_dead_lettered_alone_and_the_rest_record
     dead: list[AbstractIncomingMessage] = []
     async with asyncio.timeout(10):
         while len(dead) < 3:
-            dead += await take_dead_letters(amqp, recorder_settings("", uid).recorder_queue)
+            dead += await take_dead_letters(amqp, recorder.settings.recorder_queue)
     bodies = sorted(m.body for m in dead)
     assert bodies == sorted([b"not json at all", b'{"type": "events", "events": "none"}', bad])
     reasons = {m.body: str((m.headers or {})[REASON_HEADER]) for m in dead}
     assert "in a batch" in reasons[bad]
     assert "undecodable" in reasons[b"not json at all"]
     assert recorder.stats.recorded == 6
-    assert await queue_depth(amqp, recorder_settings("", uid).recorder_queue) == 0
+    assert await queue_depth(amqp, recorder.settings.recorder_queue) == 0
 
 
 async def test_single_events_published_before_batches_are_still_recorded(
@@ -187,10 +187,7 @@ async def test_python_m_recorder_records_and_stops_on_sigterm(
     settings = recorder_settings(amqp_url, uid)
     delete_queues(settings.recorder_queue)
     # Declared before any recorder runs (as a deployment does): events wait in it.
-    async with amqp.channel() as channel:
-        await declare_recorder_queue(
-            channel, settings.recorder_queue, settings.recorder_binding_key
-        )
+    await declare_recorder_queue(amqp, settings.recorder_queue, settings.recorder_binding_key)
     runs = [Run(uid) for _ in range(5)]
     await publish_events(amqp, [event for run in runs for event in run.lifecycle()])
 

@@ -67,7 +67,7 @@ class FakeDispatcher:
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await declare_dispatch_exchanges(channel)
-        await declare_dead_letters(channel)
+        await declare_dead_letters(self.connection)
         await channel.set_qos(prefetch_count=100)
         queue = await channel.declare_queue(self.results_queue, passive=True)
         await queue.consume(self._on_result)

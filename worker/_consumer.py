@@ -32,7 +32,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic import ValidationError
 
-from broker.connection import connect_robust
+from broker.connection import Backoff, Nodes, connect_robust, retry
 from broker.errors import BrokerError
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
@@ -77,8 +77,10 @@ class Consumer:
         reconnect_interval: float,
         running_delay: float,
         hold_seconds: float,
+        replicas: int | None = None,
     ) -> None:
-        self._amqp_url = amqp_url
+        self._nodes = Nodes.parse(amqp_url)
+        self._replicas = replicas
         self._project = project
         self._deployment = deployment
         self._workflows = dict(workflows)
@@ -117,42 +119,38 @@ class Consumer:
 
     async def start(self) -> None:
         """Connect, register and consume; retries until the broker answers."""
-        while True:
-            connection: AbstractRobustConnection | None = None
-            try:
-                connection = await connect_robust(
-                    self._amqp_url,
-                    f"worker-{self._project}-{self._deployment}",
-                    reconnect_interval=self._reconnect_interval,
-                )
-                await self._setup(connection)
-                self._connection = connection
-                return
-            except _START_ERRORS as exc:
-                log.warning(
-                    "cannot start on the broker (%r); retrying in %ss",
-                    exc,
-                    self._reconnect_interval,
-                )
-                await self._discard_setup()
-                await close_quietly(connection)
-                await asyncio.sleep(self._reconnect_interval)
-            except BaseException:
-                await self._discard_setup()
-                await close_quietly(connection)
-                raise
+        await retry(
+            self._start_once,
+            what="starting on the broker",
+            backoff=Backoff(self._reconnect_interval),
+            retry_on=lambda exc: isinstance(exc, _START_ERRORS),
+        )
+
+    async def _start_once(self) -> None:
+        connection = await connect_robust(
+            self._nodes,
+            f"worker-{self._project}-{self._deployment}",
+            max_backoff=self._reconnect_interval,
+        )
+        try:
+            await self._setup(connection)
+        except BaseException:
+            await self._discard_setup()
+            await close_quietly(connection)
+            raise
+        self._connection = connection
 
     async def _setup(self, connection: AbstractRobustConnection) -> None:
         self._publisher = ConfirmedPublisher(
             connection, confirm_timeout=self._confirm_timeout, channels=PUBLISH_CHANNELS
         )
         await self._publisher.start()
-        self._reporter = Reporter(self._publisher)
+        self._reporter = Reporter(self._publisher, max_backoff=self._reconnect_interval)
+        await declare_dead_letters(connection, replicas=self._replicas)
+        await declare_registry(connection, replicas=self._replicas)
         async with connection.channel() as channel:
-            await declare_dead_letters(channel)
-            await declare_registry(channel)
             await declare_dispatch_exchanges(channel)
-        await declare_work_queue(connection, self.work_queue)
+        await declare_work_queue(connection, self.work_queue, replicas=self._replicas)
         await RegistryWriter(self._publisher).register_deployment(
             self._project, self._deployment, sorted(self._workflows)
         )

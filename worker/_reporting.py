@@ -2,31 +2,30 @@
 
 Results go to a results queue that always exists while its execution is in
 flight (the owning dispatcher declared it before dispatching), so a failure to
-publish is the broker being unavailable: retry with backoff until it is back.
+publish is the broker being unavailable: retry with backoff until it is back
+(``broker.connection.retry``; the connection meanwhile finds a live node).
 A queue that really is missing is reported as ``Unroutable`` after a few tries.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 
+from broker.connection import DEFAULT_MAX_BACKOFF_SECONDS, Backoff, retry
 from broker.deadletter import dead_letter
 from broker.errors import BrokerUnavailable, PublishRejected, Unroutable
 from broker.publisher import ConfirmedPublisher
 
-log = logging.getLogger(__name__)
-
-INITIAL_BACKOFF_S = 0.1
-MAX_BACKOFF_S = 5.0
 UNROUTABLE_ATTEMPTS = 4
 
 
 class Reporter:
-    def __init__(self, publisher: ConfirmedPublisher) -> None:
+    def __init__(
+        self, publisher: ConfirmedPublisher, *, max_backoff: float = DEFAULT_MAX_BACKOFF_SECONDS
+    ) -> None:
         self._publisher = publisher
+        self._max_backoff = max_backoff
         self._closed = asyncio.Event()
 
     def close(self) -> None:
@@ -59,22 +58,19 @@ class Reporter:
         )
 
     async def _retry(self, publish: Callable[[], Awaitable[None]], where: str) -> None:
-        backoff = INITIAL_BACKOFF_S
         unroutable = 0
-        while True:
-            if self._closed.is_set():
-                raise BrokerUnavailable(f"worker stopped before {where} confirmed")
-            try:
-                await publish()
-                return
-            except Unroutable:
+
+        def again(exc: Exception) -> bool:
+            nonlocal unroutable
+            if isinstance(exc, Unroutable):
                 unroutable += 1
-                if unroutable >= UNROUTABLE_ATTEMPTS:
-                    raise
-                log.warning("publish to %s: no such queue (attempt %d)", where, unroutable)
-            except (BrokerUnavailable, PublishRejected) as exc:
-                log.warning("publish to %s failed (%r); retrying in %.1fs", where, exc, backoff)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._closed.wait()
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+                return unroutable < UNROUTABLE_ATTEMPTS
+            return isinstance(exc, BrokerUnavailable | PublishRejected)
+
+        await retry(
+            publish,
+            what=f"publish to {where}",
+            backoff=Backoff(self._max_backoff),
+            retry_on=again,
+            stop=self._closed,
+        )

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
 
+from broker.settings import BrokerSettings
 from observe import ObserveSettings
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="POLOS_", extra="ignore")
-
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+class WorkerSettings(BrokerSettings):
     worker_concurrency: int = Field(
         default=16, ge=1, le=10_000, description="executions run at once (the prefetch)"
     )
@@ -32,8 +29,12 @@ class WorkerSettings(BaseSettings):
         description="the longest a delivery waits here for a free slot; after half of it the "
         "waiting ones are handed back to the queue",
     )
-    confirm_timeout_seconds: float = Field(default=5.0, gt=0)
-    worker_reconnect_interval_seconds: float = Field(
-        default=1.0, gt=0, description="wait between attempts to reach the broker on start"
+    worker_reconnect_interval_seconds: float | None = Field(
+        default=None, gt=0, description="Former name of POLOS_RECONNECT_INTERVAL_SECONDS"
     )
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
+
+    @model_validator(mode="after")
+    def _former_reconnect(self) -> WorkerSettings:
+        self._adopt_reconnect(self.worker_reconnect_interval_seconds)
+        return self

@@ -135,7 +135,8 @@ class Worker:
             concurrency=settings.worker_concurrency,
             worker_id=self.worker_id,
             confirm_timeout=settings.confirm_timeout_seconds,
-            reconnect_interval=settings.worker_reconnect_interval_seconds,
+            reconnect_interval=settings.reconnect_interval_seconds,
+            replicas=settings.quorum_group_size,
             running_delay=settings.worker_running_delay_seconds,
             hold_seconds=settings.worker_hold_seconds,
         )
