@@ -266,12 +266,12 @@ async def assert_accounted(load: Load, stack: Stack, *, timeout: float = 60.0) -
         raise AssertionError(
             f"{len(pending)} of {len(accepted)} accepted executions are not terminal; e.g. {seen}"
         ) from None
-    ran = set(stack.probe.runs)
+    ran_ids = set(stack.probe.runs)
     for execution_id in accepted:
         record = await stack.store.get(stack.tenant.project_id, execution_id)
         assert record is not None
         assert record.status is ExecutionStatus.COMPLETED, (execution_id, record.status)
-        assert execution_id in ran, f"{execution_id} is recorded completed but never ran"
+        assert execution_id in ran_ids, f"{execution_id} is recorded completed but never ran"
         assert record.result == {"slept": load.seconds}, (execution_id, record.result)
         assert record.started_at is not None, execution_id
         assert record.completed_at is not None, execution_id
