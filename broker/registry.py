@@ -22,9 +22,11 @@ from broker.publisher import ConfirmedPublisher
 from broker.topology import declare_queue
 from schemas.ids import now_rfc3339
 from schemas.registry import (
+    ConcurrencyStrategy,
     DeploymentRegistered,
     QueueDeclared,
     QueueLimitSet,
+    QueueStrategySet,
     RegistryEvent,
     ReplayMarker,
     decode_event,
@@ -46,6 +48,7 @@ class QueueConfig:
     project_id: str
     queue_name: str
     concurrency_limit: int | None = None
+    concurrency_strategy: ConcurrencyStrategy | None = None  # None: never set (deduplicate)
 
 
 @dataclass(slots=True)
@@ -73,10 +76,16 @@ class RegistryState:
             config = self.queues.setdefault(key, QueueConfig(event.project_id, event.queue_name))
             if event.concurrency_limit is not None:
                 config.concurrency_limit = event.concurrency_limit
+            if event.concurrency_strategy is not None:
+                config.concurrency_strategy = event.concurrency_strategy
         elif isinstance(event, QueueLimitSet):
             key = (event.project_id, event.queue_name)
             config = self.queues.setdefault(key, QueueConfig(event.project_id, event.queue_name))
             config.concurrency_limit = event.concurrency_limit
+        elif isinstance(event, QueueStrategySet):
+            key = (event.project_id, event.queue_name)
+            config = self.queues.setdefault(key, QueueConfig(event.project_id, event.queue_name))
+            config.concurrency_strategy = event.concurrency_strategy
 
     def resolve(self, project_id: str, deployment_id: str | None) -> Deployment | None:
         """The named deployment of a project, or its latest when none is named."""

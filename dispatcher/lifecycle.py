@@ -19,6 +19,25 @@ below is a plain unit test (``tests/test_dispatcher_lifecycle.py``)::
                          ─► deadline ─► timed_out (+ cancel to its workers)
                          ─► user cancel ─► cancelled (+ cancel to its workers)
 
+Concurrency keys (``strategy``, the queue's, from the registry):
+
+- ``deduplicate`` (the default): one FIFO under the limit; at its head, a key held
+  by a slot ends the submission ``deduplicated`` (``duplicate_of`` the holder).
+- ``partition``: the limit applies per key (no key: one partition of its own).
+  Pending executions wait in one lane per key; a heap orders the keys that have a
+  free slot by the arrival of their first pending one, so a full key never holds
+  back the others (no head-of-line blocking), FIFO within a key, and an
+  admission costs O(log keys).
+- ``cancel_in_progress``: on arrival, a submission with a key cancels every older
+  pending or slot-holding execution of that key (``cancelled``, ``cancelled_by``
+  the newer id; its workers told to stop); one older than what is here ends so
+  itself. Then one FIFO under the limit, as for ``deduplicate``.
+
+Slots are counted per key whatever the strategy (``_holders``), so a takeover
+rebuilds them from the ledger's keys and a strategy change applies at once:
+nothing in flight is stopped by one, pending executions are admitted by the new
+rule.
+
 Leases (DESIGN §3). A delivery is never held longer than ``hold_seconds``: a
 submission whose execution is still pending or in flight by then is copied
 into the ledger and acknowledged; the worker acknowledges its work once it
@@ -45,7 +64,7 @@ from __future__ import annotations
 import heapq
 import math
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,6 +85,7 @@ from schemas.dispatch import (
 )
 from schemas.envelope import SubmissionEnvelope
 from schemas.ids import rfc3339
+from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
 
 Ref = int
 """An opaque handle of a delivery the owner holds."""
@@ -113,6 +133,7 @@ class Execution:
     worker_id: str | None = None
     started_at: str | None = None
     republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
+    seq: int = 0  # its place in the queue, while pending (arrival order)
 
     @property
     def holds_slot(self) -> bool:
@@ -193,6 +214,14 @@ def user_cancel(requested_by: str) -> ErrorInfo:
     return ErrorInfo(type="cancelled", message=f"cancelled on request of {requested_by}")
 
 
+def superseded_by(execution_id: str) -> ErrorInfo:
+    return ErrorInfo(
+        type="cancelled",
+        message=f"superseded by the newer execution {execution_id} with the same "
+        "concurrency_key (cancel_in_progress)",
+    )
+
+
 class QueueLifecycle:
     """The executions of one submission queue, as its owner knows them."""
 
@@ -202,18 +231,29 @@ class QueueLifecycle:
         tunables: Tunables,
         *,
         owner: str,
+        strategy: ConcurrencyStrategy = DEFAULT_CONCURRENCY_STRATEGY,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self.limit = limit
+        self.strategy: ConcurrencyStrategy = strategy
         self.admitting = True
         self.tunables = tunables
         self.owner = owner
         self._new_id = new_id
         self.executions: dict[str, Execution] = {}  # every one not terminal
-        self._fifo: deque[Execution] = deque()
+        # Pending executions in arrival order, and the same by concurrency key (None:
+        # those without one): ordered dicts, so any of them leaves in O(1).
+        self._fifo: OrderedDict[str, Execution] = OrderedDict()
+        self._lanes: dict[str | None, OrderedDict[str, Execution]] = {}
+        self._arrivals = 0
         self._parked = 0  # of the fifo, those released (asked after every flush: counted)
-        self._keys: dict[str, str] = {}  # concurrency key -> the execution holding it
+        # Executions holding a slot, by concurrency key (the first is the dedup holder).
+        self._holders: dict[str | None, dict[str, Execution]] = {}
         self._used = 0
+        # partition: the keys that may admit now, by the arrival of their first pending
+        # one (a heap; an entry is live while ``_ready_at[key]`` is its seq).
+        self._ready: list[tuple[int, str | None]] = []
+        self._ready_at: dict[str | None, int] = {}
         self._recent: OrderedDict[str, float] = OrderedDict()  # terminal id -> when
         self._cancels: dict[str, _WantedCancel] = {}
         self._timers: list[tuple[float, str, str]] = []
@@ -251,6 +291,10 @@ class QueueLifecycle:
 
     def has_slot(self) -> bool:
         return self.limit is None or self._used < self.limit
+
+    def holding(self, key: str | None) -> int:
+        """Executions with this concurrency key holding a slot (None: those without one)."""
+        return len(self._holders.get(key, ()))
 
     def next_wakeup(self) -> float:
         """When ``tick`` has something to do (deadlines, leases, holds, the checkpoint)."""
@@ -314,8 +358,7 @@ class QueueLifecycle:
             )
             self.executions[x.execution_id] = x
             if entry.stage == "pending":
-                self._fifo.append(x)
-                self._parked += x.released
+                self._enqueue(x)
                 continue
             x.stage = Stage.DISPATCHED if entry.stage == "dispatched" else Stage.RUNNING
             self._take_slot(x)
@@ -363,7 +406,20 @@ class QueueLifecycle:
             received_at=now,
         )
         self.executions[execution_id] = x
-        self._fifo.append(x)
+        wanted = self._cancels.pop(execution_id, None)
+        if wanted is not None:
+            # Asked before it arrived: it never waits for its turn (nor its key's).
+            self._finish(
+                x,
+                S.CANCELLED,
+                now,
+                error=user_cancel(wanted.requested_by),
+                cancelled_by=wanted.requested_by,
+            )
+            return
+        if self.strategy == "cancel_in_progress" and x.key is not None and self._supersede(x, now):
+            return
+        self._enqueue(x)
         self._arm(now + self.tunables.hold_seconds, _Timer.HOLD, x)
         self._admit(now)
 
@@ -487,6 +543,20 @@ class QueueLifecycle:
 
     def set_limit(self, limit: int | None, now: float) -> None:
         self.limit = limit
+        for key in self._lanes:
+            self._mark(key)
+        self._admit(now)
+
+    def set_strategy(self, strategy: ConcurrencyStrategy, now: float) -> None:
+        """From now on: executions in flight keep their slots whatever the new rule
+        says (nothing is stopped by a change), pending ones are admitted by it."""
+        if strategy == self.strategy:
+            return
+        self.strategy = strategy
+        self._ready.clear()
+        self._ready_at.clear()
+        for key in self._lanes:
+            self._mark(key)
         self._admit(now)
 
     def drain(self) -> None:
@@ -569,33 +639,109 @@ class QueueLifecycle:
     # -- transitions ---------------------------------------------------------------------
 
     def _admit(self, now: float) -> None:
+        if self.strategy == "partition":
+            self._admit_by_key(now)
+        else:
+            self._admit_in_order(now)
+
+    def _admit_in_order(self, now: float) -> None:
+        """One FIFO under the queue's limit (deduplicate, cancel_in_progress)."""
+        dedup = self.strategy == "deduplicate"
         while self.admitting and self._fifo:
-            x = self._fifo[0]
-            holder = self._keys.get(x.key) if x.key is not None else None
-            if holder is not None and holder != x.execution_id:
+            x = next(iter(self._fifo.values()))
+            holders = self._holders.get(x.key) if dedup and x.key is not None else None
+            if holders:
                 # Settled without a slot: a duplicate never runs, so it never waits.
-                self._pop_head()
+                self._unqueue(x)
+                holder = next(iter(holders))
                 self._finish(x, S.DEDUPLICATED, now, duplicate_of=holder, with_submission=True)
                 continue
-            wanted = self._cancels.pop(x.execution_id, None)
-            if wanted is not None:
-                self._pop_head()
-                self._finish(
-                    x,
-                    S.CANCELLED,
-                    now,
-                    error=user_cancel(wanted.requested_by),
-                    cancelled_by=wanted.requested_by,
-                )
+            if self._settle_wanted_cancel(x, now):
                 continue
             if not self.has_slot():
                 return
-            self._pop_head()
-            self._take_slot(x)
-            assert x.envelope is not None  # pending executions always carry theirs
-            x.deadline = now + x.envelope.run_timeout_seconds
-            self._arm(x.deadline, _Timer.DEADLINE, x)
-            self._send(x, now, announce=True)
+            self._unqueue(x)
+            self._start(x, now)
+
+    def _admit_by_key(self, now: float) -> None:
+        """partition: the limit applies per key, so a key with no free slot waits
+        without holding back the others. Each admission is the earliest arrival
+        among the first pending ones of the keys with a free slot (a heap of keys,
+        O(log keys)); within a key, FIFO."""
+        while self.admitting and self._ready:
+            seq, key = heapq.heappop(self._ready)
+            if self._ready_at.get(key) != seq:
+                continue  # superseded by a later entry of its key
+            del self._ready_at[key]
+            lane = self._lanes.get(key)
+            if not lane:
+                continue
+            x = next(iter(lane.values()))
+            if x.seq != seq or not self._lane_free(key):
+                self._mark(key)  # marked again when a slot of the key frees
+                continue
+            if not self._settle_wanted_cancel(x, now):
+                self._unqueue(x)
+                self._start(x, now)
+            self._mark(key)
+
+    def _settle_wanted_cancel(self, x: Execution, now: float) -> bool:
+        """A cancel asked before the ledger of a takeover had it arrive: ended, unrun."""
+        wanted = self._cancels.pop(x.execution_id, None)
+        if wanted is None:
+            return False
+        self._unqueue(x)
+        self._finish(
+            x,
+            S.CANCELLED,
+            now,
+            error=user_cancel(wanted.requested_by),
+            cancelled_by=wanted.requested_by,
+        )
+        return True
+
+    def _start(self, x: Execution, now: float) -> None:
+        self._take_slot(x)
+        assert x.envelope is not None  # pending executions always carry theirs
+        x.deadline = now + x.envelope.run_timeout_seconds
+        self._arm(x.deadline, _Timer.DEADLINE, x)
+        self._send(x, now, announce=True)
+
+    def _supersede(self, x: Execution, now: float) -> bool:
+        """cancel_in_progress: the newest execution of a key is the one that runs.
+
+        Newest by execution id (UUIDv7: creation time), not by arrival, so a
+        redelivered older submission never cancels the newer one. Every older one
+        of the key, pending or holding a slot, ends ``cancelled`` naming ``x`` (its
+        workers are told to stop); or ``x`` itself, if a newer one is here. True:
+        ``x`` ended.
+        """
+        rivals = [*self._holders.get(x.key, {}).values(), *self._lanes.get(x.key, {}).values()]
+        newest = max(rivals, key=lambda r: r.execution_id, default=None)
+        if newest is not None and newest.execution_id > x.execution_id:
+            self._finish(
+                x,
+                S.CANCELLED,
+                now,
+                error=superseded_by(newest.execution_id),
+                cancelled_by=newest.execution_id,
+                with_submission=True,
+            )
+            return True
+        for old in rivals:
+            ran = old.holds_slot
+            self._finish(
+                old,
+                S.CANCELLED,
+                now,
+                error=superseded_by(x.execution_id),
+                cancelled_by=x.execution_id,
+                with_submission=not ran,
+            )
+            if ran:
+                # Stop every copy and report nothing: it has ended here already.
+                self._effects.append(SendCancel(old, "superseded"))
+        return False
 
     def _send(self, x: Execution, now: float, *, announce: bool) -> None:
         x.stage = Stage.DISPATCHED
@@ -674,13 +820,7 @@ class QueueLifecycle:
         cancelled_by: str | None = None,
         started_at: str | None = None,
     ) -> None:
-        if x.holds_slot:
-            self._used -= 1
-            if x.key is not None and self._keys.get(x.key) == x.execution_id:
-                del self._keys[x.key]
-        elif x.stage is Stage.PENDING and x in self._fifo:
-            self._fifo.remove(x)
-            self._parked -= x.released
+        self._vacate(x)
         x.stage = Stage.TERMINAL
         self.executions.pop(x.execution_id, None)
         self._remember(x.execution_id, now)
@@ -710,14 +850,62 @@ class QueueLifecycle:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def _pop_head(self) -> None:
-        x = self._fifo.popleft()
+    def _enqueue(self, x: Execution) -> None:
+        self._arrivals += 1
+        x.seq = self._arrivals
+        self._fifo[x.execution_id] = x
+        self._parked += x.released
+        lane = self._lanes.get(x.key)
+        if lane is None:
+            lane = self._lanes[x.key] = OrderedDict()
+        lane[x.execution_id] = x
+        if len(lane) == 1:
+            self._mark(x.key)
+
+    def _unqueue(self, x: Execution) -> None:
+        """No longer pending (admitted, or ended while it waited)."""
+        del self._fifo[x.execution_id]
         self._parked -= x.released
+        lane = self._lanes[x.key]
+        del lane[x.execution_id]
+        if not lane:
+            del self._lanes[x.key]
+        if self._ready_at.get(x.key) == x.seq:
+            del self._ready_at[x.key]  # it led its key: the next one does
+            self._mark(x.key)
+
+    def _vacate(self, x: Execution) -> None:
+        """It ends: its slot (and key) or its place in the queue is free."""
+        if x.holds_slot:
+            self._used -= 1
+            holders = self._holders[x.key]
+            del holders[x.execution_id]
+            if not holders:
+                del self._holders[x.key]
+            self._mark(x.key)
+        elif x.stage is Stage.PENDING and x.execution_id in self._fifo:
+            self._unqueue(x)
 
     def _take_slot(self, x: Execution) -> None:
         self._used += 1
-        if x.key is not None and x.key not in self._keys:
-            self._keys[x.key] = x.execution_id
+        holders = self._holders.get(x.key)
+        if holders is None:
+            holders = self._holders[x.key] = {}
+        holders[x.execution_id] = x
+
+    def _lane_free(self, key: str | None) -> bool:
+        return self.limit is None or len(self._holders.get(key, ())) < self.limit
+
+    def _mark(self, key: str | None) -> None:
+        """partition: put the key among those that may admit, if it may."""
+        if self.strategy != "partition" or key in self._ready_at:
+            return
+        lane = self._lanes.get(key)
+        if not lane or not self._lane_free(key):
+            return
+        seq = next(iter(lane.values())).seq
+        self._ready_at[key] = seq
+        heapq.heappush(self._ready, (seq, key))
 
     def _renew(self, x: Execution, now: float) -> None:
         x.lease_until = now + self.tunables.lease_seconds
@@ -749,7 +937,7 @@ class QueueLifecycle:
 
     def _in_ledger_order(self) -> list[Execution]:
         # Pending ones in their queue order (a new owner keeps it), the rest after.
-        pending = [x for x in self._fifo if x.released]
+        pending = [x for x in self._fifo.values() if x.released]
         return pending + [x for x in self.executions.values() if x.holds_slot]
 
     @staticmethod

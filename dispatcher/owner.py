@@ -57,6 +57,7 @@ from schemas.dispatch import (
     encode,
 )
 from schemas.envelope import decode_submission
+from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
 from schemas.topology import results_queue, submit_queue
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,14 @@ class OwnerState(StrEnum):
 
 
 class QueueOwner:
-    def __init__(self, links: Links, project_id: str, queue_name: str, limit: int | None) -> None:
+    def __init__(
+        self,
+        links: Links,
+        project_id: str,
+        queue_name: str,
+        limit: int | None,
+        strategy: ConcurrencyStrategy = DEFAULT_CONCURRENCY_STRATEGY,
+    ) -> None:
         self.links = links
         self.settings = links.settings
         self.project_id = project_id
@@ -78,8 +86,10 @@ class QueueOwner:
         self.name = submit_queue(project_id, queue_name)
         self.results_name = results_queue(project_id, queue_name)
         self.state = OwnerState.STANDBY
-        self.window = self.settings.window_for(limit)
-        self.lifecycle = QueueLifecycle(limit, links.tunables, owner=links.owner_id)
+        self.window = self.settings.window_for(limit, strategy)
+        self.lifecycle = QueueLifecycle(
+            limit, links.tunables, owner=links.owner_id, strategy=strategy
+        )
         self.deliveries = Deliveries()
         self.effector = Effector(
             links,
@@ -115,6 +125,10 @@ class QueueOwner:
         return self.lifecycle.limit
 
     @property
+    def strategy(self) -> ConcurrencyStrategy:
+        return self.lifecycle.strategy
+
+    @property
     def owning(self) -> bool:
         """Whether this dispatcher owns the queue (a standby only consumes its results)."""
         return self.state is OwnerState.OWNING
@@ -139,8 +153,16 @@ class QueueOwner:
         if limit == self.lifecycle.limit:
             return
         log.info("%s: concurrency limit %s -> %s", self.name, self.lifecycle.limit, limit)
-        self.window = self.settings.window_for(limit)
+        self.window = self.settings.window_for(limit, self.lifecycle.strategy)
         self.lifecycle.set_limit(limit, time.time())
+        self._kick()
+
+    def set_strategy(self, strategy: ConcurrencyStrategy) -> None:
+        if strategy == self.lifecycle.strategy:
+            return
+        log.info("%s: concurrency strategy %s -> %s", self.name, self.lifecycle.strategy, strategy)
+        self.window = self.settings.window_for(self.lifecycle.limit, strategy)
+        self.lifecycle.set_strategy(strategy, time.time())
         self._kick()
 
     def drain(self) -> None:

@@ -8,8 +8,8 @@ the supervisor (``service.py``) builds a new session.
 
 Queues are discovered from the registry stream: after the replay, every queue
 recorded there that matches ``POLOS_DISPATCHER_QUEUES`` and still exists gets
-an owner, and so does every queue declared later; limit changes reach the
-owner at once. Whether a queue exists is asked on a connection of its own
+an owner, and so does every queue declared later; limit and strategy changes
+reach the owner at once. Whether a queue exists is asked on a connection of its own
 (``probe.py``): one passive declare per recorded queue and session, and one
 more for each later registry event about a queue we do not own. Only a queue
 that exists gets a results queue declared and a consumer.
@@ -45,7 +45,12 @@ from dispatcher.settings import Settings
 from dispatcher.work import Links, WorkQueues
 from schemas.dispatch import ExecutionStatus
 from schemas.envelope import SubmissionEnvelope
-from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
+from schemas.registry import (
+    DEFAULT_CONCURRENCY_STRATEGY,
+    ConcurrencyStrategy,
+    QueueEvent,
+    RegistryEvent,
+)
 from schemas.topology import results_queue, submit_queue
 
 log = logging.getLogger(__name__)
@@ -187,7 +192,7 @@ class Session:
     def _on_registry_event(self, event: RegistryEvent) -> None:
         if not self._replayed or self._closing:
             return
-        if not isinstance(event, QueueDeclared | QueueLimitSet):
+        if not isinstance(event, QueueEvent):
             return
         key = (event.project_id, event.queue_name)
         if not self.settings.owns(*key):
@@ -195,12 +200,18 @@ class Session:
         owner = self.owners.get(key)
         if owner is not None:
             owner.set_limit(self._limit_of(key))
+            owner.set_strategy(self._strategy_of(key))
         else:
             self._spawn(self._discover(key))
 
     def _limit_of(self, key: QueueKey) -> int | None:
         config = self._state.queues.get(key)
         return self.settings.limit_for(config.concurrency_limit if config else None)
+
+    def _strategy_of(self, key: QueueKey) -> ConcurrencyStrategy:
+        config = self._state.queues.get(key)
+        strategy = config.concurrency_strategy if config else None
+        return strategy or DEFAULT_CONCURRENCY_STRATEGY
 
     async def _discover(self, key: QueueKey) -> None:
         if key in self.owners or self._links is None:
@@ -239,7 +250,9 @@ class Session:
             self._links.connection, results_queue(*key), replicas=self.settings.quorum_group_size
         )
         # Registered before it starts, so a limit change reaches it meanwhile.
-        owner = self.owners[key] = QueueOwner(self._links, *key, self._limit_of(key))
+        owner = self.owners[key] = QueueOwner(
+            self._links, *key, self._limit_of(key), self._strategy_of(key)
+        )
         await owner.start()
         return True
 

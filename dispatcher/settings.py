@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from broker.settings import BrokerSettings
 from dispatcher.lifecycle import Tunables
 from observe import ObserveSettings
+from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
 
 # basic.qos prefetch_count is an AMQP short.
 MAX_PREFETCH = 65535
@@ -116,11 +117,19 @@ class Settings(BrokerSettings):
     def limit_for(self, configured: int | None) -> int | None:
         return configured if configured is not None else self.default_concurrency_limit
 
-    def window_for(self, limit: int | None) -> int:
+    def window_for(
+        self, limit: int | None, strategy: ConcurrencyStrategy = DEFAULT_CONCURRENCY_STRATEGY
+    ) -> int:
         """The prefetch of a submission consumer: what the lifecycle can choose from.
 
-        Twice the limit leaves room to raise the limit without re-consuming.
+        Twice the limit leaves room to raise the limit without re-consuming. A
+        partitioned queue runs up to the limit per key, so it looks as far ahead
+        as an unlimited one: a busy key's backlog within the window never keeps
+        another key's submissions from being seen (beyond it, it does).
         """
         if limit is None:
             return self.dispatcher_unlimited_window
-        return min(max(2 * limit, MIN_LIMITED_WINDOW), MAX_PREFETCH)
+        window = min(max(2 * limit, MIN_LIMITED_WINDOW), MAX_PREFETCH)
+        if strategy == "partition":
+            return max(window, self.dispatcher_unlimited_window)
+        return window

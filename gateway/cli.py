@@ -1,4 +1,4 @@
-"""``python -m gateway``: serve, or administer projects, keys and deployments."""
+"""``python -m gateway``: serve, or administer projects, keys, deployments and queues."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from collections.abc import Sequence
 from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.auth import create_admin_key, create_key, revoke_key
+from gateway.queues import configure_queue
 from gateway.server import serve_until_signalled
 from gateway.settings import Settings
 from observe import setup_logging
+from schemas.api import INT32_MAX, QUEUE_NAME_PATTERN
+from schemas.registry import CONCURRENCY_STRATEGIES
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
 
 
@@ -46,6 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--project", required=True)
     register.add_argument("--deployment", required=True)
     register.add_argument("--workflow", action="append", required=True, dest="workflows")
+
+    queues = sub.add_parser("queues", help="queue configuration").add_subparsers(
+        dest="queues_command", required=True
+    )
+    configure = queues.add_parser(
+        "set",
+        help="set a queue's concurrency limit and/or strategy (as a submission carrying "
+        "queue_concurrency_limit / concurrency_strategy does; the latest wins)",
+    )
+    configure.add_argument("--project", required=True)
+    configure.add_argument("--queue", required=True)
+    configure.add_argument("--limit", type=int, help=f"concurrency limit, 1 to {INT32_MAX}")
+    configure.add_argument(
+        "--strategy", choices=CONCURRENCY_STRATEGIES, help="what the queue does with keys"
+    )
     return parser
 
 
@@ -72,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         print(f"no key {args.id}", file=sys.stderr)
         return 1
+    if args.command == "queues":
+        return _set_queue(settings, args)
     problem = _deployment_problem(args.project, args.deployment, args.workflows)
     if problem is not None:
         print(f"cannot register: {problem}", file=sys.stderr)
@@ -87,6 +107,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"registered {args.project}/{args.deployment}: {', '.join(args.workflows)}")
     return 0
+
+
+def _set_queue(settings: Settings, args: argparse.Namespace) -> int:
+    problem = _queue_problem(args.project, args.queue, args.limit, args.strategy)
+    if problem is not None:
+        print(f"cannot set: {problem}", file=sys.stderr)
+        return 2
+    events = asyncio.run(
+        configure_queue(
+            settings.amqp_url.get_secret_value(),
+            args.project,
+            args.queue,
+            limit=args.limit,
+            strategy=args.strategy,
+            max_length=settings.queue_max_length,
+            replicas=settings.quorum_group_size,
+        )
+    )
+    said = [f"limit {args.limit}"] * (args.limit is not None)
+    said += [f"strategy {args.strategy}"] * (args.strategy is not None)
+    print(f"{args.project}/{args.queue}: {', '.join(said)} ({len(events)} registry event(s))")
+    return 0
+
+
+def _queue_problem(project: str, queue: str, limit: int | None, strategy: str | None) -> str | None:
+    if not re.fullmatch(PROJECT_ID_PATTERN, project):
+        return f"project id {project!r} must match {PROJECT_ID_PATTERN}"
+    if not re.fullmatch(QUEUE_NAME_PATTERN, queue):
+        return f"queue name {queue!r} must match {QUEUE_NAME_PATTERN}"
+    if limit is None and strategy is None:
+        return "give --limit, --strategy or both"
+    if limit is not None and not 1 <= limit <= INT32_MAX:
+        return f"--limit {limit}: 1 to {INT32_MAX} are allowed"
+    return None
 
 
 def _deployment_problem(project: str, deployment: str, workflows: Sequence[str]) -> str | None:

@@ -78,6 +78,9 @@ def header_key(request: web.Request) -> str | None:
     return key
 
 
+_LATER_FIELDS = ("concurrency_strategy",)
+
+
 def fingerprint(
     workflow_id: str, body: SubmitWorkflowRequest, defaults: BatchRunRequest | None = None
 ) -> str:
@@ -96,12 +99,22 @@ def fingerprint(
                 fields[name] = getattr(defaults, name)
     fields["wait_for_subworkflow"] = bool(fields.get("wait_for_subworkflow"))
     fields["workflow_id"] = workflow_id
+    # Fields added after keys were kept count only when sent: a key stored by an
+    # earlier gateway still matches the same request after an upgrade.
+    for name in _LATER_FIELDS:
+        if fields.get(name) is None:
+            fields.pop(name, None)
     return _digest(fields)
 
 
 def batch_fingerprint(batch: BatchRunRequest) -> str:
     """The whole batch's: items keyed by the header are the same only in the same batch."""
-    return _digest(batch.model_dump(mode="json"))
+    dumped = batch.model_dump(mode="json")
+    for item in dumped["workflows"]:
+        for name in _LATER_FIELDS:
+            if item.get(name) is None:
+                item.pop(name, None)
+    return _digest(dumped)
 
 
 def _digest(value: Any) -> str:

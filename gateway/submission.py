@@ -32,6 +32,7 @@ from schemas.dispatch import encode_queued_event
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, new_session_id
 from schemas.limits import MAX_INT, MAX_VALUE_DEPTH, MIN_INT, ORJSON_READ_DEPTH, nests_deeper
+from schemas.registry import ConcurrencyStrategy
 
 _QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
 
@@ -51,6 +52,7 @@ class Stamped:
     deployment_id: str
     queue_name: str
     limit: int | None
+    strategy: ConcurrencyStrategy | None
     concurrency_key: str | None
     envelope: bytes
 
@@ -275,6 +277,7 @@ def stamp(
             else d.wait_for_subworkflow
         ),
         submitted_by=submitted_by,
+        concurrency_strategy=body.concurrency_strategy,
     )
     return Stamped(
         execution_id,
@@ -284,6 +287,7 @@ def stamp(
         deployment_id,
         queue_name,
         body.queue_concurrency_limit,
+        body.concurrency_strategy,
         body.concurrency_key,
         envelope,
     )
@@ -304,14 +308,16 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
     project_id, queue_name = stamped.project_id, stamped.queue_name
     deadline = settings.confirm_timeout_seconds
     try:
-        routing_key = queues.known(project_id, queue_name, stamped.limit)
+        routing_key = queues.known(project_id, queue_name, stamped.limit, stamped.strategy)
         if routing_key is None:
-            # First use (or a new limit): a declaration and a registry append,
+            # First use (or a new limit or strategy): a declaration and a registry append,
             # neither with a timeout of its own, so a broker that stopped
             # answering must not hold them beyond the confirm deadline. The
             # common path skips this: the publisher times out its own confirms.
             async with asyncio.timeout(deadline):
-                routing_key = await queues.ensure(project_id, queue_name, stamped.limit)
+                routing_key = await queues.ensure(
+                    project_id, queue_name, stamped.limit, stamped.strategy
+                )
         try:
             await publisher.publish(routing_key, stamped.envelope, message_id=stamped.execution_id)
         except Unroutable:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.dispatch import ExecutionStatus
+from schemas.registry import ConcurrencyStrategy
 
 INT32_MAX = 2**31 - 1
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -34,10 +35,20 @@ class SubmitWorkflowRequest(BaseModel):
     deployment_id: str | None = Field(default=None, max_length=255)
     queue_name: QueueName | None = None
     queue_concurrency_limit: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    # Our extension (Polos ignores unknown fields): like the limit, it sets the
+    # queue's strategy (latest wins) when present.
+    concurrency_strategy: ConcurrencyStrategy | None = Field(
+        default=None,
+        description="What the queue does with concurrency_key: deduplicate (the default), "
+        "partition (the limit applies per key) or cancel_in_progress (a newer execution "
+        "cancels the older one with its key). Sets the queue's strategy, as "
+        "queue_concurrency_limit sets its limit",
+    )
     concurrency_key: str | None = Field(
         default=None,
         max_length=255,
-        description="Deduplication key (at most 255 characters); an empty string is no key",
+        description="Concurrency key (at most 255 characters): deduplicates, partitions or "
+        "cancels by the queue's concurrency_strategy; an empty string is no key",
     )
     run_timeout_seconds: int | None = Field(default=None, ge=1, le=INT32_MAX)
     initial_state: Any = None

@@ -28,6 +28,11 @@ class SubmissionEnvelope(BaseModel):
     deployment_id: str
     queue_name: str
     queue_concurrency_limit: int | None = None
+    # Carried as the client sent it (the gateway checked it): what the queue does
+    # with the key is the registry's strategy, which the submission set if it
+    # carried one. A string, not the Literal: a newer gateway's value must not
+    # make this envelope undecodable for an older dispatcher or worker.
+    concurrency_strategy: str | None = None
     concurrency_key: str | None = None
     run_timeout_seconds: int
     payload: Any = None
@@ -63,33 +68,35 @@ def encode_submission(
     step_key: str | None,
     wait_for_subworkflow: bool,
     submitted_by: str,
+    concurrency_strategy: str | None = None,
 ) -> bytes:
     """Serialize an envelope without building a model (the submit hot path)."""
-    return orjson.dumps(
-        {
-            "type": "submission",
-            "schema_version": SCHEMA_VERSION,
-            "execution_id": execution_id,
-            "created_at": created_at,
-            "project_id": project_id,
-            "workflow_id": workflow_id,
-            "deployment_id": deployment_id,
-            "queue_name": queue_name,
-            "queue_concurrency_limit": queue_concurrency_limit,
-            "concurrency_key": concurrency_key,
-            "run_timeout_seconds": run_timeout_seconds,
-            "payload": payload,
-            "initial_state": initial_state,
-            "session_id": session_id,
-            "user_id": user_id,
-            "otel_traceparent": otel_traceparent,
-            "parent_execution_id": parent_execution_id,
-            "root_execution_id": root_execution_id,
-            "step_key": step_key,
-            "wait_for_subworkflow": wait_for_subworkflow,
-            "submitted_by": submitted_by,
-        }
-    )
+    envelope: dict[str, Any] = {
+        "type": "submission",
+        "schema_version": SCHEMA_VERSION,
+        "execution_id": execution_id,
+        "created_at": created_at,
+        "project_id": project_id,
+        "workflow_id": workflow_id,
+        "deployment_id": deployment_id,
+        "queue_name": queue_name,
+        "queue_concurrency_limit": queue_concurrency_limit,
+        "concurrency_key": concurrency_key,
+        "run_timeout_seconds": run_timeout_seconds,
+        "payload": payload,
+        "initial_state": initial_state,
+        "session_id": session_id,
+        "user_id": user_id,
+        "otel_traceparent": otel_traceparent,
+        "parent_execution_id": parent_execution_id,
+        "root_execution_id": root_execution_id,
+        "step_key": step_key,
+        "wait_for_subworkflow": wait_for_subworkflow,
+        "submitted_by": submitted_by,
+    }
+    if concurrency_strategy is not None:  # absent otherwise: envelopes stay as they were
+        envelope["concurrency_strategy"] = concurrency_strategy
+    return orjson.dumps(envelope)
 
 
 def decode_submission(raw: bytes) -> SubmissionEnvelope:

@@ -1,20 +1,36 @@
 """Registry events: the durable log (a RabbitMQ stream) of deployments and queues.
 
 Worker fleets append ``deployment_registered``; gateways append
-``queue_declared`` (first submission to a queue) and ``queue_limit_set`` (a
-submission carrying a different ``queue_concurrency_limit``). Every gateway and
-dispatcher replays the log from the start and follows it, so the log *is* the
-configuration: the latest event wins.
+``queue_declared`` (first submission to a queue), ``queue_limit_set`` and
+``queue_strategy_set`` (a submission carrying a different
+``queue_concurrency_limit`` or ``concurrency_strategy``, or the operator's
+``python -m gateway queues set``). Every gateway and dispatcher replays the log
+from the start and follows it, so the log *is* the configuration: the latest
+event wins. A reader skips an event it cannot decode (an older process meeting
+a newer event type), so new event types never break old readers.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
+
+ConcurrencyStrategy = Literal["deduplicate", "partition", "cancel_in_progress"]
+"""What a queue does with ``concurrency_key`` (DESIGN §3; README "Concurrency keys").
+
+- ``deduplicate`` (the default): a submission whose key is held by an execution
+  with a slot ends ``deduplicated`` when it reaches the head of the queue;
+- ``partition``: the queue's limit applies per key (executions without a key
+  share one partition of their own);
+- ``cancel_in_progress``: a newer execution with a key cancels the older
+  pending or running one with that key.
+"""
+CONCURRENCY_STRATEGIES: Final[tuple[ConcurrencyStrategy, ...]] = get_args(ConcurrencyStrategy)
+DEFAULT_CONCURRENCY_STRATEGY: Final[ConcurrencyStrategy] = "deduplicate"
 
 
 class _Event(BaseModel):
@@ -42,6 +58,7 @@ class QueueDeclared(_Event):
     project_id: str
     queue_name: str
     concurrency_limit: int | None = None
+    concurrency_strategy: ConcurrencyStrategy | None = None
 
 
 class QueueLimitSet(_Event):
@@ -49,6 +66,13 @@ class QueueLimitSet(_Event):
     project_id: str
     queue_name: str
     concurrency_limit: int
+
+
+class QueueStrategySet(_Event):
+    type: Literal["queue_strategy_set"] = "queue_strategy_set"
+    project_id: str
+    queue_name: str
+    concurrency_strategy: ConcurrencyStrategy
 
 
 class ReplayMarker(_Event):
@@ -59,9 +83,11 @@ class ReplayMarker(_Event):
 
 
 RegistryEvent = Annotated[
-    DeploymentRegistered | QueueDeclared | QueueLimitSet | ReplayMarker,
+    DeploymentRegistered | QueueDeclared | QueueLimitSet | QueueStrategySet | ReplayMarker,
     Field(discriminator="type"),
 ]
+QueueEvent = QueueDeclared | QueueLimitSet | QueueStrategySet
+"""The events that configure a queue (a dispatcher applies them to its owner)."""
 REGISTRY_EVENT: TypeAdapter[RegistryEvent] = TypeAdapter(RegistryEvent)
 
 

@@ -38,6 +38,7 @@ from schemas.dispatch import (
     Released,
 )
 from schemas.envelope import SubmissionEnvelope, encode_submission
+from schemas.registry import ConcurrencyStrategy
 
 S = ExecutionStatus
 LEASE = 30.0
@@ -78,6 +79,7 @@ class Harness:
 
     limit: int | None = 2
     owner: str = "a"
+    strategy: ConcurrencyStrategy = "deduplicate"
     lc: QueueLifecycle = field(init=False)
     refs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     effects: list[Effect] = field(default_factory=list)
@@ -90,6 +92,7 @@ class Harness:
             self.limit,
             Tunables(lease_seconds=LEASE, hold_seconds=HOLD),
             owner=self.owner,
+            strategy=self.strategy,
             new_id=lambda: f"d{next(self.ids)}",
         )
 
@@ -185,7 +188,9 @@ class Harness:
 
     def successor(self, now: float, owner: str = "b", limit: int | None = None) -> Harness:
         """A new owner, rebuilt from every record this one wrote (all held, as on a crash)."""
-        nxt = Harness(limit=self.limit if limit is None else limit, owner=owner)
+        nxt = Harness(
+            limit=self.limit if limit is None else limit, owner=owner, strategy=self.strategy
+        )
         nxt.lc.rebuild([(nxt.ref(), r) for r in self.ledger], now)
         return nxt
 
