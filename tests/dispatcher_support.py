@@ -30,7 +30,7 @@ from broker.topology import declare_dead_letters, declare_dispatch_exchanges, de
 from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_events
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
-from schemas.registry import QueueDeclared, QueueLimitSet
+from schemas.registry import ConcurrencyStrategy, QueueDeclared, QueueLimitSet, QueueStrategySet
 from schemas.topology import (
     EVENTS_EXCHANGE,
     results_queue,
@@ -73,17 +73,37 @@ class QueueKit:
                 async with self.connection.channel() as channel:
                     await channel.queue_delete(name)
 
-    async def declare(self, queue: str, *, limit: int | None = None) -> str:
+    async def declare(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        strategy: ConcurrencyStrategy | None = None,
+    ) -> str:
         """Declare the queue as the gateway does and append ``queue_declared``."""
         name = submit_queue(self.project, queue)
         await declare_queue(self.connection, name, submit_queue_arguments(max_length=100_000))
         self._queues.add(queue)
         await self._writer.append(
             QueueDeclared(
-                at=now_rfc3339(), project_id=self.project, queue_name=queue, concurrency_limit=limit
+                at=now_rfc3339(),
+                project_id=self.project,
+                queue_name=queue,
+                concurrency_limit=limit,
+                concurrency_strategy=strategy,
             )
         )
         return name
+
+    async def set_strategy(self, queue: str, strategy: ConcurrencyStrategy) -> None:
+        await self._writer.append(
+            QueueStrategySet(
+                at=now_rfc3339(),
+                project_id=self.project,
+                queue_name=queue,
+                concurrency_strategy=strategy,
+            )
+        )
 
     async def set_limit(self, queue: str, limit: int) -> None:
         await self._writer.append(
@@ -229,19 +249,27 @@ class Probe:
         self.max_running = 0
         self.runs: list[str] = []
         self.cancelled: list[str] = []
+        self.finished: list[str] = []  # ran to their end (returned)
         self.running_in: dict[str, set[str]] = {}  # by queue name
         self.max_running_in: dict[str, int] = {}
+        self.running_by_key: dict[str | None, set[str]] = {}  # by concurrency key
+        self.max_running_by_key: dict[str | None, int] = {}
 
     async def sleep(self, ctx: ExecutionContext, payload: Any) -> Any:
         """Runs ``payload["seconds"]`` (default 0.2), counting itself while it does."""
         seconds = float((payload or {}).get("seconds", 0.2))
         in_queue = self.running_in.setdefault(ctx.queue_name, set())
+        by_key = self.running_by_key.setdefault(ctx.concurrency_key, set())
         self.running.add(ctx.execution_id)
         in_queue.add(ctx.execution_id)
+        by_key.add(ctx.execution_id)
         self.runs.append(ctx.execution_id)
         self.max_running = max(self.max_running, len(self.running))
         self.max_running_in[ctx.queue_name] = max(
             self.max_running_in.get(ctx.queue_name, 0), len(in_queue)
+        )
+        self.max_running_by_key[ctx.concurrency_key] = max(
+            self.max_running_by_key.get(ctx.concurrency_key, 0), len(by_key)
         )
         try:
             await asyncio.sleep(seconds)
@@ -251,6 +279,8 @@ class Probe:
         finally:
             self.running.discard(ctx.execution_id)
             in_queue.discard(ctx.execution_id)
+            by_key.discard(ctx.execution_id)
+        self.finished.append(ctx.execution_id)
         return {"slept": seconds}
 
 

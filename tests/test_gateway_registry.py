@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -11,15 +14,12 @@ from aiohttp.test_utils import TestClient
 
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
-from schemas.registry import QueueDeclared, QueueLimitSet, RegistryEvent
+from schemas.registry import QueueEvent, RegistryEvent
 from schemas.topology import submit_queue
 from tests.conftest import GatewayFactory, Tenant
 
 Client = TestClient[web.Request, web.Application]
 Register = Callable[[str, str, list[str]], Awaitable[None]]
-
-
-QueueEvent = QueueDeclared | QueueLimitSet
 
 
 async def _queue_events(amqp_url: str, project_id: str) -> tuple[list[QueueEvent], RegistryState]:
@@ -33,7 +33,7 @@ async def _queue_events(amqp_url: str, project_id: str) -> tuple[list[QueueEvent
         events: list[QueueEvent] = []
 
         def collect(event: RegistryEvent) -> None:
-            if isinstance(event, (QueueDeclared, QueueLimitSet)) and event.project_id == project_id:
+            if isinstance(event, QueueEvent) and event.project_id == project_id:
                 events.append(event)
 
         follower.add_listener(collect)
@@ -80,7 +80,7 @@ async def test_queue_declared_once_then_only_limit_changes_are_recorded(
 
     events, state = await _queue_events(amqp_url, project)
 
-    assert [(e.type, e.queue_name, e.concurrency_limit) for e in events] == [
+    assert [(e.type, e.queue_name, getattr(e, "concurrency_limit", None)) for e in events] == [
         ("queue_declared", "limited", 3),
         ("queue_limit_set", "limited", 5),
         ("queue_declared", "unlimited", None),
@@ -108,7 +108,80 @@ async def test_a_burst_carrying_a_new_limit_records_it_once(
     await asyncio.gather(*(_submit(client, tenant, "burst", 8) for _ in range(50)))
 
     events, _ = await _queue_events(amqp_url, project)
-    assert [(e.type, e.concurrency_limit) for e in events] == [
+    assert [(e.type, getattr(e, "concurrency_limit", None)) for e in events] == [
         ("queue_declared", 1),
         ("queue_limit_set", 8),
     ]
+
+
+async def test_a_strategy_is_recorded_like_the_limit_and_the_latest_wins(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Register,
+    amqp_url: str,
+    delete_queues: Callable[[str], None],
+) -> None:
+    project = tenant.project_id
+    for queue in ("keyed", "plain"):
+        delete_queues(submit_queue(project, queue))
+    await register(project, "v1", ["hello"])
+    client = await make_gateway()
+
+    async def submit(queue: str, **fields: object) -> None:
+        body = {"payload": 1, "queue_name": queue, **fields}
+        response = await client.post(
+            "/api/v1/workflows/hello/run", json=body, headers=tenant.headers
+        )
+        assert response.status == 200, await response.text()
+
+    await submit("keyed", concurrency_strategy="partition", queue_concurrency_limit=2)
+    await submit("keyed", concurrency_strategy="partition")  # the same: nothing
+    await submit("keyed")  # none given: nothing
+    await submit("keyed", concurrency_strategy="cancel_in_progress", queue_concurrency_limit=3)
+    await submit("plain")
+    await submit("plain", concurrency_strategy="deduplicate")  # said out loud: recorded
+
+    events, state = await _queue_events(amqp_url, project)
+    assert [(e.type, e.queue_name, getattr(e, "concurrency_strategy", None)) for e in events] == [
+        ("queue_declared", "keyed", "partition"),
+        ("queue_limit_set", "keyed", None),
+        ("queue_strategy_set", "keyed", "cancel_in_progress"),
+        ("queue_declared", "plain", None),
+        ("queue_strategy_set", "plain", "deduplicate"),
+    ]
+    keyed = state.queues[(project, "keyed")]
+    assert (keyed.concurrency_limit, keyed.concurrency_strategy) == (3, "cancel_in_progress")
+    assert state.queues[(project, "plain")].concurrency_strategy == "deduplicate"
+
+
+async def test_the_operator_command_sets_a_strategy_and_a_limit_in_the_registry(
+    tenant: Tenant, amqp_url: str, delete_queues: Callable[[str], None]
+) -> None:
+    project = tenant.project_id
+    delete_queues(submit_queue(project, "ops"))
+    env = {**os.environ, "POLOS_AMQP_URL": amqp_url}
+    command = [sys.executable, "-m", "gateway", "queues", "set", "--project", project]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "--queue", "ops", "--strategy", "partition", "--limit", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "--queue", "ops", "--strategy", "newest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "--strategy" in refused.stderr
+
+    events, state = await _queue_events(amqp_url, project)
+    assert [e.type for e in events] == ["queue_limit_set", "queue_strategy_set"]
+    config = state.queues[(project, "ops")]
+    assert (config.concurrency_limit, config.concurrency_strategy) == (4, "partition")
