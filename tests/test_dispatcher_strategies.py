@@ -226,3 +226,24 @@ async def test_cancel_in_progress_under_load_keeps_one_per_key_and_the_limit_acr
     most, most_by_key = most_holding(event_log.events)
     assert most <= 3
     assert max(most_by_key.values()) == 1
+
+
+async def test_a_strategy_set_in_the_registry_reaches_the_owner_while_executions_run(
+    queue_kit: QueueKit, event_log: EventLog, probe: Probe, make_dispatcher: DispatcherFactory
+) -> None:
+    await queue_kit.declare("q", limit=1)  # deduplicate: one FIFO, one slot
+    await make_dispatcher()
+    first = await queue_kit.submit("q", {"seconds": 3.0}, key="a")
+    await event_log.wait_status(first, S.RUNNING)
+    other = await queue_kit.submit("q", {"seconds": 0.05}, key="b")
+    same = await queue_kit.submit("q", {"seconds": 0.05}, key="a")
+
+    await queue_kit.set_strategy("q", "partition")
+
+    # b has a partition of its own now; a's is full until the first one ends.
+    assert (await event_log.wait_terminal([other]))[other].status is S.COMPLETED
+    assert not event_log.terminal(first)
+    assert event_log.statuses(same) == []
+    ends = await event_log.wait_terminal([first, same])
+    assert [ends[first].status, ends[same].status] == [S.COMPLETED, S.COMPLETED]
+    assert probe.max_running_by_key == {"a": 1, "b": 1}
