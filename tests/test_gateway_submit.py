@@ -88,6 +88,7 @@ async def test_200_comes_after_the_broker_stored_the_message_with_every_field(
         "deployment_id": "v1",
         "queue_name": "full",
         "queue_concurrency_limit": 4,
+        "concurrency_strategy": "partition",
         "concurrency_key": "customer-42",
         "run_timeout_seconds": 120,
         "initial_state": {"step": 0},
@@ -127,6 +128,7 @@ async def test_200_comes_after_the_broker_stored_the_message_with_every_field(
         "deployment_id": "v1",
         "queue_name": "full",
         "queue_concurrency_limit": 4,
+        "concurrency_strategy": "partition",
         "concurrency_key": "customer-42",
         "run_timeout_seconds": 120,
         "payload": body["payload"],
@@ -383,8 +385,9 @@ async def test_openapi_describes_the_submit_operation(world: World) -> None:
         assert status in operation["responses"], status
     request_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     request = _resolve(document, request_ref)
-    # Every field of the Polos SubmitWorkflowRequest, payload required.
+    # Every field of the Polos SubmitWorkflowRequest, payload required, and our extension.
     assert set(request["properties"]) == {
+        "concurrency_strategy",
         "payload",
         "deployment_id",
         "queue_name",
