@@ -41,6 +41,9 @@ from store import ExecutionStore
 from tests.proxy import TcpProxy, running_proxy
 from tests.store_support import RecorderFactory, recorders, redis_client
 
+# The worker tests' fixtures (the dispatcher's part, in-process workers).
+pytest_plugins = ("tests.worker_harness",)
+
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 

@@ -1,7 +1,9 @@
 """Playing the dispatcher's part in worker tests: publish work, read results, cancel.
 
 The worker is tested on the wire protocol alone (``schemas.dispatch``), so
-these tests do not depend on the dispatcher's implementation.
+these tests do not depend on the dispatcher's implementation. The fixtures here
+(``dispatcher``, ``start_worker``) are registered for every test by
+tests/conftest.py (``pytest_plugins``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from broker.deadletter import SOURCE_HEADER
@@ -39,6 +42,9 @@ from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, DEAD_LETTER_QUEUE, results_queue, work_queue
 from tests.conftest import queue_depth
+from tests.proxy import TcpProxy
+from tests.workflows import add_workflows
+from worker import Handler, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,3 +311,52 @@ def worker_process(
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def dispatcher(
+    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[FakeDispatcher]:
+    """The dispatcher's part for deployment ``v1`` of the test's project (``uid``)."""
+    fake = FakeDispatcher(amqp, uid, "v1")
+    delete_queues(fake.results_queue)
+    delete_queues(fake.work_queue)
+    await fake.open()
+    yield fake
+    await fake.close()
+
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[StartWorker]:
+    """``start_worker({"id": handler}, url=..., **Worker kwargs)``: a started in-process
+    worker of deployment ``v1`` with tests/workflows.py's workflows and the given ones;
+    every one started is stopped at the end."""
+    workers: list[Worker] = []
+
+    async def _start(
+        workflows: dict[str, Handler] | None = None, *, url: str | None = None, **kwargs: Any
+    ) -> Worker:
+        worker = add_workflows(
+            Worker(project=uid, deployment="v1", amqp_url=url or amqp_url, **kwargs)
+        )
+        for workflow_id, handler in (workflows or {}).items():
+            worker.add_workflow(workflow_id, handler)
+        await worker.start()
+        workers.append(worker)
+        return worker
+
+    yield _start
+    for worker in workers:
+        await worker.stop(drain_timeout=0)
+
+
+def proxied(broker_proxy: TcpProxy, amqp_url: str) -> str:
+    """The broker through ``broker_proxy``, reconnecting every 0.2 s once it is cut."""
+    # aio-pika reads the robust reconnect interval from the URL.
+    return f"{broker_proxy.url(amqp_url)}?reconnect_interval=0.2"
