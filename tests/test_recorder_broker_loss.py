@@ -6,21 +6,18 @@ import asyncio
 
 from aio_pika.abc import AbstractConnection
 
-from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
 from tests.conftest import queue_depth
 from tests.proxy import TcpProxy
 from tests.redis_proxy import redis_proxy
-from tests.store_support import RecorderFactory, Run, eventually, publish_events, redis_host_port
-
-
-async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
-    done = 0
-    for run in runs:
-        record = await store.get(run.project_id, run.execution_id)
-        if record is not None and record.status == ExecutionStatus.COMPLETED:
-            done += 1
-    return done
+from tests.store_support import (
+    RecorderFactory,
+    Run,
+    count_completed,
+    eventually,
+    publish_events,
+    redis_host_port,
+)
 
 
 async def test_events_published_while_the_recorder_lost_the_broker_are_recorded(

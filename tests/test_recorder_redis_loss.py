@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
 from tests.conftest import queue_depth
 from tests.redis_proxy import RedisProxy, redis_proxy
 from tests.store_support import (
     RecorderFactory,
     Run,
+    count_completed,
     eventually,
     publish_events,
     redis_host_port,
@@ -28,15 +28,6 @@ from tests.store_support import (
 async def proxy() -> AsyncIterator[RedisProxy]:
     async with redis_proxy(*redis_host_port()) as running:
         yield running
-
-
-async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
-    done = 0
-    for run in runs:
-        record = await store.get(run.project_id, run.execution_id)
-        if record is not None and record.status == ExecutionStatus.COMPLETED:
-            done += 1
-    return done
 
 
 async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
