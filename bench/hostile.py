@@ -119,21 +119,25 @@ async def _huge_headers(host: str, port: int, kib: int, tally: Counter[str]) -> 
         writer.close()
 
 
+async def _dribble(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunk: bytes
+) -> bytes:
+    """Send ``chunk`` every second until the server answers; the answer's start."""
+    while True:
+        try:
+            async with asyncio.timeout(1.0):
+                return await reader.read(200)
+        except TimeoutError:
+            writer.write(chunk)
+            await writer.drain()
+
+
 async def _trickle(host: str, port: int, tally: Counter[str]) -> None:
     """One short header line a second, never the last one."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(_head("/health"))
-        while True:
-            try:
-                async with asyncio.timeout(1.0):
-                    answer = await reader.read(200)
-            except TimeoutError:
-                writer.write(b"X-Slow: 1\r\n")
-                await writer.drain()
-                continue
-            _count(answer, tally, "trickle")
-            return
+        _count(await _dribble(reader, writer, b"X-Slow: 1\r\n"), tally, "trickle")
     finally:
         writer.close()
 
@@ -147,16 +151,7 @@ async def _slow_body(host: str, port: int, tenant: Tenant, tally: Counter[str]) 
             _head(f"/api/v1/workflows/{WORKFLOW}/run", headers + b"Content-Length: 1000000\r\n\r\n")
         )
         writer.write(b'{"payload": "')
-        while True:
-            try:
-                async with asyncio.timeout(1.0):
-                    answer = await reader.read(200)
-            except TimeoutError:
-                writer.write(b"aaaa")
-                await writer.drain()
-                continue
-            _count(answer, tally, "body")
-            return
+        _count(await _dribble(reader, writer, b"aaaa"), tally, "body")
     finally:
         writer.close()
 
