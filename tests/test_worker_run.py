@@ -16,7 +16,21 @@ from schemas.limits import MAX_RESULT_DEPTH
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
 from tests.worker_harness import FakeDispatcher, StartWorker, take_dead_letters, until
-from worker import ExecutionContext
+from worker import ExecutionContext, Handler
+
+
+def until_cancelled() -> tuple[Handler, asyncio.Event]:
+    """A workflow that runs until its task is cancelled, and the event it sets then."""
+    stopped = asyncio.Event()
+
+    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    return forever, stopped
 
 
 async def test_short_run_reports_only_its_result_which_says_when_it_started(
@@ -171,15 +185,7 @@ async def test_past_deadline_delivery_is_dropped(
 async def test_local_deadline_cancels_the_task(
     dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
 ) -> None:
-    stopped = asyncio.Event()
-
-    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever, stopped = until_cancelled()
     worker = await start_worker({"forever": forever})
 
     execution_id = await dispatcher.dispatch("forever", deadline=time.time() + 0.5)
@@ -195,15 +201,7 @@ async def test_local_deadline_cancels_the_task(
 async def test_cancel_message_cancels_the_running_task(
     dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
 ) -> None:
-    stopped = asyncio.Event()
-
-    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever, stopped = until_cancelled()
     worker = await start_worker({"forever": forever})
     execution_id, body = dispatcher.work("forever")
     await dispatcher.publish(body)
