@@ -38,10 +38,10 @@ from schemas.dispatch import (
     encode,
     encode_work,
 )
-from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, DEAD_LETTER_QUEUE, results_queue, work_queue
 from tests.conftest import queue_depth
+from tests.envelopes import make_submission
 from tests.proxy import TcpProxy
 from tests.workflows import add_workflows
 from worker import Handler, Worker
@@ -109,32 +109,22 @@ class FakeDispatcher:
         else:
             created_at = now_rfc3339()
         fields: dict[str, Any] = {
-            "execution_id": execution_id,
-            "created_at": created_at,
             "project_id": self.project,
             "workflow_id": workflow_id,
             "deployment_id": self.deployment,
             "queue_name": self.queue_name,
-            "queue_concurrency_limit": None,
-            "concurrency_key": None,
-            "run_timeout_seconds": 60,
             "payload": payload,
-            "initial_state": None,
             "session_id": f"s-{execution_id}",
-            "user_id": None,
-            "otel_traceparent": None,
-            "parent_execution_id": None,
-            "root_execution_id": None,
-            "step_key": None,
-            "wait_for_subworkflow": False,
             "submitted_by": "key_test",
+            **submission,
         }
-        fields.update(submission)
         body = encode_work(
             dispatch_id=dispatch_id or uuid.uuid4().hex,
             deadline=deadline if deadline is not None else time.time() + 60,
             results_queue=results_queue or self.results_queue,
-            submission_raw=encode_submission(**fields),
+            submission_raw=make_submission(
+                execution_id=execution_id, created_at=created_at, **fields
+            ),
             lease_seconds=lease_seconds,
         )
         return execution_id, body
