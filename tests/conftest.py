@@ -287,6 +287,25 @@ def detail_fields(body: dict[str, Any]) -> list[str]:
     return [detail["field"] for detail in body["details"]]
 
 
+def openapi_refs(node: Any) -> list[str]:
+    """Every ``$ref`` in an OpenAPI document (or a part of it), in document order."""
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in openapi_refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in openapi_refs(value)]
+    return []
+
+
+def resolve_ref(document: dict[str, Any], ref: str) -> Any:
+    """What a local ``$ref`` (``#/components/...``) of ``document`` points at."""
+    assert ref.startswith("#/"), ref
+    node: Any = document
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
 async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
     channel = await connection.channel()
     try:
@@ -301,7 +320,8 @@ async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
 
 from dispatcher import Dispatcher  # noqa: E402
 from dispatcher import Settings as DispatcherSettings  # noqa: E402
-from tests.dispatcher_support import EventLog, QueueKit  # noqa: E402
+from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker  # noqa: E402
+from worker import Worker  # noqa: E402
 
 
 @pytest.fixture
@@ -320,6 +340,27 @@ async def event_log(amqp: AbstractConnection, uid: str) -> AsyncIterator[EventLo
     await log.open()
     yield log
     await log.close()
+
+
+ProbeFactory = Callable[..., Awaitable[Probe]]
+
+
+@pytest.fixture
+async def start_probe(amqp_url: str, uid: str) -> AsyncIterator[ProbeFactory]:
+    """``await start_probe(concurrency=32)``: a started in-process SDK worker of the test's
+    project running ``sleep``, seen through the ``Probe`` returned; stopped at the end."""
+    workers: list[Worker] = []
+
+    async def _start(*, concurrency: int = 32) -> Probe:
+        probe = Probe()
+        worker = probe_worker(amqp_url, uid, probe, concurrency=concurrency)
+        await worker.start()
+        workers.append(worker)
+        return probe
+
+    yield _start
+    for worker in workers:
+        await worker.stop(drain_timeout=0)
 
 
 DispatcherFactory = Callable[..., Awaitable[Dispatcher]]
