@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import aio_pika
 import aiohttp
@@ -41,7 +41,11 @@ from store import ExecutionStore
 from tests.proxy import TcpProxy, running_proxy
 from tests.store_support import RecorderFactory, recorders, redis_client
 
-# The worker tests' fixtures (the dispatcher's part, in-process workers).
+if TYPE_CHECKING:
+    from tests.worker_harness import RunWorker
+
+# The worker tests' fixtures (the dispatcher's part, in-process workers); the harness
+# imports this module, so it is named here rather than imported.
 pytest_plugins = ("tests.worker_harness",)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -321,7 +325,6 @@ async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
 from dispatcher import Dispatcher  # noqa: E402
 from dispatcher import Settings as DispatcherSettings  # noqa: E402
 from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker  # noqa: E402
-from worker import Worker  # noqa: E402
 
 
 @pytest.fixture
@@ -346,21 +349,16 @@ ProbeFactory = Callable[..., Awaitable[Probe]]
 
 
 @pytest.fixture
-async def start_probe(amqp_url: str, uid: str) -> AsyncIterator[ProbeFactory]:
+def start_probe(amqp_url: str, uid: str, run_worker: RunWorker) -> ProbeFactory:
     """``await start_probe(concurrency=32)``: a started in-process SDK worker of the test's
     project running ``sleep``, seen through the ``Probe`` returned; stopped at the end."""
-    workers: list[Worker] = []
 
     async def _start(*, concurrency: int = 32) -> Probe:
         probe = Probe()
-        worker = probe_worker(amqp_url, uid, probe, concurrency=concurrency)
-        await worker.start()
-        workers.append(worker)
+        await run_worker(probe_worker(amqp_url, uid, probe, concurrency=concurrency))
         return probe
 
-    yield _start
-    for worker in workers:
-        await worker.stop(drain_timeout=0)
+    return _start
 
 
 DispatcherFactory = Callable[..., Awaitable[Dispatcher]]

@@ -2,7 +2,7 @@
 
 The worker is tested on the wire protocol alone (``schemas.dispatch``), so
 these tests do not depend on the dispatcher's implementation. The fixtures here
-(``dispatcher``, ``start_worker``) are registered for every test by
+(``dispatcher``, ``run_worker``, ``start_worker``) are registered for every test by
 tests/conftest.py (``pytest_plugins``).
 """
 
@@ -319,15 +319,31 @@ async def dispatcher(
     await fake.close()
 
 
+RunWorker = Callable[[Worker], Awaitable[Worker]]
+
+
+@pytest.fixture
+async def run_worker() -> AsyncIterator[RunWorker]:
+    """``await run_worker(worker)``: ``worker`` started; every one is stopped at the end."""
+    workers: list[Worker] = []
+
+    async def _run(worker: Worker) -> Worker:
+        await worker.start()
+        workers.append(worker)
+        return worker
+
+    yield _run
+    for worker in workers:
+        await worker.stop(drain_timeout=0)
+
+
 StartWorker = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[StartWorker]:
+def start_worker(amqp_url: str, uid: str, run_worker: RunWorker) -> StartWorker:
     """``start_worker({"id": handler}, url=..., **Worker kwargs)``: a started in-process
-    worker of deployment ``v1`` with tests/workflows.py's workflows and the given ones;
-    every one started is stopped at the end."""
-    workers: list[Worker] = []
+    worker of deployment ``v1`` with tests/workflows.py's workflows and the given ones."""
 
     async def _start(
         workflows: dict[str, Handler] | None = None, *, url: str | None = None, **kwargs: Any
@@ -337,13 +353,9 @@ async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[StartWorker]:
         )
         for workflow_id, handler in (workflows or {}).items():
             worker.add_workflow(workflow_id, handler)
-        await worker.start()
-        workers.append(worker)
-        return worker
+        return await run_worker(worker)
 
-    yield _start
-    for worker in workers:
-        await worker.stop(drain_timeout=0)
+    return _start
 
 
 def proxied(broker_proxy: TcpProxy, amqp_url: str) -> str:
