@@ -44,8 +44,8 @@ from tests.store_support import RecorderFactory, recorders, redis_client
 if TYPE_CHECKING:
     from tests.worker_harness import RunWorker
 
-# The worker tests' fixtures (the dispatcher's part, in-process workers); the harness
-# imports this module, so it is named here rather than imported.
+# The worker tests' fixtures (the dispatcher's part, in-process workers). Imported as a
+# plugin, not here: pytest rewrites the asserts of a plugin only if it imports it first.
 pytest_plugins = ("tests.worker_harness",)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -249,6 +249,10 @@ async def queue_depth(connection: AbstractConnection, queue_name: str) -> int:
         return queue.declaration_result.message_count or 0
     finally:
         await channel.close()
+
+
+async def has_depth(connection: AbstractConnection, queue_name: str, depth: int) -> bool:
+    return await queue_depth(connection, queue_name) == depth
 
 
 # -- broker loss, subprocess gateways (gateway tests) ------------------------------

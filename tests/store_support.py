@@ -181,6 +181,10 @@ async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
     return done
 
 
+async def all_completed(store: ExecutionStore, runs: list[Run]) -> bool:
+    return await count_completed(store, runs) == len(runs)
+
+
 async def publish_events(
     connection: AbstractConnection, events: Sequence[LifecycleEvent], *, per_message: int = 10
 ) -> None:

@@ -14,9 +14,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import Completed
-from tests.conftest import queue_depth
+from tests.conftest import has_depth, queue_depth
 from tests.proxy import TcpProxy
-from tests.worker_harness import FakeDispatcher, StartWorker, has_depth, proxied, until
+from tests.worker_harness import FakeDispatcher, StartWorker, proxied, until
 from tests.workflows import add_workflows
 from worker import ExecutionContext, Worker, WorkerSettings
 

@@ -16,9 +16,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import Cancelled, Completed, Heartbeat
-from tests.conftest import queue_depth
+from tests.conftest import has_depth, queue_depth
 from tests.proxy import TcpProxy
-from tests.worker_harness import FakeDispatcher, StartWorker, has_depth, proxied, until
+from tests.worker_harness import FakeDispatcher, StartWorker, proxied, until
 from worker import ExecutionContext, Worker, WorkerSettings
 
 LEASE = 1.5  # renewed every 0.5 s; the worker's own lease ends 1 s after a confirmed send

@@ -12,8 +12,8 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import Completed, Released
-from tests.conftest import queue_depth
-from tests.worker_harness import FakeDispatcher, has_depth, until, worker_process
+from tests.conftest import has_depth, queue_depth
+from tests.worker_harness import FakeDispatcher, until, worker_process
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 

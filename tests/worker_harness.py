@@ -40,7 +40,6 @@ from schemas.dispatch import (
 )
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, DEAD_LETTER_QUEUE, results_queue, work_queue
-from tests.conftest import queue_depth
 from tests.envelopes import make_submission
 from tests.proxy import TcpProxy
 from tests.workflows import add_workflows
@@ -231,10 +230,6 @@ async def until(condition: Callable[[], Awaitable[bool]], *, timeout: float = 10
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"condition not met within {timeout}s") from None
-
-
-async def has_depth(connection: AbstractConnection, queue_name: str, depth: int) -> bool:
-    return await queue_depth(connection, queue_name) == depth
 
 
 async def take_dead_letters(
