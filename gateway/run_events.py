@@ -29,7 +29,7 @@ from aiohttp import web
 from gateway import errors, sse
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_SETTINGS, APP_STORE, APP_WATCH
-from gateway.executions import read_record
+from gateway.executions import EXECUTION_ID_PATTERN, read_record
 from schemas.dispatch import TERMINAL_STATUSES
 from schemas.polos_events import StreamEvent, run_events
 from schemas.records import ExecutionRecord
@@ -37,9 +37,7 @@ from store import StoreError
 
 log = logging.getLogger(__name__)
 
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
+_UUID_RE = re.compile(EXECUTION_ID_PATTERN)
 _TOPIC_RE = re.compile(r"^workflow/(?P<workflow_id>.+)/(?P<run_id>[^/]+)$")
 
 
@@ -95,7 +93,7 @@ def _query(request: web.Request) -> tuple[str, str, Cursor]:
     last_timestamp: datetime | None = None
     if last_sequence_id is None and (raw_time := query.get("last_timestamp")):
         try:
-            last_timestamp = datetime.fromisoformat(raw_time.replace("Z", "+00:00"))
+            last_timestamp = _parse_time(raw_time)
         except ValueError:
             problems.append({"field": "last_timestamp", "message": "must be an RFC 3339 time"})
         else:
