@@ -18,6 +18,18 @@ below is a plain unit test (``tests/test_dispatcher_lifecycle.py``)::
     DISPATCHED | RUNNING ─► result ─► completed | failed | cancelled | timed_out
                          ─► deadline ─► timed_out (+ cancel to its workers)
                          ─► user cancel ─► cancelled (+ cancel to its workers)
+                         ─► Failed asking for a retry, due before the deadline
+                              ─► WAITING_RETRY (slot and key kept) ─(retry_at)─►
+                                 DISPATCHED again: a new dispatch_id, retry_count + 1
+
+Retries (``_schedule_retry``). The worker knows the workflow's policy and says
+in its ``Failed`` report whether another run is wanted, and after how long; the
+owner decides: a retry due at or after the run's deadline is none (the deadline
+is fixed at admission and covers every run and every wait), so the execution
+ends ``failed`` at once. A waiting retry keeps its slot and its key (DESIGN §3:
+a slot from admission until terminal; a duplicate by key stays deduplicated),
+is in the ledger with its ``retry_at`` (a new owner dispatches it then), and
+ends like any in-flight execution on a cancel or its deadline.
 
 Leases (DESIGN §3). A delivery is never held longer than ``hold_seconds``: a
 submission whose execution is still pending or in flight by then is copied
@@ -81,6 +93,7 @@ class Stage(StrEnum):
     PENDING = "pending"
     DISPATCHED = "dispatched"
     RUNNING = "running"
+    WAITING_RETRY = "waiting_retry"
     TERMINAL = "terminal"
 
 
@@ -113,10 +126,12 @@ class Execution:
     worker_id: str | None = None
     started_at: str | None = None
     republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
+    retries: int = 0  # retries before the current (or next) run: Polos's retry_count
+    retry_at: float | None = None  # when waiting for a retry: its dispatch
 
     @property
     def holds_slot(self) -> bool:
-        return self.stage in (Stage.DISPATCHED, Stage.RUNNING)
+        return self.stage in (Stage.DISPATCHED, Stage.RUNNING, Stage.WAITING_RETRY)
 
     @property
     def run_timeout(self) -> int | None:
@@ -132,6 +147,7 @@ class Dispatch:
     dispatch_id: str
     deadline: float
     count: int = 1
+    retry_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +163,9 @@ class Emit:
     cancelled_by: str | None = None
     at: str | None = None
     started_at: str | None = None
+    # The run it is about; None: the execution's current one when it is published.
+    retry_count: int | None = None
+    retry_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +201,14 @@ class _Timer(StrEnum):
     DEADLINE = "deadline"
     LEASE = "lease"
     HOLD = "hold"
+    RETRY = "retry"
+
+
+_REBUILT_STAGES = {
+    "dispatched": Stage.DISPATCHED,
+    "running": Stage.RUNNING,
+    "waiting_retry": Stage.WAITING_RETRY,
+}
 
 
 def _at(now: float) -> str:
@@ -311,17 +338,22 @@ class QueueLifecycle:
                 dispatch_id=entry.dispatch_id,
                 dispatches=entry.dispatch_count,
                 deadline=entry.deadline,
+                retries=entry.retry_count,
             )
             self.executions[x.execution_id] = x
             if entry.stage == "pending":
                 self._fifo.append(x)
                 self._parked += x.released
                 continue
-            x.stage = Stage.DISPATCHED if entry.stage == "dispatched" else Stage.RUNNING
+            x.stage = _REBUILT_STAGES[entry.stage]
             self._take_slot(x)
             if x.deadline is not None:
                 self._arm(x.deadline, _Timer.DEADLINE, x)
-            if x.stage is Stage.RUNNING:
+            if x.stage is Stage.WAITING_RETRY:
+                # Due at the time its owner set (at once if that passed).
+                x.retry_at = entry.retry_at if entry.retry_at is not None else now
+                self._arm(x.retry_at, _Timer.RETRY, x)
+            elif x.stage is Stage.RUNNING:
                 # Renewed from now: a lease is never shortened by a takeover.
                 self._renew(x, now)
             elif x.execution_id in unsure:
@@ -405,6 +437,9 @@ class QueueLifecycle:
         x = self.executions.get(result.execution_id)
         if x is None or not x.holds_slot or result.dispatch_id != x.dispatch_id:
             self._effects.append(Ack(ref))  # late, stale, or of a copy we stopped
+            return
+        if isinstance(result, Failed) and self._schedule_retry(x, result, now):
+            self._effects.append(Ack(ref))
             return
         if isinstance(result, Completed):
             status, value, error = S.COMPLETED, result.result, None
@@ -506,6 +541,8 @@ class QueueLifecycle:
                 self._effects.append(SendCancel(x, "timeout"))
             elif kind == _Timer.LEASE:
                 self._dispatch_again(x, now)
+            elif kind == _Timer.RETRY:
+                self._retry_due(x, now)
             else:
                 self._release_submission(x)
         for execution_id, wanted in list(self._cancels.items()):
@@ -604,7 +641,7 @@ class QueueLifecycle:
         x.lease_until = x.worker_id = None
         self._ledger(x)
         assert x.deadline is not None
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches))
+        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches, x.retries))
         if announce:
             self._effects.append(
                 Emit(S.ADMITTED, x, dispatch_id=x.dispatch_id, with_submission=True, at=_at(now))
@@ -615,7 +652,9 @@ class QueueLifecycle:
         if x.raw is None or x.dispatch_id is None or x.deadline is None:
             return  # its submission is on its way back to us
         x.republish = False
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches)))
+        self._effects.append(
+            Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches), x.retries)
+        )
 
     def _dispatch_again(self, x: Execution, now: float) -> None:
         """Its lease expired or its worker released it: nobody runs it now."""
@@ -629,6 +668,44 @@ class QueueLifecycle:
             self._ledger(x)
             return
         self._send(x, now, announce=True)
+
+    def _schedule_retry(self, x: Execution, failed: Failed, now: float) -> bool:
+        """A run failed and its worker's policy wants another: wait for it, if there is time.
+
+        The execution keeps its slot and key while it waits; reports of the failed
+        dispatch are stale from now on (no dispatch is current until the retry's).
+        """
+        if failed.retry_in is None:
+            return False
+        retry_at = now + failed.retry_in
+        if x.deadline is not None and retry_at >= x.deadline:
+            return False  # the run timeout covers every run: it ends failed now
+        self._effects.append(
+            Emit(
+                S.RUNNING,
+                x,
+                dispatch_id=x.dispatch_id,
+                worker_id=failed.worker_id,
+                error=failed.error,
+                at=_at(now),
+                started_at=failed.started_at or x.started_at,
+                retry_count=x.retries,
+                retry_at=_at(retry_at),
+            )
+        )
+        x.stage = Stage.WAITING_RETRY
+        x.retry_at = retry_at
+        x.dispatch_id = x.lease_until = x.worker_id = x.started_at = None
+        self._arm(retry_at, _Timer.RETRY, x)
+        self._ledger(x)
+        return True
+
+    def _retry_due(self, x: Execution, now: float) -> None:
+        if x.deadline is not None and x.deadline <= now:
+            return  # its deadline timer ends it, with the retry it never got
+        x.retries += 1
+        x.retry_at = None
+        self._dispatch_again(x, now)
 
     def _cancel(self, x: Execution, requested_by: str, now: float) -> None:
         ran = x.holds_slot
@@ -735,6 +812,8 @@ class QueueLifecycle:
             return x.holds_slot and x.deadline == when
         if kind == _Timer.LEASE:
             return x.holds_slot and x.lease_until == when
+        if kind == _Timer.RETRY:
+            return x.stage is Stage.WAITING_RETRY and x.retry_at == when
         return x.submission is not None and not x.released and x.received_at <= when
 
     def _ledger(self, x: Execution) -> None:
@@ -766,6 +845,10 @@ class QueueLifecycle:
             "workflow_id": x.workflow_id,
             "deployment_id": x.deployment_id,
         }
+        if x.retries:
+            entry["retry_count"] = x.retries
+        if x.retry_at is not None:
+            entry["retry_at"] = x.retry_at
         if x.released and x.raw is not None:
             entry["submission"] = orjson.Fragment(x.raw)
         return entry

@@ -115,6 +115,8 @@ class Notifier:
         at: str | None = None,
         started_at: str | None = None,
         attempt: int = 0,
+        retry_count: int = 0,
+        retry_at: str | None = None,
     ) -> None:
         """Publish one transition; returns once its batch is confirmed (or failed: logged)."""
         if self._on_event is not None:
@@ -139,6 +141,8 @@ class Notifier:
                     cancelled_by=cancelled_by,
                     started_at=started_at,
                     attempt=attempt,
+                    retry_count=retry_count,
+                    retry_at=retry_at,
                 )
             )
         except Exception:

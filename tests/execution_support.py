@@ -132,7 +132,7 @@ async def running_system(
     probe = Probe()
     worker = Worker(project=project, deployment=DEPLOYMENT, concurrency=16, amqp_url=amqp_url)
     worker.add_workflow("echo", echo)
-    worker.add_workflow("fail", fail)
+    worker.add_workflow("fail", fail, retries=0)  # its tests see the failure as the end
     worker.add_workflow("sleep", probe.sleep)
     await worker.start()
     events = EventLog(amqp, project)
