@@ -656,8 +656,9 @@ class QueueLifecycle:
             Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches), x.retries)
         )
 
-    def _dispatch_again(self, x: Execution, now: float) -> None:
-        """Its lease expired or its worker released it: nobody runs it now."""
+    def _dispatch_again(self, x: Execution, now: float, *, announce: bool = True) -> None:
+        """Its lease expired or its worker released it (or its retry is due): nobody
+        runs it now."""
         if x.deadline is not None and x.deadline <= now:
             return  # its deadline timer ends it
         if x.raw is None:
@@ -667,7 +668,7 @@ class QueueLifecycle:
             x.dispatches += 1
             self._ledger(x)
             return
-        self._send(x, now, announce=True)
+        self._send(x, now, announce=announce)
 
     def _schedule_retry(self, x: Execution, failed: Failed, now: float) -> bool:
         """A run failed and its worker's policy wants another: wait for it, if there is time.
@@ -705,7 +706,9 @@ class QueueLifecycle:
             return  # its deadline timer ends it, with the retry it never got
         x.retries += 1
         x.retry_at = None
-        self._dispatch_again(x, now)
+        # No admitted event: it holds its slot since its admission (and a second one
+        # would count as an admission in the metrics, with the latency of them all).
+        self._dispatch_again(x, now, announce=False)
 
     def _cancel(self, x: Execution, requested_by: str, now: float) -> None:
         ran = x.holds_slot

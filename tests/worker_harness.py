@@ -95,6 +95,7 @@ class FakeDispatcher:
         dispatch_id: str | None = None,
         results_queue: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        retry_count: int = 0,
         **submission: Any,
     ) -> tuple[str, bytes]:
         """An execution id and the body of a work message for it."""
@@ -130,6 +131,8 @@ class FakeDispatcher:
             results_queue=results_queue or self.results_queue,
             submission_raw=encode_submission(**fields),
             lease_seconds=lease_seconds,
+            retry_count=retry_count,
+            dispatch_count=retry_count + 1,
         )
         return execution_id, body
 

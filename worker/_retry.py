@@ -64,7 +64,7 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
-"""About 1 s before the first retry, 2 s before the second, ... at most 300 s."""
+"""0.5-1 s before the first retry, 1-2 s before the second, ... at most 300 s."""
 
 
 @dataclass(frozen=True, slots=True)
