@@ -9,10 +9,13 @@ holds its queue slot: with a limit of 1, the next submission waits for it.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +26,13 @@ from schemas.records import ExecutionRecord
 from schemas.topology import results_queue
 from store import ExecutionStore
 from tests.conftest import DispatcherFactory
-from tests.dispatcher_support import DEPLOYMENT, EventLog, QueueKit
+from tests.dispatcher_support import (
+    DEPLOYMENT,
+    EventLog,
+    QueueKit,
+    dispatcher_process,
+    wait_for_log,
+)
 from tests.store_support import RecorderFactory, eventually
 from worker import Backoff, ExecutionContext, NonRetryableError, Worker
 
@@ -201,3 +210,44 @@ async def test_a_cancel_during_the_retry_wait_ends_it_and_no_retry_runs(
     assert len(runs.of(execution_id)) == 1
     record = await _record(store, uid, execution_id)
     assert (record.status, record.retry_count) == (S.CANCELLED, 1)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+async def test_a_retry_waiting_when_its_owner_is_killed_is_dispatched_by_the_next(
+    queue_kit: QueueKit,
+    event_log: EventLog,
+    runs: Runs,
+    processes: list[subprocess.Popen[bytes]],
+    amqp_url: str,
+    uid: str,
+    tmp_path: Path,
+) -> None:
+    await queue_kit.declare("one", limit=1)
+    owner = dispatcher_process(amqp_url, uid, tmp_path / "a.log")
+    processes.append(owner)
+    await wait_for_log(tmp_path / "a.log", "dispatcher ready")
+    standby = dispatcher_process(amqp_url, uid, tmp_path / "b.log")
+    processes.append(standby)
+    await wait_for_log(tmp_path / "b.log", "dispatcher ready")
+    execution_id = await queue_kit.submit("one", {"failures": 1}, workflow="patient")
+    await event_log.wait_for(
+        lambda: any(e.retry_at for e in event_log.of(execution_id)), what="the retry wait"
+    )
+    following = await queue_kit.submit("one", None, workflow="quick")
+    owner.send_signal(signal.SIGKILL)  # the retry lives on in its ledger only
+    ends = await event_log.wait_terminal([execution_id, following], timeout=30)
+    assert ends[execution_id].status is S.COMPLETED
+    assert ends[execution_id].retry_count == 1
+    assert ends[execution_id].result == {"runs": 2}
+    assert [n for n, _ in runs.of(execution_id)] == [0, 1]
+    # The new owner kept its slot while it waited (limit 1): the other ran after it.
+    assert [x for x, *_ in runs.seen] == [execution_id, execution_id, following]
