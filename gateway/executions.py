@@ -260,7 +260,7 @@ async def _stream(
     store = request.app[APP_STORE]
     execution_id = record.id
     await response.write(_sse("record", f"{execution_id}/{record.status.value}", _record(record)))
-    seen = {record.status}
+    seen: set[str] = {record.status}
     current = rank(record.status)
     loop = asyncio.get_running_loop()
     # A client that leaves is noticed within this (aiohttp does not cancel us).
@@ -293,12 +293,14 @@ async def _stream(
                     )
             continue
         event, raw = item
-        # What the record already showed, or a repeat (events are at-least-once).
-        if event.status in seen or rank(event.status) < current:
+        # One event per status, and one per failed run that is retried (its status stays
+        # running); not what the record already showed, nor a repeat (at-least-once).
+        step = f"retry/{event.retry_count}" if event.retry_at is not None else event.status.value
+        if step in seen or rank(event.status) < current:
             continue
-        seen.add(event.status)
+        seen.add(step)
         current = max(current, rank(event.status))
-        await response.write(_sse("lifecycle", f"{execution_id}/{event.status.value}", raw))
+        await response.write(_sse("lifecycle", f"{execution_id}/{step}", raw))
         idle_since = loop.time()
         if event.status in TERMINAL_STATUSES:
             return

@@ -38,7 +38,8 @@ class ExecutionContext:
     redelivered: bool
     """This execution was handed to a worker before: the broker redelivered the work (its
     worker died or lost its link before reporting it), or the dispatcher dispatched it
-    again (its lease expired, or its worker released it)."""
+    again (its lease expired, its worker released it, or its run failed and is retried:
+    see ``retry_count``)."""
     submission: SubmissionEnvelope
     retry_count: int = 0
     """Retries before this run (Polos's ``retry_count``): 0 the first time, 1 for the first
