@@ -152,6 +152,11 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Emit:
+    """A lifecycle event. A terminal one must be confirmed before the end is recorded
+    (the ledger's tombstone) and the deliveries it settles are acknowledged: the
+    effector tells ``on_announced``; until then the execution stays in the ledger as
+    it was, so a new owner hears of it again (its result or submission comes back)."""
+
     status: ExecutionStatus
     execution: Execution
     dispatch_id: str | None = None
@@ -163,6 +168,7 @@ class Emit:
     cancelled_by: str | None = None
     at: str | None = None
     started_at: str | None = None
+    terminal: bool = False
     # The run it is about; None: the execution's current one when it is published.
     retry_count: int | None = None
     retry_at: str | None = None
@@ -189,6 +195,17 @@ class LedgerWrite:
     seq: int
     checkpoint: bool
     body: bytes
+    # Deliveries settled by the ends this record carries: acknowledged once it is confirmed.
+    settles: tuple[Ref, ...] = ()
+
+
+@dataclass(slots=True)
+class _Ending:
+    """A terminal execution whose event is not confirmed yet."""
+
+    execution: Execution
+    was: Stage  # its stage before: what the ledger says of it until the event is out
+    refs: list[Ref]
 
 
 @dataclass(slots=True)
@@ -242,6 +259,8 @@ class QueueLifecycle:
         self._keys: dict[str, str] = {}  # concurrency key -> the execution holding it
         self._used = 0
         self._recent: OrderedDict[str, float] = OrderedDict()  # terminal id -> when
+        self._ending: dict[str, _Ending] = {}  # terminal, its event not confirmed yet
+        self._settled_by_record: list[Ref] = []  # acknowledged behind the next record
         self._cancels: dict[str, _WantedCancel] = {}
         self._timers: list[tuple[float, str, str]] = []
         self._effects: list[Effect] = []
@@ -274,7 +293,12 @@ class QueueLifecycle:
 
     @property
     def busy(self) -> bool:
-        return bool(self.executions)
+        return bool(self.executions) or bool(self._ending)
+
+    @property
+    def announcing(self) -> int:
+        """Executions ended whose terminal event is not confirmed yet."""
+        return len(self._ending)
 
     def has_slot(self) -> bool:
         return self.limit is None or self._used < self.limit
@@ -460,8 +484,8 @@ class QueueLifecycle:
             result=value,
             error=error,
             started_at=result.started_at or x.started_at,
+            settles=ref,
         )
-        self._effects.append(Ack(ref))
         self._admit(now)
 
     def on_released(self, ref: Ref, released: Released, now: float) -> None:
@@ -505,10 +529,10 @@ class QueueLifecycle:
         Answered, not queued with the other effects: whatever was decided while the
         record was on its way belongs to the next flush, behind the next record.
         """
+        acks = [Ack(ref) for ref in write.settles]
         if not write.checkpoint:
-            return []
+            return acks
         self._checkpointed = write.seq
-        acks: list[Ack] = []
         keep: list[tuple[int, Ref]] = []
         for seq, ref in self._held_records:
             if seq < write.seq:
@@ -519,6 +543,19 @@ class QueueLifecycle:
         acks.extend(Ack(ref) for ref in self._foreign_records)
         self._foreign_records.clear()
         return acks
+
+    def on_announced(self, executions: Iterable[Execution]) -> None:
+        """Their terminal events are confirmed: record their ends, then let go of
+        the deliveries they settle (behind the record, if a record names them)."""
+        for x in executions:
+            ending = self._ending.pop(x.execution_id, None)
+            if ending is None:
+                continue
+            if x.in_ledger:
+                self._dirty[x.execution_id] = x.execution_id  # a tombstone
+                self._settled_by_record.extend(ending.refs)
+            else:
+                self._effects.extend(Ack(ref) for ref in ending.refs)
 
     def set_limit(self, limit: int | None, now: float) -> None:
         self.limit = limit
@@ -560,10 +597,16 @@ class QueueLifecycle:
             or self._since_checkpoint + len(self._dirty) >= max(MIN_CHECKPOINT_ENTRIES, live)
             or now >= self._last_checkpoint_at + self.tunables.hold_seconds / 2
         )
-        if not checkpoint and not self._dirty:
+        if not checkpoint and not self._dirty and not self._settled_by_record:
             return None
         if checkpoint:
-            entries = [self._entry(x) for x in self._in_ledger_order()]
+            # Ends not announced yet stay as they were: a new owner hears of them again.
+            entries = [
+                self._entry(e.execution, e.was)
+                for e in self._ending.values()
+                if e.execution.in_ledger
+            ]
+            entries += [self._entry(x) for x in self._in_ledger_order()]
             entries += [self._cancel_entry(i, c) for i, c in self._cancels.items()]
             # Tombstones of recent ends: a submission whose acknowledgement was lost
             # in a crash must not run again.
@@ -571,7 +614,7 @@ class QueueLifecycle:
             entries += [
                 {"execution_id": i, "stage": "ended"}
                 for i, at in self._recent.items()
-                if at >= horizon
+                if at >= horizon and i not in self._ending
             ]
             for x in self.executions.values():
                 x.in_ledger = True
@@ -590,6 +633,7 @@ class QueueLifecycle:
                     entries.append({"execution_id": execution_id, "stage": "ended"})
             self._since_checkpoint += len(entries)
         self._dirty.clear()
+        settles, self._settled_by_record = tuple(self._settled_by_record), []
         self._seq += 1
         body = orjson.dumps(
             {
@@ -601,7 +645,7 @@ class QueueLifecycle:
                 "entries": entries,
             }
         )
-        return LedgerWrite(self._seq, checkpoint, body)
+        return LedgerWrite(self._seq, checkpoint, body, settles)
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -753,7 +797,12 @@ class QueueLifecycle:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         started_at: str | None = None,
+        settles: Ref | None = None,
     ) -> None:
+        """It ended: its slot and key are free at once; its end is recorded and the
+        deliveries it settles (``settles``, its submission) are acknowledged only
+        once the terminal event is confirmed (``on_announced``)."""
+        was = x.stage
         if x.holds_slot:
             self._used -= 1
             if x.key is not None and self._keys.get(x.key) == x.execution_id:
@@ -765,10 +814,13 @@ class QueueLifecycle:
         self.executions.pop(x.execution_id, None)
         self._remember(x.execution_id, now)
         self._cancels.pop(x.execution_id, None)
-        if x.in_ledger:
-            self._dirty[x.execution_id] = x.execution_id  # a tombstone
-        else:
-            self._dirty.pop(x.execution_id, None)
+        # What the ledger says of it stays until its event is out (see on_announced).
+        self._dirty.pop(x.execution_id, None)
+        refs = [x.submission] if x.submission is not None else []
+        x.submission = None
+        if settles is not None:
+            refs.append(settles)
+        self._ending[x.execution_id] = _Ending(x, was, refs)
         self._effects.append(
             Emit(
                 status,
@@ -782,11 +834,9 @@ class QueueLifecycle:
                 cancelled_by=cancelled_by,
                 at=_at(now),
                 started_at=started_at,
+                terminal=True,
             )
         )
-        if x.submission is not None:
-            self._effects.append(Ack(x.submission))
-            x.submission = None
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -835,8 +885,9 @@ class QueueLifecycle:
         return pending + [x for x in self.executions.values() if x.holds_slot]
 
     @staticmethod
-    def _entry(x: Execution) -> dict[str, Any]:
-        stage = x.stage.value if x.stage is not Stage.TERMINAL else "ended"
+    def _entry(x: Execution, stage_of: Stage | None = None) -> dict[str, Any]:
+        at = stage_of or x.stage
+        stage = at.value if at is not Stage.TERMINAL else "ended"
         entry: dict[str, Any] = {
             "execution_id": x.execution_id,
             "stage": stage,

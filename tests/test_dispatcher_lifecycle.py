@@ -97,15 +97,25 @@ class Harness:
     def ref(self) -> int:
         return next(self.refs)
 
-    def flush(self, now: float = T0) -> list[Effect]:
-        """What one flush does: take the effects, write the ledger record, confirm it."""
-        effects = self.lc.take_effects()
-        write = self.lc.take_ledger(now)
-        if write is not None:
-            self._record(write)
-            effects += self.lc.on_ledger_written(write)
-        self.effects += effects
-        return effects
+    def flush(self, now: float = T0, *, announce: bool = True) -> list[Effect]:
+        """What the effector does until idle: take the effects, write the ledger record,
+        confirm it; confirm the events (unless ``announce`` is false), and again."""
+        out: list[Effect] = []
+        while True:
+            effects = self.lc.take_effects()
+            write = self.lc.take_ledger(now)
+            if write is not None:
+                self._record(write)
+                effects += self.lc.on_ledger_written(write)
+            if not effects and write is None:
+                break
+            out += effects
+            if announce:
+                self.lc.on_announced(
+                    e.execution for e in effects if isinstance(e, Emit) and e.terminal
+                )
+        self.effects += out
+        return out
 
     def _record(self, write: LedgerWrite) -> None:
         self.ledger.append(LedgerRecord.model_validate_json(write.body))
@@ -866,3 +876,71 @@ def test_late_reports_of_the_failed_run_change_nothing() -> None:
     h.complete(1, "d2", T0 + 8)
     h.flush(T0 + 8)
     assert h.events(1)[-1] is S.COMPLETED
+
+
+# -- an end is recorded only once its event is out ----------------------------------------
+
+
+def _ended(record: LedgerRecord) -> set[str]:
+    return {e.execution_id for e in record.entries if e.stage == "ended"}
+
+
+def test_an_end_is_recorded_and_settled_only_after_its_terminal_event_is_confirmed() -> None:
+    h = Harness(limit=2)
+    h.submit(1)
+    h.flush()
+    h.heartbeat(1, "d1", T0 + 1)
+    h.flush(T0 + 1)
+    result = h.complete(1, "d1", T0 + 2)
+    h.flush(T0 + 2, announce=False)
+    assert h.events(1) == [S.ADMITTED, S.RUNNING, S.COMPLETED]
+    assert h.lc.held == 0  # the slot is free at once
+    assert {h.submissions["x1"], result}.isdisjoint(h.acked())
+    # A checkpoint meanwhile still names it as running, not as ended.
+    h.lc.tick(T0 + HOLD)
+    h.flush(T0 + HOLD, announce=False)
+    assert h.ledger[-1].checkpoint
+    assert [(e.execution_id, e.stage) for e in h.ledger[-1].entries] == [("x1", "running")]
+    # Confirmed: the end goes into the next record, the deliveries behind it.
+    h.lc.on_announced([h.emitted(1, S.COMPLETED).execution])
+    assert h.lc.take_effects() == []
+    write = h.lc.take_ledger(T0 + HOLD + 1)
+    assert write is not None
+    assert _ended(LedgerRecord.model_validate_json(write.body)) == {"x1"}
+    assert set(write.settles) == {h.submissions["x1"], result}
+    assert set(h.lc.on_ledger_written(write)) == {Ack(h.submissions["x1"]), Ack(result)}
+
+
+def test_an_owner_lost_before_its_terminal_event_is_out_leaves_the_run_to_the_next_one() -> None:
+    h = Harness(limit=1)
+    h.submit(1)
+    h.flush()
+    h.heartbeat(1, "d1", T0 + 1)
+    h.flush(T0 + 1)
+    h.complete(1, "d1", T0 + 2)
+    h.flush(T0 + 2, announce=False)  # the broker never took the event; the session ends
+    assert not any(_ended(r) for r in h.ledger)
+    b = h.successor(T0 + 3)
+    assert b.lc.held == 1  # counted in flight until told again: never over the limit
+    b.submit(1, T0 + 3, attempt=1)
+    again = b.complete(1, "d1", T0 + 3)  # the result, redelivered
+    b.flush(T0 + 3)
+    assert b.events(1) == [S.COMPLETED]
+    assert {b.submissions["x1"], again} <= b.acked()
+    assert b.dispatches() == []
+    assert _ended(b.ledger[-1]) == {"x1"}
+
+
+def test_a_duplicate_whose_event_is_lost_is_decided_again_by_the_next_owner() -> None:
+    h = Harness(limit=1)
+    h.submit(1, key="k")
+    h.submit(2, key="k")
+    h.flush(announce=False)
+    assert h.events(2) == [S.DEDUPLICATED]
+    assert h.submissions["x2"] not in h.acked()
+    b = h.successor(T0 + 1)
+    b.submit(2, T0 + 1, key="k", attempt=1)
+    b.flush(T0 + 1)
+    # x1 still holds the key in the ledger: the same decision, this time settled.
+    assert b.emitted(2, S.DEDUPLICATED).duplicate_of == "x1"
+    assert b.submissions["x2"] in b.acked()
