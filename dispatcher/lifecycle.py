@@ -128,6 +128,7 @@ class Execution:
     republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
     retries: int = 0  # retries before the current (or next) run: Polos's retry_count
     retry_at: float | None = None  # when waiting for a retry: its dispatch
+    retry_of: str | None = None  # when waiting for a retry: the dispatch that failed
 
     @property
     def holds_slot(self) -> bool:
@@ -376,6 +377,7 @@ class QueueLifecycle:
             if x.stage is Stage.WAITING_RETRY:
                 # Due at the time its owner set (at once if that passed).
                 x.retry_at = entry.retry_at if entry.retry_at is not None else now
+                x.retry_of = entry.retry_of
                 self._arm(x.retry_at, _Timer.RETRY, x)
             elif x.stage is Stage.RUNNING:
                 # Renewed from now: a lease is never shortened by a takeover.
@@ -459,6 +461,9 @@ class QueueLifecycle:
 
     def on_result(self, ref: Ref, result: TerminalResult, now: float) -> None:
         x = self.executions.get(result.execution_id)
+        if x is not None and isinstance(result, Failed) and self._failed_again(x, result, now):
+            self._effects.append(Ack(ref))
+            return
         if x is None or not x.holds_slot or result.dispatch_id != x.dispatch_id:
             self._effects.append(Ack(ref))  # late, stale, or of a copy we stopped
             return
@@ -725,31 +730,43 @@ class QueueLifecycle:
         retry_at = now + failed.retry_in
         if x.deadline is not None and retry_at >= x.deadline:
             return False  # the run timeout covers every run: it ends failed now
-        self._effects.append(
-            Emit(
-                S.RUNNING,
-                x,
-                dispatch_id=x.dispatch_id,
-                worker_id=failed.worker_id,
-                error=failed.error,
-                at=_at(now),
-                started_at=failed.started_at or x.started_at,
-                retry_count=x.retries,
-                retry_at=_at(retry_at),
-            )
-        )
         x.stage = Stage.WAITING_RETRY
-        x.retry_at = retry_at
+        x.retry_at, x.retry_of = retry_at, x.dispatch_id
+        self._effects.append(self._retry_event(x, failed, now))
         x.dispatch_id = x.lease_until = x.worker_id = x.started_at = None
         self._arm(retry_at, _Timer.RETRY, x)
         self._ledger(x)
         return True
 
+    def _failed_again(self, x: Execution, failed: Failed, now: float) -> bool:
+        """The report of the run a retry waits for, again: its owner died before it was
+        acknowledged, maybe before its event was out. The event again (the store takes
+        it once); nothing else changes."""
+        if x.stage is not Stage.WAITING_RETRY or failed.dispatch_id != x.retry_of:
+            return False
+        self._effects.append(self._retry_event(x, failed, now))
+        return True
+
+    @staticmethod
+    def _retry_event(x: Execution, failed: Failed, now: float) -> Emit:
+        assert x.retry_at is not None
+        return Emit(
+            S.RUNNING,
+            x,
+            dispatch_id=x.retry_of,
+            worker_id=failed.worker_id,
+            error=failed.error,
+            at=_at(now),
+            started_at=failed.started_at or x.started_at,
+            retry_count=x.retries,
+            retry_at=_at(x.retry_at),
+        )
+
     def _retry_due(self, x: Execution, now: float) -> None:
         if x.deadline is not None and x.deadline <= now:
             return  # its deadline timer ends it, with the retry it never got
         x.retries += 1
-        x.retry_at = None
+        x.retry_at = x.retry_of = None
         # No admitted event: it holds its slot since its admission (and a second one
         # would count as an admission in the metrics, with the latency of them all).
         self._dispatch_again(x, now, announce=False)
@@ -903,6 +920,7 @@ class QueueLifecycle:
             entry["retry_count"] = x.retries
         if x.retry_at is not None:
             entry["retry_at"] = x.retry_at
+            entry["retry_of"] = x.retry_of
         if x.released and x.raw is not None:
             entry["submission"] = orjson.Fragment(x.raw)
         return entry

@@ -274,7 +274,8 @@ class LedgerEntry(_Message):
     (a user's cancel request for an execution not seen yet, kept until
     ``until``). ``submission`` is present once the submission's delivery was
     released: the record is then its only copy. ``retry_count``: retries before
-    the current (or next) run.
+    the current (or next) run; ``retry_of``: the dispatch whose failure a
+    waiting retry follows.
     """
 
     execution_id: str
@@ -291,6 +292,7 @@ class LedgerEntry(_Message):
     until: float | None = None
     retry_count: int = 0
     retry_at: float | None = None
+    retry_of: str | None = None
 
 
 class LedgerRecord(_Message):

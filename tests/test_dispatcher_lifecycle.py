@@ -865,13 +865,20 @@ def test_late_reports_of_the_failed_run_change_nothing() -> None:
     h.heartbeat(1, "d1", T0 + 2)  # a second copy of d1, still running somewhere
     h.flush(T0 + 2)
     assert again in h.acked()
-    assert h.events(1) == [S.ADMITTED, S.RUNNING]
+    # The same retry announced again (the store keeps it once), nothing else changes.
+    first, repeat = h.events_of(1)[1:]
+    assert (repeat.status, repeat.retry_count, repeat.retry_at) == (
+        first.status,
+        first.retry_count,
+        first.retry_at,
+    )
+    assert h.lc.executions["x1"].retry_at == T0 + 6
     assert h.cancels() == [("x1", "superseded", "d1", "w1")]
     h.lc.tick(T0 + 6)
     late = h.complete(1, "d1", T0 + 7)
     h.flush(T0 + 7)
     assert late in h.acked()
-    assert h.events(1) == [S.ADMITTED, S.RUNNING]
+    assert h.events(1) == [S.ADMITTED, S.RUNNING, S.RUNNING]
     assert h.dispatch_of(1) == "d2"
     h.complete(1, "d2", T0 + 8)
     h.flush(T0 + 8)
@@ -944,3 +951,26 @@ def test_a_duplicate_whose_event_is_lost_is_decided_again_by_the_next_owner() ->
     # x1 still holds the key in the ledger: the same decision, this time settled.
     assert b.emitted(2, S.DEDUPLICATED).duplicate_of == "x1"
     assert b.submissions["x2"] in b.acked()
+
+
+def test_a_retry_whose_event_died_with_its_owner_is_announced_by_the_next_one() -> None:
+    h = Harness()
+    h.submit(1)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    # The record is out; the owner dies before the event (and the report's ack, which
+    # the effector sends behind it) are.
+    h.flush(T0 + 1, announce=False)
+    b = h.successor(T0 + 2)
+    b.fail(1, "d1", T0 + 2, retry_in=5)  # its report, redelivered
+    b.flush(T0 + 2)
+    [retry] = b.events_of(1)
+    assert (retry.status, retry.retry_count, retry.dispatch_id) == (S.RUNNING, 0, "d1")
+    assert retry.retry_at == rfc3339(int((T0 + 6) * 1e9))  # when the first owner set it
+    assert retry.error == ErrorInfo(type="E", message="boom")
+    b.lc.tick(T0 + 6)
+    b.flush(T0 + 6)
+    assert [(d.count, d.retry_count) for d in b.sent(1)] == []  # its submission is not back
+    b.submit(1, T0 + 7, attempt=1)
+    b.flush(T0 + 7)
+    assert [(d.count, d.retry_count) for d in b.sent(1)] == [(2, 1)]
