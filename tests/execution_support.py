@@ -194,3 +194,14 @@ async def _delete_keys(prefix: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+def sdk_client(system: System) -> Any:
+    """The ``polos-sdk``'s client, pointed at the system's gateway as its tenant."""
+    from polos.runtime.client import PolosClient
+
+    return PolosClient(
+        api_url=str(system.client.make_url("")).rstrip("/"),
+        api_key=system.tenant.api_key,
+        project_id=system.project,
+    )

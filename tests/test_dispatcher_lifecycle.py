@@ -37,8 +37,9 @@ from schemas.dispatch import (
     LedgerRecord,
     Released,
 )
-from schemas.envelope import SubmissionEnvelope, encode_submission
+from schemas.envelope import SubmissionEnvelope
 from schemas.ids import rfc3339
+from tests.envelopes import make_submission
 
 S = ExecutionStatus
 LEASE = 30.0
@@ -49,26 +50,14 @@ T0 = 1_000_000.0
 def envelope(
     n: int, *, key: str | None = None, timeout: int = 3600
 ) -> tuple[SubmissionEnvelope, bytes]:
-    raw = encode_submission(
+    raw = make_submission(
         execution_id=f"x{n}",
         created_at="2026-12-01T00:00:00Z",
-        project_id="p",
         workflow_id="wf",
         deployment_id="d1",
-        queue_name="q",
-        queue_concurrency_limit=None,
         concurrency_key=key,
         run_timeout_seconds=timeout,
         payload={"n": n},
-        initial_state=None,
-        session_id="s",
-        user_id=None,
-        otel_traceparent=None,
-        parent_execution_id=None,
-        root_execution_id=None,
-        step_key=None,
-        wait_for_subworkflow=False,
-        submitted_by="k",
     )
     return SubmissionEnvelope.model_validate_json(raw), raw
 
