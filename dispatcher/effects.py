@@ -205,6 +205,7 @@ class Effector:
                 submission_raw=x.raw,
                 lease_seconds=self._lifecycle.tunables.lease_seconds,
                 dispatch_count=effect.count,
+                retry_count=effect.retry_count,
             )
             name = work_queue(self._project_id, x.deployment_id)
             publisher = self._links.dispatch.pick(x.execution_id)
@@ -237,6 +238,8 @@ class Effector:
             at=effect.at,
             started_at=effect.started_at,
             attempt=x.attempt,
+            retry_count=x.retries if effect.retry_count is None else effect.retry_count,
+            retry_at=effect.retry_at,
         )
 
     def _envelope_of(self, x: Execution) -> SubmissionEnvelope:

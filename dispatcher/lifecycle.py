@@ -18,6 +18,18 @@ below is a plain unit test (``tests/test_dispatcher_lifecycle.py``)::
     DISPATCHED | RUNNING ─► result ─► completed | failed | cancelled | timed_out
                          ─► deadline ─► timed_out (+ cancel to its workers)
                          ─► user cancel ─► cancelled (+ cancel to its workers)
+                         ─► Failed asking for a retry, due before the deadline
+                              ─► WAITING_RETRY (slot and key kept) ─(retry_at)─►
+                                 DISPATCHED again: a new dispatch_id, retry_count + 1
+
+Retries (``_schedule_retry``). The worker knows the workflow's policy and says
+in its ``Failed`` report whether another run is wanted, and after how long; the
+owner decides: a retry due at or after the run's deadline is none (the deadline
+is fixed at admission and covers every run and every wait), so the execution
+ends ``failed`` at once. A waiting retry keeps its slot and its key (DESIGN §3:
+a slot from admission until terminal; a duplicate by key stays deduplicated),
+is in the ledger with its ``retry_at`` (a new owner dispatches it then), and
+ends like any in-flight execution on a cancel or its deadline.
 
 Leases (DESIGN §3). A delivery is never held longer than ``hold_seconds``: a
 submission whose execution is still pending or in flight by then is copied
@@ -81,6 +93,7 @@ class Stage(StrEnum):
     PENDING = "pending"
     DISPATCHED = "dispatched"
     RUNNING = "running"
+    WAITING_RETRY = "waiting_retry"
     TERMINAL = "terminal"
 
 
@@ -113,10 +126,13 @@ class Execution:
     worker_id: str | None = None
     started_at: str | None = None
     republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
+    retries: int = 0  # retries before the current (or next) run: Polos's retry_count
+    retry_at: float | None = None  # when waiting for a retry: its dispatch
+    retry_of: str | None = None  # when waiting for a retry: the dispatch that failed
 
     @property
     def holds_slot(self) -> bool:
-        return self.stage in (Stage.DISPATCHED, Stage.RUNNING)
+        return self.stage in (Stage.DISPATCHED, Stage.RUNNING, Stage.WAITING_RETRY)
 
     @property
     def run_timeout(self) -> int | None:
@@ -132,6 +148,7 @@ class Dispatch:
     dispatch_id: str
     deadline: float
     count: int = 1
+    retry_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +170,9 @@ class Emit:
     at: str | None = None
     started_at: str | None = None
     terminal: bool = False
+    # The run it is about; None: the execution's current one when it is published.
+    retry_count: int | None = None
+    retry_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +219,14 @@ class _Timer(StrEnum):
     DEADLINE = "deadline"
     LEASE = "lease"
     HOLD = "hold"
+    RETRY = "retry"
+
+
+_REBUILT_STAGES = {
+    "dispatched": Stage.DISPATCHED,
+    "running": Stage.RUNNING,
+    "waiting_retry": Stage.WAITING_RETRY,
+}
 
 
 def _at(now: float) -> str:
@@ -335,17 +363,23 @@ class QueueLifecycle:
                 dispatch_id=entry.dispatch_id,
                 dispatches=entry.dispatch_count,
                 deadline=entry.deadline,
+                retries=entry.retry_count,
             )
             self.executions[x.execution_id] = x
             if entry.stage == "pending":
                 self._fifo.append(x)
                 self._parked += x.released
                 continue
-            x.stage = Stage.DISPATCHED if entry.stage == "dispatched" else Stage.RUNNING
+            x.stage = _REBUILT_STAGES[entry.stage]
             self._take_slot(x)
             if x.deadline is not None:
                 self._arm(x.deadline, _Timer.DEADLINE, x)
-            if x.stage is Stage.RUNNING:
+            if x.stage is Stage.WAITING_RETRY:
+                # Due at the time its owner set (at once if that passed).
+                x.retry_at = entry.retry_at if entry.retry_at is not None else now
+                x.retry_of = entry.retry_of
+                self._arm(x.retry_at, _Timer.RETRY, x)
+            elif x.stage is Stage.RUNNING:
                 # Renewed from now: a lease is never shortened by a takeover.
                 self._renew(x, now)
             elif x.execution_id in unsure:
@@ -427,8 +461,14 @@ class QueueLifecycle:
 
     def on_result(self, ref: Ref, result: TerminalResult, now: float) -> None:
         x = self.executions.get(result.execution_id)
+        if x is not None and isinstance(result, Failed) and self._failed_again(x, result, now):
+            self._effects.append(Ack(ref))
+            return
         if x is None or not x.holds_slot or result.dispatch_id != x.dispatch_id:
             self._effects.append(Ack(ref))  # late, stale, or of a copy we stopped
+            return
+        if isinstance(result, Failed) and self._schedule_retry(x, result, now):
+            self._effects.append(Ack(ref))
             return
         if isinstance(result, Completed):
             status, value, error = S.COMPLETED, result.result, None
@@ -543,6 +583,8 @@ class QueueLifecycle:
                 self._effects.append(SendCancel(x, "timeout"))
             elif kind == _Timer.LEASE:
                 self._dispatch_again(x, now)
+            elif kind == _Timer.RETRY:
+                self._retry_due(x, now)
             else:
                 self._release_submission(x)
         for execution_id, wanted in list(self._cancels.items()):
@@ -648,7 +690,7 @@ class QueueLifecycle:
         x.lease_until = x.worker_id = None
         self._ledger(x)
         assert x.deadline is not None
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches))
+        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches, x.retries))
         if announce:
             self._effects.append(
                 Emit(S.ADMITTED, x, dispatch_id=x.dispatch_id, with_submission=True, at=_at(now))
@@ -659,10 +701,13 @@ class QueueLifecycle:
         if x.raw is None or x.dispatch_id is None or x.deadline is None:
             return  # its submission is on its way back to us
         x.republish = False
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches)))
+        self._effects.append(
+            Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches), x.retries)
+        )
 
-    def _dispatch_again(self, x: Execution, now: float) -> None:
-        """Its lease expired or its worker released it: nobody runs it now."""
+    def _dispatch_again(self, x: Execution, now: float, *, announce: bool = True) -> None:
+        """Its lease expired or its worker released it (or its retry is due): nobody
+        runs it now."""
         if x.deadline is not None and x.deadline <= now:
             return  # its deadline timer ends it
         if x.raw is None:
@@ -672,7 +717,59 @@ class QueueLifecycle:
             x.dispatches += 1
             self._ledger(x)
             return
-        self._send(x, now, announce=True)
+        self._send(x, now, announce=announce)
+
+    def _schedule_retry(self, x: Execution, failed: Failed, now: float) -> bool:
+        """A run failed and its worker's policy wants another: wait for it, if there is time.
+
+        The execution keeps its slot and key while it waits; reports of the failed
+        dispatch are stale from now on (no dispatch is current until the retry's).
+        """
+        if failed.retry_in is None:
+            return False
+        retry_at = now + failed.retry_in
+        if x.deadline is not None and retry_at >= x.deadline:
+            return False  # the run timeout covers every run: it ends failed now
+        x.stage = Stage.WAITING_RETRY
+        x.retry_at, x.retry_of = retry_at, x.dispatch_id
+        self._effects.append(self._retry_event(x, failed, now))
+        x.dispatch_id = x.lease_until = x.worker_id = x.started_at = None
+        self._arm(retry_at, _Timer.RETRY, x)
+        self._ledger(x)
+        return True
+
+    def _failed_again(self, x: Execution, failed: Failed, now: float) -> bool:
+        """The report of the run a retry waits for, again: its owner died before it was
+        acknowledged, maybe before its event was out. The event again (the store takes
+        it once); nothing else changes."""
+        if x.stage is not Stage.WAITING_RETRY or failed.dispatch_id != x.retry_of:
+            return False
+        self._effects.append(self._retry_event(x, failed, now))
+        return True
+
+    @staticmethod
+    def _retry_event(x: Execution, failed: Failed, now: float) -> Emit:
+        assert x.retry_at is not None
+        return Emit(
+            S.RUNNING,
+            x,
+            dispatch_id=x.retry_of,
+            worker_id=failed.worker_id,
+            error=failed.error,
+            at=_at(now),
+            started_at=failed.started_at or x.started_at,
+            retry_count=x.retries,
+            retry_at=_at(x.retry_at),
+        )
+
+    def _retry_due(self, x: Execution, now: float) -> None:
+        if x.deadline is not None and x.deadline <= now:
+            return  # its deadline timer ends it, with the retry it never got
+        x.retries += 1
+        x.retry_at = x.retry_of = None
+        # No admitted event: it holds its slot since its admission (and a second one
+        # would count as an admission in the metrics, with the latency of them all).
+        self._dispatch_again(x, now, announce=False)
 
     def _cancel(self, x: Execution, requested_by: str, now: float) -> None:
         ran = x.holds_slot
@@ -785,6 +882,8 @@ class QueueLifecycle:
             return x.holds_slot and x.deadline == when
         if kind == _Timer.LEASE:
             return x.holds_slot and x.lease_until == when
+        if kind == _Timer.RETRY:
+            return x.stage is Stage.WAITING_RETRY and x.retry_at == when
         return x.submission is not None and not x.released and x.received_at <= when
 
     def _ledger(self, x: Execution) -> None:
@@ -817,6 +916,11 @@ class QueueLifecycle:
             "workflow_id": x.workflow_id,
             "deployment_id": x.deployment_id,
         }
+        if x.retries:
+            entry["retry_count"] = x.retries
+        if x.retry_at is not None:
+            entry["retry_at"] = x.retry_at
+            entry["retry_of"] = x.retry_of
         if x.released and x.raw is not None:
             entry["submission"] = orjson.Fragment(x.raw)
         return entry

@@ -126,6 +126,8 @@ class Notifier:
         at: str | None = None,
         started_at: str | None = None,
         attempt: int = 0,
+        retry_count: int = 0,
+        retry_at: str | None = None,
     ) -> None:
         """Publish one transition; returns once its batch is confirmed.
 
@@ -152,6 +154,8 @@ class Notifier:
                     cancelled_by=cancelled_by,
                     started_at=started_at,
                     attempt=attempt,
+                    retry_count=retry_count,
+                    retry_at=retry_at,
                 )
             )
         except Exception:

@@ -249,7 +249,7 @@ async def _stream(request: web.Request, follow: sse.Follow, record: ExecutionRec
     store = request.app[APP_STORE]
     execution_id = record.id
     await follow.write(_sse("record", f"{execution_id}/{record.status.value}", _record(record)))
-    seen = {record.status}
+    seen: set[str] = {record.status}
     current = rank(record.status)
     while record.status not in TERMINAL_STATUSES:
         if (item := await follow.next()) is None:
@@ -267,12 +267,14 @@ async def _stream(request: web.Request, follow: sse.Follow, record: ExecutionRec
                     )
             continue
         event, raw = item
-        # What the record already showed, or a repeat (events are at-least-once).
-        if event.status in seen or rank(event.status) < current:
+        # One event per status, and one per failed run that is retried (its status stays
+        # running); not what the record already showed, nor a repeat (at-least-once).
+        step = f"retry/{event.retry_count}" if event.retry_at is not None else event.status.value
+        if step in seen or rank(event.status) < current:
             continue
-        seen.add(event.status)
+        seen.add(step)
         current = max(current, rank(event.status))
-        await follow.write(_sse("lifecycle", f"{execution_id}/{event.status.value}", raw))
+        await follow.write(_sse("lifecycle", f"{execution_id}/{step}", raw))
         if event.status in TERMINAL_STATUSES:
             return
 

@@ -119,6 +119,10 @@ class QueueKit:
         await self.publish_raw(queue, body, message_id=execution_id)
         return execution_id
 
+    async def publish_to(self, name: str, body: bytes) -> None:
+        """Publish ``body`` to the queue named ``name`` (a results queue: a cancel request)."""
+        await self._publisher.publish(name, body, message_id=uuid.uuid4().hex)
+
     async def publish_raw(self, queue: str, body: bytes, *, message_id: str = "") -> None:
         await self._publisher.publish(
             submit_queue(self.project, queue), body, message_id=message_id or uuid.uuid4().hex

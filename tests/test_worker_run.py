@@ -16,7 +16,7 @@ from schemas.limits import MAX_RESULT_DEPTH
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
 from tests.worker_harness import FakeDispatcher, StartWorker, take_dead_letters, until
-from worker import ExecutionContext, Handler
+from worker import ExecutionContext, Handler, NonRetryableError
 
 
 def until_cancelled() -> tuple[Handler, asyncio.Event]:
@@ -68,6 +68,38 @@ async def test_failure_reports_type_message_and_traceback(
     assert failed.error.traceback is not None
     assert "tests/workflows.py" in failed.error.traceback
     assert "raise ValueError" in failed.error.traceback
+
+
+async def test_a_failed_run_asks_for_a_retry_while_its_policy_has_one_left(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    seen: list[int] = []
+
+    async def flaky(ctx: ExecutionContext, payload: Any) -> Any:
+        seen.append(ctx.retry_count)
+        raise ConnectionError("down")
+
+    async def final(ctx: ExecutionContext, payload: Any) -> Any:
+        raise NonRetryableError("no")
+
+    await start_worker({"flaky_default": flaky, "final": final})
+    first = await dispatcher.dispatch("flaky_default")
+    last = await dispatcher.dispatch("flaky_default", retry_count=2)
+    declined = await dispatcher.dispatch("final")
+    unsendable = await dispatcher.dispatch("unserializable")
+    asked: dict[str, float | None] = {}
+    for execution_id in (first, last, declined, unsendable):
+        failed = await dispatcher.wait_for(execution_id, "failed")
+        assert isinstance(failed, Failed)
+        asked[execution_id] = failed.retry_in
+    # The default policy: 2 retries, the first after 0.5-1 s.
+    wait = asked[first]
+    assert wait is not None
+    assert 0.5 <= wait <= 1.0
+    assert asked[last] is None  # its second retry failed: none left
+    assert asked[declined] is None
+    assert asked[unsendable] is None  # the same code would fail the same way
+    assert seen == [0, 2]
 
 
 async def test_unserializable_result_is_a_failure(

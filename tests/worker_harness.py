@@ -100,6 +100,7 @@ class FakeDispatcher:
         dispatch_id: str | None = None,
         results_queue: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        retry_count: int = 0,
         **submission: Any,
     ) -> tuple[str, bytes]:
         """An execution id and the body of a work message for it."""
@@ -125,6 +126,8 @@ class FakeDispatcher:
                 execution_id=execution_id, created_at=created_at, **fields
             ),
             lease_seconds=lease_seconds,
+            retry_count=retry_count,
+            dispatch_count=retry_count + 1,
         )
         return execution_id, body
 
