@@ -126,6 +126,10 @@ class Execution:
     worker_id: str | None = None
     started_at: str | None = None
     republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
+    # Its dispatch may never have been published (a dead owner's last record named
+    # it, or it waits for its submission to be sent again): it keeps a lease until
+    # a worker reports it, and the ledger says so, so every later owner knows too.
+    unsent: bool = False
     retries: int = 0  # retries before the current (or next) run: Polos's retry_count
     retry_at: float | None = None  # when waiting for a retry: its dispatch
     retry_of: str | None = None  # when waiting for a retry: the dispatch that failed
@@ -348,6 +352,8 @@ class QueueLifecycle:
             unsure = {e.execution_id for e in last.entries if e.stage == "dispatched"}
         else:
             unsure = set()
+        # And what an owner before it already was not sure of (carried in its records).
+        unsure |= {i for i, e in state.items() if e.stage == "dispatched" and e.unsent}
         for entry in state.values():
             submission = entry.submission
             x = Execution(
@@ -386,6 +392,7 @@ class QueueLifecycle:
                 # A dead owner's last flush may have died before its work went out. A
                 # lease from now: a worker that runs it reports within it; if none
                 # does, it is dispatched again when the lease expires.
+                x.unsent = True
                 self._renew(x, now)
         self._want_checkpoint = True
         self._admit(now)
@@ -445,6 +452,7 @@ class QueueLifecycle:
             self._renew(x, now)
             if x.stage is Stage.DISPATCHED:
                 x.stage = Stage.RUNNING
+                x.unsent = False
                 x.worker_id = heartbeat.worker_id
                 x.started_at = entry.started_at
                 self._ledger(x)
@@ -688,6 +696,7 @@ class QueueLifecycle:
         x.dispatch_id = self._new_id()
         x.dispatches += 1
         x.lease_until = x.worker_id = None
+        x.unsent = False  # its record goes out before its work, in this flush
         self._ledger(x)
         assert x.deadline is not None
         self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches, x.retries))
@@ -712,6 +721,7 @@ class QueueLifecycle:
             return  # its deadline timer ends it
         if x.raw is None:
             x.republish = True  # with a new id, once its submission is back
+            x.unsent = True
             x.stage = Stage.DISPATCHED
             x.dispatch_id = self._new_id()
             x.dispatches += 1
@@ -916,6 +926,8 @@ class QueueLifecycle:
             "workflow_id": x.workflow_id,
             "deployment_id": x.deployment_id,
         }
+        if x.unsent and at is Stage.DISPATCHED:
+            entry["unsent"] = True
         if x.retries:
             entry["retry_count"] = x.retries
         if x.retry_at is not None:

@@ -275,7 +275,9 @@ class LedgerEntry(_Message):
     ``until``). ``submission`` is present once the submission's delivery was
     released: the record is then its only copy. ``retry_count``: retries before
     the current (or next) run; ``retry_of``: the dispatch whose failure a
-    waiting retry follows.
+    waiting retry follows. ``unsent``: a dispatched one whose work may never
+    have been published (a dead owner's last record named it): every owner
+    gives it a lease from its takeover, so it runs again if nobody reports it.
     """
 
     execution_id: str
@@ -293,6 +295,7 @@ class LedgerEntry(_Message):
     retry_count: int = 0
     retry_at: float | None = None
     retry_of: str | None = None
+    unsent: bool = False
 
 
 class LedgerRecord(_Message):

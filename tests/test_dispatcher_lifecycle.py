@@ -963,3 +963,41 @@ def test_a_retry_whose_event_died_with_its_owner_is_announced_by_the_next_one() 
     b.submit(1, T0 + 7, attempt=1)
     b.flush(T0 + 7)
     assert [(d.count, d.retry_count) for d in b.sent(1)] == [(2, 1)]
+
+
+def test_a_dispatch_a_dead_owner_may_not_have_sent_keeps_its_lease_through_later_takeovers() -> (
+    None
+):
+    # The first owner dies between its record and its work. The second rebuilds it with a
+    # lease, writes it into its own records and dies too, its last record naming others.
+    h = Harness(limit=2)
+    h.submit(1)
+    h.flush()
+    b = h.successor(T0 + 1)
+    b.submit(1, T0 + 1, attempt=1)
+    b.flush(T0 + 1)  # its checkpoint names x1, still unsent
+    b.submit(2, T0 + 2)
+    b.flush(T0 + 2)
+    assert [e.execution_id for e in b.ledger[-1].entries] == ["x2"]
+    c = b.successor(T0 + 3)
+    c.submit(1, T0 + 3, attempt=2)
+    c.lc.tick(T0 + 3 + LEASE - 1)
+    c.flush(T0 + 3 + LEASE - 1)
+    assert c.dispatches() == []
+    c.lc.tick(T0 + 3 + LEASE)
+    c.flush(T0 + 3 + LEASE)
+    # Nobody reported it within the lease: dispatched again, with a new id.
+    assert [x for x, _ in c.dispatches()] == ["x1"]
+    assert [e.count for e in c.effects if isinstance(e, Dispatch)] == [2]
+
+
+def test_a_reported_dispatch_is_no_longer_unsure_for_the_next_owner() -> None:
+    h = Harness(limit=2)
+    h.submit(1)
+    h.flush()
+    b = h.successor(T0 + 1)
+    b.submit(1, T0 + 1, attempt=1)
+    b.heartbeat(1, "d1", T0 + 2)
+    b.flush(T0 + 2)
+    assert not any(e.unsent for r in b.ledger for e in r.entries if e.stage == "running")
+    assert b.events(1) == [S.RUNNING]
