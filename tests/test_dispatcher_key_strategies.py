@@ -8,7 +8,7 @@ per-key counts from the ledger. ``deduplicate`` is the lifecycle's own tests.
 
 from __future__ import annotations
 
-from schemas.dispatch import ExecutionStatus
+from schemas.dispatch import ErrorInfo, ExecutionStatus, Failed
 from tests.test_dispatcher_lifecycle import HOLD, LEASE, T0, Harness, _cancel
 
 S = ExecutionStatus
@@ -309,4 +309,50 @@ def test_a_lease_expiry_and_a_timeout_free_the_key_of_a_partition() -> None:
     h.lc.tick(T0 + 10)
     h.flush(T0 + 10)
     assert h.events(1)[-1] is S.TIMED_OUT
+    assert dispatched(h) == ["x1", "x2"]
+
+
+# -- with retries ---------------------------------------------------------------------------------
+
+
+def _fail_with_retry(h: Harness, n: int, dispatch: str, now: float, retry_in: float) -> None:
+    failed = Failed(
+        execution_id=f"x{n}",
+        dispatch_id=dispatch,
+        worker_id="w1",
+        at="t",
+        error=ErrorInfo(type="E", message="flaky"),
+        retry_in=retry_in,
+    )
+    h.lc.on_result(h.ref(), failed, now)
+
+
+def test_a_waiting_retry_holds_its_keys_partition() -> None:
+    h = Harness(limit=1, strategy="partition")
+    h.submit(1, key="a")
+    h.submit(2, key="a")
+    h.submit(3, key="b")
+    h.flush()
+    _fail_with_retry(h, 1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    assert dispatched(h) == ["x1", "x3"]  # x2 waits: a's slot is kept for the retry
+    assert h.lc.holding("a") == 1
+    h.lc.tick(T0 + 6)
+    h.flush(T0 + 6)
+    assert dispatched(h) == ["x1", "x3", "x1"]
+
+
+def test_a_newer_one_cancels_a_waiting_retry_with_nothing_to_stop() -> None:
+    h = Harness(limit=1, strategy="cancel_in_progress")
+    h.submit(1, key="k")
+    h.flush()
+    _fail_with_retry(h, 1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    h.submit(2, T0 + 2, key="k")
+    h.flush(T0 + 2)
+    assert h.events(1)[-1] is S.CANCELLED
+    assert h.emitted(1, S.CANCELLED).cancelled_by == "x2"
+    assert h.cancels() == []  # no worker runs it: its run failed, its retry never came
+    h.lc.tick(T0 + 6)
+    h.flush(T0 + 6)
     assert dispatched(h) == ["x1", "x2"]

@@ -15,6 +15,7 @@ from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
 from schemas.dispatch import WorkMessage
 from worker._context import ExecutionContext
+from worker._retry import RetryPolicy
 
 log = logging.getLogger("worker")
 
@@ -80,6 +81,7 @@ class Delivery:
     work: WorkMessage
     message: AbstractIncomingMessage
     handler: Handler
+    policy: RetryPolicy
 
     @property
     def key(self) -> tuple[str, str]:
