@@ -125,10 +125,8 @@ async def test_partition_runs_the_limit_per_key_and_holds_it_across_a_kill_9_of_
     owner.send_signal(signal.SIGKILL)
     await wait_for_log(standby_log, OWNING, timeout=5)
 
-    # Waited for on the workers: a terminal event decided by the killed owner may be
-    # lost with it (the known defect of "make chaos"; the lead's branch fixes it).
-    await until(lambda: set(probe.finished) >= set(ids), timeout=40, what="every run done")
-    assert {e.status for e in event_log.events if e.status in TERMINAL_STATUSES} == {S.COMPLETED}
+    ends = await event_log.wait_terminal(ids, timeout=40)
+    assert {e.status for e in ends.values()} == {S.COMPLETED}
     # Each key (and the keyless partition) reached the limit, never more, and the
     # queue ran more than its limit at once: the limit is per key.
     assert probe.max_running_by_key == {"a": 2, "b": 2, "c": 2, None: 2}
@@ -208,10 +206,7 @@ async def test_cancel_in_progress_under_load_keeps_one_per_key_and_the_limit_acr
     await owner.stop(drain=False)
     second = [await queue_kit.submit("q", {"seconds": 0.3}, key=keys[n % 5]) for n in range(30)]
 
-    # Every one submitted after the takeover is decided by the new owner alone. Of
-    # the first ones, a terminal event decided by the stopped owner may be lost with
-    # its connection (the known defect of "make chaos"; the lead's branch fixes it).
-    ends = await event_log.wait_terminal(second, timeout=40)
+    ends = await event_log.wait_terminal(first + second, timeout=40)
     await until(lambda: not probe.running, timeout=10, what="no run left")
     assert {e.status for e in ends.values()} <= {S.COMPLETED, S.CANCELLED}
     newest = [[x for x in second if ends[x].concurrency_key == key][-1] for key in keys]
