@@ -3,7 +3,7 @@
     GET    /ui                     the page (plain HTML and JS from gateway/static/)
     POST   /ui/api/session         {"key": ...} → the polos_admin cookie (HttpOnly,
                                    SameSite=Strict); DELETE forgets it
-    GET    /ui/api/queues          every queue: limit, holding a slot, queued depth,
+    GET    /ui/api/queues          every queue: limit, strategy, holding a slot, queued depth,
                                    owning dispatcher, admitted/s, finished/s
     GET    /ui/api/projects        projects and their registered workflows
     GET    /ui/api/executions      ?project=&workflow=&status=&limit= newest first
@@ -36,6 +36,7 @@ from gateway.settings import Settings
 from gateway.submission import unavailable
 from schemas.dispatch import ExecutionStatus
 from schemas.records import ExecutionRecord
+from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY
 from schemas.topology import submit_queue
 from store import MAX_LIST_LIMIT, StoreError
 
@@ -118,6 +119,9 @@ async def queues(request: web.Request) -> web.Response:
                 "limit": own.status.limit
                 if own
                 else (config.concurrency_limit if config else None),
+                # The registry's: owners apply a change at once.
+                "strategy": (config.concurrency_strategy if config else None)
+                or DEFAULT_CONCURRENCY_STRATEGY,
                 "holding": own.status.holding if own else None,
                 # Ready in the broker, plus what the owner prefetched and holds back.
                 "queued": _queued(depths.get(name), own),

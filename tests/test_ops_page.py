@@ -165,3 +165,23 @@ async def test_the_page_data_needs_the_admin_key_not_a_project_key(system: Syste
         headers={**admin, "X-Project-ID": system.project},
     )
     assert response.status == 401
+
+
+async def test_the_page_data_says_each_queues_strategy(system: System) -> None:
+    client = system.client
+    for queue, fields in (("keyed", {"concurrency_strategy": "partition"}), ("plain", {})):
+        response = await client.post(
+            "/api/v1/workflows/echo/run",
+            json={"payload": None, "queue_name": queue, "queue_concurrency_limit": 2, **fields},
+            headers=system.headers,
+        )
+        assert response.status == 200, await response.text()
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    response = await client.get("/ui/api/queues", headers=admin)
+    rows = {
+        q["queue_name"]: q
+        for q in (await response.json())["queues"]
+        if q["project_id"] == system.project
+    }
+    assert (rows["keyed"]["strategy"], rows["keyed"]["limit"]) == ("partition", 2)
+    assert rows["plain"]["strategy"] == "deduplicate"

@@ -47,9 +47,11 @@ async function refreshQueues() {
     row.dataset.queue = `${q.project_id}/${q.queue_name}`;
     cell(row, q.project_id);
     cell(row, q.queue_name);
-    cell(row, q.limit === null ? "∞" : q.limit, "num");
+    const perKey = q.strategy === "partition";
+    const limit = q.limit === null ? "∞" : q.limit;
+    cell(row, perKey ? `${limit} per key` : limit, "num");
     const holding = cell(row, q.holding, "num");
-    if (q.holding && q.limit) {
+    if (q.holding && q.limit && !perKey) {
       const bar = document.createElement("span");
       bar.className = "bar";
       bar.style.width = `${Math.min(100, (100 * q.holding) / q.limit) / 2}px`;
