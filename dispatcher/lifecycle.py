@@ -290,8 +290,9 @@ class QueueLifecycle:
         self.owner = owner
         self._new_id = new_id
         self.executions: dict[str, Execution] = {}  # every one not terminal
-        # Pending executions in arrival order, and the same by concurrency key (None:
-        # those without one): ordered dicts, so any of them leaves in O(1).
+        # Pending executions in arrival order, and (partition, cancel_in_progress) the
+        # same by concurrency key (None: those without one): ordered dicts, so any of
+        # them leaves in O(1). deduplicate keeps no lanes: one dict less per key.
         self._fifo: OrderedDict[str, Execution] = OrderedDict()
         self._lanes: dict[str | None, OrderedDict[str, Execution]] = {}
         self._arrivals = 0
@@ -640,6 +641,10 @@ class QueueLifecycle:
         self.strategy = strategy
         self._ready.clear()
         self._ready_at.clear()
+        self._lanes.clear()
+        if strategy != "deduplicate":
+            for x in self._fifo.values():
+                self._lane_of(x)[x.execution_id] = x
         for key in self._lanes:
             self._mark(key)
         self._admit(now)
@@ -1013,18 +1018,26 @@ class QueueLifecycle:
         x.seq = self._arrivals
         self._fifo[x.execution_id] = x
         self._parked += x.released
-        lane = self._lanes.get(x.key)
-        if lane is None:
-            lane = self._lanes[x.key] = OrderedDict()
+        if self.strategy == "deduplicate":
+            return
+        lane = self._lane_of(x)
         lane[x.execution_id] = x
         if len(lane) == 1:
             self._mark(x.key)
+
+    def _lane_of(self, x: Execution) -> OrderedDict[str, Execution]:
+        lane = self._lanes.get(x.key)
+        if lane is None:
+            lane = self._lanes[x.key] = OrderedDict()
+        return lane
 
     def _unqueue(self, x: Execution) -> None:
         """No longer pending (admitted, or ended while it waited)."""
         del self._fifo[x.execution_id]
         self._parked -= x.released
-        lane = self._lanes[x.key]
+        lane = self._lanes.get(x.key)
+        if lane is None:
+            return  # deduplicate: no lanes
         del lane[x.execution_id]
         if not lane:
             del self._lanes[x.key]

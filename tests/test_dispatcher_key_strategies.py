@@ -356,3 +356,19 @@ def test_a_newer_one_cancels_a_waiting_retry_with_nothing_to_stop() -> None:
     h.lc.tick(T0 + 6)
     h.flush(T0 + 6)
     assert dispatched(h) == ["x1", "x2"]
+
+
+def test_deduplicate_to_cancel_in_progress_finds_the_older_pending_ones_of_a_key() -> None:
+    h = Harness(limit=1)
+    h.submit(1, key="busy")
+    h.submit(2, key="k")
+    h.submit(3, key="k")  # pending: deduplicate decides only at the head
+    h.flush()
+    h.lc.set_strategy("cancel_in_progress", T0 + 1)
+    h.submit(4, T0 + 1, key="k")
+    h.flush(T0 + 1)
+    assert h.events(2) == h.events(3) == [S.CANCELLED]
+    assert {h.emitted(n, S.CANCELLED).cancelled_by for n in (2, 3)} == {"x4"}
+    h.complete(1, "d1", T0 + 2)
+    h.flush(T0 + 2)
+    assert dispatched(h) == ["x1", "x4"]
