@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent
-from tests.conftest import DispatcherFactory
+from schemas.topology import results_queue, submit_queue
+from tests.conftest import (
+    DispatcherFactory,
+    GatewayFactory,
+    Tenant,
+    assert_error,
+    detail_fields,
+    queue_exists,
+)
 from tests.dispatcher_support import (
     EventLog,
     Probe,
@@ -242,3 +251,50 @@ async def test_a_strategy_set_in_the_registry_reaches_the_owner_while_executions
     ends = await event_log.wait_terminal([first, same])
     assert [ends[first].status, ends[same].status] == [S.COMPLETED, S.COMPLETED]
     assert probe.max_running_by_key == {"a": 1, "b": 1}
+
+
+async def test_a_submission_over_http_chooses_its_queues_strategy(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    event_log: EventLog,
+    probe: Probe,
+    make_dispatcher: DispatcherFactory,
+    delete_queues: Callable[[str], None],
+    amqp: AbstractConnection,
+) -> None:
+    delete_queues(submit_queue(tenant.project_id, "http"))
+    delete_queues(results_queue(tenant.project_id, "http"))
+    client = await make_gateway()
+    await make_dispatcher()
+    url = "/api/v1/workflows/sleep/run"
+    common = {"queue_name": "http", "queue_concurrency_limit": 1}
+
+    refused = await client.post(
+        url,
+        json={"payload": {}, **common, "concurrency_strategy": "newest"},
+        headers=tenant.headers,
+    )
+    error = await assert_error(refused, 400, "VALIDATION_ERROR")
+    assert detail_fields(error) == ["concurrency_strategy"]
+    assert not await queue_exists(amqp, submit_queue(tenant.project_id, "http"))  # untouched
+
+    ids = []
+    for key in ("tenant-a", "tenant-b"):
+        response = await client.post(
+            url,
+            json={
+                "payload": {"seconds": 1.0},
+                **common,
+                "concurrency_strategy": "partition",
+                "concurrency_key": key,
+            },
+            headers=tenant.headers,
+        )
+        assert response.status == 200, await response.text()
+        ids.append((await response.json())["execution_id"])
+
+    ends = await event_log.wait_terminal(ids)
+    assert {e.status for e in ends.values()} == {S.COMPLETED}
+    # A limit of 1, per key: both ran at once.
+    assert probe.max_running_by_key == {"tenant-a": 1, "tenant-b": 1}
+    assert probe.max_running == 2
