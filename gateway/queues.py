@@ -98,6 +98,10 @@ class QueueDirectory:
                 )
                 self._vanished.discard(name)
                 self._declared.add(name)
+            elif _differs(self._state.queues.get((project_id, queue_name)), limit, strategy):
+                # Declared meanwhile by a submission that waited before us (a batch's
+                # items to one new queue): what this one carries is still news.
+                await self._record(project_id, queue_name, limit, strategy, name)
         return name
 
     def _lock(self, name: str) -> asyncio.Lock:

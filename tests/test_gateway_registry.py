@@ -185,3 +185,39 @@ async def test_the_operator_command_sets_a_strategy_and_a_limit_in_the_registry(
     assert [e.type for e in events] == ["queue_limit_set", "queue_strategy_set"]
     config = state.queues[(project, "ops")]
     assert (config.concurrency_limit, config.concurrency_strategy) == (4, "partition")
+
+
+async def test_a_batch_item_carrying_a_strategy_sets_its_queues(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Register,
+    amqp_url: str,
+    delete_queues: Callable[[str], None],
+) -> None:
+    project = tenant.project_id
+    delete_queues(submit_queue(project, "batched"))
+    await register(project, "v1", ["hello"])
+    client = await make_gateway()
+    items = [
+        {"workflow_id": "hello", "payload": 1, "queue_name": "batched"},
+        {
+            "workflow_id": "hello",
+            "payload": 2,
+            "queue_name": "batched",
+            "concurrency_strategy": "cancel_in_progress",
+        },
+    ]
+    response = await client.post(
+        "/api/v1/workflows/batch_run", json={"workflows": items}, headers=tenant.headers
+    )
+    assert response.status == 200, await response.text()
+    refused = await client.post(
+        "/api/v1/workflows/batch_run",
+        json={"workflows": [{**items[1], "concurrency_strategy": "latest"}]},
+        headers=tenant.headers,
+    )
+    assert refused.status == 400
+    assert "workflows.0.concurrency_strategy" in await refused.text()
+
+    _, state = await _queue_events(amqp_url, project)
+    assert state.queues[(project, "batched")].concurrency_strategy == "cancel_in_progress"
