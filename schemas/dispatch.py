@@ -453,6 +453,67 @@ def encode_queued_event(
     )
 
 
+def encode_lifecycle_event(
+    status: ExecutionStatus,
+    envelope: SubmissionEnvelope,
+    *,
+    at: str,
+    submission_raw: bytes | None = None,
+    with_submission: bool = False,
+    dispatch_id: str | None = None,
+    worker_id: str | None = None,
+    duplicate_of: str | None = None,
+    result: Any = None,
+    error: ErrorInfo | None = None,
+    cancelled_by: str | None = None,
+    started_at: str | None = None,
+    attempt: int = 0,
+    retry_count: int = 0,
+    retry_at: str | None = None,
+) -> bytes:
+    """A ``LifecycleEvent`` without building the model (the dispatcher's hot path: a
+    model built and dumped per event was ~12 µs, 17 with the envelope, about 8 % of the
+    dispatcher's CPU). Fields left at their defaults are left out; the submission is
+    embedded as it was published (``submission_raw``) when the caller has it. Decoding
+    it gives the same ``LifecycleEvent`` (tests/test_dispatch_events_encoding.py)."""
+    event: dict[str, Any] = {
+        "type": "lifecycle",
+        "status": status.value,
+        "execution_id": envelope.execution_id,
+        "project_id": envelope.project_id,
+        "workflow_id": envelope.workflow_id,
+        "deployment_id": envelope.deployment_id,
+        "queue_name": envelope.queue_name,
+        "at": at,
+    }
+    if envelope.concurrency_key is not None:
+        event["concurrency_key"] = envelope.concurrency_key
+    for name, value in (
+        ("dispatch_id", dispatch_id),
+        ("worker_id", worker_id),
+        ("duplicate_of", duplicate_of),
+        ("result", result),
+        ("cancelled_by", cancelled_by),
+        ("started_at", started_at),
+        ("retry_at", retry_at),
+    ):
+        if value is not None:
+            event[name] = value
+    if error is not None:
+        event["error"] = error.model_dump(mode="json")
+    if with_submission:
+        event["submission"] = (
+            orjson.Fragment(submission_raw)
+            if submission_raw is not None
+            else envelope.model_dump(mode="json")
+        )
+    if attempt:
+        event["attempt"] = attempt
+    if retry_count:
+        event["retry_count"] = retry_count
+    return orjson.dumps(event)
+
+
 class EventBatch(_Message):
     """Lifecycle events of one project, many to a message, on ``polos.events``.
 
