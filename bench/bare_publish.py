@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import aio_pika
 
-from bench.harness import PerfWindow, child_failed, ticking, wait_for_window
+from bench.harness import PerfWindow, run_child, ticking, wait_for_window
 from bench.stats import WorkerReport
 from broker.publisher import ConfirmedPublisher
 from schemas.topology import submit_queue_arguments
@@ -38,46 +39,32 @@ class PublishSpec:
     client: str = "aio-pika"  # or "broker.publisher"
 
 
-async def _drive(
-    exchange: aio_pika.abc.AbstractExchange,
-    spec: PublishSpec,
-    window: PerfWindow,
-    report: WorkerReport,
-    task_index: int,
-) -> None:
-    perf = time.perf_counter
-    start, end = window.start, window.end
-    latencies = report.latencies_ms
-    n = 0
-    while True:
-        sent = perf()
-        if sent >= end:
-            return
-        n += 1
+Publish = Callable[[str], Awaitable[object]]
+"""Publish the bench message with this message id and wait for its confirm."""
+
+
+def _aio_pika(exchange: aio_pika.abc.AbstractExchange, spec: PublishSpec) -> Publish:
+    def publish(message_id: str) -> Awaitable[object]:
         message = aio_pika.Message(
             spec.body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=f"{task_index}-{n}",
+            message_id=message_id,
         )
-        try:
-            await exchange.publish(message, routing_key=spec.queue, mandatory=True)
-        except Exception as exc:
-            if sent >= start:
-                report.error(exc)
-            continue
-        done = perf()
-        if start <= done < end:
-            report.ok += 1
-            latencies.append((done - sent) * 1000.0)
+        return exchange.publish(message, routing_key=spec.queue, mandatory=True)
+
+    return publish
 
 
-async def _drive_ours(
-    publisher: ConfirmedPublisher,
-    spec: PublishSpec,
-    window: PerfWindow,
-    report: WorkerReport,
-    task_index: int,
+def _ours(publisher: ConfirmedPublisher, spec: PublishSpec) -> Publish:
+    def publish(message_id: str) -> Awaitable[object]:
+        return publisher.publish(spec.queue, spec.body, message_id=message_id)
+
+    return publish
+
+
+async def _drive(
+    publish: Publish, window: PerfWindow, report: WorkerReport, task_index: int
 ) -> None:
     perf = time.perf_counter
     start, end = window.start, window.end
@@ -89,7 +76,7 @@ async def _drive_ours(
             return
         n += 1
         try:
-            await publisher.publish(spec.queue, spec.body, message_id=f"{task_index}-{n}")
+            await publish(f"{task_index}-{n}")
         except Exception as exc:
             if sent >= start:
                 report.error(exc)
@@ -112,24 +99,20 @@ async def _run(spec: PublishSpec, conn: Connection) -> WorkerReport:
             durable=True,
             arguments=submit_queue_arguments(max_length=spec.queue_max_length),
         )
+        publisher: ConfirmedPublisher | None = None
         if spec.client == "broker.publisher":
             publisher = ConfirmedPublisher(connection, confirm_timeout=10.0, channels=1)
             await publisher.start()
-            window = await wait_for_window(conn)
-            async with ticking(conn, report):
-                await asyncio.gather(
-                    *(_drive_ours(publisher, spec, window, report, i) for i in range(spec.inflight))
-                )
-            await publisher.close()
+            publish = _ours(publisher, spec)
         else:
-            window = await wait_for_window(conn)
-            async with ticking(conn, report):
-                await asyncio.gather(
-                    *(
-                        _drive(channel.default_exchange, spec, window, report, i)
-                        for i in range(spec.inflight)
-                    )
-                )
+            publish = _aio_pika(channel.default_exchange, spec)
+        window = await wait_for_window(conn)
+        async with ticking(conn, report):
+            await asyncio.gather(
+                *(_drive(publish, window, report, i) for i in range(spec.inflight))
+            )
+        if publisher is not None:
+            await publisher.close()
         report.statuses = {200: report.ok}
     finally:
         await connection.close()
@@ -138,9 +121,4 @@ async def _run(spec: PublishSpec, conn: Connection) -> WorkerReport:
 
 def publish_process(spec: PublishSpec, conn: Connection) -> None:
     """Entry point of the bare publish process (``bench.harness.run_processes`` target)."""
-    try:
-        report = asyncio.run(_run(spec, conn))
-    except BaseException as exc:
-        child_failed(conn, exc)
-        raise
-    conn.send(report)
+    run_child(conn, _run(spec, conn))

@@ -18,7 +18,7 @@ import contextlib
 import multiprocessing
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
@@ -252,3 +252,13 @@ def child_failed(conn: Connection, exc: BaseException) -> None:
     """Child side: report a failure instead of a ``WorkerReport``."""
     with contextlib.suppress(OSError, ValueError):
         conn.send(f"{type(exc).__name__}: {exc}")
+
+
+def run_child(conn: Connection, main: Coroutine[Any, Any, WorkerReport]) -> None:
+    """Child side: run ``main`` and send its report, or its failure."""
+    try:
+        report = asyncio.run(main)
+    except BaseException as exc:
+        child_failed(conn, exc)
+        raise
+    conn.send(report)

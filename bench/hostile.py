@@ -119,21 +119,25 @@ async def _huge_headers(host: str, port: int, kib: int, tally: Counter[str]) -> 
         writer.close()
 
 
+async def _dribble(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunk: bytes
+) -> bytes:
+    """Send ``chunk`` every second until the server answers; the answer's start."""
+    while True:
+        try:
+            async with asyncio.timeout(1.0):
+                return await reader.read(200)
+        except TimeoutError:
+            writer.write(chunk)
+            await writer.drain()
+
+
 async def _trickle(host: str, port: int, tally: Counter[str]) -> None:
     """One short header line a second, never the last one."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(_head("/health"))
-        while True:
-            try:
-                async with asyncio.timeout(1.0):
-                    answer = await reader.read(200)
-            except TimeoutError:
-                writer.write(b"X-Slow: 1\r\n")
-                await writer.drain()
-                continue
-            _count(answer, tally, "trickle")
-            return
+        _count(await _dribble(reader, writer, b"X-Slow: 1\r\n"), tally, "trickle")
     finally:
         writer.close()
 
@@ -147,16 +151,7 @@ async def _slow_body(host: str, port: int, tenant: Tenant, tally: Counter[str]) 
             _head(f"/api/v1/workflows/{WORKFLOW}/run", headers + b"Content-Length: 1000000\r\n\r\n")
         )
         writer.write(b'{"payload": "')
-        while True:
-            try:
-                async with asyncio.timeout(1.0):
-                    answer = await reader.read(200)
-            except TimeoutError:
-                writer.write(b"aaaa")
-                await writer.drain()
-                continue
-            _count(answer, tally, "body")
-            return
+        _count(await _dribble(reader, writer, b"aaaa"), tally, "body")
     finally:
         writer.close()
 
@@ -184,60 +179,56 @@ async def _keep_open(
         await asyncio.sleep(delay)
 
 
-async def _attack(
-    host: str,
-    port: int,
-    tenant: Tenant,
-    n: int,
-    kib: int,
-    trickles: int,
-    bodies: int,
-    delay: float,
-    stop: Event,
-    out: str,
-) -> None:
+@dataclass(frozen=True)
+class Attack:
+    """What the attacker process opens against the gateway at ``host:port``."""
+
+    host: str
+    port: int
+    tenant: Tenant
+    connections: int  # each sending ``header_kib`` KiB of headers it never finishes
+    header_kib: int
+    trickles: int  # heads sent a line a second
+    slow_bodies: int  # submissions announcing 1 MB, sent 4 bytes a second
+    reconnect_delay: float  # seconds before a dropped connection is opened again
+    out: str  # where the process writes its tally
+
+
+async def _attack(attack: Attack, stop: Event) -> None:
+    host, port, delay = attack.host, attack.port, attack.reconnect_delay
     tally: Counter[str] = Counter()
     tasks = []
-    for i in range(n):
+    for i in range(attack.connections):
         tasks.append(
             asyncio.create_task(
-                _keep_open(lambda: _huge_headers(host, port, kib, tally), stop, tally, delay)
+                _keep_open(
+                    lambda: _huge_headers(host, port, attack.header_kib, tally), stop, tally, delay
+                )
             )
         )
         if i % 50 == 49:
             await asyncio.sleep(0.01)
-    for _ in range(trickles):
+    for _ in range(attack.trickles):
         tasks.append(
             asyncio.create_task(_keep_open(lambda: _trickle(host, port, tally), stop, tally, delay))
         )
-    for _ in range(bodies):
+    for _ in range(attack.slow_bodies):
         tasks.append(
             asyncio.create_task(
-                _keep_open(lambda: _slow_body(host, port, tenant, tally), stop, tally, delay)
+                _keep_open(lambda: _slow_body(host, port, attack.tenant, tally), stop, tally, delay)
             )
         )
     await asyncio.to_thread(stop.wait)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await asyncio.to_thread(Path(out).write_text, repr(dict(tally)))
+    await asyncio.to_thread(Path(attack.out).write_text, repr(dict(tally)))
 
 
-def attack_process(
-    host: str,
-    port: int,
-    tenant: Tenant,
-    n: int,
-    kib: int,
-    trickles: int,
-    bodies: int,
-    delay: float,
-    stop: Event,
-    out: str,
-) -> None:
+def attack_process(attack: Attack, stop: Event) -> None:
     # A real attacker spends its own machine's CPU, not the gateway's: here it yields.
     os.nice(10)
-    asyncio.run(_attack(host, port, tenant, n, kib, trickles, bodies, delay, stop, out))
+    asyncio.run(_attack(attack, stop))
 
 
 # -- compressed bodies ----------------------------------------------------------------------------
@@ -326,16 +317,18 @@ async def _measure(args: argparse.Namespace, gateway: ServerProcess, tenant: Ten
     attacker = multiprocessing.get_context("spawn").Process(
         target=attack_process,
         args=(
-            "127.0.0.1",
-            gateway.port,
-            tenant,
-            args.connections,
-            args.header_kib,
-            args.trickles,
-            args.slow_bodies,
-            args.reconnect_delay,
+            Attack(
+                host="127.0.0.1",
+                port=gateway.port,
+                tenant=tenant,
+                connections=args.connections,
+                header_kib=args.header_kib,
+                trickles=args.trickles,
+                slow_bodies=args.slow_bodies,
+                reconnect_delay=args.reconnect_delay,
+                out=str(out),
+            ),
             stop,
-            str(out),
         ),
     )
     attacker.start()

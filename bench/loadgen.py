@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from bench.harness import PerfWindow, child_failed, ticking, wait_for_window
+from bench.harness import PerfWindow, run_child, ticking, wait_for_window
 from bench.stats import WorkerReport
 
 ENGINES = ("raw", "aiohttp")
@@ -412,9 +412,4 @@ async def _run(spec: LoadSpec, conn: Connection) -> WorkerReport:
 
 def load_process(spec: LoadSpec, conn: Connection) -> None:
     """Entry point of one load process (``bench.harness.run_processes`` target)."""
-    try:
-        report = asyncio.run(_run(spec, conn))
-    except BaseException as exc:
-        child_failed(conn, exc)
-        raise
-    conn.send(report)
+    run_child(conn, _run(spec, conn))

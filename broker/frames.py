@@ -1,6 +1,6 @@
 """The AMQP 0-9-1 frames of one publish, as bytes for aiormq's writer.
 
-Both of our batching writers (``broker.publisher`` for confirmed publishes,
+Both of our batching writers (``broker.confirms`` for confirmed publishes,
 the gateway's announcer for fire-and-forget events) hand aiormq a run of
 ready-made frames instead of calling ``basic_publish``, so they need the
 frames of a message as bytes. pamqp marshals them by walking each class's

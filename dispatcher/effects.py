@@ -4,6 +4,11 @@
     2. work to the work queues, cancels, lifecycle events (confirmed)
     3. acknowledgements (and the lifecycle hears of the confirmed checkpoint)
 
+A terminal event is confirmed before anything records or settles the end: once
+it is, the lifecycle puts the end (a tombstone) in the next flush's record, and
+the deliveries it settles are acknowledged behind that record. An event the
+broker does not take ends the session with nothing of its flush acknowledged.
+
 Flushes never overlap: whatever the lifecycle decided while one ran goes into
 the next. That keeps every acknowledgement behind what makes it safe, and it
 means only the work of a dead owner's *last* record may be unsent (see
@@ -94,8 +99,9 @@ class Effector:
                 task.cancel()
 
     async def wait(self) -> None:
-        tasks = [t for t in [self._task, *self._acking] if t is not None]
-        if tasks:
+        """Until no flush runs and nothing waits to be announced or acknowledged (an
+        announcement starts the flush that records the ends, and so on)."""
+        while tasks := [t for t in [self._task, *self._acking] if t is not None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
@@ -142,8 +148,18 @@ class Effector:
         return True
 
     async def _announce_then_ack(self, events: list[Emit], acks: list[Ack]) -> None:
-        await asyncio.gather(*(self._emit(e) for e in events))
+        try:
+            await asyncio.gather(*(self._emit(e) for e in events))
+        except BrokerError as exc:
+            # Nothing these events settle is let go: the session ends, the broker
+            # takes the deliveries back, and the next owner (which finds these
+            # executions in the ledger as they were) hears of them again.
+            log.error("%s/%s: events not published: %s", self._project_id, self._queue_name, exc)
+            self._links.fail(exc)
+            return
+        self._lifecycle.on_announced(e.execution for e in events if e.terminal)
         await self._ack(acks)
+        self.kick()  # the ends are recorded by the next flush
 
     async def _ack(self, acks: list[Ack]) -> None:
         for effect in acks:
@@ -189,6 +205,7 @@ class Effector:
                 submission_raw=x.raw,
                 lease_seconds=self._lifecycle.tunables.lease_seconds,
                 dispatch_count=effect.count,
+                retry_count=effect.retry_count,
             )
             name = work_queue(self._project_id, x.deployment_id)
             publisher = self._links.dispatch.pick(x.execution_id)
@@ -221,6 +238,8 @@ class Effector:
             at=effect.at,
             started_at=effect.started_at,
             attempt=x.attempt,
+            retry_count=x.retries if effect.retry_count is None else effect.retry_count,
+            retry_at=effect.retry_at,
         )
 
     def _envelope_of(self, x: Execution) -> SubmissionEnvelope:

@@ -18,6 +18,18 @@ below is a plain unit test (``tests/test_dispatcher_lifecycle.py``)::
     DISPATCHED | RUNNING ─► result ─► completed | failed | cancelled | timed_out
                          ─► deadline ─► timed_out (+ cancel to its workers)
                          ─► user cancel ─► cancelled (+ cancel to its workers)
+                         ─► Failed asking for a retry, due before the deadline
+                              ─► WAITING_RETRY (slot and key kept) ─(retry_at)─►
+                                 DISPATCHED again: a new dispatch_id, retry_count + 1
+
+Retries (``_schedule_retry``). The worker knows the workflow's policy and says
+in its ``Failed`` report whether another run is wanted, and after how long; the
+owner decides: a retry due at or after the run's deadline is none (the deadline
+is fixed at admission and covers every run and every wait), so the execution
+ends ``failed`` at once. A waiting retry keeps its slot and its key (DESIGN §3:
+a slot from admission until terminal; a duplicate by key stays deduplicated),
+is in the ledger with its ``retry_at`` (a new owner dispatches it then), and
+ends like any in-flight execution on a cancel or its deadline.
 
 Leases (DESIGN §3). A delivery is never held longer than ``hold_seconds``: a
 submission whose execution is still pending or in flight by then is copied
@@ -81,6 +93,7 @@ class Stage(StrEnum):
     PENDING = "pending"
     DISPATCHED = "dispatched"
     RUNNING = "running"
+    WAITING_RETRY = "waiting_retry"
     TERMINAL = "terminal"
 
 
@@ -113,10 +126,17 @@ class Execution:
     worker_id: str | None = None
     started_at: str | None = None
     republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
+    # Its dispatch may never have been published (a dead owner's last record named
+    # it, or it waits for its submission to be sent again): it keeps a lease until
+    # a worker reports it, and the ledger says so, so every later owner knows too.
+    unsent: bool = False
+    retries: int = 0  # retries before the current (or next) run: Polos's retry_count
+    retry_at: float | None = None  # when waiting for a retry: its dispatch
+    retry_of: str | None = None  # when waiting for a retry: the dispatch that failed
 
     @property
     def holds_slot(self) -> bool:
-        return self.stage in (Stage.DISPATCHED, Stage.RUNNING)
+        return self.stage in (Stage.DISPATCHED, Stage.RUNNING, Stage.WAITING_RETRY)
 
     @property
     def run_timeout(self) -> int | None:
@@ -132,10 +152,16 @@ class Dispatch:
     dispatch_id: str
     deadline: float
     count: int = 1
+    retry_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Emit:
+    """A lifecycle event. A terminal one must be confirmed before the end is recorded
+    (the ledger's tombstone) and the deliveries it settles are acknowledged: the
+    effector tells ``on_announced``; until then the execution stays in the ledger as
+    it was, so a new owner hears of it again (its result or submission comes back)."""
+
     status: ExecutionStatus
     execution: Execution
     dispatch_id: str | None = None
@@ -147,6 +173,10 @@ class Emit:
     cancelled_by: str | None = None
     at: str | None = None
     started_at: str | None = None
+    terminal: bool = False
+    # The run it is about; None: the execution's current one when it is published.
+    retry_count: int | None = None
+    retry_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +200,17 @@ class LedgerWrite:
     seq: int
     checkpoint: bool
     body: bytes
+    # Deliveries settled by the ends this record carries: acknowledged once it is confirmed.
+    settles: tuple[Ref, ...] = ()
+
+
+@dataclass(slots=True)
+class _Ending:
+    """A terminal execution whose event is not confirmed yet."""
+
+    execution: Execution
+    was: Stage  # its stage before: what the ledger says of it until the event is out
+    refs: list[Ref]
 
 
 @dataclass(slots=True)
@@ -182,6 +223,14 @@ class _Timer(StrEnum):
     DEADLINE = "deadline"
     LEASE = "lease"
     HOLD = "hold"
+    RETRY = "retry"
+
+
+_REBUILT_STAGES = {
+    "dispatched": Stage.DISPATCHED,
+    "running": Stage.RUNNING,
+    "waiting_retry": Stage.WAITING_RETRY,
+}
 
 
 def _at(now: float) -> str:
@@ -215,6 +264,8 @@ class QueueLifecycle:
         self._keys: dict[str, str] = {}  # concurrency key -> the execution holding it
         self._used = 0
         self._recent: OrderedDict[str, float] = OrderedDict()  # terminal id -> when
+        self._ending: dict[str, _Ending] = {}  # terminal, its event not confirmed yet
+        self._settled_by_record: list[Ref] = []  # acknowledged behind the next record
         self._cancels: dict[str, _WantedCancel] = {}
         self._timers: list[tuple[float, str, str]] = []
         self._effects: list[Effect] = []
@@ -247,7 +298,12 @@ class QueueLifecycle:
 
     @property
     def busy(self) -> bool:
-        return bool(self.executions)
+        return bool(self.executions) or bool(self._ending)
+
+    @property
+    def announcing(self) -> int:
+        """Executions ended whose terminal event is not confirmed yet."""
+        return len(self._ending)
 
     def has_slot(self) -> bool:
         return self.limit is None or self._used < self.limit
@@ -296,6 +352,8 @@ class QueueLifecycle:
             unsure = {e.execution_id for e in last.entries if e.stage == "dispatched"}
         else:
             unsure = set()
+        # And what an owner before it already was not sure of (carried in its records).
+        unsure |= {i for i, e in state.items() if e.stage == "dispatched" and e.unsent}
         for entry in state.values():
             submission = entry.submission
             x = Execution(
@@ -311,23 +369,30 @@ class QueueLifecycle:
                 dispatch_id=entry.dispatch_id,
                 dispatches=entry.dispatch_count,
                 deadline=entry.deadline,
+                retries=entry.retry_count,
             )
             self.executions[x.execution_id] = x
             if entry.stage == "pending":
                 self._fifo.append(x)
                 self._parked += x.released
                 continue
-            x.stage = Stage.DISPATCHED if entry.stage == "dispatched" else Stage.RUNNING
+            x.stage = _REBUILT_STAGES[entry.stage]
             self._take_slot(x)
             if x.deadline is not None:
                 self._arm(x.deadline, _Timer.DEADLINE, x)
-            if x.stage is Stage.RUNNING:
+            if x.stage is Stage.WAITING_RETRY:
+                # Due at the time its owner set (at once if that passed).
+                x.retry_at = entry.retry_at if entry.retry_at is not None else now
+                x.retry_of = entry.retry_of
+                self._arm(x.retry_at, _Timer.RETRY, x)
+            elif x.stage is Stage.RUNNING:
                 # Renewed from now: a lease is never shortened by a takeover.
                 self._renew(x, now)
             elif x.execution_id in unsure:
                 # A dead owner's last flush may have died before its work went out. A
                 # lease from now: a worker that runs it reports within it; if none
                 # does, it is dispatched again when the lease expires.
+                x.unsent = True
                 self._renew(x, now)
         self._want_checkpoint = True
         self._admit(now)
@@ -387,6 +452,7 @@ class QueueLifecycle:
             self._renew(x, now)
             if x.stage is Stage.DISPATCHED:
                 x.stage = Stage.RUNNING
+                x.unsent = False
                 x.worker_id = heartbeat.worker_id
                 x.started_at = entry.started_at
                 self._ledger(x)
@@ -403,8 +469,14 @@ class QueueLifecycle:
 
     def on_result(self, ref: Ref, result: TerminalResult, now: float) -> None:
         x = self.executions.get(result.execution_id)
+        if x is not None and isinstance(result, Failed) and self._failed_again(x, result, now):
+            self._effects.append(Ack(ref))
+            return
         if x is None or not x.holds_slot or result.dispatch_id != x.dispatch_id:
             self._effects.append(Ack(ref))  # late, stale, or of a copy we stopped
+            return
+        if isinstance(result, Failed) and self._schedule_retry(x, result, now):
+            self._effects.append(Ack(ref))
             return
         if isinstance(result, Completed):
             status, value, error = S.COMPLETED, result.result, None
@@ -425,8 +497,8 @@ class QueueLifecycle:
             result=value,
             error=error,
             started_at=result.started_at or x.started_at,
+            settles=ref,
         )
-        self._effects.append(Ack(ref))
         self._admit(now)
 
     def on_released(self, ref: Ref, released: Released, now: float) -> None:
@@ -470,10 +542,10 @@ class QueueLifecycle:
         Answered, not queued with the other effects: whatever was decided while the
         record was on its way belongs to the next flush, behind the next record.
         """
+        acks = [Ack(ref) for ref in write.settles]
         if not write.checkpoint:
-            return []
+            return acks
         self._checkpointed = write.seq
-        acks: list[Ack] = []
         keep: list[tuple[int, Ref]] = []
         for seq, ref in self._held_records:
             if seq < write.seq:
@@ -484,6 +556,19 @@ class QueueLifecycle:
         acks.extend(Ack(ref) for ref in self._foreign_records)
         self._foreign_records.clear()
         return acks
+
+    def on_announced(self, executions: Iterable[Execution]) -> None:
+        """Their terminal events are confirmed: record their ends, then let go of
+        the deliveries they settle (behind the record, if a record names them)."""
+        for x in executions:
+            ending = self._ending.pop(x.execution_id, None)
+            if ending is None:
+                continue
+            if x.in_ledger:
+                self._dirty[x.execution_id] = x.execution_id  # a tombstone
+                self._settled_by_record.extend(ending.refs)
+            else:
+                self._effects.extend(Ack(ref) for ref in ending.refs)
 
     def set_limit(self, limit: int | None, now: float) -> None:
         self.limit = limit
@@ -506,6 +591,8 @@ class QueueLifecycle:
                 self._effects.append(SendCancel(x, "timeout"))
             elif kind == _Timer.LEASE:
                 self._dispatch_again(x, now)
+            elif kind == _Timer.RETRY:
+                self._retry_due(x, now)
             else:
                 self._release_submission(x)
         for execution_id, wanted in list(self._cancels.items()):
@@ -523,10 +610,16 @@ class QueueLifecycle:
             or self._since_checkpoint + len(self._dirty) >= max(MIN_CHECKPOINT_ENTRIES, live)
             or now >= self._last_checkpoint_at + self.tunables.hold_seconds / 2
         )
-        if not checkpoint and not self._dirty:
+        if not checkpoint and not self._dirty and not self._settled_by_record:
             return None
         if checkpoint:
-            entries = [self._entry(x) for x in self._in_ledger_order()]
+            # Ends not announced yet stay as they were: a new owner hears of them again.
+            entries = [
+                self._entry(e.execution, e.was)
+                for e in self._ending.values()
+                if e.execution.in_ledger
+            ]
+            entries += [self._entry(x) for x in self._in_ledger_order()]
             entries += [self._cancel_entry(i, c) for i, c in self._cancels.items()]
             # Tombstones of recent ends: a submission whose acknowledgement was lost
             # in a crash must not run again.
@@ -534,7 +627,7 @@ class QueueLifecycle:
             entries += [
                 {"execution_id": i, "stage": "ended"}
                 for i, at in self._recent.items()
-                if at >= horizon
+                if at >= horizon and i not in self._ending
             ]
             for x in self.executions.values():
                 x.in_ledger = True
@@ -553,6 +646,7 @@ class QueueLifecycle:
                     entries.append({"execution_id": execution_id, "stage": "ended"})
             self._since_checkpoint += len(entries)
         self._dirty.clear()
+        settles, self._settled_by_record = tuple(self._settled_by_record), []
         self._seq += 1
         body = orjson.dumps(
             {
@@ -564,7 +658,7 @@ class QueueLifecycle:
                 "entries": entries,
             }
         )
-        return LedgerWrite(self._seq, checkpoint, body)
+        return LedgerWrite(self._seq, checkpoint, body, settles)
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -602,9 +696,10 @@ class QueueLifecycle:
         x.dispatch_id = self._new_id()
         x.dispatches += 1
         x.lease_until = x.worker_id = None
+        x.unsent = False  # its record goes out before its work, in this flush
         self._ledger(x)
         assert x.deadline is not None
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches))
+        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches, x.retries))
         if announce:
             self._effects.append(
                 Emit(S.ADMITTED, x, dispatch_id=x.dispatch_id, with_submission=True, at=_at(now))
@@ -615,20 +710,76 @@ class QueueLifecycle:
         if x.raw is None or x.dispatch_id is None or x.deadline is None:
             return  # its submission is on its way back to us
         x.republish = False
-        self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches)))
+        self._effects.append(
+            Dispatch(x, x.dispatch_id, x.deadline, max(1, x.dispatches), x.retries)
+        )
 
-    def _dispatch_again(self, x: Execution, now: float) -> None:
-        """Its lease expired or its worker released it: nobody runs it now."""
+    def _dispatch_again(self, x: Execution, now: float, *, announce: bool = True) -> None:
+        """Its lease expired or its worker released it (or its retry is due): nobody
+        runs it now."""
         if x.deadline is not None and x.deadline <= now:
             return  # its deadline timer ends it
         if x.raw is None:
             x.republish = True  # with a new id, once its submission is back
+            x.unsent = True
             x.stage = Stage.DISPATCHED
             x.dispatch_id = self._new_id()
             x.dispatches += 1
             self._ledger(x)
             return
-        self._send(x, now, announce=True)
+        self._send(x, now, announce=announce)
+
+    def _schedule_retry(self, x: Execution, failed: Failed, now: float) -> bool:
+        """A run failed and its worker's policy wants another: wait for it, if there is time.
+
+        The execution keeps its slot and key while it waits; reports of the failed
+        dispatch are stale from now on (no dispatch is current until the retry's).
+        """
+        if failed.retry_in is None:
+            return False
+        retry_at = now + failed.retry_in
+        if x.deadline is not None and retry_at >= x.deadline:
+            return False  # the run timeout covers every run: it ends failed now
+        x.stage = Stage.WAITING_RETRY
+        x.retry_at, x.retry_of = retry_at, x.dispatch_id
+        self._effects.append(self._retry_event(x, failed, now))
+        x.dispatch_id = x.lease_until = x.worker_id = x.started_at = None
+        self._arm(retry_at, _Timer.RETRY, x)
+        self._ledger(x)
+        return True
+
+    def _failed_again(self, x: Execution, failed: Failed, now: float) -> bool:
+        """The report of the run a retry waits for, again: its owner died before it was
+        acknowledged, maybe before its event was out. The event again (the store takes
+        it once); nothing else changes."""
+        if x.stage is not Stage.WAITING_RETRY or failed.dispatch_id != x.retry_of:
+            return False
+        self._effects.append(self._retry_event(x, failed, now))
+        return True
+
+    @staticmethod
+    def _retry_event(x: Execution, failed: Failed, now: float) -> Emit:
+        assert x.retry_at is not None
+        return Emit(
+            S.RUNNING,
+            x,
+            dispatch_id=x.retry_of,
+            worker_id=failed.worker_id,
+            error=failed.error,
+            at=_at(now),
+            started_at=failed.started_at or x.started_at,
+            retry_count=x.retries,
+            retry_at=_at(x.retry_at),
+        )
+
+    def _retry_due(self, x: Execution, now: float) -> None:
+        if x.deadline is not None and x.deadline <= now:
+            return  # its deadline timer ends it, with the retry it never got
+        x.retries += 1
+        x.retry_at = x.retry_of = None
+        # No admitted event: it holds its slot since its admission (and a second one
+        # would count as an admission in the metrics, with the latency of them all).
+        self._dispatch_again(x, now, announce=False)
 
     def _cancel(self, x: Execution, requested_by: str, now: float) -> None:
         ran = x.holds_slot
@@ -673,7 +824,12 @@ class QueueLifecycle:
         with_submission: bool = False,
         cancelled_by: str | None = None,
         started_at: str | None = None,
+        settles: Ref | None = None,
     ) -> None:
+        """It ended: its slot and key are free at once; its end is recorded and the
+        deliveries it settles (``settles``, its submission) are acknowledged only
+        once the terminal event is confirmed (``on_announced``)."""
+        was = x.stage
         if x.holds_slot:
             self._used -= 1
             if x.key is not None and self._keys.get(x.key) == x.execution_id:
@@ -685,10 +841,13 @@ class QueueLifecycle:
         self.executions.pop(x.execution_id, None)
         self._remember(x.execution_id, now)
         self._cancels.pop(x.execution_id, None)
-        if x.in_ledger:
-            self._dirty[x.execution_id] = x.execution_id  # a tombstone
-        else:
-            self._dirty.pop(x.execution_id, None)
+        # What the ledger says of it stays until its event is out (see on_announced).
+        self._dirty.pop(x.execution_id, None)
+        refs = [x.submission] if x.submission is not None else []
+        x.submission = None
+        if settles is not None:
+            refs.append(settles)
+        self._ending[x.execution_id] = _Ending(x, was, refs)
         self._effects.append(
             Emit(
                 status,
@@ -702,11 +861,9 @@ class QueueLifecycle:
                 cancelled_by=cancelled_by,
                 at=_at(now),
                 started_at=started_at,
+                terminal=True,
             )
         )
-        if x.submission is not None:
-            self._effects.append(Ack(x.submission))
-            x.submission = None
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -735,6 +892,8 @@ class QueueLifecycle:
             return x.holds_slot and x.deadline == when
         if kind == _Timer.LEASE:
             return x.holds_slot and x.lease_until == when
+        if kind == _Timer.RETRY:
+            return x.stage is Stage.WAITING_RETRY and x.retry_at == when
         return x.submission is not None and not x.released and x.received_at <= when
 
     def _ledger(self, x: Execution) -> None:
@@ -753,8 +912,9 @@ class QueueLifecycle:
         return pending + [x for x in self.executions.values() if x.holds_slot]
 
     @staticmethod
-    def _entry(x: Execution) -> dict[str, Any]:
-        stage = x.stage.value if x.stage is not Stage.TERMINAL else "ended"
+    def _entry(x: Execution, stage_of: Stage | None = None) -> dict[str, Any]:
+        at = stage_of or x.stage
+        stage = at.value if at is not Stage.TERMINAL else "ended"
         entry: dict[str, Any] = {
             "execution_id": x.execution_id,
             "stage": stage,
@@ -766,6 +926,13 @@ class QueueLifecycle:
             "workflow_id": x.workflow_id,
             "deployment_id": x.deployment_id,
         }
+        if x.unsent and at is Stage.DISPATCHED:
+            entry["unsent"] = True
+        if x.retries:
+            entry["retry_count"] = x.retries
+        if x.retry_at is not None:
+            entry["retry_at"] = x.retry_at
+            entry["retry_of"] = x.retry_of
         if x.released and x.raw is not None:
             entry["submission"] = orjson.Fragment(x.raw)
         return entry

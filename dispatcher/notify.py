@@ -9,9 +9,11 @@ many events it carries. ``event()`` returns once the batch carrying its event
 is confirmed, so what the caller does next (acknowledge a delivery) follows
 the event as before.
 
-Both events and cancels are best effort: a failed publish is logged and the
-transition it reports has happened all the same (an execution is never held
-back because nobody could be told). All batches of one project go through the
+An event the broker does not take (after a few tries for a nack) raises
+``BrokerError`` to every caller whose event was in the batch: the dispatcher
+then lets go of nothing the event settles (``dispatcher/effects.py``), so no
+record is left behind by a lost event. Cancels are best effort: a failed one
+is logged (the run's deadline and lease still bound it). All batches of one project go through the
 same channel, in order, so a follower sees an execution's events in order;
 they are at-least-once (a takeover may repeat a terminal event), so followers
 key them by (execution_id, status).
@@ -51,6 +53,15 @@ DEFAULT_MAX_BYTES = 1 << 20
 # A nacked batch of events is tried this often, waits between them up to this long.
 EVENT_ATTEMPTS = 5
 EVENT_RETRY_MAX_SECONDS = 1.0
+
+
+class EventsNotPublished(BrokerError):
+    """A batch of lifecycle events the broker did not take."""
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(slots=True)
@@ -115,8 +126,12 @@ class Notifier:
         at: str | None = None,
         started_at: str | None = None,
         attempt: int = 0,
+        retry_count: int = 0,
+        retry_at: str | None = None,
     ) -> None:
-        """Publish one transition; returns once its batch is confirmed (or failed: logged)."""
+        """Publish one transition; returns once its batch is confirmed.
+
+        Raises ``BrokerError`` if the broker did not take the batch."""
         if self._on_event is not None:
             self._on_event(status, envelope)
         try:
@@ -139,6 +154,8 @@ class Notifier:
                     cancelled_by=cancelled_by,
                     started_at=started_at,
                     attempt=attempt,
+                    retry_count=retry_count,
+                    retry_at=retry_at,
                 )
             )
         except Exception:
@@ -181,6 +198,12 @@ class Notifier:
 
     async def _publish(self, batch: _Batch) -> None:
         message_id = uuid.uuid4().hex
+        # Callers that stopped waiting must not leave an exception never retrieved.
+        batch.done.add_done_callback(_retrieve)
+        failure: BrokerError = EventsNotPublished(
+            "the dispatcher stopped before the broker took them"
+        )
+        sent = False
         try:
             publisher = self._publishers.pick(batch.project_id)
             body = encode_event_batch(batch.bodies)
@@ -206,16 +229,22 @@ class Notifier:
                 batch.project_id,
                 exc,
             )
-        except Exception:
+            failure = exc
+        except Exception as exc:
             log.exception(
                 "%d lifecycle events of %s not published", len(batch.bodies), batch.project_id
             )
+            failure = EventsNotPublished(f"{type(exc).__name__}: {exc}")
         else:
+            sent = True
             self.batches_sent += 1
             self.events_sent += len(batch.bodies)
         finally:
             if not batch.done.done():
-                batch.done.set_result(None)
+                if sent:
+                    batch.done.set_result(None)
+                else:
+                    batch.done.set_exception(failure)
 
     async def cancel(
         self,

@@ -20,13 +20,13 @@ from aiohttp import web
 
 from broker.errors import BrokerError, Unroutable
 from broker.topology import declare_results_queue
-from gateway import errors
+from gateway import errors, sse
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_LINK, APP_SETTINGS, APP_STORE, APP_WATCH
 from gateway.errors import ApiError
 from gateway.settings import Settings
 from gateway.submission import require_broker, unavailable
-from gateway.watch import END, Signal, Subscription
+from gateway.watch import Signal
 from schemas.api import CancelExecutionResponse
 from schemas.dispatch import TERMINAL_STATUSES, CancelRequest, ExecutionStatus, encode
 from schemas.ids import now_rfc3339, uuid7_time_ms
@@ -230,17 +230,12 @@ async def execution_events(request: web.Request) -> web.StreamResponse:
     try:
         # Subscribed first, read second: an event in between is in the inbox.
         record = await _read(request, principal.project_id, execution_id)
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
+        return await sse.respond(
+            request,
+            subscription,
+            settings.sse_keepalive_seconds,
+            lambda follow: _stream(request, follow, record),
         )
-        await response.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            await _stream(request, response, subscription, record, settings)
-        return response
     finally:
         watch.unsubscribe(subscription)
 
@@ -249,57 +244,37 @@ def _sse(event: str, event_id: str, data: bytes) -> bytes:
     return b"event: %s\nid: %s\ndata: %s\n\n" % (event.encode(), event_id.encode(), data)
 
 
-async def _stream(
-    request: web.Request,
-    response: web.StreamResponse,
-    subscription: Subscription,
-    record: ExecutionRecord,
-    settings: Settings,
-) -> None:
+async def _stream(request: web.Request, follow: sse.Follow, record: ExecutionRecord) -> None:
     """The record, then each newer event, until a terminal one or the client leaves."""
     store = request.app[APP_STORE]
     execution_id = record.id
-    await response.write(_sse("record", f"{execution_id}/{record.status.value}", _record(record)))
-    seen = {record.status}
+    await follow.write(_sse("record", f"{execution_id}/{record.status.value}", _record(record)))
+    seen: set[str] = {record.status}
     current = rank(record.status)
-    loop = asyncio.get_running_loop()
-    # A client that leaves is noticed within this (aiohttp does not cancel us).
-    poll = min(settings.sse_keepalive_seconds, 1.0)
-    idle_since = loop.time()
     while record.status not in TERMINAL_STATUSES:
-        try:
-            async with asyncio.timeout(poll):
-                item = await subscription.inbox.get()
-        except TimeoutError:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                return
-            if loop.time() - idle_since >= settings.sse_keepalive_seconds:
-                await response.write(b": keep-alive\n\n")
-                idle_since = loop.time()
-            continue
+        if (item := await follow.next()) is None:
+            return
         if isinstance(item, Signal):
-            if item is END:
-                return
             # RESYNC: events may have been missed while Redis was out of reach.
             with contextlib.suppress(StoreError):
-                latest = await store.get(subscription.project_id, execution_id)
+                latest = await store.get(follow.subscription.project_id, execution_id)
                 if latest is not None and rank(latest.status) > current:
                     record, current = latest, rank(latest.status)
                     seen.add(record.status)
                     data = _record(record)
-                    await response.write(
+                    await follow.write(
                         _sse("record", f"{execution_id}/{record.status.value}", data)
                     )
             continue
         event, raw = item
-        # What the record already showed, or a repeat (events are at-least-once).
-        if event.status in seen or rank(event.status) < current:
+        # One event per status, and one per failed run that is retried (its status stays
+        # running); not what the record already showed, nor a repeat (at-least-once).
+        step = f"retry/{event.retry_count}" if event.retry_at is not None else event.status.value
+        if step in seen or rank(event.status) < current:
             continue
-        seen.add(event.status)
+        seen.add(step)
         current = max(current, rank(event.status))
-        await response.write(_sse("lifecycle", f"{execution_id}/{event.status.value}", raw))
-        idle_since = loop.time()
+        await follow.write(_sse("lifecycle", f"{execution_id}/{step}", raw))
         if event.status in TERMINAL_STATUSES:
             return
 

@@ -19,7 +19,6 @@ at the run's first event, as Polos's does.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -27,11 +26,10 @@ from datetime import datetime
 
 from aiohttp import web
 
-from gateway import errors
+from gateway import errors, sse
 from gateway.auth import Principal, api_key_from
 from gateway.context import APP_KEYS, APP_SETTINGS, APP_STORE, APP_WATCH
-from gateway.executions import read_record
-from gateway.watch import END, Subscription
+from gateway.executions import EXECUTION_ID_PATTERN, read_record
 from schemas.dispatch import TERMINAL_STATUSES
 from schemas.polos_events import StreamEvent, run_events
 from schemas.records import ExecutionRecord
@@ -39,9 +37,7 @@ from store import StoreError
 
 log = logging.getLogger(__name__)
 
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
+_UUID_RE = re.compile(EXECUTION_ID_PATTERN)
 _TOPIC_RE = re.compile(r"^workflow/(?P<workflow_id>.+)/(?P<run_id>[^/]+)$")
 
 
@@ -97,7 +93,7 @@ def _query(request: web.Request) -> tuple[str, str, Cursor]:
     last_timestamp: datetime | None = None
     if last_sequence_id is None and (raw_time := query.get("last_timestamp")):
         try:
-            last_timestamp = datetime.fromisoformat(raw_time.replace("Z", "+00:00"))
+            last_timestamp = _parse_time(raw_time)
         except ValueError:
             problems.append({"field": "last_timestamp", "message": "must be an RFC 3339 time"})
         else:
@@ -135,61 +131,39 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 f"Execution {run_id!r} is not a run of workflow {workflow_id!r}.",
                 [{"field": "workflow_id", "message": "not this run's workflow"}],
             )
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
+        settings = request.app[APP_SETTINGS]
+        return await sse.respond(
+            request,
+            subscription,
+            settings.sse_keepalive_seconds,
+            lambda follow: _stream(request, follow, record, cursor),
         )
-        await response.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            await _stream(request, response, subscription, record, cursor)
-        return response
     finally:
         watch.unsubscribe(subscription)
 
 
-def sse(event: StreamEvent) -> bytes:
+def _sse(event: StreamEvent) -> bytes:
     return b"event: message\nid: %d\ndata: %s\n\n" % (
         event.sequence_id,
         event.model_dump_json().encode(),
     )
 
 
-async def _send(response: web.StreamResponse, record: ExecutionRecord, cursor: Cursor) -> None:
+async def _send(follow: sse.Follow, record: ExecutionRecord, cursor: Cursor) -> None:
     for event in cursor.new(run_events(record)):
-        await response.write(sse(event))
+        await follow.write(_sse(event))
         cursor.sent = event.sequence_id
 
 
 async def _stream(
-    request: web.Request,
-    response: web.StreamResponse,
-    subscription: Subscription,
-    record: ExecutionRecord,
-    cursor: Cursor,
+    request: web.Request, follow: sse.Follow, record: ExecutionRecord, cursor: Cursor
 ) -> None:
     """The run's events after the cursor, then each new one, until the terminal one."""
-    settings, store = request.app[APP_SETTINGS], request.app[APP_STORE]
-    await _send(response, record, cursor)
-    loop = asyncio.get_running_loop()
-    # A client that leaves is noticed within this (aiohttp does not cancel us).
-    poll = min(settings.sse_keepalive_seconds, 1.0)
-    idle_since = loop.time()
+    store = request.app[APP_STORE]
+    subscription = follow.subscription
+    await _send(follow, record, cursor)
     while record.status not in TERMINAL_STATUSES:
-        try:
-            async with asyncio.timeout(poll):
-                item = await subscription.inbox.get()
-        except TimeoutError:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                return
-            if loop.time() - idle_since >= settings.sse_keepalive_seconds:
-                await response.write(b": keep-alive\n\n")
-                idle_since = loop.time()
-            continue
-        if item is END:
+        if await follow.next() is None:
             return
         # An event (or RESYNC after a lost connection): the record has it; it says what
         # is new, and a repeat (events are at-least-once) adds nothing.
@@ -197,5 +171,4 @@ async def _stream(
             latest = await store.get(subscription.project_id, subscription.execution_id)
             if latest is not None and latest != record:
                 record = latest
-                await _send(response, record, cursor)
-                idle_since = loop.time()
+                await _send(follow, record, cursor)

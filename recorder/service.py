@@ -365,25 +365,27 @@ class Recorder:
                 log.debug("%d deliveries on a lost channel: the broker redelivers them", len(group))
                 self._unsettled -= len(group)
                 continue
-            try:
-                await group[-1].ack(multiple=True)
-            except _ACK_ERRORS as exc:
-                log.debug("ack failed (the broker will redeliver): %r", exc)
-            else:
+            if await self._acked(group[-1], settles=len(group), multiple=True):
                 self.stats.acked += len(group)
-            finally:
-                self._unsettled -= len(group)
 
     async def _ack(self, messages: Iterable[AbstractIncomingMessage]) -> None:
         for message in messages:
-            try:
-                await message.ack()
-            except _ACK_ERRORS as exc:
-                log.debug("ack failed (the broker will redeliver): %r", exc)
-            else:
+            if await self._acked(message):
                 self.stats.acked += 1
-            finally:
-                self._unsettled -= 1
+
+    async def _acked(
+        self, message: AbstractIncomingMessage, *, settles: int = 1, multiple: bool = False
+    ) -> bool:
+        """Ack ``message`` (``multiple``: with the deliveries before it, ``settles`` in
+        all); False if the ack failed, and the broker will redeliver them."""
+        try:
+            await message.ack(multiple=multiple)
+        except _ACK_ERRORS as exc:
+            log.debug("ack failed (the broker will redeliver): %r", exc)
+            return False
+        finally:
+            self._unsettled -= settles
+        return True
 
     async def _dead_letter_rejected(self, delivery: Delivery) -> bool:
         """Dead-letter the bad events of a batch, each alone; False if that failed (the
@@ -428,11 +430,5 @@ class Recorder:
             self._unsettled -= 1
             return
         log.warning("dead-lettered a lifecycle event message: %s", reason)
-        try:
-            await message.ack()
-        except _ACK_ERRORS as exc:
-            log.debug("ack failed (the broker will redeliver): %r", exc)
-        else:
+        if await self._acked(message):
             self.stats.dead_lettered += 1
-        finally:
-            self._unsettled -= 1

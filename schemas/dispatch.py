@@ -92,6 +92,12 @@ class WorkMessage(_Message):
     # The submission's delivery attempt it was admitted under (LifecycleEvent.attempt):
     # an owner that finds this as a marker after a takeover reports under it.
     attempt: int = 0
+    retry_count: int = Field(
+        default=0,
+        ge=0,
+        description="Retries of the run before this one (Polos's retry_count): 0 for the first "
+        "run, n for the n-th retry after a Failed report that asked for one",
+    )
 
 
 def encode_work(
@@ -103,6 +109,7 @@ def encode_work(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     dispatch_count: int = 1,
     attempt: int = 0,
+    retry_count: int = 0,
 ) -> bytes:
     """Embed the submission as received, without decoding and re-encoding it."""
     return orjson.dumps(
@@ -115,6 +122,7 @@ def encode_work(
             "dispatch_count": dispatch_count,
             "submission": orjson.Fragment(submission_raw),
             "attempt": attempt,
+            "retry_count": retry_count,
         }
     )
 
@@ -188,6 +196,10 @@ class ErrorInfo(_Message):
 
 
 class Failed(_Message):
+    """The handler raised. ``retry_in`` set: the workflow's retry policy (worker SDK)
+    wants another run that many seconds from now; the owner decides whether there is
+    one (the run's deadline covers every run and every wait between them)."""
+
     type: Literal["failed"] = "failed"
     execution_id: str
     dispatch_id: str
@@ -195,6 +207,7 @@ class Failed(_Message):
     at: str
     started_at: str | None = None
     error: ErrorInfo
+    retry_in: float | None = Field(default=None, ge=0)
 
 
 class Cancelled(_Message):
@@ -257,13 +270,19 @@ class LedgerEntry(_Message):
 
     ``stage``: ``pending`` (waiting for a slot), ``dispatched`` (work published,
     no report yet), ``running`` (reported: only its lease protects it),
-    ``ended`` (terminal: a tombstone), ``cancel`` (a user's cancel request for an
-    execution not seen yet, kept until ``until``). ``submission`` is present once
-    the submission's delivery was released: the record is then its only copy.
+    ``waiting_retry`` (a run failed; the next is dispatched at ``retry_at``, and
+    the slot stays held meanwhile), ``ended`` (terminal: a tombstone), ``cancel``
+    (a user's cancel request for an execution not seen yet, kept until
+    ``until``). ``submission`` is present once the submission's delivery was
+    released: the record is then its only copy. ``retry_count``: retries before
+    the current (or next) run; ``retry_of``: the dispatch whose failure a
+    waiting retry follows. ``unsent``: a dispatched one whose work may never
+    have been published (a dead owner's last record named it): every owner
+    gives it a lease from its takeover, so it runs again if nobody reports it.
     """
 
     execution_id: str
-    stage: Literal["pending", "dispatched", "running", "ended", "cancel"]
+    stage: Literal["pending", "dispatched", "running", "waiting_retry", "ended", "cancel"]
     dispatch_id: str | None = None
     dispatch_count: int = 0
     deadline: float | None = None
@@ -274,6 +293,10 @@ class LedgerEntry(_Message):
     submission: SubmissionEnvelope | None = None
     requested_by: str | None = None
     until: float | None = None
+    retry_count: int = 0
+    retry_at: float | None = None
+    retry_of: str | None = None
+    unsent: bool = False
 
 
 class LedgerRecord(_Message):
@@ -382,6 +405,12 @@ class LifecycleEvent(_Message):
     followers can build a full record without asking. ``cancelled_by`` is the
     key id of whoever asked for a ``cancelled`` execution to stop.
 
+    ``retry_count`` is the run the event is about (0: the first, n: the n-th
+    retry). A run that failed and is to be retried is reported as ``running``
+    with its ``error`` and ``retry_at`` (when the next run is dispatched): the
+    execution is not over, so no terminal status, and the store keeps each
+    failed run's error (``store.update``).
+
     ``attempt`` is the delivery attempt of the submission under which the
     decision this event reports was taken (its quorum-queue delivery count; 0
     for the first delivery and the gateway's ``queued``). A decision of a
@@ -410,6 +439,11 @@ class LifecycleEvent(_Message):
         default=0,
         description="The delivery attempt of the submission the deciding owner acted on "
         "(x-delivery-count): a later attempt's decision supersedes an earlier one's",
+    )
+    retry_count: int = Field(default=0, ge=0, description="The run it is about (0: the first)")
+    retry_at: str | None = Field(
+        default=None,
+        description="Set when this run failed and another is due: when it is dispatched",
     )
 
 

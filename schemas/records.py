@@ -4,7 +4,7 @@
 names of the Polos orchestrator's ``ExecutionResponse`` (what the ``polos-sdk``
 ``ExecutionHandle.get()`` reads), with our richer states and a few fields Polos
 has no counterpart for (``duplicate_of``, ``admitted_at``, ``worker_id``,
-``error_details``).
+``error_details``, ``attempt_errors``). ``retry_count`` is Polos's.
 
 Polos sends ``error`` as a string; so do we (``"<type>: <message>"``), and the
 structured error the worker reported (with its traceback) is in
@@ -18,6 +18,21 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.dispatch import ErrorInfo, ExecutionStatus
+
+
+class AttemptError(BaseModel):
+    """One failed run of an execution (``ExecutionRecord.attempt_errors``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    attempt: int = Field(description="1 for the first run, 2 for the first retry, ...")
+    error: str = Field(description='"<type>: <message>", as ``error`` is')
+    error_details: ErrorInfo
+    at: str = Field(description="When the dispatcher took the failure (RFC3339 UTC)")
+    retry_at: str | None = Field(
+        default=None, description="When the next run was due; absent for the last one"
+    )
+    worker_id: str | None = None
 
 
 class ExecutionRecord(BaseModel):
@@ -52,6 +67,14 @@ class ExecutionRecord(BaseModel):
         default=None, description="For a deduplicated execution: the one holding its key"
     )
     worker_id: str | None = None
+    retry_count: int = Field(
+        default=0,
+        description="Retries of the run so far, as Polos counts them: 0 while the first "
+        "run goes; a retry counts from the moment it is decided",
+    )
+    attempt_errors: list[AttemptError] = Field(
+        default_factory=list, description="Each failed run's error, in order"
+    )
 
 
 class WorkflowRunsResponse(BaseModel):

@@ -32,7 +32,7 @@ from store.layout import (
     status_index_keys,
     trim_bound,
 )
-from store.update import APPLY_EVENT_LUA, APPLY_EVENT_SHA, script_args
+from store.update import APPLY_EVENT_LUA, APPLY_EVENT_SHA, ATTEMPT_ERROR_PREFIX, script_args
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 MAX_LIST_LIMIT = 1000
@@ -242,11 +242,17 @@ def _to_record(
     status = raw.pop("status", None)
     if status is None:
         return None
-    data: dict[str, Any] = {
-        name: orjson.loads(value)
-        for name, value in raw.items()
-        if name not in ("sidx", "rank", "status_at", "attempt")
-    }
+    data: dict[str, Any] = {}
+    failures: list[dict[str, Any]] = []
+    for name, value in raw.items():
+        if name in ("sidx", "rank", "status_at", "attempt"):
+            continue
+        if name.startswith(ATTEMPT_ERROR_PREFIX):
+            failures.append(_attempt_error(orjson.loads(value)))
+        else:
+            data[name] = orjson.loads(value)
+    failures.sort(key=lambda failure: int(failure["attempt"]))
+    data["attempt_errors"] = failures
     error = data.pop("error", None)
     if error is not None:
         info = ErrorInfo.model_validate(error)
@@ -257,6 +263,11 @@ def _to_record(
     return ExecutionRecord.model_validate(
         {**data, "id": execution_id, "project_id": project_id, "status": _text(status)}
     )
+
+
+def _attempt_error(stored: dict[str, Any]) -> dict[str, Any]:
+    info = ErrorInfo.model_validate(stored["error"])
+    return {**stored, "error": f"{info.type}: {info.message}", "error_details": info}
 
 
 def _created_at_from_id(execution_id: str) -> str | None:

@@ -22,6 +22,13 @@ and not older (``at``, RFC 3339 text of one format, compares as text). Then:
   ``admitted`` still contributes the payload to a record already ``completed``;
 - ``admitted_at`` and ``started_at`` keep the earliest time any event gave
   (after a takeover an execution may be started again; it started first then);
+- each failed run's error is a field of its own (``attempt_error:<retry_count>``,
+  written once: the retry event of a run, or the final ``failed``), and
+  ``retry_count`` keeps the highest run any event named (a run that failed
+  and is to be retried counts the retry it waits for): both are facts of the
+  attempt, true whatever status wins, so a late retry event fills them in a
+  record already terminal and never moves its status back (a retry event is
+  ``running``, below any terminal rank);
 - nothing is ever written as null: an event that lacks a field leaves it;
 - so within an attempt a terminal record never changes status or outcome
   again, and replaying an event (redelivery) or applying events in any order
@@ -39,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from schemas.dispatch import LifecycleEvent
+from schemas.dispatch import ExecutionStatus, LifecycleEvent
 from store.layout import STATUS_POSITION, TERMINAL_RANK, rank
 
 # What a decision sets: cleared when a later attempt supersedes it.
@@ -53,7 +60,10 @@ DECISION_FIELDS = (
     "cancelled_by",
     "duplicate_of",
     "worker_id",
+    "retry_count",
 )
+# A failed run's error: ATTEMPT_ERROR_PREFIX + its retry_count (0 for the first run).
+ATTEMPT_ERROR_PREFIX = "attempt_error:"
 
 APPLY_EVENT_LUA = f"""
 local record = KEYS[1]
@@ -62,6 +72,7 @@ local ttl, bound, member = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local attempt, n_facts = tonumber(ARGV[8]), tonumber(ARGV[9])
 local n_fill, n_earliest = tonumber(ARGV[10]), tonumber(ARGV[11])
 local channel, body = ARGV[12], ARGV[13]
+local n_highest = tonumber(ARGV[14])
 
 local function touch(index)
   if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
@@ -76,6 +87,11 @@ local current = attempt >= old_attempt
 if attempt > old_attempt and stored[1] then
   -- The decisions of earlier attempts were not durable: this one supersedes them.
   redis.call('HDEL', record, {", ".join(repr(f) for f in DECISION_FIELDS)})
+  for _, name in ipairs(redis.call('HKEYS', record)) do
+    if string.sub(name, 1, {len(ATTEMPT_ERROR_PREFIX)}) == '{ATTEMPT_ERROR_PREFIX}' then
+      redis.call('HDEL', record, name)
+    end
+  end
   old_rank = -1
 end
 local wins = false
@@ -87,7 +103,7 @@ elseif rank == old_rank and rank < {TERMINAL_RANK} then
   wins = at >= (stored[2] or '')
 end
 
-local i = 14
+local i = 15
 local facts_end = i + 2 * n_facts
 while i < facts_end do
   redis.call('HSETNX', record, ARGV[i], ARGV[i + 1])
@@ -109,6 +125,14 @@ local earliest_end = i + 2 * n_earliest
 while i < earliest_end do
   local current_value = redis.call('HGET', record, ARGV[i])
   if not current_value or ARGV[i + 1] < current_value then
+    redis.call('HSET', record, ARGV[i], ARGV[i + 1])
+  end
+  i = i + 2
+end
+local highest_end = i + 2 * n_highest
+while i < highest_end do
+  local current_value = redis.call('HGET', record, ARGV[i])
+  if not current_value or tonumber(ARGV[i + 1]) > tonumber(current_value) then
     redis.call('HSET', record, ARGV[i], ARGV[i + 1])
   end
   i = i + 2
@@ -165,15 +189,16 @@ def _json(value: Any) -> bytes:
 Fields = list[tuple[str, bytes]]
 
 
-def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields]:
-    """``(facts, fill, earliest, win)`` of the script (see the module docstring).
+def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields, Fields]:
+    """``(facts, fill, earliest, highest, win)`` of the script (see the module docstring).
 
     ``facts`` are the submission's (any attempt may fill them), ``fill`` what
-    the event's own decision knows (worker_id).
+    the event's own decision knows (worker_id, a failed run's error).
     """
     facts: Fields = []
     fill: Fields = []
     earliest: Fields = []
+    highest: Fields = []
     win: Fields = []
     for name in ("workflow_id", "deployment_id", "queue_name", "concurrency_key"):
         value = getattr(event, name)
@@ -197,6 +222,19 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields]
         worker = _json(event.worker_id)
         fill.append(("worker_id", worker))
         win.append(("worker_id", worker))
+    retrying = event.retry_at is not None
+    if event.error is not None and (retrying or event.status is ExecutionStatus.FAILED):
+        failure = {
+            "attempt": event.retry_count + 1,
+            "error": event.error.model_dump(mode="json"),
+            "at": event.at,
+            "retry_at": event.retry_at,
+            "worker_id": event.worker_id,
+        }
+        fill.append((f"{ATTEMPT_ERROR_PREFIX}{event.retry_count}", _json(failure)))
+    # Counted once the retry is decided, not once it starts; absent means 0.
+    if retry_count := event.retry_count + retrying:
+        highest.append(("retry_count", _json(retry_count)))
     if rank(event.status) == TERMINAL_RANK:
         win.append(("completed_at", at))
         if event.result is not None:
@@ -209,7 +247,7 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields]
             win.append(("cancelled_at", at))
             if event.cancelled_by is not None:
                 win.append(("cancelled_by", _json(event.cancelled_by)))
-    return facts, fill, earliest, win
+    return facts, fill, earliest, highest, win
 
 
 def script_args(
@@ -222,7 +260,7 @@ def script_args(
 ) -> list[bytes | str | int]:
     """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
     (none if empty) once the event is applied."""
-    facts, fill, earliest, win = event_fields(event)
+    facts, fill, earliest, highest, win = event_fields(event)
     args: list[bytes | str | int] = [
         event.status.value,
         STATUS_POSITION[event.status],
@@ -237,8 +275,9 @@ def script_args(
         len(earliest),
         channel,
         body,
+        len(highest),
     ]
-    for name, value in (*facts, *fill, *earliest, *win):
+    for name, value in (*facts, *fill, *earliest, *highest, *win):
         args.append(name)
         args.append(value)
     return args

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import aio_pika
 import aiohttp
@@ -40,6 +40,13 @@ from gateway.settings import Settings
 from store import ExecutionStore
 from tests.proxy import TcpProxy, running_proxy
 from tests.store_support import RecorderFactory, recorders, redis_client
+
+if TYPE_CHECKING:
+    from tests.worker_harness import RunWorker
+
+# The worker tests' fixtures (the dispatcher's part, in-process workers). Imported as a
+# plugin, not here: pytest rewrites the asserts of a plugin only if it imports it first.
+pytest_plugins = ("tests.worker_harness",)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -244,6 +251,10 @@ async def queue_depth(connection: AbstractConnection, queue_name: str) -> int:
         await channel.close()
 
 
+async def has_depth(connection: AbstractConnection, queue_name: str, depth: int) -> bool:
+    return await queue_depth(connection, queue_name) == depth
+
+
 # -- broker loss, subprocess gateways (gateway tests) ------------------------------
 
 
@@ -284,6 +295,25 @@ def detail_fields(body: dict[str, Any]) -> list[str]:
     return [detail["field"] for detail in body["details"]]
 
 
+def openapi_refs(node: Any) -> list[str]:
+    """Every ``$ref`` in an OpenAPI document (or a part of it), in document order."""
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in openapi_refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in openapi_refs(value)]
+    return []
+
+
+def resolve_ref(document: dict[str, Any], ref: str) -> Any:
+    """What a local ``$ref`` (``#/components/...``) of ``document`` points at."""
+    assert ref.startswith("#/"), ref
+    node: Any = document
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
 async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
     channel = await connection.channel()
     try:
@@ -298,7 +328,7 @@ async def queue_exists(connection: AbstractConnection, queue_name: str) -> bool:
 
 from dispatcher import Dispatcher  # noqa: E402
 from dispatcher import Settings as DispatcherSettings  # noqa: E402
-from tests.dispatcher_support import EventLog, QueueKit  # noqa: E402
+from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker  # noqa: E402
 
 
 @pytest.fixture
@@ -317,6 +347,22 @@ async def event_log(amqp: AbstractConnection, uid: str) -> AsyncIterator[EventLo
     await log.open()
     yield log
     await log.close()
+
+
+ProbeFactory = Callable[..., Awaitable[Probe]]
+
+
+@pytest.fixture
+def start_probe(amqp_url: str, uid: str, run_worker: RunWorker) -> ProbeFactory:
+    """``await start_probe(concurrency=32)``: a started in-process SDK worker of the test's
+    project running ``sleep``, seen through the ``Probe`` returned; stopped at the end."""
+
+    async def _start(*, concurrency: int = 32) -> Probe:
+        probe = Probe()
+        await run_worker(probe_worker(amqp_url, uid, probe, concurrency=concurrency))
+        return probe
+
+    return _start
 
 
 DispatcherFactory = Callable[..., Awaitable[Dispatcher]]

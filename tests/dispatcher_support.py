@@ -28,7 +28,6 @@ from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_queue
 from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_events
-from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.registry import QueueDeclared, QueueLimitSet
 from schemas.topology import (
@@ -38,6 +37,7 @@ from schemas.topology import (
     submit_queue_arguments,
     work_queue,
 )
+from tests.envelopes import make_submission
 from worker import ExecutionContext, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,29 +103,25 @@ class QueueKit:
     ) -> str:
         """Publish one submission (confirmed); returns its execution id."""
         execution_id, created_at = new_execution_id()
-        body = encode_submission(
+        body = make_submission(
             execution_id=execution_id,
             created_at=created_at,
             project_id=self.project,
             workflow_id=workflow,
             deployment_id=self.deployment,
             queue_name=queue,
-            queue_concurrency_limit=None,
             concurrency_key=key,
             run_timeout_seconds=run_timeout,
             payload=payload,
-            initial_state=None,
             session_id=str(uuid.uuid4()),
-            user_id=None,
-            otel_traceparent=None,
-            parent_execution_id=None,
-            root_execution_id=None,
-            step_key=None,
-            wait_for_subworkflow=False,
             submitted_by="key_test",
         )
         await self.publish_raw(queue, body, message_id=execution_id)
         return execution_id
+
+    async def publish_to(self, name: str, body: bytes) -> None:
+        """Publish ``body`` to the queue named ``name`` (a results queue: a cancel request)."""
+        await self._publisher.publish(name, body, message_id=uuid.uuid4().hex)
 
     async def publish_raw(self, queue: str, body: bytes, *, message_id: str = "") -> None:
         await self._publisher.publish(

@@ -2,7 +2,7 @@
 
 ``running_system`` starts, for one project of its own: a recorder (its own queue
 and Redis key prefix), a dispatcher owning the project's queues, a worker of
-the deployment (workflows ``echo``, ``sleep``, ``fail``) and a gateway whose
+the deployment (workflows ``echo``, ``sleep``, ``fail``, ``flaky``) and a gateway whose
 status endpoints read what that recorder writes. Started once per test module:
 each start replays the registry stream.
 """
@@ -43,6 +43,13 @@ async def echo(ctx: ExecutionContext, payload: Any) -> Any:
 
 async def fail(ctx: ExecutionContext, payload: Any) -> Any:
     raise ValueError(f"cannot handle {payload!r}")
+
+
+async def flaky(ctx: ExecutionContext, payload: Any) -> Any:
+    """Fails its first run, completes its retry."""
+    if ctx.retry_count == 0:
+        raise ConnectionError(f"run {ctx.retry_count + 1} lost its link")
+    return {"retry_count": ctx.retry_count}
 
 
 @dataclass
@@ -125,15 +132,16 @@ async def running_system(
 ) -> AsyncIterator[System]:
     tenant = new_tenant(directory / "projects.json")
     project = tenant.project_id
-    await register_deployment(amqp_url, project, DEPLOYMENT, ["echo", "sleep", "fail"])
+    await register_deployment(amqp_url, project, DEPLOYMENT, ["echo", "sleep", "fail", "flaky"])
     amqp = await aio_pika.connect(amqp_url)
     recorder = Recorder(recorder_settings(amqp_url, project, redis_url=redis()))
     await recorder.start()  # its queue is bound before anything is published
     probe = Probe()
     worker = Worker(project=project, deployment=DEPLOYMENT, concurrency=16, amqp_url=amqp_url)
     worker.add_workflow("echo", echo)
-    worker.add_workflow("fail", fail)
+    worker.add_workflow("fail", fail, retries=0)  # its tests see the failure as the end
     worker.add_workflow("sleep", probe.sleep)
+    worker.add_workflow("flaky", flaky, backoff=0.05)
     await worker.start()
     events = EventLog(amqp, project)
     await events.open()
@@ -186,3 +194,14 @@ async def _delete_keys(prefix: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+def sdk_client(system: System) -> Any:
+    """The ``polos-sdk``'s client, pointed at the system's gateway as its tenant."""
+    from polos.runtime.client import PolosClient
+
+    return PolosClient(
+        api_url=str(system.client.make_url("")).rstrip("/"),
+        api_key=system.tenant.api_key,
+        project_id=system.project,
+    )

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,8 +240,42 @@ class Load:
         self.answers.append(Answer(time.monotonic(), status, execution_id))
 
 
-async def assert_accounted(load: Load, stack: Stack, *, timeout: float = 60.0) -> None:
-    """Every 200 reached a terminal record that agrees with what ran; no limit was broken."""
+def where_they_are(stack: Stack, execution_ids: list[str]) -> str:
+    """What each dispatcher (and the worker) holds of these executions now."""
+    lines = []
+    for n, dispatcher in enumerate(stack.dispatchers):
+        session = dispatcher.session
+        if session is None:
+            lines.append(f"dispatcher {n}: no session")
+            continue
+        for owner in session.owners.values():
+            lc = owner.lifecycle
+            lines.append(
+                f"dispatcher {n} {owner.name} {owner.state}: held {lc.held} pending {lc.pending}"
+                f" announcing {lc.announcing} deliveries {len(owner.deliveries)}"
+            )
+            for execution_id in execution_ids:
+                x = lc.executions.get(execution_id)
+                if x is not None:
+                    lines.append(
+                        f"  {execution_id}: {x.stage} dispatch {x.dispatch_id}"
+                        f" lease_until {x.lease_until} submission {x.submission}"
+                    )
+    running = stack.worker.running
+    lines += [f"worker holds {e}" for e in execution_ids if e in running]
+    return "\n".join(lines)
+
+
+async def assert_accounted(
+    load: Load,
+    stack: Stack,
+    *,
+    timeout: float = 60.0,
+    explain: Callable[[list[str]], Awaitable[str]] | None = None,
+) -> None:
+    """Every 200 reached a terminal record that agrees with what ran; no limit was broken.
+
+    ``explain`` adds what the test knows (faults, the broker's queues) to a failure."""
     accepted = load.accepted
     assert accepted, "nothing was accepted"
     pending = set(accepted)
@@ -259,12 +293,22 @@ async def assert_accounted(load: Load, stack: Stack, *, timeout: float = 60.0) -
         sample = sorted(pending)[:5]
         records = [await stack.store.get(stack.tenant.project_id, e) for e in sample]
         ran = stack.probe.runs
+        answered = {a.execution_id: a.at for a in load.answers}
+        start = load.answers[0].at
         seen = [
-            (e, r.status if r else None, f"ran {ran.count(e)}x")
+            (
+                e,
+                r.status if r else None,
+                f"ran {ran.count(e)}x",
+                f"accepted at +{answered[e] - start:.1f}s",
+            )
             for e, r in zip(sample, records, strict=True)
         ]
+        told = await explain(sample) if explain is not None else ""
+        told += where_they_are(stack, sample)
         raise AssertionError(
-            f"{len(pending)} of {len(accepted)} accepted executions are not terminal; e.g. {seen}"
+            f"{len(pending)} of {len(accepted)} accepted executions are not terminal; "
+            f"e.g. {seen}\n{told}"
         ) from None
     ran_ids = set(stack.probe.runs)
     for execution_id in accepted:

@@ -25,6 +25,7 @@ from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode,
 from schemas.envelope import SubmissionEnvelope
 from schemas.ids import rfc3339
 from schemas.topology import EVENTS_EXCHANGE, event_batch_routing_key, event_routing_key
+from store import ExecutionStore
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -168,6 +169,20 @@ class Run:
     def lifecycle(self) -> list[LifecycleEvent]:
         """admitted → running → completed, in order."""
         return [self.admitted(), self.running(), self.completed()]
+
+
+async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
+    """How many of ``runs`` the store has as completed."""
+    done = 0
+    for run in runs:
+        record = await store.get(run.project_id, run.execution_id)
+        if record is not None and record.status == ExecutionStatus.COMPLETED:
+            done += 1
+    return done
+
+
+async def all_completed(store: ExecutionStore, runs: list[Run]) -> bool:
+    return await count_completed(store, runs) == len(runs)
 
 
 async def publish_events(

@@ -3,45 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 
-import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
 from schemas.topology import results_queue, submit_queue
-from tests.conftest import DispatcherFactory, queue_depth
-from tests.dispatcher_support import EventLog, Probe, QueueKit, in_flight_per_ledger, probe_worker
-from worker import Worker
+from tests.conftest import DispatcherFactory, ProbeFactory, queue_depth
+from tests.dispatcher_support import EventLog, QueueKit, in_flight_per_ledger
 
 S = ExecutionStatus
-
-
-@pytest.fixture
-async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[Callable[..., Worker]]:
-    """Start (lazily, on first call) an in-process SDK worker for the test's project."""
-    workers: list[Worker] = []
-
-    def _start(probe: Probe, *, concurrency: int = 32) -> Worker:
-        worker = probe_worker(amqp_url, uid, probe, concurrency=concurrency)
-        workers.append(worker)
-        return worker
-
-    yield _start
-    for worker in workers:
-        await worker.stop(drain_timeout=0)
 
 
 async def test_submission_runs_once_and_completes_with_its_result(
     queue_kit: QueueKit,
     event_log: EventLog,
     make_dispatcher: DispatcherFactory,
-    start_worker: Callable[..., Worker],
+    start_probe: ProbeFactory,
     amqp: AbstractConnection,
 ) -> None:
     await queue_kit.declare("q")
-    probe = Probe()
-    await start_worker(probe).start()
+    probe = await start_probe()
     dispatcher = await make_dispatcher()
 
     execution_id = await queue_kit.submit("q", {"seconds": 0.05}, key="k1")
@@ -68,11 +49,10 @@ async def test_limit_is_reached_and_never_exceeded(
     queue_kit: QueueKit,
     event_log: EventLog,
     make_dispatcher: DispatcherFactory,
-    start_worker: Callable[..., Worker],
+    start_probe: ProbeFactory,
 ) -> None:
     await queue_kit.declare("q", limit=3)
-    probe = Probe()
-    await start_worker(probe, concurrency=20).start()
+    probe = await start_probe(concurrency=20)
     await make_dispatcher()
 
     ids = [await queue_kit.submit("q", {"seconds": 0.2}) for _ in range(15)]
@@ -90,11 +70,10 @@ async def test_raised_and_lowered_limits_take_effect_at_once(
     queue_kit: QueueKit,
     event_log: EventLog,
     make_dispatcher: DispatcherFactory,
-    start_worker: Callable[..., Worker],
+    start_probe: ProbeFactory,
 ) -> None:
     await queue_kit.declare("q", limit=1)
-    probe = Probe()
-    await start_worker(probe, concurrency=20).start()
+    probe = await start_probe(concurrency=20)
     await make_dispatcher()
     ids = [await queue_kit.submit("q", {"seconds": 0.4}) for _ in range(12)]
     await event_log.wait_status(ids[0], S.RUNNING)
@@ -115,13 +94,12 @@ async def test_limit_beyond_the_window_renews_the_consumer_and_is_reached(
     queue_kit: QueueKit,
     event_log: EventLog,
     make_dispatcher: DispatcherFactory,
-    start_worker: Callable[..., Worker],
+    start_probe: ProbeFactory,
 ) -> None:
     # Limit 2 gives a window of 32 deliveries; 40 can only run at once once
     # the (idle) queue is consumed again with a larger window.
     await queue_kit.declare("q", limit=2)
-    probe = Probe()
-    await start_worker(probe, concurrency=64).start()
+    probe = await start_probe(concurrency=64)
     await make_dispatcher()
     await queue_kit.set_limit("q", 40)
     await asyncio.sleep(0.3)

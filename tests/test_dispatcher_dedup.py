@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
-from tests.conftest import DispatcherFactory
+from tests.conftest import DispatcherFactory, ProbeFactory
 from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
 
 S = ExecutionStatus
 
 
 @pytest.fixture
-async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe, concurrency=16)
-    await worker.start()
-    yield probe
-    await worker.stop(drain_timeout=0)
+async def probe(start_probe: ProbeFactory) -> Probe:
+    return await start_probe(concurrency=16)
 
 
 async def test_duplicate_key_ends_deduplicated_pointing_at_the_holder(

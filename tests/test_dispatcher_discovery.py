@@ -18,20 +18,16 @@ from schemas.dispatch import ExecutionStatus
 from schemas.ids import now_rfc3339
 from schemas.registry import QueueDeclared
 from schemas.topology import results_queue, submit_queue, work_queue
-from tests.conftest import DispatcherFactory, GatewayFactory, Tenant, queue_exists
-from tests.dispatcher_support import DEPLOYMENT, EventLog, Probe, QueueKit, probe_worker, until
+from tests.conftest import DispatcherFactory, GatewayFactory, ProbeFactory, Tenant, queue_exists
+from tests.dispatcher_support import DEPLOYMENT, EventLog, Probe, QueueKit, until
 
 S = ExecutionStatus
 DEAD = 300
 
 
 @pytest.fixture
-async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe)
-    await worker.start()
-    yield probe
-    await worker.stop(drain_timeout=0)
+async def probe(start_probe: ProbeFactory) -> Probe:
+    return await start_probe()
 
 
 @pytest.fixture

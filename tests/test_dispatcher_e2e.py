@@ -15,14 +15,12 @@ from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
 from schemas.topology import results_queue, submit_queue, work_queue
-from tests.conftest import GatewayFactory, Tenant, queue_depth
+from tests.conftest import GatewayFactory, ProbeFactory, Tenant, queue_depth
 from tests.dispatcher_support import (
     DEPLOYMENT,
     EventLog,
-    Probe,
     QueueKit,
     dispatcher_process,
-    probe_worker,
     wait_for_log,
 )
 from tests.worker_harness import worker_process
@@ -126,6 +124,7 @@ async def test_burst_dispatcher_exits_once_its_queues_are_empty(
     queue_kit: QueueKit,
     event_log: EventLog,
     processes: list[subprocess.Popen[bytes]],
+    start_probe: ProbeFactory,
     amqp: AbstractConnection,
     amqp_url: str,
     uid: str,
@@ -133,16 +132,11 @@ async def test_burst_dispatcher_exits_once_its_queues_are_empty(
 ) -> None:
     await queue_kit.declare("q", limit=2)
     ids = [await queue_kit.submit("q", {"seconds": 0.05}) for _ in range(6)]
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe)
-    await worker.start()
-    try:
-        process = dispatcher_process(amqp_url, uid, tmp_path / "burst.log", "--burst")
-        processes.append(process)
-        assert await asyncio.to_thread(process.wait, 20) == 0
-        ends = await event_log.wait_terminal(ids, timeout=5)
-        assert {e.status for e in ends.values()} == {S.COMPLETED}
-        assert await queue_depth(amqp, submit_queue(uid, "q")) == 0
-        assert sorted(probe.runs) == sorted(ids)
-    finally:
-        await worker.stop(drain_timeout=0)
+    probe = await start_probe()
+    process = dispatcher_process(amqp_url, uid, tmp_path / "burst.log", "--burst")
+    processes.append(process)
+    assert await asyncio.to_thread(process.wait, 20) == 0
+    ends = await event_log.wait_terminal(ids, timeout=5)
+    assert {e.status for e in ends.values()} == {S.COMPLETED}
+    assert await queue_depth(amqp, submit_queue(uid, "q")) == 0
+    assert sorted(probe.runs) == sorted(ids)

@@ -10,6 +10,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from broker.errors import BrokerError
 from broker.topology import declare_dispatch_exchanges
 from dispatcher.notify import Notifier
 from schemas.dispatch import ExecutionStatus
@@ -80,13 +81,15 @@ async def test_a_batch_is_bounded_and_an_executions_events_keep_their_order(
         await log.close()
 
 
-async def test_an_event_that_cannot_be_published_returns_at_once_without_raising(
+async def test_an_event_that_cannot_be_published_raises_at_once(
     amqp_url: str,
 ) -> None:
+    # The dispatcher lets go of nothing an event settles unless the broker took it.
     connection, notifier = await _notifier(amqp_url)
     await connection.close()
     started = time.monotonic()
-    await notifier.event(S.ADMITTED, Run("p").submission())  # logged, not raised
+    with pytest.raises(BrokerError):
+        await notifier.event(S.ADMITTED, Run("p").submission())
     assert time.monotonic() - started < 1.0
     assert notifier.batches_sent == 0
     await notifier.close()

@@ -37,7 +37,9 @@ from schemas.dispatch import (
     LedgerRecord,
     Released,
 )
-from schemas.envelope import SubmissionEnvelope, encode_submission
+from schemas.envelope import SubmissionEnvelope
+from schemas.ids import rfc3339
+from tests.envelopes import make_submission
 
 S = ExecutionStatus
 LEASE = 30.0
@@ -48,26 +50,14 @@ T0 = 1_000_000.0
 def envelope(
     n: int, *, key: str | None = None, timeout: int = 3600
 ) -> tuple[SubmissionEnvelope, bytes]:
-    raw = encode_submission(
+    raw = make_submission(
         execution_id=f"x{n}",
         created_at="2026-12-01T00:00:00Z",
-        project_id="p",
         workflow_id="wf",
         deployment_id="d1",
-        queue_name="q",
-        queue_concurrency_limit=None,
         concurrency_key=key,
         run_timeout_seconds=timeout,
         payload={"n": n},
-        initial_state=None,
-        session_id="s",
-        user_id=None,
-        otel_traceparent=None,
-        parent_execution_id=None,
-        root_execution_id=None,
-        step_key=None,
-        wait_for_subworkflow=False,
-        submitted_by="k",
     )
     return SubmissionEnvelope.model_validate_json(raw), raw
 
@@ -96,15 +86,25 @@ class Harness:
     def ref(self) -> int:
         return next(self.refs)
 
-    def flush(self, now: float = T0) -> list[Effect]:
-        """What one flush does: take the effects, write the ledger record, confirm it."""
-        effects = self.lc.take_effects()
-        write = self.lc.take_ledger(now)
-        if write is not None:
-            self._record(write)
-            effects += self.lc.on_ledger_written(write)
-        self.effects += effects
-        return effects
+    def flush(self, now: float = T0, *, announce: bool = True) -> list[Effect]:
+        """What the effector does until idle: take the effects, write the ledger record,
+        confirm it; confirm the events (unless ``announce`` is false), and again."""
+        out: list[Effect] = []
+        while True:
+            effects = self.lc.take_effects()
+            write = self.lc.take_ledger(now)
+            if write is not None:
+                self._record(write)
+                effects += self.lc.on_ledger_written(write)
+            if not effects and write is None:
+                break
+            out += effects
+            if announce:
+                self.lc.on_announced(
+                    e.execution for e in effects if isinstance(e, Emit) and e.terminal
+                )
+        self.effects += out
+        return out
 
     def _record(self, write: LedgerWrite) -> None:
         self.ledger.append(LedgerRecord.model_validate_json(write.body))
@@ -147,6 +147,29 @@ class Harness:
         self.lc.on_result(ref, result, now)
         return ref
 
+    def fail(
+        self,
+        n: int,
+        dispatch: str,
+        now: float,
+        *,
+        retry_in: float | None = None,
+        worker: str = "w1",
+        message: str = "boom",
+    ) -> int:
+        ref = self.ref()
+        failed = Failed(
+            execution_id=f"x{n}",
+            dispatch_id=dispatch,
+            worker_id=worker,
+            at="t",
+            started_at="s",
+            error=ErrorInfo(type="E", message=message),
+            retry_in=retry_in,
+        )
+        self.lc.on_result(ref, failed, now)
+        return ref
+
     # -- reading what it said --------------------------------------------------------------
 
     def dispatches(self) -> list[tuple[str, str]]:
@@ -170,6 +193,11 @@ class Harness:
             if isinstance(e, Emit) and e.execution.execution_id == f"x{n}" and e.status is status
         )
 
+    def events_of(self, n: int) -> list[Emit]:
+        return [
+            e for e in self.effects if isinstance(e, Emit) and e.execution.execution_id == f"x{n}"
+        ]
+
     def acked(self) -> set[int]:
         return {e.ref for e in self.effects if isinstance(e, Ack)}
 
@@ -178,6 +206,13 @@ class Harness:
             (e.execution.execution_id, e.reason, e.dispatch_id, e.worker_id)
             for e in self.effects
             if isinstance(e, SendCancel)
+        ]
+
+    def sent(self, n: int) -> list[Dispatch]:
+        return [
+            e
+            for e in self.effects
+            if isinstance(e, Dispatch) and e.execution.execution_id == f"x{n}"
         ]
 
     def dispatch_of(self, n: int) -> str:
@@ -661,3 +696,308 @@ def test_what_is_decided_while_a_record_is_on_its_way_waits_for_the_next_record(
     assert second is not None
     assert [e.execution.execution_id for e in following if isinstance(e, Dispatch)] == ["x2"]
     assert "x2" in second.body.decode()
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+
+def test_a_failed_run_asking_for_a_retry_waits_with_its_slot_then_goes_out_again() -> None:
+    h = Harness(limit=1)
+    h.submit(1)
+    h.submit(2)
+    h.flush()
+    report = h.fail(1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    assert report in h.acked()
+    assert h.events(1) == [S.ADMITTED, S.RUNNING]  # not failed: it is not over
+    retry = h.events_of(1)[-1]
+    assert (retry.retry_count, retry.retry_at, retry.dispatch_id) == (
+        0,
+        rfc3339(int((T0 + 6) * 1e9)),
+        "d1",
+    )
+    assert retry.error == ErrorInfo(type="E", message="boom")
+    entry = h.ledger[-1].entries[-1]
+    assert (entry.stage, entry.retry_at, entry.dispatch_id) == ("waiting_retry", T0 + 6, None)
+    assert h.lc.held == 1  # the slot stays held: x2 waits
+    h.lc.tick(T0 + 5.99)
+    h.flush(T0 + 5.99)
+    assert h.dispatches() == [("x1", "d1")]
+    assert h.lc.next_wakeup() == T0 + 6
+    h.lc.tick(T0 + 6)
+    h.flush(T0 + 6)
+    again = h.sent(1)[-1]
+    assert (again.dispatch_id, again.count, again.retry_count) == ("d2", 2, 1)
+    assert h.events(1) == [S.ADMITTED, S.RUNNING]  # a retry is no new admission
+    assert h.ledger[-1].entries[-1].retry_count == 1
+    h.fail(1, "d2", T0 + 7, retry_in=1)
+    h.lc.tick(T0 + 8)
+    h.complete(1, "d3", T0 + 9)
+    h.flush(T0 + 9)
+    assert h.events(1)[-1] is S.COMPLETED
+    assert h.emitted(1, S.COMPLETED).execution.retries == 2
+    assert h.dispatches()[-1] == ("x2", "d4")  # only now
+
+
+def test_a_failed_run_without_a_retry_or_out_of_time_for_one_ends_failed_at_once() -> None:
+    h = Harness()
+    h.submit(1)
+    h.submit(2, timeout=10)
+    h.flush()
+    h.fail(1, "d1", T0 + 1)  # its policy has no retry left (or it raised NonRetryableError)
+    h.fail(2, "d2", T0 + 6, retry_in=4)  # due exactly at the deadline: none
+    h.flush(T0 + 6)
+    assert h.events(1) == [S.ADMITTED, S.FAILED]
+    assert h.events(2) == [S.ADMITTED, S.FAILED]
+    assert h.emitted(2, S.FAILED).error == ErrorInfo(type="E", message="boom")
+    assert h.lc.held == 0
+    assert h.dispatches() == [("x1", "d1"), ("x2", "d2")]
+
+
+def test_a_waiting_retry_keeps_its_key_so_a_duplicate_is_still_deduplicated() -> None:
+    h = Harness(limit=2)
+    h.submit(1, key="k")
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    h.submit(2, T0 + 2, key="k")
+    h.flush(T0 + 2)
+    assert h.events(2) == [S.DEDUPLICATED]
+    assert h.emitted(2, S.DEDUPLICATED).duplicate_of == "x1"
+
+
+def test_a_cancel_during_the_retry_wait_ends_it_and_the_retry_never_goes_out() -> None:
+    h = Harness(limit=1)
+    h.submit(1)
+    h.submit(2)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    _cancel(h, 1, T0 + 2, seen=S.RUNNING)
+    h.flush(T0 + 2)
+    assert h.events(1) == [S.ADMITTED, S.RUNNING, S.CANCELLED]
+    assert h.dispatches() == [("x1", "d1"), ("x2", "d2")]  # its slot went to x2 at once
+    h.lc.tick(T0 + 6)
+    h.flush(T0 + 6)
+    assert len(h.sent(1)) == 1
+    assert h.ledger[-1].entries[-1].stage in ("ended", "dispatched")
+
+
+def test_the_deadline_ends_a_retry_wait_its_owner_was_late_for() -> None:
+    # The retry was due before the deadline, but the owner (stalled, or a takeover
+    # after both) looks only once both passed: the deadline wins, nothing goes out.
+    h = Harness()
+    h.submit(1, timeout=10)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    h.lc.tick(T0 + 12)
+    h.flush(T0 + 12)
+    assert h.events(1) == [S.ADMITTED, S.RUNNING, S.TIMED_OUT]
+    assert h.emitted(1, S.TIMED_OUT).execution.retries == 0  # the retry never began
+    assert h.dispatches() == [("x1", "d1")]
+    assert h.lc.held == 0
+    b = Harness()
+    b.submit(1, timeout=10)
+    b.flush()
+    b.fail(1, "d1", T0 + 1, retry_in=5)
+    b.flush(T0 + 1)
+    c = b.successor(T0 + 11)
+    c.lc.tick(T0 + 11)
+    c.flush(T0 + 11)
+    assert c.events(1) == [S.TIMED_OUT]
+    assert c.dispatches() == []
+
+
+def test_a_retry_survives_a_takeover_and_goes_out_when_its_owner_set_it() -> None:
+    h = Harness(limit=1)
+    h.submit(1)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    b = h.successor(T0 + 2)
+    assert b.lc.held == 1
+    assert b.lc.executions["x1"].stage is Stage.WAITING_RETRY
+    b.submit(1, T0 + 2, attempt=1)  # its held submission, returned
+    b.submit(2, T0 + 2)
+    b.flush(T0 + 2)
+    assert b.dispatches() == []
+    b.lc.tick(T0 + 6)
+    b.flush(T0 + 6)
+    assert [(d.dispatch_id, d.retry_count) for d in b.sent(1)] == [("d1", 1)]
+    assert b.lc.held == 1
+
+
+def test_a_retry_due_before_its_submission_is_back_goes_out_once_it_is() -> None:
+    h = Harness()
+    h.submit(1)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    h.flush(T0 + 1)
+    b = h.successor(T0 + 10)  # the retry was due while nobody owned the queue
+    b.lc.tick(T0 + 10)
+    b.flush(T0 + 10)
+    assert b.dispatches() == []  # nothing to send yet: the envelope is in the broker
+    b.submit(1, T0 + 11, attempt=1)
+    b.flush(T0 + 11)
+    assert [(d.count, d.retry_count) for d in b.sent(1)] == [(2, 1)]
+    b.complete(1, b.dispatch_of(1), T0 + 12)
+    b.flush(T0 + 12)
+    assert b.events(1)[-1] is S.COMPLETED
+
+
+def test_late_reports_of_the_failed_run_change_nothing() -> None:
+    h = Harness()
+    h.submit(1)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    again = h.fail(1, "d1", T0 + 2, retry_in=5)  # its report, published twice
+    h.heartbeat(1, "d1", T0 + 2)  # a second copy of d1, still running somewhere
+    h.flush(T0 + 2)
+    assert again in h.acked()
+    # The same retry announced again (the store keeps it once), nothing else changes.
+    first, repeat = h.events_of(1)[1:]
+    assert (repeat.status, repeat.retry_count, repeat.retry_at) == (
+        first.status,
+        first.retry_count,
+        first.retry_at,
+    )
+    assert h.lc.executions["x1"].retry_at == T0 + 6
+    assert h.cancels() == [("x1", "superseded", "d1", "w1")]
+    h.lc.tick(T0 + 6)
+    late = h.complete(1, "d1", T0 + 7)
+    h.flush(T0 + 7)
+    assert late in h.acked()
+    assert h.events(1) == [S.ADMITTED, S.RUNNING, S.RUNNING]
+    assert h.dispatch_of(1) == "d2"
+    h.complete(1, "d2", T0 + 8)
+    h.flush(T0 + 8)
+    assert h.events(1)[-1] is S.COMPLETED
+
+
+# -- an end is recorded only once its event is out ----------------------------------------
+
+
+def _ended(record: LedgerRecord) -> set[str]:
+    return {e.execution_id for e in record.entries if e.stage == "ended"}
+
+
+def test_an_end_is_recorded_and_settled_only_after_its_terminal_event_is_confirmed() -> None:
+    h = Harness(limit=2)
+    h.submit(1)
+    h.flush()
+    h.heartbeat(1, "d1", T0 + 1)
+    h.flush(T0 + 1)
+    result = h.complete(1, "d1", T0 + 2)
+    h.flush(T0 + 2, announce=False)
+    assert h.events(1) == [S.ADMITTED, S.RUNNING, S.COMPLETED]
+    assert h.lc.held == 0  # the slot is free at once
+    assert {h.submissions["x1"], result}.isdisjoint(h.acked())
+    # A checkpoint meanwhile still names it as running, not as ended.
+    h.lc.tick(T0 + HOLD)
+    h.flush(T0 + HOLD, announce=False)
+    assert h.ledger[-1].checkpoint
+    assert [(e.execution_id, e.stage) for e in h.ledger[-1].entries] == [("x1", "running")]
+    # Confirmed: the end goes into the next record, the deliveries behind it.
+    h.lc.on_announced([h.emitted(1, S.COMPLETED).execution])
+    assert h.lc.take_effects() == []
+    write = h.lc.take_ledger(T0 + HOLD + 1)
+    assert write is not None
+    assert _ended(LedgerRecord.model_validate_json(write.body)) == {"x1"}
+    assert set(write.settles) == {h.submissions["x1"], result}
+    assert set(h.lc.on_ledger_written(write)) == {Ack(h.submissions["x1"]), Ack(result)}
+
+
+def test_an_owner_lost_before_its_terminal_event_is_out_leaves_the_run_to_the_next_one() -> None:
+    h = Harness(limit=1)
+    h.submit(1)
+    h.flush()
+    h.heartbeat(1, "d1", T0 + 1)
+    h.flush(T0 + 1)
+    h.complete(1, "d1", T0 + 2)
+    h.flush(T0 + 2, announce=False)  # the broker never took the event; the session ends
+    assert not any(_ended(r) for r in h.ledger)
+    b = h.successor(T0 + 3)
+    assert b.lc.held == 1  # counted in flight until told again: never over the limit
+    b.submit(1, T0 + 3, attempt=1)
+    again = b.complete(1, "d1", T0 + 3)  # the result, redelivered
+    b.flush(T0 + 3)
+    assert b.events(1) == [S.COMPLETED]
+    assert {b.submissions["x1"], again} <= b.acked()
+    assert b.dispatches() == []
+    assert _ended(b.ledger[-1]) == {"x1"}
+
+
+def test_a_duplicate_whose_event_is_lost_is_decided_again_by_the_next_owner() -> None:
+    h = Harness(limit=1)
+    h.submit(1, key="k")
+    h.submit(2, key="k")
+    h.flush(announce=False)
+    assert h.events(2) == [S.DEDUPLICATED]
+    assert h.submissions["x2"] not in h.acked()
+    b = h.successor(T0 + 1)
+    b.submit(2, T0 + 1, key="k", attempt=1)
+    b.flush(T0 + 1)
+    # x1 still holds the key in the ledger: the same decision, this time settled.
+    assert b.emitted(2, S.DEDUPLICATED).duplicate_of == "x1"
+    assert b.submissions["x2"] in b.acked()
+
+
+def test_a_retry_whose_event_died_with_its_owner_is_announced_by_the_next_one() -> None:
+    h = Harness()
+    h.submit(1)
+    h.flush()
+    h.fail(1, "d1", T0 + 1, retry_in=5)
+    # The record is out; the owner dies before the event (and the report's ack, which
+    # the effector sends behind it) are.
+    h.flush(T0 + 1, announce=False)
+    b = h.successor(T0 + 2)
+    b.fail(1, "d1", T0 + 2, retry_in=5)  # its report, redelivered
+    b.flush(T0 + 2)
+    [retry] = b.events_of(1)
+    assert (retry.status, retry.retry_count, retry.dispatch_id) == (S.RUNNING, 0, "d1")
+    assert retry.retry_at == rfc3339(int((T0 + 6) * 1e9))  # when the first owner set it
+    assert retry.error == ErrorInfo(type="E", message="boom")
+    b.lc.tick(T0 + 6)
+    b.flush(T0 + 6)
+    assert [(d.count, d.retry_count) for d in b.sent(1)] == []  # its submission is not back
+    b.submit(1, T0 + 7, attempt=1)
+    b.flush(T0 + 7)
+    assert [(d.count, d.retry_count) for d in b.sent(1)] == [(2, 1)]
+
+
+def test_a_dispatch_a_dead_owner_may_not_have_sent_keeps_its_lease_through_later_takeovers() -> (
+    None
+):
+    # The first owner dies between its record and its work. The second rebuilds it with a
+    # lease, writes it into its own records and dies too, its last record naming others.
+    h = Harness(limit=2)
+    h.submit(1)
+    h.flush()
+    b = h.successor(T0 + 1)
+    b.submit(1, T0 + 1, attempt=1)
+    b.flush(T0 + 1)  # its checkpoint names x1, still unsent
+    b.submit(2, T0 + 2)
+    b.flush(T0 + 2)
+    assert [e.execution_id for e in b.ledger[-1].entries] == ["x2"]
+    c = b.successor(T0 + 3)
+    c.submit(1, T0 + 3, attempt=2)
+    c.lc.tick(T0 + 3 + LEASE - 1)
+    c.flush(T0 + 3 + LEASE - 1)
+    assert c.dispatches() == []
+    c.lc.tick(T0 + 3 + LEASE)
+    c.flush(T0 + 3 + LEASE)
+    # Nobody reported it within the lease: dispatched again, with a new id.
+    assert [x for x, _ in c.dispatches()] == ["x1"]
+    assert [e.count for e in c.effects if isinstance(e, Dispatch)] == [2]
+
+
+def test_a_reported_dispatch_is_no_longer_unsure_for_the_next_owner() -> None:
+    h = Harness(limit=2)
+    h.submit(1)
+    h.flush()
+    b = h.successor(T0 + 1)
+    b.submit(1, T0 + 1, attempt=1)
+    b.heartbeat(1, "d1", T0 + 2)
+    b.flush(T0 + 2)
+    assert not any(e.unsent for r in b.ledger for e in r.entries if e.stage == "running")
+    assert b.events(1) == [S.RUNNING]

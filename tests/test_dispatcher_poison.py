@@ -10,8 +10,8 @@ from broker.deadletter import REASON_HEADER
 from broker.publisher import ConfirmedPublisher
 from schemas.dispatch import ExecutionStatus
 from schemas.topology import results_queue, submit_queue
-from tests.conftest import DispatcherFactory, queue_depth
-from tests.dispatcher_support import EventLog, Probe, QueueKit, in_flight_per_ledger, probe_worker
+from tests.conftest import DispatcherFactory, ProbeFactory, queue_depth
+from tests.dispatcher_support import EventLog, QueueKit, in_flight_per_ledger
 from tests.worker_harness import take_dead_letters
 
 S = ExecutionStatus
@@ -35,38 +35,33 @@ async def test_undecodable_submission_and_result_are_dead_lettered_once(
     queue_kit: QueueKit,
     event_log: EventLog,
     make_dispatcher: DispatcherFactory,
+    start_probe: ProbeFactory,
     amqp: AbstractConnection,
-    amqp_url: str,
     uid: str,
 ) -> None:
     await queue_kit.declare("q", limit=1)
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe)
-    await worker.start()
-    try:
-        dispatcher = await make_dispatcher()
-        await queue_kit.publish_raw("q", b"\x00not json")
-        await queue_kit.publish_raw("q", b'{"type": "submission", "execution_id": 42}')
-        good = await queue_kit.submit("q", {"seconds": 0.05})
-        assert (await event_log.wait_terminal([good]))[good].status is S.COMPLETED
-        publisher = ConfirmedPublisher(amqp, confirm_timeout=5.0, channels=1)
-        await publisher.start()
-        await publisher.publish(results_queue(uid, "q"), b'{"type": "bogus"}', message_id="x")
-        await publisher.close()
+    probe = await start_probe()
+    dispatcher = await make_dispatcher()
+    await queue_kit.publish_raw("q", b"\x00not json")
+    await queue_kit.publish_raw("q", b'{"type": "submission", "execution_id": 42}')
+    good = await queue_kit.submit("q", {"seconds": 0.05})
+    assert (await event_log.wait_terminal([good]))[good].status is S.COMPLETED
+    publisher = ConfirmedPublisher(amqp, confirm_timeout=5.0, channels=1)
+    await publisher.start()
+    await publisher.publish(results_queue(uid, "q"), b'{"type": "bogus"}', message_id="x")
+    await publisher.close()
 
-        dead = await dead_letters(amqp, submit_queue(uid, "q"), 2)
-        assert sorted(m.body for m in dead) == [
-            b"\x00not json",
-            b'{"type": "submission", "execution_id": 42}',
-        ]
-        assert all("undecodable submission" in str(m.headers[REASON_HEADER]) for m in dead)
-        [result] = await dead_letters(amqp, results_queue(uid, "q"), 1)
-        assert result.body == b'{"type": "bogus"}'
-        await dispatcher.stop()
-        assert await dead_letters(amqp, submit_queue(uid, "q"), 0, timeout=1.0) == []
-        # Acknowledged after being kept: nothing comes back to be tried again.
-        assert await queue_depth(amqp, submit_queue(uid, "q")) == 0
-        assert await in_flight_per_ledger(amqp, results_queue(uid, "q")) == set()
-        assert probe.runs == [good]
-    finally:
-        await worker.stop(drain_timeout=0)
+    dead = await dead_letters(amqp, submit_queue(uid, "q"), 2)
+    assert sorted(m.body for m in dead) == [
+        b"\x00not json",
+        b'{"type": "submission", "execution_id": 42}',
+    ]
+    assert all("undecodable submission" in str(m.headers[REASON_HEADER]) for m in dead)
+    [result] = await dead_letters(amqp, results_queue(uid, "q"), 1)
+    assert result.body == b'{"type": "bogus"}'
+    await dispatcher.stop()
+    assert await dead_letters(amqp, submit_queue(uid, "q"), 0, timeout=1.0) == []
+    # Acknowledged after being kept: nothing comes back to be tried again.
+    assert await queue_depth(amqp, submit_queue(uid, "q")) == 0
+    assert await in_flight_per_ledger(amqp, results_queue(uid, "q")) == set()
+    assert probe.runs == [good]

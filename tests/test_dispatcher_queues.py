@@ -3,26 +3,20 @@ window and limit; memory follows the window, never the backlog."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
 from schemas.topology import submit_queue
-from tests.conftest import DispatcherFactory, queue_depth
-from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker, until
+from tests.conftest import DispatcherFactory, ProbeFactory, queue_depth
+from tests.dispatcher_support import EventLog, Probe, QueueKit, until
 
 S = ExecutionStatus
 
 
 @pytest.fixture
-async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe, concurrency=64)
-    await worker.start()
-    yield probe
-    await worker.stop(drain_timeout=0)
+async def probe(start_probe: ProbeFactory) -> Probe:
+    return await start_probe(concurrency=64)
 
 
 async def test_each_of_many_queues_sharing_channels_keeps_its_own_limit(

@@ -23,8 +23,8 @@ from schemas.dispatch import (
 )
 from schemas.ids import now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, work_queue
-from tests.conftest import DispatcherFactory
-from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
+from tests.conftest import DispatcherFactory, ProbeFactory
+from tests.dispatcher_support import EventLog, QueueKit
 
 S = ExecutionStatus
 
@@ -37,33 +37,27 @@ async def test_timed_out_execution_ends_within_a_second_and_its_task_is_cancelle
     queue_kit: QueueKit,
     event_log: EventLog,
     make_dispatcher: DispatcherFactory,
-    amqp_url: str,
-    uid: str,
+    start_probe: ProbeFactory,
 ) -> None:
     await queue_kit.declare("q", limit=1)
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe)
-    await worker.start()
-    try:
-        await make_dispatcher()
-        slow = await queue_kit.submit("q", {"seconds": 30}, run_timeout=1)
-        nxt = await queue_kit.submit("q", {"seconds": 0.05})
+    probe = await start_probe()
+    await make_dispatcher()
+    slow = await queue_kit.submit("q", {"seconds": 30}, run_timeout=1)
+    nxt = await queue_kit.submit("q", {"seconds": 0.05})
 
-        timed_out = await event_log.wait_status(slow, S.TIMED_OUT, timeout=5)
-        # Events say when the owner decided: admitted, then timed out a second later.
-        admitted = event_log.first(slow, S.ADMITTED)
-        took = _seconds(timed_out.at) - _seconds(admitted.at)
-        assert 1.0 <= took <= 2.0
-        assert event_log.arrival(slow, S.TIMED_OUT) - event_log.arrival(slow, S.ADMITTED) <= 2.0
-        assert timed_out.error is not None
-        assert (await event_log.wait_terminal([nxt]))[nxt].status is S.COMPLETED
-        await event_log.wait_for(lambda: slow in probe.cancelled, what="the task cancelled")
-        assert not probe.running
-        # A late report from the worker changes nothing.
-        await asyncio.sleep(0.3)
-        assert event_log.statuses(slow) == [S.ADMITTED, S.RUNNING, S.TIMED_OUT]
-    finally:
-        await worker.stop(drain_timeout=0)
+    timed_out = await event_log.wait_status(slow, S.TIMED_OUT, timeout=5)
+    # Events say when the owner decided: admitted, then timed out a second later.
+    admitted = event_log.first(slow, S.ADMITTED)
+    took = _seconds(timed_out.at) - _seconds(admitted.at)
+    assert 1.0 <= took <= 2.0
+    assert event_log.arrival(slow, S.TIMED_OUT) - event_log.arrival(slow, S.ADMITTED) <= 2.0
+    assert timed_out.error is not None
+    assert (await event_log.wait_terminal([nxt]))[nxt].status is S.COMPLETED
+    await event_log.wait_for(lambda: slow in probe.cancelled, what="the task cancelled")
+    assert not probe.running
+    # A late report from the worker changes nothing.
+    await asyncio.sleep(0.3)
+    assert event_log.statuses(slow) == [S.ADMITTED, S.RUNNING, S.TIMED_OUT]
 
 
 class StuckWorker:

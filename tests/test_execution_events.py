@@ -146,6 +146,28 @@ async def test_an_idle_stream_gets_keepalives_and_ends_with_a_cancel(system: Sys
     await system.client.post(f"/api/v1/executions/{holder}/cancel", headers=system.headers)
 
 
+async def test_a_retried_run_streams_each_failed_run_then_its_end(system: System) -> None:
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    holder = await system.submit(
+        "sleep", payload={"seconds": 0.5}, queue_name=queue, queue_concurrency_limit=1
+    )
+    await system.events.wait_status(holder, S.RUNNING)
+    flaky = await system.submit("flaky", payload=None, queue_name=queue)
+    await system.wait_status(flaky, "queued")
+    response = await open_stream(system, flaky)
+    stream = Stream()
+    async with asyncio.timeout(10):
+        await read_stream(response, stream)
+
+    assert stream.statuses[-1] == "completed"
+    retries = [(i, data) for _, i, data in stream.events if data.get("retry_at")]
+    [(event_id, retry)] = retries
+    assert event_id == f"{flaky}/retry/0"
+    assert (retry["status"], retry["retry_count"]) == ("running", 0)
+    assert retry["error"]["message"] == "run 1 lost its link"
+    assert stream.events[-1][2]["retry_count"] == 1
+
+
 async def test_a_client_that_leaves_takes_its_subscription_with_it(system: System) -> None:
     queue = f"q-{uuid.uuid4().hex[:6]}"
     holder = await system.submit(

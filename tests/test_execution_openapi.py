@@ -14,6 +14,7 @@ import yaml
 from gateway.app import create_app
 from gateway.context import APP_OPENAPI
 from gateway.settings import Settings
+from tests.conftest import openapi_refs, resolve_ref
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "tests" / "spec" / "submit-workflow.openapi.yaml"
@@ -42,26 +43,10 @@ def _operations() -> list[tuple[str, str]]:
     return [(path, method) for path, ops in _document()["paths"].items() for method in ops]
 
 
-def _refs(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
-        return found + [ref for value in node.values() for ref in _refs(value)]
-    if isinstance(node, list):
-        return [ref for value in node for ref in _refs(value)]
-    return []
-
-
-def _resolve(document: dict[str, Any], ref: str) -> Any:
-    node: Any = document
-    for part in ref.removeprefix("#/").split("/"):
-        node = node[part]
-    return node
-
-
 def test_every_reference_resolves() -> None:
     document = _document()
-    for ref in _refs(document):
-        assert _resolve(document, ref) is not None, ref
+    for ref in openapi_refs(document):
+        assert resolve_ref(document, ref) is not None, ref
 
 
 def test_the_description_has_exactly_the_routes_the_app_serves() -> None:
@@ -129,7 +114,7 @@ def test_the_event_stream_is_described_per_event_with_its_data_schemas() -> None
         "lifecycle": "#/components/schemas/LifecycleEvent",
     }
     for ref in events.values():
-        assert _resolve(document, ref)["properties"]
+        assert resolve_ref(document, ref)["properties"]
 
 
 def test_submit_workflow_is_the_polos_operation() -> None:
@@ -145,8 +130,8 @@ def test_submit_workflow_is_the_polos_operation() -> None:
     assert [p for p in ours["parameters"] if p not in extension] == theirs["parameters"]
     assert [p["required"] for p in extension] == [False]
     assert ours["requestBody"]["required"] is True
-    assert _refs(ours["requestBody"]) == _refs(theirs["requestBody"])
-    assert _refs(ours["responses"]["200"]) == _refs(theirs["responses"]["200"])
+    assert openapi_refs(ours["requestBody"]) == openapi_refs(theirs["requestBody"])
+    assert openapi_refs(ours["responses"]["200"]) == openapi_refs(theirs["responses"]["200"])
     assert set(theirs["responses"]) <= set(ours["responses"])
     schemas = _document()["components"]["schemas"]
     for name in ("SubmitWorkflowRequest", "SubmitWorkflowResponse"):

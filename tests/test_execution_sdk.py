@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from schemas.dispatch import ExecutionStatus
 from tests.dispatcher_support import until
-from tests.execution_support import System, running_system
+from tests.execution_support import System, running_system, sdk_client
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 async def system(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
     async with running_system(amqp_url, tmp_path_factory.mktemp("sdk")) as running:
         yield running
-
-
-def sdk_client(system: System) -> Any:
-    from polos.runtime.client import PolosClient
-
-    return PolosClient(
-        api_url=str(system.client.make_url("")).rstrip("/"),
-        api_key=system.tenant.api_key,
-        project_id=system.project,
-    )
 
 
 async def poll(handle: Any, client: Any, *statuses: str, timeout: float = 10.0) -> dict[str, Any]:

@@ -76,6 +76,24 @@ async def test_a_failed_execution_has_the_error_as_polos_sends_it(system: System
     assert "Traceback" in record["error_details"]["traceback"]
 
 
+async def test_a_retried_execution_shows_its_retry_count_and_each_failed_runs_error(
+    system: System,
+) -> None:
+    execution_id = await system.submit("flaky", payload=None)
+    record = await system.wait_status(execution_id, "completed")
+    assert record["result"] == {"retry_count": 1}
+    assert record["retry_count"] == 1
+    assert record["error"] is None
+    [failure] = record["attempt_errors"]
+    assert failure["attempt"] == 1
+    assert failure["error"] == "ConnectionError: run 1 lost its link"
+    assert "Traceback" in failure["error_details"]["traceback"]
+    assert record["started_at"] <= failure["at"] <= failure["retry_at"] <= record["completed_at"]
+    listing = await system.client.get("/api/v1/workflows/flaky/runs", headers=system.headers)
+    [row] = (await listing.json())["executions"]
+    assert (row["id"], row["retry_count"], len(row["attempt_errors"])) == (execution_id, 1, 1)
+
+
 async def test_unknown_execution_is_404_and_a_malformed_id_is_400(system: System) -> None:
     unknown = await system.client.get(f"/api/v1/executions/{uuid.uuid4()}", headers=system.headers)
     await assert_error(unknown, 404, "EXECUTION_NOT_FOUND")

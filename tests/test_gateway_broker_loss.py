@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from aio_pika.abc import AbstractConnection
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
@@ -70,25 +71,50 @@ async def _until_ready_is(client: Client, status: int, *, within: float) -> None
             await asyncio.sleep(0.02)
 
 
-async def test_broker_loss_answers_503_fast_then_recovers_without_restart(
+ProxiedGateway = Callable[..., Awaitable[tuple[Client, str]]]
+
+
+@pytest.fixture
+def proxied_gateway(
     make_gateway: GatewayFactory,
     tenant: Tenant,
     register: Register,
-    amqp: AbstractConnection,
     amqp_url: str,
     broker_proxy: TcpProxy,
     delete_queues: Callable[[str], None],
+) -> ProxiedGateway:
+    """``await proxied_gateway(*queues, **settings)``: the tenant's ``hello`` workflow
+    registered, a gateway reaching the broker through ``broker_proxy`` (reconnecting
+    every 0.2 s) and one submission it accepted (its execution id); ``hello``'s and
+    ``queues``' submission queues are deleted at the end."""
+
+    async def _start(*queues: str, **settings: Any) -> tuple[Client, str]:
+        await register(tenant.project_id, "v1", ["hello"])
+        client = await make_gateway(
+            amqp_url=SecretStr(broker_proxy.url(amqp_url)),
+            reconnect_interval_seconds=0.2,
+            **settings,
+        )
+        for queue in ("hello", *queues):
+            delete_queues(submit_queue(tenant.project_id, queue))
+        response, _ = await _submit(client, tenant)
+        assert response.status == 200
+        execution_id: str = (await response.json())["execution_id"]
+        return client, execution_id
+
+    return _start
+
+
+async def test_broker_loss_answers_503_fast_then_recovers_without_restart(
+    proxied_gateway: ProxiedGateway,
+    tenant: Tenant,
+    register: Register,
+    amqp: AbstractConnection,
+    broker_proxy: TcpProxy,
 ) -> None:
-    await register(tenant.project_id, "v1", ["hello"])
-    client = await make_gateway(
-        amqp_url=SecretStr(broker_proxy.url(amqp_url)), reconnect_interval_seconds=0.2
-    )
+    client, first = await proxied_gateway("new-during-outage", "later")
     hello = submit_queue(tenant.project_id, "hello")
-    for queue in ("hello", "new-during-outage", "later"):
-        delete_queues(submit_queue(tenant.project_id, queue))
-    response, _ = await _submit(client, tenant)
-    assert response.status == 200
-    accepted = [(await response.json())["execution_id"]]
+    accepted = [first]
 
     broker_proxy.cut()
     # At once, and for as long as the outage lasts: an existing queue and one
@@ -120,22 +146,9 @@ async def test_broker_loss_answers_503_fast_then_recovers_without_restart(
 
 
 async def test_submissions_in_flight_when_the_broker_goes_answer_503_at_once(
-    make_gateway: GatewayFactory,
-    tenant: Tenant,
-    register: Register,
-    amqp_url: str,
-    broker_proxy: TcpProxy,
-    delete_queues: Callable[[str], None],
+    proxied_gateway: ProxiedGateway, tenant: Tenant, broker_proxy: TcpProxy
 ) -> None:
-    await register(tenant.project_id, "v1", ["hello"])
-    client = await make_gateway(
-        amqp_url=SecretStr(broker_proxy.url(amqp_url)),
-        reconnect_interval_seconds=0.2,
-        confirm_timeout_seconds=10,
-    )
-    delete_queues(submit_queue(tenant.project_id, "hello"))
-    response, _ = await _submit(client, tenant)
-    assert response.status == 200
+    client, _ = await proxied_gateway(confirm_timeout_seconds=10)
 
     broker_proxy.hold()  # published, but no confirm comes back
     in_flight = [asyncio.create_task(_submit(client, tenant)) for _ in range(5)]
@@ -151,23 +164,9 @@ async def test_submissions_in_flight_when_the_broker_goes_answer_503_at_once(
 
 
 async def test_no_confirm_in_time_is_503(
-    make_gateway: GatewayFactory,
-    tenant: Tenant,
-    register: Register,
-    amqp_url: str,
-    broker_proxy: TcpProxy,
-    delete_queues: Callable[[str], None],
+    proxied_gateway: ProxiedGateway, tenant: Tenant, broker_proxy: TcpProxy
 ) -> None:
-    await register(tenant.project_id, "v1", ["hello"])
-    client = await make_gateway(
-        amqp_url=SecretStr(broker_proxy.url(amqp_url)),
-        reconnect_interval_seconds=0.2,
-        confirm_timeout_seconds=0.5,
-    )
-    for queue in ("hello", "first-use"):
-        delete_queues(submit_queue(tenant.project_id, queue))
-    response, _ = await _submit(client, tenant)
-    assert response.status == 200
+    client, _ = await proxied_gateway("first-use", confirm_timeout_seconds=0.5)
 
     broker_proxy.hold()
     # A queue already declared waits for its confirm; a queue used for the first

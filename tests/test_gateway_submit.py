@@ -30,7 +30,9 @@ from tests.conftest import (
     assert_error,
     detail_fields,
     new_tenant,
+    openapi_refs,
     queue_depth,
+    resolve_ref,
     running_gateway,
     take_messages,
 )
@@ -344,23 +346,6 @@ async def test_health_and_ready(world: World) -> None:
     assert await ready.json() == {"status": "ready"}
 
 
-def _refs(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
-        return found + [ref for value in node.values() for ref in _refs(value)]
-    if isinstance(node, list):
-        return [ref for value in node for ref in _refs(value)]
-    return []
-
-
-def _resolve(document: dict[str, Any], ref: str) -> Any:
-    assert ref.startswith("#/"), ref
-    node: Any = document
-    for part in ref[2:].split("/"):
-        node = node[part]
-    return node
-
-
 async def test_openapi_describes_the_submit_operation(world: World) -> None:
     response = await world.client.get("/openapi.json")
 
@@ -370,8 +355,8 @@ async def test_openapi_describes_the_submit_operation(world: World) -> None:
     assert document["openapi"].startswith("3.1")
     assert document["info"]["title"]
     assert document["info"]["version"]
-    for ref in _refs(document):
-        assert _resolve(document, ref) is not None, ref
+    for ref in openapi_refs(document):
+        assert resolve_ref(document, ref) is not None, ref
     operation = document["paths"]["/api/v1/workflows/{workflow_id}/run"]["post"]
     assert operation["operationId"] == "submit_workflow"
     assert {p["name"] for p in operation["parameters"]} == {
@@ -382,7 +367,7 @@ async def test_openapi_describes_the_submit_operation(world: World) -> None:
     for status in ("200", "400", "401", "403", "404", "409", "413", "415", "422", "429", "503"):
         assert status in operation["responses"], status
     request_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-    request = _resolve(document, request_ref)
+    request = resolve_ref(document, request_ref)
     # Every field of the Polos SubmitWorkflowRequest, payload required.
     assert set(request["properties"]) == {
         "payload",
@@ -402,7 +387,7 @@ async def test_openapi_describes_the_submit_operation(world: World) -> None:
     }
     assert request["required"] == ["payload"]
     ok_ref = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
-    assert set(_resolve(document, ok_ref)["required"]) == {"execution_id", "created_at"}
+    assert set(resolve_ref(document, ok_ref)["required"]) == {"execution_id", "created_at"}
     assert {"bearer_auth", "cookie_auth"} <= set(document["components"]["securitySchemes"])
 
 

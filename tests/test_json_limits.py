@@ -25,7 +25,7 @@ from schemas.dispatch import (
     encode_queued_event,
     encode_work,
 )
-from schemas.envelope import decode_submission, encode_submission
+from schemas.envelope import decode_submission
 from schemas.limits import (
     MAX_BODY_BYTES_CAP,
     MAX_INT,
@@ -36,6 +36,7 @@ from schemas.limits import (
     ORJSON_READ_DEPTH,
     nests_deeper,
 )
+from tests.envelopes import make_submission
 
 
 def nested(depth: int) -> Any:
@@ -47,26 +48,11 @@ def nested(depth: int) -> Any:
 
 
 def _envelope(payload: Any = None, initial_state: Any = None) -> bytes:
-    return encode_submission(
+    return make_submission(
         execution_id="0190b6c5-2b1a-7c3d-8e4f-000000000001",
         created_at="2026-01-01T00:00:00.000000Z",
-        project_id="p",
-        workflow_id="w",
-        deployment_id="v1",
-        queue_name="q",
-        queue_concurrency_limit=None,
-        concurrency_key=None,
-        run_timeout_seconds=60,
         payload=payload,
         initial_state=initial_state,
-        session_id="s",
-        user_id=None,
-        otel_traceparent=None,
-        parent_execution_id=None,
-        root_execution_id=None,
-        step_key=None,
-        wait_for_subworkflow=False,
-        submitted_by="k",
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -69,7 +70,10 @@ async def off_loop(call: Callable[..., T], *args: Any) -> T:
 
 
 def _wait(driver: webdriver.Chrome, condition: Callable[[Any], Any], seconds: float = 15) -> Any:
-    return WebDriverWait(driver, seconds, poll_frequency=0.1).until(condition)
+    # An element the page redrew meanwhile is looked for again at the next poll.
+    return WebDriverWait(
+        driver, seconds, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition)
 
 
 async def test_the_page_shows_a_queue_and_an_execution_changing_live(
@@ -89,13 +93,16 @@ async def test_the_page_shows_a_queue_and_an_execution_changing_live(
     execution_id = await system.submit("sleep", queue_name="ui", payload={"seconds": 8})
 
     def queue_shown() -> list[str]:
-        row = _wait(
-            browser,
-            lambda d: d.find_element(By.CSS_SELECTOR, f'#queues tr[data-queue="{project}/ui"]'),
-        )
-        # The owner's status arrives within its interval: holding 1, an owner named.
-        _wait(browser, lambda d: row.find_elements(By.TAG_NAME, "td")[3].text.startswith("1"))
-        return [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+        # Cells read in one go each time: the page redraws the row on every status.
+        selector = f'#queues tr[data-queue="{project}/ui"] td'
+
+        def shown(d: webdriver.Chrome) -> list[str] | None:
+            texts = [td.text for td in d.find_elements(By.CSS_SELECTOR, selector)]
+            # The owner's status arrives within its interval: holding 1, an owner named.
+            return texts if len(texts) > 5 and texts[3].startswith("1") else None
+
+        cells: list[str] = _wait(browser, shown)
+        return cells
 
     cells = await off_loop(queue_shown)
     assert cells[:3] == [project, "ui", "∞"]

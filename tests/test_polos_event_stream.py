@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from schemas.dispatch import ExecutionStatus
 from tests.conftest import assert_error, running_gateway
-from tests.execution_support import System, running_system
+from tests.execution_support import System, running_system, sdk_client
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -27,16 +27,6 @@ async def system(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
     async with running_system(amqp_url, tmp_path_factory.mktemp("stream")) as running:
         running.queues.update({"echo", "sleep", "fail"})
         yield running
-
-
-def sdk_client(system: System) -> Any:
-    from polos.runtime.client import PolosClient
-
-    return PolosClient(
-        api_url=str(system.client.make_url("")).rstrip("/"),
-        api_key=system.tenant.api_key,
-        project_id=system.project,
-    )
 
 
 async def sdk_stream(system: System, workflow: str, run_id: str, **cursor: Any) -> list[Any]:

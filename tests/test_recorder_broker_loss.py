@@ -6,21 +6,18 @@ import asyncio
 
 from aio_pika.abc import AbstractConnection
 
-from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
-from tests.conftest import queue_depth
+from tests.conftest import has_depth
 from tests.proxy import TcpProxy
 from tests.redis_proxy import redis_proxy
-from tests.store_support import RecorderFactory, Run, eventually, publish_events, redis_host_port
-
-
-async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
-    done = 0
-    for run in runs:
-        record = await store.get(run.project_id, run.execution_id)
-        if record is not None and record.status == ExecutionStatus.COMPLETED:
-            done += 1
-    return done
+from tests.store_support import (
+    RecorderFactory,
+    Run,
+    all_completed,
+    eventually,
+    publish_events,
+    redis_host_port,
+)
 
 
 async def test_events_published_while_the_recorder_lost_the_broker_are_recorded(
@@ -37,32 +34,27 @@ async def test_events_published_while_the_recorder_lost_the_broker_are_recorded(
     before = [Run(uid) for _ in range(5)]
     await publish_events(amqp, [e for run in before for e in run.lifecycle()])
 
-    async def before_recorded() -> bool:
-        return await count_completed(store, before) == len(before)
-
-    await eventually(before_recorded, what="records while connected")
+    await eventually(lambda: all_completed(store, before), what="records while connected")
 
     broker_proxy.cut()
     during = [Run(uid) for _ in range(20)]
     # Published by the dispatchers' own connections, which still reach the broker.
     await publish_events(amqp, [e for run in during for e in run.lifecycle()])
 
-    async def waiting_in_the_queue() -> bool:
-        return await queue_depth(amqp, recorder.settings.recorder_queue) == 6  # ten a message
-
-    await eventually(waiting_in_the_queue, what="events to wait in the queue")
+    await eventually(
+        lambda: has_depth(amqp, recorder.settings.recorder_queue, 6),  # ten a message
+        what="events to wait in the queue",
+    )
     broker_proxy.restore()
 
-    async def during_recorded() -> bool:
-        return await count_completed(store, during) == len(during)
-
-    await eventually(during_recorded, timeout=15, what="recording to resume after the loss")
+    await eventually(
+        lambda: all_completed(store, during), timeout=15, what="recording to resume after the loss"
+    )
     assert broker_proxy.accepted >= 2, "the recorder never lost its connection"
 
-    async def drained() -> bool:
-        return await queue_depth(amqp, recorder.settings.recorder_queue) == 0
-
-    await eventually(drained, what="the queue to drain")
+    await eventually(
+        lambda: has_depth(amqp, recorder.settings.recorder_queue, 0), what="the queue to drain"
+    )
 
 
 async def test_a_batch_held_across_a_broker_loss_does_not_stop_the_recorder(
@@ -91,21 +83,20 @@ async def test_a_batch_held_across_a_broker_loss_does_not_stop_the_recorder(
         broker_proxy.restore()
         redis.restore()  # the held batch is written, then acknowledged on a dead channel
 
-        async def held_recorded() -> bool:
-            return await count_completed(store, held) == len(held)
-
-        await eventually(held_recorded, timeout=15, what="the held batch to be recorded")
+        await eventually(
+            lambda: all_completed(store, held), timeout=15, what="the held batch to be recorded"
+        )
         after = [Run(uid) for _ in range(10)]
         await publish_events(amqp, [e for run in after for e in run.lifecycle()])
 
-        async def after_recorded() -> bool:
-            return await count_completed(store, after) == len(after)
-
-        await eventually(after_recorded, timeout=15, what="recording after the loss")
+        await eventually(
+            lambda: all_completed(store, after), timeout=15, what="recording after the loss"
+        )
         assert recorder.running, "the recorder's batch loop ended"
 
-        async def drained() -> bool:
-            return await queue_depth(amqp, recorder.settings.recorder_queue) == 0
-
-        await eventually(drained, timeout=15, what="the redelivered events to be settled")
+        await eventually(
+            lambda: has_depth(amqp, recorder.settings.recorder_queue, 0),
+            timeout=15,
+            what="the redelivered events to be settled",
+        )
         await eventually(lambda: recorder.pending == 0, what="nothing left unsettled")

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
 from tests.conftest import queue_depth
 from tests.redis_proxy import RedisProxy, redis_proxy
 from tests.store_support import (
     RecorderFactory,
     Run,
+    all_completed,
+    count_completed,
     eventually,
     publish_events,
     redis_host_port,
@@ -28,15 +29,6 @@ from tests.store_support import (
 async def proxy() -> AsyncIterator[RedisProxy]:
     async with redis_proxy(*redis_host_port()) as running:
         yield running
-
-
-async def count_completed(store: ExecutionStore, runs: list[Run]) -> int:
-    done = 0
-    for run in runs:
-        record = await store.get(run.project_id, run.execution_id)
-        if record is not None and record.status == ExecutionStatus.COMPLETED:
-            done += 1
-    return done
 
 
 async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
@@ -50,10 +42,7 @@ async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
     before = [Run(uid) for _ in range(5)]
     await publish_events(amqp, [e for run in before for e in run.lifecycle()])
 
-    async def before_recorded() -> bool:
-        return await count_completed(store, before) == len(before)
-
-    await eventually(before_recorded, what="records while Redis is up")
+    await eventually(lambda: all_completed(store, before), what="records while Redis is up")
 
     proxy.cut()
     acked = recorder.stats.acked
@@ -71,14 +60,11 @@ async def test_events_wait_while_redis_is_down_and_are_recorded_when_it_returns(
 
     proxy.restore()
 
-    async def during_recorded() -> bool:
-        return await count_completed(store, during) == len(during)
-
-    await eventually(during_recorded, what="the held events to be recorded")
+    await eventually(lambda: all_completed(store, during), what="the held events to be recorded")
     await eventually(lambda: recorder.pending == 0, what="acks after the writes")
     assert recorder.stats.acked == acked + 9
     assert recorder.store_available
-    assert await count_completed(store, before) == len(before)
+    assert await all_completed(store, before)
 
 
 async def test_a_recorder_stopped_while_redis_is_down_hands_every_event_back(
@@ -107,7 +93,6 @@ async def test_a_recorder_stopped_while_redis_is_down_hands_every_event_back(
     # Another recorder, with Redis, records them all.
     await make_recorder()
 
-    async def all_recorded() -> bool:
-        return await count_completed(store, runs) == len(runs)
-
-    await eventually(all_recorded, what="the handed-back events to be recorded")
+    await eventually(
+        lambda: all_completed(store, runs), what="the handed-back events to be recorded"
+    )

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from schemas.dispatch import ExecutionStatus
 from store import ExecutionStore
-from tests.conftest import DispatcherFactory
-from tests.dispatcher_support import EventLog, Probe, QueueKit, probe_worker
+from tests.conftest import DispatcherFactory, ProbeFactory
+from tests.dispatcher_support import EventLog, Probe, QueueKit
 from tests.store_support import RecorderFactory, eventually
 
 S = ExecutionStatus
 
 
 @pytest.fixture
-async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
-    probe = Probe()
-    worker = probe_worker(amqp_url, uid, probe, concurrency=8)
-    await worker.start()
-    yield probe
-    await worker.stop(drain_timeout=0)
+async def probe(start_probe: ProbeFactory) -> Probe:
+    return await start_probe(concurrency=8)
 
 
 async def test_dispatched_executions_are_recorded_to_their_end(

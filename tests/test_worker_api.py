@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from worker import ExecutionContext, Worker
+from worker import (
+    DEFAULT_RETRIES,
+    Backoff,
+    ExecutionContext,
+    NonRetryableError,
+    RetryPolicy,
+    Worker,
+)
 from worker._cli import load
 
 
@@ -57,6 +64,40 @@ def test_building_mistakes_are_refused() -> None:
 
     with pytest.raises(TypeError, match="async function"):
         worker.add_workflow("b", not_async)
+
+
+def test_a_workflow_retries_twice_by_default_and_its_policy_is_checked() -> None:
+    worker = Worker(project="acme", deployment="v1")
+    worker.add_workflow("default", noop)
+    worker.add_workflow("never", noop, retries=0)
+    worker.add_workflow("quick", noop, retries=5, backoff=0.25)
+
+    @worker.workflow("custom", backoff=Backoff(first=2, factor=3, cap=10, jitter=0))
+    async def custom(ctx: ExecutionContext, payload: Any) -> Any:
+        return payload
+
+    policies = worker.retry_policies
+    assert policies["default"] == RetryPolicy(retries=DEFAULT_RETRIES) == RetryPolicy(retries=2)
+    assert policies["never"].retries == 0
+    assert (policies["quick"].retries, policies["quick"].backoff.first) == (5, 0.25)
+    waits = [policies["custom"].backoff.delay(n) for n in range(4)]
+    assert waits == [2, 6, 10, 10]  # capped
+    error = ConnectionError("down")
+    assert policies["custom"].retry_in(1, error) == 6
+    assert policies["custom"].retry_in(2, error) is None  # its 2 retries are used up
+    assert policies["custom"].retry_in(0, NonRetryableError("no")) is None
+    jittered = Backoff(first=4, jitter=0.5)
+    assert jittered.delay(1, draw=lambda: 0.0) == 8
+    assert jittered.delay(1, draw=lambda: 1.0) == 4
+    assert Backoff().delay(10_000) <= 300  # no overflow, the cap
+    for bad in ({"retries": -1}, {"retries": 101}, {"backoff": -1.0}):
+        with pytest.raises(ValueError, match=r"retries|backoff"):
+            worker.add_workflow(f"bad{len(bad)}", noop, **bad)
+    with pytest.raises(TypeError, match="backoff"):
+        worker.add_workflow("bad", noop, backoff="1s")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retries"):
+        worker.add_workflow("bad", noop, retries=1.5)  # type: ignore[arg-type]
+    assert sorted(worker.workflows) == ["custom", "default", "never", "quick"]
 
 
 async def test_a_worker_without_workflows_does_not_start() -> None:

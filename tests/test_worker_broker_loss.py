@@ -8,30 +8,17 @@ the broker confirmed its result.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import Completed
-from tests.conftest import queue_depth
+from tests.conftest import has_depth, queue_depth
 from tests.proxy import TcpProxy
-from tests.worker_harness import FakeDispatcher, has_depth, until
+from tests.worker_harness import FakeDispatcher, StartWorker, proxied, until
 from tests.workflows import add_workflows
 from worker import ExecutionContext, Worker, WorkerSettings
-
-
-@pytest.fixture
-async def dispatcher(
-    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[FakeDispatcher]:
-    fake = FakeDispatcher(amqp, uid, "v1")
-    delete_queues(fake.results_queue)
-    delete_queues(fake.work_queue)
-    await fake.open()
-    yield fake
-    await fake.close()
 
 
 class Gated:
@@ -56,27 +43,21 @@ def running_delay(request: pytest.FixtureRequest) -> float:
 
 @pytest.fixture
 async def gated_worker(
-    amqp_url: str, uid: str, broker_proxy: TcpProxy, running_delay: float
-) -> AsyncIterator[tuple[Worker, Gated]]:
+    start_worker: StartWorker, amqp_url: str, broker_proxy: TcpProxy, running_delay: float
+) -> tuple[Worker, Gated]:
     gated = Gated()
-    # aio-pika reads the robust reconnect interval from the URL.
-    url = f"{broker_proxy.url(amqp_url)}?reconnect_interval=0.2"
-    worker = Worker(
-        project=uid,
-        deployment="v1",
-        amqp_url=url,
-        settings=WorkerSettings(
-            confirm_timeout_seconds=0.5, worker_running_delay_seconds=running_delay
-        ),
-    )
 
     async def gate(ctx: ExecutionContext, payload: Any) -> Any:
         return await gated(ctx, payload)
 
-    worker.add_workflow("gated", gate)
-    await worker.start()
-    yield worker, gated
-    await worker.stop(drain_timeout=0)
+    worker = await start_worker(
+        {"gated": gate},
+        url=proxied(broker_proxy, amqp_url),
+        settings=WorkerSettings(
+            confirm_timeout_seconds=0.5, worker_running_delay_seconds=running_delay
+        ),
+    )
+    return worker, gated
 
 
 async def test_result_decided_during_an_outage_is_delivered_when_the_broker_returns(

@@ -9,32 +9,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import Cancelled, Completed, Heartbeat
-from tests.conftest import queue_depth
+from tests.conftest import has_depth, queue_depth
 from tests.proxy import TcpProxy
-from tests.worker_harness import FakeDispatcher, has_depth, until
+from tests.worker_harness import FakeDispatcher, StartWorker, proxied, until
 from worker import ExecutionContext, Worker, WorkerSettings
 
 LEASE = 1.5  # renewed every 0.5 s; the worker's own lease ends 1 s after a confirmed send
 DELAY = 0.05
-
-
-@pytest.fixture
-async def dispatcher(
-    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[FakeDispatcher]:
-    fake = FakeDispatcher(amqp, uid, "v1")
-    delete_queues(fake.results_queue)
-    delete_queues(fake.work_queue)
-    await fake.open()
-    yield fake
-    await fake.close()
 
 
 class Gate:
@@ -66,39 +54,19 @@ MakeWorker = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def make_worker(amqp_url: str, uid: str) -> AsyncIterator[MakeWorker]:
-    workers: list[Worker] = []
-
+def make_worker(start_worker: StartWorker) -> MakeWorker:
     async def _make(gate: Gate, *, url: str | None = None, **settings: Any) -> Worker:
-        worker = Worker(
-            project=uid,
-            deployment="v1",
-            amqp_url=url or amqp_url,
-            settings=WorkerSettings(
-                **{
-                    "confirm_timeout_seconds": 0.5,
-                    "worker_running_delay_seconds": DELAY,
-                    **settings,
-                }
-            ),
-        )
-
         async def gated(ctx: ExecutionContext, payload: Any) -> Any:
             return await gate(ctx, payload)
 
-        worker.add_workflow("gated", gated)
-        await worker.start()
-        workers.append(worker)
-        return worker
+        fields: dict[str, Any] = {
+            "confirm_timeout_seconds": 0.5,
+            "worker_running_delay_seconds": DELAY,
+            **settings,
+        }
+        return await start_worker({"gated": gated}, url=url, settings=WorkerSettings(**fields))
 
-    yield _make
-    for worker in workers:
-        await worker.stop(drain_timeout=0)
-
-
-def proxied(broker_proxy: TcpProxy, amqp_url: str) -> str:
-    # aio-pika reads the robust reconnect interval from the URL.
-    return f"{broker_proxy.url(amqp_url)}?reconnect_interval=0.2"
+    return _make
 
 
 async def test_long_run_is_reported_at_the_running_delay_and_renewed_every_third_of_its_lease(

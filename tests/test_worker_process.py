@@ -5,29 +5,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import Completed, Released
-from tests.conftest import queue_depth
-from tests.worker_harness import FakeDispatcher, has_depth, until, worker_process
+from tests.conftest import has_depth, queue_depth
+from tests.worker_harness import FakeDispatcher, until, worker_process
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-async def dispatcher(
-    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[FakeDispatcher]:
-    fake = FakeDispatcher(amqp, uid, "v1")
-    delete_queues(fake.results_queue)
-    delete_queues(fake.work_queue)
-    await fake.open()
-    yield fake
-    await fake.close()
 
 
 @pytest.fixture

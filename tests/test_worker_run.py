@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import pytest
 from aio_pika.abc import AbstractConnection
 
 from broker.deadletter import REASON_HEADER
@@ -17,40 +15,22 @@ from schemas.ids import now_rfc3339
 from schemas.limits import MAX_RESULT_DEPTH
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
-from tests.worker_harness import FakeDispatcher, take_dead_letters, until
-from tests.workflows import add_workflows
-from worker import ExecutionContext, Handler, Worker
-
-StartWorker = Callable[..., Awaitable[Worker]]
+from tests.worker_harness import FakeDispatcher, StartWorker, take_dead_letters, until
+from worker import ExecutionContext, Handler, NonRetryableError
 
 
-@pytest.fixture
-async def dispatcher(
-    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
-) -> AsyncIterator[FakeDispatcher]:
-    fake = FakeDispatcher(amqp, uid, "v1")
-    delete_queues(fake.results_queue)
-    delete_queues(fake.work_queue)
-    await fake.open()
-    yield fake
-    await fake.close()
+def until_cancelled() -> tuple[Handler, asyncio.Event]:
+    """A workflow that runs until its task is cancelled, and the event it sets then."""
+    stopped = asyncio.Event()
 
+    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
 
-@pytest.fixture
-async def start_worker(amqp_url: str, uid: str) -> AsyncIterator[StartWorker]:
-    workers: list[Worker] = []
-
-    async def _start(workflows: dict[str, Handler] | None = None, **kwargs: Any) -> Worker:
-        worker = add_workflows(Worker(project=uid, deployment="v1", amqp_url=amqp_url, **kwargs))
-        for workflow_id, handler in (workflows or {}).items():
-            worker.add_workflow(workflow_id, handler)
-        await worker.start()
-        workers.append(worker)
-        return worker
-
-    yield _start
-    for worker in workers:
-        await worker.stop(drain_timeout=0)
+    return forever, stopped
 
 
 async def test_short_run_reports_only_its_result_which_says_when_it_started(
@@ -88,6 +68,38 @@ async def test_failure_reports_type_message_and_traceback(
     assert failed.error.traceback is not None
     assert "tests/workflows.py" in failed.error.traceback
     assert "raise ValueError" in failed.error.traceback
+
+
+async def test_a_failed_run_asks_for_a_retry_while_its_policy_has_one_left(
+    dispatcher: FakeDispatcher, start_worker: StartWorker
+) -> None:
+    seen: list[int] = []
+
+    async def flaky(ctx: ExecutionContext, payload: Any) -> Any:
+        seen.append(ctx.retry_count)
+        raise ConnectionError("down")
+
+    async def final(ctx: ExecutionContext, payload: Any) -> Any:
+        raise NonRetryableError("no")
+
+    await start_worker({"flaky_default": flaky, "final": final})
+    first = await dispatcher.dispatch("flaky_default")
+    last = await dispatcher.dispatch("flaky_default", retry_count=2)
+    declined = await dispatcher.dispatch("final")
+    unsendable = await dispatcher.dispatch("unserializable")
+    asked: dict[str, float | None] = {}
+    for execution_id in (first, last, declined, unsendable):
+        failed = await dispatcher.wait_for(execution_id, "failed")
+        assert isinstance(failed, Failed)
+        asked[execution_id] = failed.retry_in
+    # The default policy: 2 retries, the first after 0.5-1 s.
+    wait = asked[first]
+    assert wait is not None
+    assert 0.5 <= wait <= 1.0
+    assert asked[last] is None  # its second retry failed: none left
+    assert asked[declined] is None
+    assert asked[unsendable] is None  # the same code would fail the same way
+    assert seen == [0, 2]
 
 
 async def test_unserializable_result_is_a_failure(
@@ -205,15 +217,7 @@ async def test_past_deadline_delivery_is_dropped(
 async def test_local_deadline_cancels_the_task(
     dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
 ) -> None:
-    stopped = asyncio.Event()
-
-    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever, stopped = until_cancelled()
     worker = await start_worker({"forever": forever})
 
     execution_id = await dispatcher.dispatch("forever", deadline=time.time() + 0.5)
@@ -229,15 +233,7 @@ async def test_local_deadline_cancels_the_task(
 async def test_cancel_message_cancels_the_running_task(
     dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
 ) -> None:
-    stopped = asyncio.Event()
-
-    async def forever(ctx: ExecutionContext, payload: Any) -> Any:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            stopped.set()
-            raise
-
+    forever, stopped = until_cancelled()
     worker = await start_worker({"forever": forever})
     execution_id, body = dispatcher.work("forever")
     await dispatcher.publish(body)

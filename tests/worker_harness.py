@@ -1,7 +1,9 @@
 """Playing the dispatcher's part in worker tests: publish work, read results, cancel.
 
 The worker is tested on the wire protocol alone (``schemas.dispatch``), so
-these tests do not depend on the dispatcher's implementation.
+these tests do not depend on the dispatcher's implementation. The fixtures here
+(``dispatcher``, ``run_worker``, ``start_worker``) are registered for every test by
+tests/conftest.py (``pytest_plugins``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from broker.deadletter import SOURCE_HEADER
@@ -35,10 +38,12 @@ from schemas.dispatch import (
     encode,
     encode_work,
 )
-from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.topology import CANCEL_EXCHANGE, DEAD_LETTER_QUEUE, results_queue, work_queue
-from tests.conftest import queue_depth
+from tests.envelopes import make_submission
+from tests.proxy import TcpProxy
+from tests.workflows import add_workflows
+from worker import Handler, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +100,7 @@ class FakeDispatcher:
         dispatch_id: str | None = None,
         results_queue: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        retry_count: int = 0,
         **submission: Any,
     ) -> tuple[str, bytes]:
         """An execution id and the body of a work message for it."""
@@ -103,33 +109,25 @@ class FakeDispatcher:
         else:
             created_at = now_rfc3339()
         fields: dict[str, Any] = {
-            "execution_id": execution_id,
-            "created_at": created_at,
             "project_id": self.project,
             "workflow_id": workflow_id,
             "deployment_id": self.deployment,
             "queue_name": self.queue_name,
-            "queue_concurrency_limit": None,
-            "concurrency_key": None,
-            "run_timeout_seconds": 60,
             "payload": payload,
-            "initial_state": None,
             "session_id": f"s-{execution_id}",
-            "user_id": None,
-            "otel_traceparent": None,
-            "parent_execution_id": None,
-            "root_execution_id": None,
-            "step_key": None,
-            "wait_for_subworkflow": False,
             "submitted_by": "key_test",
+            **submission,
         }
-        fields.update(submission)
         body = encode_work(
             dispatch_id=dispatch_id or uuid.uuid4().hex,
             deadline=deadline if deadline is not None else time.time() + 60,
             results_queue=results_queue or self.results_queue,
-            submission_raw=encode_submission(**fields),
+            submission_raw=make_submission(
+                execution_id=execution_id, created_at=created_at, **fields
+            ),
             lease_seconds=lease_seconds,
+            retry_count=retry_count,
+            dispatch_count=retry_count + 1,
         )
         return execution_id, body
 
@@ -237,10 +235,6 @@ async def until(condition: Callable[[], Awaitable[bool]], *, timeout: float = 10
         raise AssertionError(f"condition not met within {timeout}s") from None
 
 
-async def has_depth(connection: AbstractConnection, queue_name: str, depth: int) -> bool:
-    return await queue_depth(connection, queue_name) == depth
-
-
 async def take_dead_letters(
     connection: AbstractConnection, source_queue: str, *, timeout: float = 10.0
 ) -> list[AbstractIncomingMessage]:
@@ -305,3 +299,64 @@ def worker_process(
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def dispatcher(
+    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
+) -> AsyncIterator[FakeDispatcher]:
+    """The dispatcher's part for deployment ``v1`` of the test's project (``uid``)."""
+    fake = FakeDispatcher(amqp, uid, "v1")
+    delete_queues(fake.results_queue)
+    delete_queues(fake.work_queue)
+    await fake.open()
+    yield fake
+    await fake.close()
+
+
+RunWorker = Callable[[Worker], Awaitable[Worker]]
+
+
+@pytest.fixture
+async def run_worker() -> AsyncIterator[RunWorker]:
+    """``await run_worker(worker)``: ``worker`` started; every one is stopped at the end."""
+    workers: list[Worker] = []
+
+    async def _run(worker: Worker) -> Worker:
+        await worker.start()
+        workers.append(worker)
+        return worker
+
+    yield _run
+    for worker in workers:
+        await worker.stop(drain_timeout=0)
+
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+def start_worker(amqp_url: str, uid: str, run_worker: RunWorker) -> StartWorker:
+    """``start_worker({"id": handler}, url=..., **Worker kwargs)``: a started in-process
+    worker of deployment ``v1`` with tests/workflows.py's workflows and the given ones."""
+
+    async def _start(
+        workflows: dict[str, Handler] | None = None, *, url: str | None = None, **kwargs: Any
+    ) -> Worker:
+        worker = add_workflows(
+            Worker(project=uid, deployment="v1", amqp_url=url or amqp_url, **kwargs)
+        )
+        for workflow_id, handler in (workflows or {}).items():
+            worker.add_workflow(workflow_id, handler)
+        return await run_worker(worker)
+
+    return _start
+
+
+def proxied(broker_proxy: TcpProxy, amqp_url: str) -> str:
+    """The broker through ``broker_proxy``, reconnecting every 0.2 s once it is cut."""
+    # aio-pika reads the robust reconnect interval from the URL.
+    return f"{broker_proxy.url(amqp_url)}?reconnect_interval=0.2"

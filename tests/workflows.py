@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from worker import ExecutionContext, Worker
+from worker import DEFAULT_RETRIES, ExecutionContext, Worker
 
 
 async def echo(ctx: ExecutionContext, payload: Any) -> Any:
@@ -87,9 +87,13 @@ WORKFLOWS = {
 }
 
 
+# The tests of a failure see it as the execution's end: no retries.
+RETRIES = {"fail": 0}
+
+
 def add_workflows(worker: Worker) -> Worker:
     for workflow_id, handler in WORKFLOWS.items():
-        worker.add_workflow(workflow_id, handler)
+        worker.add_workflow(workflow_id, handler, retries=RETRIES.get(workflow_id, DEFAULT_RETRIES))
     return worker
 
 

@@ -50,6 +50,7 @@ from worker._delivery import (
 )
 from worker._executions import Executions
 from worker._reporting import Reporter
+from worker._retry import RetryPolicy
 from worker._runner import Stop
 from worker._work_intake import WorkIntake
 
@@ -79,6 +80,7 @@ class Consumer:
         project: str,
         deployment: str,
         workflows: Mapping[str, Handler],
+        retry_policies: Mapping[str, RetryPolicy],
         concurrency: int,
         worker_id: str,
         confirm_timeout: float,
@@ -92,6 +94,7 @@ class Consumer:
         self._project = project
         self._deployment = deployment
         self._workflows = dict(workflows)
+        self._policies = dict(retry_policies)
         self._concurrency = concurrency
         self._worker_id = worker_id
         self._confirm_timeout = confirm_timeout
@@ -244,7 +247,8 @@ class Consumer:
                 f"unknown workflow {submission.workflow_id!r} in deployment {self._deployment!r}",
             )
             return
-        delivery = Delivery(work, message, handler)
+        policy = self._policies.get(submission.workflow_id) or RetryPolicy()
+        delivery = Delivery(work, message, handler, policy)
         key = delivery.key
         execution_id = key[0]
         held = executions.get(key)

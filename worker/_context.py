@@ -38,8 +38,12 @@ class ExecutionContext:
     redelivered: bool
     """This execution was handed to a worker before: the broker redelivered the work (its
     worker died or lost its link before reporting it), or the dispatcher dispatched it
-    again (its lease expired, or its worker released it)."""
+    again (its lease expired, its worker released it, or its run failed and is retried:
+    see ``retry_count``)."""
     submission: SubmissionEnvelope
+    retry_count: int = 0
+    """Retries before this run (Polos's ``retry_count``): 0 the first time, 1 for the first
+    retry of a run that failed, ... (a lease expiry or a redelivery is no retry)."""
     traceparent: str | None = None
     """The W3C traceparent of the submission (its ``traceparent`` header or
     ``otel_traceparent``; with tracing on, the gateway's ``submit`` span), as carried."""
@@ -70,5 +74,6 @@ class ExecutionContext:
             worker_id=worker_id,
             redelivered=redelivered,
             submission=s,
+            retry_count=work.retry_count,
             traceparent=s.otel_traceparent,
         )

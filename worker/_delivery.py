@@ -16,6 +16,7 @@ from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 from broker.acks import acks_of, flush_all
 from schemas.dispatch import WorkMessage
 from worker._context import ExecutionContext
+from worker._retry import RetryPolicy
 
 log = logging.getLogger("worker")
 
@@ -108,6 +109,7 @@ class Delivery:
     work: WorkMessage
     message: AbstractIncomingMessage
     handler: Handler
+    policy: RetryPolicy
 
     @property
     def key(self) -> tuple[str, str]:

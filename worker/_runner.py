@@ -131,6 +131,9 @@ def outcome(execution: Execution) -> tuple[str, bytes] | None:
         "started_at": execution.started_at,
     }
     error: BaseException | None = None
+    # Only what the handler raised may be retried: a result it returned that
+    # cannot be sent would fail the same way again.
+    raised = False
     if execution.stop in SILENT:
         # Even if the handler ignored its cancellation and returned: another copy
         # may run by now, or the owner no longer has this dispatch.
@@ -140,6 +143,7 @@ def outcome(execution: Execution) -> tuple[str, bytes] | None:
             return None
     else:
         error = task.exception()
+        raised = error is not None
         if error is None:
             try:
                 completed = Completed(worker_id=ctx.worker_id, result=task.result(), **common)
@@ -170,11 +174,9 @@ def outcome(execution: Execution) -> tuple[str, bytes] | None:
     if reason is not None:
         body = encode(Cancelled(worker_id=ctx.worker_id, reason=reason, **common))
         return message_id(ctx, "cancelled"), body
-    failure = Failed(
-        worker_id=ctx.worker_id,
-        error=error_info(error or asyncio.CancelledError("the workflow cancelled itself")),
-        **common,
-    )
+    error = error or asyncio.CancelledError("the workflow cancelled itself")
+    retry_in = execution.delivery.policy.retry_in(ctx.retry_count, error) if raised else None
+    failure = Failed(worker_id=ctx.worker_id, error=error_info(error), retry_in=retry_in, **common)
     return message_id(ctx, "failed"), encode(failure)
 
 

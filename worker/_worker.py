@@ -26,6 +26,7 @@ from schemas.topology import (
 from worker._consumer import Consumer
 from worker._delivery import Handler
 from worker._observe import WorkerObserver
+from worker._retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, Backoff, RetryPolicy
 from worker._settings import WorkerSettings
 
 log = logging.getLogger("worker")
@@ -71,6 +72,7 @@ class Worker:
         self.deployment = deployment
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._workflows: dict[str, Handler] = {}
+        self._policies: dict[str, RetryPolicy] = {}
         self._consumer: Consumer | None = None
         self.observer = WorkerObserver(
             self.settings.observe,
@@ -95,16 +97,41 @@ class Worker:
         """Execution ids this worker holds right now (running, or waiting for a slot)."""
         return self._consumer.running if self._consumer is not None else frozenset()
 
-    def workflow(self, workflow_id: str) -> Callable[[H], H]:
-        """Register ``async def handler(ctx, payload)`` as the workflow ``workflow_id``."""
+    @property
+    def retry_policies(self) -> Mapping[str, RetryPolicy]:
+        return MappingProxyType(self._policies)
+
+    def workflow(
+        self,
+        workflow_id: str,
+        *,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float | Backoff = DEFAULT_BACKOFF,
+    ) -> Callable[[H], H]:
+        """Register ``async def handler(ctx, payload)`` as the workflow ``workflow_id``.
+
+        A run that raises is run again up to ``retries`` times (default 2, as
+        Polos), after a wait of ``backoff``: seconds before the first retry,
+        doubling, jittered (or a ``Backoff``). ``NonRetryableError`` ends it at
+        once; the run timeout covers every run and every wait.
+        """
 
         def register(handler: H) -> H:
-            self.add_workflow(workflow_id, handler)
+            self.add_workflow(workflow_id, handler, retries=retries, backoff=backoff)
             return handler
 
         return register
 
-    def add_workflow(self, workflow_id: str, handler: Handler) -> None:
+    def add_workflow(
+        self,
+        workflow_id: str,
+        handler: Handler,
+        *,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float | Backoff = DEFAULT_BACKOFF,
+    ) -> None:
+        """``workflow`` without the decorator."""
+        policy = RetryPolicy.of(retries, backoff)
         if not workflow_id:
             raise ValueError("workflow_id must not be empty")
         if len(workflow_id) > MAX_WORKFLOW_ID_LENGTH:
@@ -119,6 +146,7 @@ class Worker:
         if self._consumer is not None:
             raise RuntimeError("workflows must be registered before the worker starts")
         self._workflows[workflow_id] = handler
+        self._policies[workflow_id] = policy
 
     async def start(self) -> None:
         """Connect, register the deployment, and start consuming; returns once consuming."""
@@ -132,6 +160,7 @@ class Worker:
             project=self.project,
             deployment=self.deployment,
             workflows={wf: self.observer.wrap(wf, h) for wf, h in self._workflows.items()},
+            retry_policies=self._policies,
             concurrency=settings.worker_concurrency,
             worker_id=self.worker_id,
             confirm_timeout=settings.confirm_timeout_seconds,
