@@ -29,6 +29,7 @@ carries ``started_at``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -352,6 +353,28 @@ RESULTS_QUEUE_MESSAGE: TypeAdapter[ResultsQueueMessage] = TypeAdapter(ResultsQue
 def decode_results_queue(raw: bytes) -> ResultsQueueMessage:
     """What the owner reads from a results queue: results, its markers, cancel requests."""
     return RESULTS_QUEUE_MESSAGE.validate_json(raw)
+
+
+# How the owner writes a record (orjson keeps the order of ``take_ledger``'s dict):
+# type, owner, epoch and seq first, then the entries.
+_LEDGER_HEAD = re.compile(
+    rb'\{"type":"ledger","owner":"([^"\\]*)","epoch":(\d{1,18}),"seq":(\d{1,18}),'
+)
+
+
+def own_ledger_seq(raw: bytes, owner: str, epoch: int) -> int | None:
+    """The ``seq`` of a ledger record that ``owner`` wrote in ``epoch``, read from its head
+    alone; None for anything else (another owner's record, another message, another
+    layout), which ``decode_results_queue`` reads in full.
+
+    While it owns the queue the owner receives each of its records back and only
+    holds it by its ``seq``; validating a checkpoint's entries (the whole in-flight
+    state, submissions included) was its largest decoding cost.
+    """
+    head = _LEDGER_HEAD.match(raw)
+    if head is None or head[1] != owner.encode() or int(head[2]) != epoch:
+        return None
+    return int(head[3])
 
 
 # -- cancel -------------------------------------------------------------------------
