@@ -100,6 +100,9 @@ async def queues(request: web.Request) -> web.Response:
     await fleet.follow(connection)
     owned = fleet.owned()
     keys = set(link.state.queues) | set(owned)
+    # One project's queues (?project=), chosen before the page's cap on rows applies.
+    if project := request.query.get("project"):
+        keys = {k for k in keys if k[0] == project}
     # Busiest first: those holding slots, then by name.
     ordered = sorted(
         keys, key=lambda k: (-(owned[k].status.holding if k in owned else 0), k[0], k[1])

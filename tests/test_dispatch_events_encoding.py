@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
-from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode_lifecycle_event
+from schemas.dispatch import (
+    ErrorInfo,
+    ExecutionStatus,
+    LifecycleEvent,
+    encode,
+    encode_lifecycle_event,
+)
 from schemas.envelope import SubmissionEnvelope
 from tests.envelopes import make_submission
 
@@ -68,3 +75,13 @@ def test_an_event_encoded_by_hand_decodes_to_the_model_of_the_same_fields(
         **fields,
     )
     assert LifecycleEvent.model_validate_json(body) == expected
+    # The same keys and values as the model's own encoding: followers read the raw JSON.
+    # (The submission as published may leave out fields at their defaults.)
+    ours, models = orjson.loads(body), orjson.loads(encode(expected))
+    carried, modelled = ours.pop("submission"), models.pop("submission")
+    if with_submission:
+        assert SubmissionEnvelope.model_validate(carried) == envelope
+        assert SubmissionEnvelope.model_validate(modelled) == envelope
+    else:
+        assert carried is modelled is None
+    assert ours == models
