@@ -45,7 +45,8 @@ Concurrency keys (``strategy``, the queue's, from the registry):
   the newer id; its workers told to stop); one older than what is here ends so
   itself. Then one FIFO under the limit, as for ``deduplicate``.
 
-Slots are counted per key whatever the strategy (``_holders``), so a takeover
+Slots are counted per key whatever the strategy (``Admission``, in
+``dispatcher/admission.py``, with the FIFO, lanes and heap), so a takeover
 rebuilds them from the ledger's keys and a strategy change applies at once:
 nothing in flight is stopped by one, pending executions are admitted by the new
 rule.
@@ -69,6 +70,10 @@ Flushes are sequential, so only the work of the last record of a dead owner
 may not have been published: those executions get a lease at the takeover,
 like running ones, and are dispatched again if no worker reports them within it.
 A second worker reporting one dispatch (not a broker redelivery) is told to stop.
+How an entry is written and how the records fold is ``dispatcher/ledger.py``.
+
+The values it speaks in (``Execution``, ``Stage``, ``Tunables``, the effects) are
+``dispatcher/execution.py``, importable from here too.
 """
 
 from __future__ import annotations
