@@ -42,6 +42,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from yarl import URL
 
 from broker.errors import BrokerUnavailable
+from broker.transport import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,10 @@ async def connect(
         url = nodes.current
         try:
             connection = await aio_pika.connect(
-                url, client_properties={"connection_name": connection_name(role)}, timeout=timeout
+                url,
+                client_properties={"connection_name": connection_name(role)},
+                timeout=timeout,
+                connection_class=_Connection,
             )
         except CONNECTION_EXCEPTIONS as exc:
             failures.append(f"{redacted(url)}: {exc!r}")
@@ -193,11 +197,27 @@ async def connect(
     raise BrokerUnavailable("no broker node answers (" + "; ".join(failures) + ")")
 
 
+def _use_our_transport(connection: aio_pika.Connection) -> None:
+    # aio-pika hands its kwargs to aiormq.connect, but keeps only those it knows.
+    factory = transport_for(connection.url)
+    if factory is not None:
+        connection.kwargs["transport_factory"] = factory
+
+
+class _Connection(aio_pika.Connection):
+    """A plain connection on ``broker.transport`` (a round's frames in one write)."""
+
+    def __init__(self, url: URL, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        _use_our_transport(self)
+
+
 class FailoverConnection(RobustConnection):
     """A robust connection that goes to the next node when it loses its own."""
 
     def __init__(self, nodes: Nodes, backoff: Backoff, **kwargs: Any) -> None:
         super().__init__(URL(nodes.current), **kwargs)
+        _use_our_transport(self)
         self._nodes = nodes
         self._position = nodes.position
         self._backoff = backoff

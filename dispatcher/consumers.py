@@ -25,6 +25,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from broker.acks import Acks, acks_of
+
 log = logging.getLogger(__name__)
 
 # What a closed channel or connection raises from aiormq on ack/nack/cancel.
@@ -35,7 +37,7 @@ CHANNEL_GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 class Delivery:
     """One delivered message we have not settled yet."""
 
-    channel: aiormq.abc.AbstractChannel
+    acks: Acks  # of its channel
     tag: int
     body: bytes
     redelivered: bool
@@ -44,14 +46,15 @@ class Delivery:
     attempt: int = 0
 
     async def ack(self) -> None:
-        # A channel that is gone has requeued the message already; the next
-        # owner settles it.
+        # Queued, not awaited on the socket: the acknowledgements of a flush go out
+        # in one write (broker.acks). A channel that is gone has requeued the
+        # message already; the next owner settles it.
         with contextlib.suppress(*CHANNEL_GONE):
-            await self.channel.basic_ack(self.tag)
+            self.acks.ack(self.tag)
 
     async def nack(self, *, requeue: bool = True) -> None:
         with contextlib.suppress(*CHANNEL_GONE):
-            await self.channel.basic_nack(self.tag, requeue=requeue)
+            self.acks.nack(self.tag, requeue=requeue)
 
 
 def delivery_attempt(headers: Mapping[str, Any] | None) -> int:
@@ -123,6 +126,7 @@ class ConsumerPool:
         """
         slot = await self._reserve()
         consumer = Consumer(queue, prefetch, on_message, on_cancelled, slot)
+        acks = acks_of(slot.underlay)
 
         async def deliver(message: DeliveredMessage) -> None:
             # aiormq runs one task per delivery, in order; everything the
@@ -131,7 +135,7 @@ class ConsumerPool:
             assert isinstance(frame, spec.Basic.Deliver)
             consumer.on_message(
                 Delivery(
-                    message.channel,
+                    acks,
                     frame.delivery_tag or 0,
                     message.body,
                     frame.redelivered,
@@ -161,6 +165,8 @@ class ConsumerPool:
     async def close(self) -> None:
         self._closing = True
         for slot in self._slots:
+            # The acknowledgements made so far go out before the channel's close.
+            await acks_of(slot.underlay).flush()
             with contextlib.suppress(*CHANNEL_GONE):
                 await slot.channel.close()
         self._slots.clear()

@@ -234,6 +234,7 @@ class Effector:
             result=effect.result,
             error=effect.error,
             with_submission=effect.with_submission and x.envelope is not None,
+            submission_raw=x.raw,
             cancelled_by=effect.cancelled_by,
             at=effect.at,
             started_at=effect.started_at,

@@ -38,9 +38,9 @@ from schemas.dispatch import (
     CancelMessage,
     ErrorInfo,
     ExecutionStatus,
-    LifecycleEvent,
     encode,
     encode_event_batch,
+    encode_lifecycle_event,
 )
 from schemas.envelope import SubmissionEnvelope
 from schemas.ids import now_rfc3339
@@ -122,6 +122,7 @@ class Notifier:
         result: Any = None,
         error: ErrorInfo | None = None,
         with_submission: bool = False,
+        submission_raw: bytes | None = None,
         cancelled_by: str | None = None,
         at: str | None = None,
         started_at: str | None = None,
@@ -129,34 +130,29 @@ class Notifier:
         retry_count: int = 0,
         retry_at: str | None = None,
     ) -> None:
-        """Publish one transition; returns once its batch is confirmed.
+        """Publish one transition; returns once its batch is confirmed. ``submission_raw``:
+        the envelope as published, embedded as it is when ``with_submission``.
 
         Raises ``BrokerError`` if the broker did not take the batch."""
         if self._on_event is not None:
             self._on_event(status, envelope)
         try:
-            body = encode(
-                LifecycleEvent(
-                    status=status,
-                    execution_id=envelope.execution_id,
-                    project_id=envelope.project_id,
-                    workflow_id=envelope.workflow_id,
-                    deployment_id=envelope.deployment_id,
-                    queue_name=envelope.queue_name,
-                    concurrency_key=envelope.concurrency_key,
-                    at=at or now_rfc3339(),
-                    dispatch_id=dispatch_id,
-                    worker_id=worker_id,
-                    duplicate_of=duplicate_of,
-                    result=result,
-                    error=error,
-                    submission=envelope if with_submission else None,
-                    cancelled_by=cancelled_by,
-                    started_at=started_at,
-                    attempt=attempt,
-                    retry_count=retry_count,
-                    retry_at=retry_at,
-                )
+            body = encode_lifecycle_event(
+                status,
+                envelope,
+                at=at or now_rfc3339(),
+                submission_raw=submission_raw,
+                with_submission=with_submission,
+                dispatch_id=dispatch_id,
+                worker_id=worker_id,
+                duplicate_of=duplicate_of,
+                result=result,
+                error=error,
+                cancelled_by=cancelled_by,
+                started_at=started_at,
+                attempt=attempt,
+                retry_count=retry_count,
+                retry_at=retry_at,
             )
         except Exception:
             # Best effort all the same: an event that cannot even be encoded must

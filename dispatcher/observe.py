@@ -97,6 +97,7 @@ class DispatcherObserver:
             lambda: defaultdict(int)
         )
         self._children: dict[tuple[str, str, ExecutionStatus], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}  # admission_latency's, the same way
         self.tracer = tracer_for("polos-dispatcher")
         self._admitted_at: dict[str, float] = {}
 
@@ -124,9 +125,14 @@ class DispatcherObserver:
             created = _unix(envelope.created_at)
             now = time.time()
             if created is not None:
-                self.admission_latency.labels(*self.labels(project_id, queue_name)).observe(
-                    max(0.0, now - created)
-                )
+                latency = self._latencies.get(key[:2])
+                if latency is None:
+                    if len(self._latencies) >= MAX_CACHED_CHILDREN:
+                        self._latencies.clear()
+                    latency = self._latencies[key[:2]] = self.admission_latency.labels(
+                        *self.labels(project_id, queue_name)
+                    )
+                latency.observe(max(0.0, now - created))
             if self.tracer is not None:
                 self._trace_admission(envelope, created, now)
         elif self.tracer is not None:

@@ -55,6 +55,7 @@ from schemas.dispatch import (
     WorkMessage,
     decode_results_queue,
     encode,
+    own_ledger_seq,
 )
 from schemas.envelope import decode_submission
 from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
@@ -198,6 +199,13 @@ class QueueOwner:
         self.links.activity()
         if self.state is OwnerState.STOPPED:
             return  # the channel closes with us: the broker takes it back
+        if self.state is OwnerState.OWNING:
+            lifecycle = self.lifecycle
+            seq = own_ledger_seq(delivery.body, self.links.owner_id, lifecycle.epoch)
+            if seq is not None:  # one of our records back: held, never decoded
+                lifecycle.on_own_record(self.deliveries.hold(delivery), seq)
+                self._kick()
+                return
         try:
             message = decode_results_queue(delivery.body)
         except ValidationError as exc:

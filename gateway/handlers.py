@@ -262,7 +262,10 @@ def _partial_failure(
 
 
 def _api_key(request: web.Request) -> str | None:
-    return api_key_from(request.headers.get("Authorization"), request.cookies.get("polos_auth"))
+    authorization = request.headers.get("Authorization")
+    if authorization:  # the cookie is parsed only when there is no header (a browser)
+        return api_key_from(authorization, None)
+    return api_key_from(None, request.cookies.get("polos_auth"))
 
 
 async def health(request: web.Request) -> web.Response:

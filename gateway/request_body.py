@@ -43,6 +43,10 @@ async def read_json_body(request: web.Request, settings: Settings) -> bytes:
     if length is not None and length > limit:
         raise _too_large(limit)
     try:
+        if request.content.is_eof():
+            # The whole body came with the head (almost every submit): nothing can
+            # stall, so no timer is armed and no read is tracked for shutdown.
+            return await request.read()
         async with asyncio.timeout(settings.body_timeout_seconds):
             return await request.app[APP_BODY_READS].read(request)
     except TimeoutError:

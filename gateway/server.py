@@ -188,9 +188,6 @@ class GatewayProtocol(web.RequestHandler):
         if waiting and data and not self._force_close:
             if not self._head_bytes:
                 self._line_bytes, self._line_ended, self._tail = 0, False, b""
-                self._head_timer = self._loop.call_later(
-                    self._settings.header_timeout_seconds, self._head_too_slow
-                )
             if self._head_ends_too_late(data):
                 limit = self._settings.max_header_bytes
                 self.refuse(
@@ -210,6 +207,12 @@ class GatewayProtocol(web.RequestHandler):
             self._cancel_head_timer()
             self._doorman.works(self)
             self._fail_broken_body(waiting)
+        elif self._head_bytes and self._head_timer is None and not self._force_close:
+            # The head did not arrive whole: its time runs from this, its first read
+            # (a head that arrives in one read, as almost all do, never arms a timer).
+            self._head_timer = self._loop.call_later(
+                self._settings.header_timeout_seconds, self._head_too_slow
+            )
 
     def _head_ends_too_late(self, data: bytes) -> bool:
         """Whether the head cannot end within ``max_header_bytes``: judged before the

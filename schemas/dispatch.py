@@ -29,6 +29,7 @@ carries ``started_at``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -354,6 +355,28 @@ def decode_results_queue(raw: bytes) -> ResultsQueueMessage:
     return RESULTS_QUEUE_MESSAGE.validate_json(raw)
 
 
+# How the owner writes a record (orjson keeps the order of ``take_ledger``'s dict):
+# type, owner, epoch and seq first, then the entries.
+_LEDGER_HEAD = re.compile(
+    rb'\{"type":"ledger","owner":"([^"\\]*)","epoch":(\d{1,18}),"seq":(\d{1,18}),'
+)
+
+
+def own_ledger_seq(raw: bytes, owner: str, epoch: int) -> int | None:
+    """The ``seq`` of a ledger record that ``owner`` wrote in ``epoch``, read from its head
+    alone; None for anything else (another owner's record, another message, another
+    layout), which ``decode_results_queue`` reads in full.
+
+    While it owns the queue the owner receives each of its records back and only
+    holds it by its ``seq``; validating a checkpoint's entries (the whole in-flight
+    state, submissions included) was its largest decoding cost.
+    """
+    head = _LEDGER_HEAD.match(raw)
+    if head is None or head[1] != owner.encode() or int(head[2]) != epoch:
+        return None
+    return int(head[3])
+
+
 # -- cancel -------------------------------------------------------------------------
 
 
@@ -451,6 +474,67 @@ def encode_queued_event(
             "submission": orjson.Fragment(submission_raw),
         }
     )
+
+
+def encode_lifecycle_event(
+    status: ExecutionStatus,
+    envelope: SubmissionEnvelope,
+    *,
+    at: str,
+    submission_raw: bytes | None = None,
+    with_submission: bool = False,
+    dispatch_id: str | None = None,
+    worker_id: str | None = None,
+    duplicate_of: str | None = None,
+    result: Any = None,
+    error: ErrorInfo | None = None,
+    cancelled_by: str | None = None,
+    started_at: str | None = None,
+    attempt: int = 0,
+    retry_count: int = 0,
+    retry_at: str | None = None,
+) -> bytes:
+    """A ``LifecycleEvent`` without building the model (the dispatcher's hot path: a
+    model built and dumped per event was ~12 µs, 17 with the envelope, about 8 % of the
+    dispatcher's CPU). Fields left at their defaults are left out; the submission is
+    embedded as it was published (``submission_raw``) when the caller has it. Decoding
+    it gives the same ``LifecycleEvent`` (tests/test_dispatch_events_encoding.py)."""
+    event: dict[str, Any] = {
+        "type": "lifecycle",
+        "status": status.value,
+        "execution_id": envelope.execution_id,
+        "project_id": envelope.project_id,
+        "workflow_id": envelope.workflow_id,
+        "deployment_id": envelope.deployment_id,
+        "queue_name": envelope.queue_name,
+        "at": at,
+    }
+    if envelope.concurrency_key is not None:
+        event["concurrency_key"] = envelope.concurrency_key
+    for name, value in (
+        ("dispatch_id", dispatch_id),
+        ("worker_id", worker_id),
+        ("duplicate_of", duplicate_of),
+        ("result", result),
+        ("cancelled_by", cancelled_by),
+        ("started_at", started_at),
+        ("retry_at", retry_at),
+    ):
+        if value is not None:
+            event[name] = value
+    if error is not None:
+        event["error"] = error.model_dump(mode="json")
+    if with_submission:
+        event["submission"] = (
+            orjson.Fragment(submission_raw)
+            if submission_raw is not None
+            else envelope.model_dump(mode="json")
+        )
+    if attempt:
+        event["attempt"] = attempt
+    if retry_count:
+        event["retry_count"] = retry_count
+    return orjson.dumps(event)
 
 
 class EventBatch(_Message):

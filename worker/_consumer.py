@@ -39,7 +39,15 @@ from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_work_queue
 from schemas.dispatch import decode_cancel, decode_work
 from schemas.topology import CANCEL_EXCHANGE, work_queue
-from worker._delivery import SETTLE_ERRORS, Delivery, Handler, Recent, close_quietly, settle
+from worker._delivery import (
+    SETTLE_ERRORS,
+    Delivery,
+    Handler,
+    Recent,
+    close_quietly,
+    flush_settlements,
+    settle,
+)
 from worker._executions import Executions
 from worker._reporting import Reporter
 from worker._retry import RetryPolicy
@@ -393,6 +401,8 @@ class Consumer:
         await executions.close()
 
     async def _disconnect(self) -> None:
+        # The last acknowledgements and hand-backs go out before the close.
+        await flush_settlements()
         for channel in (self._work_channel, self._cancel_channel):
             if channel is not None and not channel.is_closed:
                 with contextlib.suppress(*SETTLE_ERRORS):

@@ -13,6 +13,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
+from broker.acks import acks_of, flush_all
 from schemas.dispatch import WorkMessage
 from worker._context import ExecutionContext
 from worker._retry import RetryPolicy
@@ -58,20 +59,47 @@ async def close_quietly(connection: AbstractRobustConnection | None) -> None:
             await connection.close()
 
 
+# aio-pika's own mark of a settled message (a second ack or nack raises
+# ``MessageProcessError``); where it is missing, messages settle through aio-pika.
+_PROCESSED = "_IncomingMessage__processed"
+
+
 async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> bool:
     """Ack (or nack with requeue) a delivery; whether it could be.
 
-    A delivery whose channel died is already back in its queue.
+    The frame is queued for the channel's next write with the other settlements
+    of this event-loop round (``broker.acks``), not awaited on the socket;
+    ``flush_settlements`` before closing a channel on purpose. A delivery whose
+    channel died is already back in its queue.
     """
     try:
-        if requeue is None:
-            await message.ack()
-        else:
-            await message.nack(requeue=requeue)
+        if not hasattr(message, _PROCESSED):
+            if requeue is None:
+                await message.ack()
+            else:
+                await message.nack(requeue=requeue)
+            return True
+        if message.processed:
+            raise MessageProcessError("Message already processed", message)
+        acks = acks_of(message.channel)  # ChannelInvalidStateError once it is closed
+        tag = message.delivery_tag
+        if tag is not None:
+            if requeue is None:
+                acks.ack(tag)
+            else:
+                acks.nack(tag, requeue=requeue)
+        setattr(message, _PROCESSED, True)
+        if not message.locked:
+            message.lock()
     except SETTLE_ERRORS as exc:
         log.info("could not settle a delivery (%r); the broker requeues it", exc)
         return False
     return True
+
+
+async def flush_settlements() -> None:
+    """Until every settlement queued so far is with the connection's writer."""
+    await flush_all()
 
 
 @dataclass(eq=False, slots=True)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -53,6 +54,8 @@ class Heartbeats(Generic[K]):
         self._flights: dict[str, tuple[frozenset[K], asyncio.Task[None]]] = {}
         self._sequence = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        # When the schedule sleeps until (loop time; -inf while it is not asleep).
+        self._asleep_until = -math.inf
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="heartbeats")
@@ -66,7 +69,11 @@ class Heartbeats(Generic[K]):
 
     def add(self, key: K, queue: str, lease_seconds: float, started: float) -> None:
         self._leases.add(key, queue, lease_seconds, started)
-        self._wake.set()
+        if started + self._leases.running_delay < self._asleep_until:
+            # Due before the schedule would look again. (Most starts are not: the
+            # schedule already waits for an earlier one, and a pass over every lease
+            # per start is what waking it would cost.)
+            self._wake.set()
 
     def finish(self, key: K) -> None:
         self._leases.finish(key)
@@ -102,9 +109,13 @@ class Heartbeats(Generic[K]):
             wakeup = self._leases.next_wakeup()
             self._wake.clear()
             timeout = None if wakeup is None else max(0.0, wakeup - loop.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+            self._asleep_until = math.inf if wakeup is None else wakeup
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+            finally:
+                self._asleep_until = -math.inf
 
     def _send(self, queue: str, now: float) -> None:
         carried = self._leases.begin(queue, now)

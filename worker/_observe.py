@@ -76,6 +76,11 @@ class WorkerObserver:
     def wrap(self, workflow_id: str, handler: Handler) -> Handler:
         executions, duration, tracer = self.executions, self.duration, self.tracer
         observe = duration.labels(workflow_id).observe
+        # The counters of each outcome, looked up once instead of per run.
+        ended = {
+            outcome: executions.labels(workflow_id, outcome).inc
+            for outcome in ("completed", "failed", "cancelled", "timed_out")
+        }
 
         async def observed(ctx: ExecutionContext, payload: Any) -> Any:
             bind(
@@ -113,7 +118,7 @@ class WorkerObserver:
                 raise
             finally:
                 observe(time.perf_counter() - started)
-                executions.labels(workflow_id, outcome).inc()
+                ended[outcome]()
                 if span is not None:
                     span.end(error, **{"polos.outcome": outcome})
 

@@ -129,14 +129,23 @@ class WorkIntake:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        checked_at = -DELIVERY_CHECK_S
         while True:
-            handed = self._intake.due(loop.time())
+            now = loop.time()
+            handed = self._intake.due(now)
             for delivery in handed:
                 self._waiting.pop(delivery.key, None)
-            for key, delivery in list(self._waiting.items()):
-                if not delivery.alive:
-                    self.withdraw(key)
-            unacknowledged = self._check_deliveries()
+            # Every delivery is looked at once per DELIVERY_CHECK_S, not at every
+            # change (a start or an end wakes this loop: a pass over all of them
+            # per execution, when many run).
+            if now - checked_at >= DELIVERY_CHECK_S:
+                checked_at = now
+                for key, delivery in list(self._waiting.items()):
+                    if not delivery.alive:
+                        self.withdraw(key)
+                unacknowledged = self._check_deliveries()
+            else:
+                unacknowledged = True  # some may have arrived since: look when it is time
             waits: list[float] = []
             try:
                 # Before the hand-back: a consumer still open would get them again.
@@ -150,7 +159,7 @@ class WorkIntake:
             if due is not None:
                 waits.append(max(0.0, due - loop.time()))
             if self._waiting or unacknowledged:
-                waits.append(DELIVERY_CHECK_S)
+                waits.append(max(0.0, checked_at + DELIVERY_CHECK_S - loop.time()))
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(waits) if waits else None):
@@ -158,9 +167,11 @@ class WorkIntake:
 
     async def _consume(self) -> None:
         """Consume with the prefetch the intake wants (0: do not consume)."""
+        if not self._lock.locked() and self._target() == self._prefetch:
+            return  # nothing to change (most wakes): no lock, no timer
         # Bounded: a robust channel waits for the connection to come back.
         async with self._lock, asyncio.timeout(self._timeout):
-            target = 0 if self._stopping else self._intake.prefetch
+            target = self._target()
             if target == self._prefetch:
                 return
             if self._tag is not None:
@@ -172,3 +183,6 @@ class WorkIntake:
                 self._tag = await self._queue.consume(self._on_message)
                 self._prefetch = target
             log.info("consuming %s with a prefetch of %d", self._queue.name, target)
+
+    def _target(self) -> int:
+        return 0 if self._stopping else self._intake.prefetch

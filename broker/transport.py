@@ -1,0 +1,103 @@
+"""The TCP transport of our broker connections: a round's frames in one socket write.
+
+aiormq's writer task hands each queued frame run to the socket on its own:
+``transport.write`` sends at once when nothing is buffered, so the ledger
+record, the work, the events and the acknowledgements of one dispatcher flush,
+or a worker's result and the acknowledgement after it, were a ``send()`` each
+(with the broker woken for each). On this 2-core machine that system call was
+the largest single item of the dispatcher's and the worker's profiles
+(``_SelectorSocketTransport.write``, 15-17 % of their busy time).
+
+``CorkedWriter`` collects what is written within one event-loop round and
+writes it as one, in order, at the start of the next round. Whatever waits on
+the socket still does: ``drain`` (which aiormq awaits for every frame that
+asks for it, and before closing) writes what is collected first, and so do
+``write_eof`` and ``close``. TLS connections (``amqps``) keep aiormq's own
+transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiormq.connection import TransportFactory
+from aiormq.exceptions import AMQPConnectionError
+from yarl import URL
+
+_LIMIT = 2**16  # asyncio.open_connection's default buffer limit
+
+
+class CorkedWriter(asyncio.StreamWriter):
+    """A ``StreamWriter`` whose writes of one event-loop round reach the transport as one."""
+
+    def __init__(
+        self,
+        transport: asyncio.WriteTransport,
+        protocol: asyncio.BaseProtocol,
+        reader: asyncio.StreamReader | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(transport, protocol, reader, loop)
+        self._corked_loop = loop
+        self._parts: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._parts.append(bytes(data))
+        if not self._scheduled:
+            self._scheduled = True
+            self._corked_loop.call_soon(self.uncork)
+
+    def writelines(self, data: Any) -> None:
+        for part in data:
+            self.write(part)
+
+    def uncork(self) -> None:
+        """Write what was collected (at the next round, or now before anything waits)."""
+        self._scheduled = False
+        if not self._parts:
+            return
+        parts, self._parts = self._parts, []
+        self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    async def drain(self) -> None:
+        self.uncork()
+        await super().drain()
+
+    def write_eof(self) -> None:
+        self.uncork()
+        super().write_eof()
+
+    def close(self) -> None:
+        self.uncork()
+        super().close()
+
+
+class CorkedTCP(TransportFactory):
+    """aiormq's ``TCPTransportFactory``, with a ``CorkedWriter``."""
+
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        kwargs.pop("ssl_context_provider", None)  # plain TCP, as aiormq's own ignores it
+        limit = kwargs.pop("limit", _LIMIT)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            # aiormq has filled in the port (5672) where the URL had none.
+            transport, _ = await loop.create_connection(
+                lambda: protocol, host=url.host or "localhost", port=url.port or 5672, **kwargs
+            )
+        except OSError as e:
+            raise AMQPConnectionError(*e.args) from e
+        return reader, CorkedWriter(transport, protocol, reader, loop)
+
+
+CORKED_TCP = CorkedTCP()
+
+
+def transport_for(url: URL | str) -> TransportFactory | None:
+    """The transport factory for a connection to ``url`` (None: aiormq's default)."""
+    return CORKED_TCP if URL(str(url)).scheme == "amqp" else None
