@@ -5,7 +5,8 @@ carries and when it is a checkpoint; this module is how an execution, a wanted
 cancel and an end are written in a ``LedgerRecord`` (``schemas/dispatch.py``),
 and how a new owner folds the records of the owners before it into the state it
 takes over (``QueueLifecycle.rebuild``): the newest entry of each execution wins,
-a checkpoint starts over, a tombstone (``ended``) drops what it names.
+a checkpoint starts over, a tombstone (``ended``) drops what it names. And which
+records the owner holds until a confirmed checkpoint lets them go (``HeldRecords``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,47 @@ def encode_record(
             "entries": entries,
         }
     )
+
+
+# -- the records held -------------------------------------------------------------------
+
+
+class HeldRecords:
+    """The ledger records the owner holds unacknowledged: its own until a newer
+    checkpoint of its own is confirmed (so the newest always is), and those of the
+    owners before it until its first checkpoint is."""
+
+    def __init__(self) -> None:
+        self._checkpointed = -1  # seq of the newest confirmed checkpoint
+        self._own: list[tuple[int, Ref]] = []
+        self._foreign: list[Ref] = []
+
+    def hold(self, ref: Ref, seq: int) -> bool:
+        """One of ours, read back. False: a confirmed checkpoint is newer, let it go."""
+        if seq < self._checkpointed:
+            return False
+        self._own.append((seq, ref))
+        return True
+
+    def foreign(self, refs: Iterable[Ref]) -> None:
+        """The records a takeover folded."""
+        self._foreign.extend(refs)
+
+    def checkpointed(self, seq: int) -> list[Ref]:
+        """Our checkpoint ``seq`` is confirmed: the records it makes redundant, to be
+        acknowledged (ours older than it, in order, then every foreign one)."""
+        self._checkpointed = seq
+        done: list[Ref] = []
+        keep: list[tuple[int, Ref]] = []
+        for held, ref in self._own:
+            if held < seq:
+                done.append(ref)
+            else:
+                keep.append((held, ref))
+        self._own = keep
+        done.extend(self._foreign)
+        self._foreign.clear()
+        return done
 
 
 # -- reading ----------------------------------------------------------------------------

@@ -174,9 +174,7 @@ class QueueLifecycle:
         self._since_checkpoint = 0
         self._last_checkpoint_at = -math.inf
         self._want_checkpoint = True
-        self._checkpointed = -1  # seq of the newest confirmed checkpoint
-        self._held_records: list[tuple[int, Ref]] = []
-        self._foreign_records: list[Ref] = []
+        self._records = ledger.HeldRecords()
 
     # -- what the owner asks ------------------------------------------------------------
 
@@ -243,7 +241,7 @@ class QueueLifecycle:
     def rebuild(self, records: Iterable[tuple[Ref, LedgerRecord]], now: float) -> None:
         """Fold the records of the owners before us (received before our probe)."""
         folded = ledger.fold(records, self._cancels)
-        self._foreign_records.extend(folded.refs)
+        self._records.foreign(folded.refs)
         self._cancels = folded.cancels
         for execution_id in folded.ended:
             self._remember(execution_id, now)
@@ -422,10 +420,8 @@ class QueueLifecycle:
             self._admit(now)
 
     def on_own_record(self, ref: Ref, seq: int) -> None:
-        if seq < self._checkpointed:
+        if not self._records.hold(ref, seq):
             self._effects.append(Ack(ref))
-        else:
-            self._held_records.append((seq, ref))
 
     def on_ledger_written(self, write: LedgerWrite) -> list[Ack]:
         """The record is confirmed: after a checkpoint, the older records may go.
@@ -436,16 +432,7 @@ class QueueLifecycle:
         acks = [Ack(ref) for ref in write.settles]
         if not write.checkpoint:
             return acks
-        self._checkpointed = write.seq
-        keep: list[tuple[int, Ref]] = []
-        for seq, ref in self._held_records:
-            if seq < write.seq:
-                acks.append(Ack(ref))
-            else:
-                keep.append((seq, ref))
-        self._held_records = keep
-        acks.extend(Ack(ref) for ref in self._foreign_records)
-        self._foreign_records.clear()
+        acks.extend(Ack(ref) for ref in self._records.checkpointed(write.seq))
         return acks
 
     def on_announced(self, executions: Iterable[Execution]) -> None:
