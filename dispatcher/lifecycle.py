@@ -45,7 +45,8 @@ Concurrency keys (``strategy``, the queue's, from the registry):
   the newer id; its workers told to stop); one older than what is here ends so
   itself. Then one FIFO under the limit, as for ``deduplicate``.
 
-Slots are counted per key whatever the strategy (``_holders``), so a takeover
+Slots are counted per key whatever the strategy (``Admission``, in
+``dispatcher/admission.py``, with the FIFO, lanes and heap), so a takeover
 rebuilds them from the ledger's keys and a strategy change applies at once:
 nothing in flight is stopped by one, pending executions are admitted by the new
 rule.
@@ -69,6 +70,10 @@ Flushes are sequential, so only the work of the last record of a dead owner
 may not have been published: those executions get a lease at the takeover,
 like running ones, and are dispatched again if no worker reports them within it.
 A second worker reporting one dispatch (not a broker redelivery) is told to stop.
+How an entry is written and how the records fold is ``dispatcher/ledger.py``.
+
+The values it speaks in (``Execution``, ``Stage``, ``Tunables``, the effects) are
+``dispatcher/execution.py``, importable from here too.
 """
 
 from __future__ import annotations
@@ -78,14 +83,30 @@ import math
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
-import orjson
-
+from dispatcher import ledger
+from dispatcher.admission import Admission
+from dispatcher.execution import (
+    Ack,
+    Dispatch,
+    Effect,
+    Emit,
+    Ending,
+    Execution,
+    LedgerWrite,
+    Ref,
+    SendCancel,
+    Stage,
+    TerminalResult,
+    Timer,
+    Tunables,
+    WantedCancel,
+    decided_at,
+    superseded_by,
+    user_cancel,
+)
 from schemas.dispatch import (
-    Cancelled,
     CancelRequest,
     Completed,
     ErrorInfo,
@@ -96,179 +117,30 @@ from schemas.dispatch import (
     Released,
 )
 from schemas.envelope import SubmissionEnvelope
-from schemas.ids import rfc3339
 from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
 
-Ref = int
-"""An opaque handle of a delivery the owner holds."""
+# What other modules and the tests import from here (defined in dispatcher/execution.py).
+__all__ = [
+    "Ack",
+    "Dispatch",
+    "Effect",
+    "Emit",
+    "Execution",
+    "LedgerWrite",
+    "QueueLifecycle",
+    "Ref",
+    "SendCancel",
+    "Stage",
+    "TerminalResult",
+    "Tunables",
+    "superseded_by",
+    "user_cancel",
+]
 
 S = ExecutionStatus
-TerminalResult = Completed | Failed | Cancelled
 # Terminal execution ids remembered, so a late report or redelivery of one is settled.
 RECENT_TERMINAL = 4096
 MIN_CHECKPOINT_ENTRIES = 64
-
-
-class Stage(StrEnum):
-    PENDING = "pending"
-    DISPATCHED = "dispatched"
-    RUNNING = "running"
-    WAITING_RETRY = "waiting_retry"
-    TERMINAL = "terminal"
-
-
-@dataclass(frozen=True, slots=True)
-class Tunables:
-    lease_seconds: float = 30.0
-    hold_seconds: float = 20.0
-    cancel_queued_wait_seconds: float = 3600.0
-    cancel_unknown_wait_seconds: float = 10.0
-
-
-@dataclass(slots=True, eq=False)
-class Execution:
-    execution_id: str
-    attempt: int
-    key: str | None
-    workflow_id: str
-    deployment_id: str
-    envelope: SubmissionEnvelope | None
-    raw: bytes | None
-    stage: Stage = Stage.PENDING
-    submission: Ref | None = None  # its delivery, while we hold it
-    received_at: float = 0.0
-    released: bool = False  # the ledger holds its envelope; its delivery was let go
-    in_ledger: bool = False  # some record names it: its end needs a tombstone
-    dispatch_id: str | None = None
-    dispatches: int = 0  # how many times it was handed out
-    deadline: float | None = None
-    lease_until: float | None = None
-    worker_id: str | None = None
-    started_at: str | None = None
-    republish: bool = False  # to be dispatched once its submission is back (no envelope yet)
-    # Its dispatch may never have been published (a dead owner's last record named
-    # it, or it waits for its submission to be sent again): it keeps a lease until
-    # a worker reports it, and the ledger says so, so every later owner knows too.
-    unsent: bool = False
-    retries: int = 0  # retries before the current (or next) run: Polos's retry_count
-    retry_at: float | None = None  # when waiting for a retry: its dispatch
-    retry_of: str | None = None  # when waiting for a retry: the dispatch that failed
-    seq: int = 0  # its place in the queue, while pending (arrival order)
-
-    @property
-    def holds_slot(self) -> bool:
-        return self.stage in (Stage.DISPATCHED, Stage.RUNNING, Stage.WAITING_RETRY)
-
-    @property
-    def run_timeout(self) -> int | None:
-        return self.envelope.run_timeout_seconds if self.envelope is not None else None
-
-
-# -- effects ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    execution: Execution
-    dispatch_id: str
-    deadline: float
-    count: int = 1
-    retry_count: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Emit:
-    """A lifecycle event. A terminal one must be confirmed before the end is recorded
-    (the ledger's tombstone) and the deliveries it settles are acknowledged: the
-    effector tells ``on_announced``; until then the execution stays in the ledger as
-    it was, so a new owner hears of it again (its result or submission comes back)."""
-
-    status: ExecutionStatus
-    execution: Execution
-    dispatch_id: str | None = None
-    worker_id: str | None = None
-    duplicate_of: str | None = None
-    result: Any = None
-    error: ErrorInfo | None = None
-    with_submission: bool = False
-    cancelled_by: str | None = None
-    at: str | None = None
-    started_at: str | None = None
-    terminal: bool = False
-    # The run it is about; None: the execution's current one when it is published.
-    retry_count: int | None = None
-    retry_at: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SendCancel:
-    execution: Execution
-    reason: Literal["timeout", "user", "superseded"]
-    dispatch_id: str | None = None
-    worker_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    ref: Ref
-
-
-Effect = Dispatch | Emit | SendCancel | Ack
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerWrite:
-    seq: int
-    checkpoint: bool
-    body: bytes
-    # Deliveries settled by the ends this record carries: acknowledged once it is confirmed.
-    settles: tuple[Ref, ...] = ()
-
-
-@dataclass(slots=True)
-class _Ending:
-    """A terminal execution whose event is not confirmed yet."""
-
-    execution: Execution
-    was: Stage  # its stage before: what the ledger says of it until the event is out
-    refs: list[Ref]
-
-
-@dataclass(slots=True)
-class _WantedCancel:
-    requested_by: str
-    until: float
-
-
-class _Timer(StrEnum):
-    DEADLINE = "deadline"
-    LEASE = "lease"
-    HOLD = "hold"
-    RETRY = "retry"
-
-
-_REBUILT_STAGES = {
-    "dispatched": Stage.DISPATCHED,
-    "running": Stage.RUNNING,
-    "waiting_retry": Stage.WAITING_RETRY,
-}
-
-
-def _at(now: float) -> str:
-    """Events say when the owner decided, not when they were published."""
-    return rfc3339(int(now * 1e9))
-
-
-def user_cancel(requested_by: str) -> ErrorInfo:
-    return ErrorInfo(type="cancelled", message=f"cancelled on request of {requested_by}")
-
-
-def superseded_by(execution_id: str) -> ErrorInfo:
-    return ErrorInfo(
-        type="cancelled",
-        message=f"superseded by the newer execution {execution_id} with the same "
-        "concurrency_key (cancel_in_progress)",
-    )
 
 
 class QueueLifecycle:
@@ -283,31 +155,16 @@ class QueueLifecycle:
         strategy: ConcurrencyStrategy = DEFAULT_CONCURRENCY_STRATEGY,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
-        self.limit = limit
-        self.strategy: ConcurrencyStrategy = strategy
+        self._admission = Admission(limit, strategy)
         self.admitting = True
         self.tunables = tunables
         self.owner = owner
         self._new_id = new_id
         self.executions: dict[str, Execution] = {}  # every one not terminal
-        # Pending executions in arrival order, and (partition, cancel_in_progress) the
-        # same by concurrency key (None: those without one): ordered dicts, so any of
-        # them leaves in O(1). deduplicate keeps no lanes: one dict less per key.
-        self._fifo: OrderedDict[str, Execution] = OrderedDict()
-        self._lanes: dict[str | None, OrderedDict[str, Execution]] = {}
-        self._arrivals = 0
-        self._parked = 0  # of the fifo, those released (asked after every flush: counted)
-        # Executions holding a slot, by concurrency key (the first is the dedup holder).
-        self._holders: dict[str | None, dict[str, Execution]] = {}
-        self._used = 0
-        # partition: the keys that may admit now, by the arrival of their first pending
-        # one (a heap; an entry is live while ``_ready_at[key]`` is its seq).
-        self._ready: list[tuple[int, str | None]] = []
-        self._ready_at: dict[str | None, int] = {}
         self._recent: OrderedDict[str, float] = OrderedDict()  # terminal id -> when
-        self._ending: dict[str, _Ending] = {}  # terminal, its event not confirmed yet
+        self._ending: dict[str, Ending] = {}  # terminal, its event not confirmed yet
         self._settled_by_record: list[Ref] = []  # acknowledged behind the next record
-        self._cancels: dict[str, _WantedCancel] = {}
+        self._cancels: dict[str, WantedCancel] = {}
         self._timers: list[tuple[float, str, str]] = []
         self._effects: list[Effect] = []
         # The ledger.
@@ -317,25 +174,36 @@ class QueueLifecycle:
         self._since_checkpoint = 0
         self._last_checkpoint_at = -math.inf
         self._want_checkpoint = True
-        self._checkpointed = -1  # seq of the newest confirmed checkpoint
-        self._held_records: list[tuple[int, Ref]] = []
-        self._foreign_records: list[Ref] = []
+        self._records = ledger.HeldRecords()
 
     # -- what the owner asks ------------------------------------------------------------
 
     @property
+    def limit(self) -> int | None:
+        return self._admission.limit
+
+    @property
+    def strategy(self) -> ConcurrencyStrategy:
+        return self._admission.strategy
+
+    @property
     def held(self) -> int:
         """Executions holding a slot."""
-        return self._used
+        return self._admission.held
 
     @property
     def pending(self) -> int:
-        return len(self._fifo)
+        return self._admission.pending
 
     @property
     def parked(self) -> int:
         """Pending executions whose submission delivery was let go (kept in the ledger)."""
-        return self._parked
+        return self._admission.parked
+
+    @property
+    def _ready(self) -> list[tuple[int, str | None]]:
+        """partition's heap of the keys that may admit (its size is a test's bound)."""
+        return self._admission.ready
 
     @property
     def busy(self) -> bool:
@@ -347,11 +215,11 @@ class QueueLifecycle:
         return len(self._ending)
 
     def has_slot(self) -> bool:
-        return self.limit is None or self._used < self.limit
+        return self._admission.has_slot()
 
     def holding(self, key: str | None) -> int:
         """Executions with this concurrency key holding a slot (None: those without one)."""
-        return len(self._holders.get(key, ()))
+        return self._admission.holding(key)
 
     def next_wakeup(self) -> float:
         """When ``tick`` has something to do (deadlines, leases, holds, the checkpoint)."""
@@ -372,67 +240,31 @@ class QueueLifecycle:
 
     def rebuild(self, records: Iterable[tuple[Ref, LedgerRecord]], now: float) -> None:
         """Fold the records of the owners before us (received before our probe)."""
-        ordered = sorted(records, key=lambda item: (item[1].epoch, item[1].seq))
-        state: OrderedDict[str, Any] = OrderedDict()
-        for ref, record in ordered:
-            self._foreign_records.append(ref)
-            if record.checkpoint:
-                state.clear()
-                self._cancels.clear()
-            for entry in record.entries:
-                if entry.stage == "ended":
-                    state.pop(entry.execution_id, None)
-                    self._cancels.pop(entry.execution_id, None)
-                    self._remember(entry.execution_id, now)
-                elif entry.stage == "cancel":
-                    if entry.until is not None and entry.requested_by is not None:
-                        self._cancels[entry.execution_id] = _WantedCancel(
-                            entry.requested_by, entry.until
-                        )
-                else:
-                    state[entry.execution_id] = entry
-        if ordered:
-            self.epoch = ordered[-1][1].epoch + 1
-            last = ordered[-1][1]
-            unsure = {e.execution_id for e in last.entries if e.stage == "dispatched"}
-        else:
-            unsure = set()
-        # And what an owner before it already was not sure of (carried in its records).
-        unsure |= {i for i, e in state.items() if e.stage == "dispatched" and e.unsent}
-        for entry in state.values():
-            submission = entry.submission
-            x = Execution(
-                execution_id=entry.execution_id,
-                attempt=entry.attempt,
-                key=entry.concurrency_key,
-                workflow_id=entry.workflow_id,
-                deployment_id=entry.deployment_id,
-                envelope=submission,
-                raw=orjson.dumps(submission.model_dump(mode="json")) if submission else None,
-                released=submission is not None,
-                in_ledger=True,
-                dispatch_id=entry.dispatch_id,
-                dispatches=entry.dispatch_count,
-                deadline=entry.deadline,
-                retries=entry.retry_count,
-            )
+        folded = ledger.fold(records, self._cancels)
+        self._records.foreign(folded.refs)
+        self._cancels = folded.cancels
+        for execution_id in folded.ended:
+            self._remember(execution_id, now)
+        if folded.epoch is not None:
+            self.epoch = folded.epoch + 1
+        for entry in folded.entries:
+            x = ledger.restore(entry)
             self.executions[x.execution_id] = x
-            if entry.stage == "pending":
-                self._enqueue(x)
+            if x.stage is Stage.PENDING:
+                self._admission.enqueue(x)
                 continue
-            x.stage = _REBUILT_STAGES[entry.stage]
-            self._take_slot(x)
+            self._admission.take_slot(x)
             if x.deadline is not None:
-                self._arm(x.deadline, _Timer.DEADLINE, x)
+                self._arm(x.deadline, Timer.DEADLINE, x)
             if x.stage is Stage.WAITING_RETRY:
                 # Due at the time its owner set (at once if that passed).
                 x.retry_at = entry.retry_at if entry.retry_at is not None else now
                 x.retry_of = entry.retry_of
-                self._arm(x.retry_at, _Timer.RETRY, x)
+                self._arm(x.retry_at, Timer.RETRY, x)
             elif x.stage is Stage.RUNNING:
                 # Renewed from now: a lease is never shortened by a takeover.
                 self._renew(x, now)
-            elif x.execution_id in unsure:
+            elif x.execution_id in folded.unsure:
                 # A dead owner's last flush may have died before its work went out. A
                 # lease from now: a worker that runs it reports within it; if none
                 # does, it is dispatched again when the lease expires.
@@ -451,7 +283,7 @@ class QueueLifecycle:
                 # In flight per the ledger; this is its held submission, returned.
                 x.submission, x.received_at = ref, now
                 x.envelope, x.raw = envelope, raw
-                self._arm(now + self.tunables.hold_seconds, _Timer.HOLD, x)
+                self._arm(now + self.tunables.hold_seconds, Timer.HOLD, x)
                 if x.republish:
                     self._republish(x)
             else:
@@ -485,8 +317,8 @@ class QueueLifecycle:
             return
         if self.strategy == "cancel_in_progress" and x.key is not None and self._supersede(x, now):
             return
-        self._enqueue(x)
-        self._arm(now + self.tunables.hold_seconds, _Timer.HOLD, x)
+        self._admission.enqueue(x)
+        self._arm(now + self.tunables.hold_seconds, Timer.HOLD, x)
         self._admit(now)
 
     def on_heartbeat(self, ref: Ref, heartbeat: Heartbeat, now: float) -> None:
@@ -577,7 +409,7 @@ class QueueLifecycle:
                 if request.seen_status in (None, S.QUEUED)
                 else self.tunables.cancel_unknown_wait_seconds
             )
-            self._cancels[execution_id] = _WantedCancel(request.requested_by, now + wait)
+            self._cancels[execution_id] = WantedCancel(request.requested_by, now + wait)
             self._dirty[execution_id] = f"cancel:{execution_id}"
         self._effects.append(Ack(ref))
 
@@ -588,10 +420,8 @@ class QueueLifecycle:
             self._admit(now)
 
     def on_own_record(self, ref: Ref, seq: int) -> None:
-        if seq < self._checkpointed:
+        if not self._records.hold(ref, seq):
             self._effects.append(Ack(ref))
-        else:
-            self._held_records.append((seq, ref))
 
     def on_ledger_written(self, write: LedgerWrite) -> list[Ack]:
         """The record is confirmed: after a checkpoint, the older records may go.
@@ -602,16 +432,7 @@ class QueueLifecycle:
         acks = [Ack(ref) for ref in write.settles]
         if not write.checkpoint:
             return acks
-        self._checkpointed = write.seq
-        keep: list[tuple[int, Ref]] = []
-        for seq, ref in self._held_records:
-            if seq < write.seq:
-                acks.append(Ack(ref))
-            else:
-                keep.append((seq, ref))
-        self._held_records = keep
-        acks.extend(Ack(ref) for ref in self._foreign_records)
-        self._foreign_records.clear()
+        acks.extend(Ack(ref) for ref in self._records.checkpointed(write.seq))
         return acks
 
     def on_announced(self, executions: Iterable[Execution]) -> None:
@@ -628,9 +449,7 @@ class QueueLifecycle:
                 self._effects.extend(Ack(ref) for ref in ending.refs)
 
     def set_limit(self, limit: int | None, now: float) -> None:
-        self.limit = limit
-        for key in self._lanes:
-            self._mark(key)
+        self._admission.set_limit(limit)
         self._admit(now)
 
     def set_strategy(self, strategy: ConcurrencyStrategy, now: float) -> None:
@@ -638,15 +457,7 @@ class QueueLifecycle:
         says (nothing is stopped by a change), pending ones are admitted by it."""
         if strategy == self.strategy:
             return
-        self.strategy = strategy
-        self._ready.clear()
-        self._ready_at.clear()
-        self._lanes.clear()
-        if strategy != "deduplicate":
-            for x in self._fifo.values():
-                self._lane_of(x)[x.execution_id] = x
-        for key in self._lanes:
-            self._mark(key)
+        self._admission.set_strategy(strategy)
         self._admit(now)
 
     def drain(self) -> None:
@@ -659,14 +470,14 @@ class QueueLifecycle:
                 continue
             _, kind, execution_id = item
             x = self.executions[execution_id]
-            if kind == _Timer.DEADLINE:
+            if kind == Timer.DEADLINE:
                 timeout = x.run_timeout
                 message = f"not finished within {timeout}s" if timeout else "deadline passed"
                 self._finish(x, S.TIMED_OUT, now, error=ErrorInfo(type="timeout", message=message))
                 self._effects.append(SendCancel(x, "timeout"))
-            elif kind == _Timer.LEASE:
+            elif kind == Timer.LEASE:
                 self._dispatch_again(x, now)
-            elif kind == _Timer.RETRY:
+            elif kind == Timer.RETRY:
                 self._retry_due(x, now)
             else:
                 self._release_submission(x)
@@ -690,17 +501,17 @@ class QueueLifecycle:
         if checkpoint:
             # Ends not announced yet stay as they were: a new owner hears of them again.
             entries = [
-                self._entry(e.execution, e.was)
+                ledger.entry(e.execution, e.was)
                 for e in self._ending.values()
                 if e.execution.in_ledger
             ]
-            entries += [self._entry(x) for x in self._in_ledger_order()]
-            entries += [self._cancel_entry(i, c) for i, c in self._cancels.items()]
+            entries += [ledger.entry(x) for x in self._in_ledger_order()]
+            entries += [ledger.cancel_entry(i, c) for i, c in self._cancels.items()]
             # Tombstones of recent ends: a submission whose acknowledgement was lost
             # in a crash must not run again.
             horizon = now - 2 * self.tunables.hold_seconds
             entries += [
-                {"execution_id": i, "stage": "ended"}
+                ledger.ended_entry(i)
                 for i, at in self._recent.items()
                 if at >= horizon and i not in self._ending
             ]
@@ -713,26 +524,17 @@ class QueueLifecycle:
             entries = []
             for execution_id, item in self._dirty.items():
                 if isinstance(item, Execution):
-                    entries.append(self._entry(item))
+                    entries.append(ledger.entry(item))
                     item.in_ledger = True
                 elif execution_id in self._cancels:
-                    entries.append(self._cancel_entry(execution_id, self._cancels[execution_id]))
+                    entries.append(ledger.cancel_entry(execution_id, self._cancels[execution_id]))
                 elif not item.startswith("cancel:"):
-                    entries.append({"execution_id": execution_id, "stage": "ended"})
+                    entries.append(ledger.ended_entry(execution_id))
             self._since_checkpoint += len(entries)
         self._dirty.clear()
         settles, self._settled_by_record = tuple(self._settled_by_record), []
         self._seq += 1
-        body = orjson.dumps(
-            {
-                "type": "ledger",
-                "owner": self.owner,
-                "epoch": self.epoch,
-                "seq": self._seq,
-                "checkpoint": checkpoint,
-                "entries": entries,
-            }
-        )
+        body = ledger.encode_record(self.owner, self.epoch, self._seq, checkpoint, entries)
         return LedgerWrite(self._seq, checkpoint, body, settles)
 
     # -- transitions ---------------------------------------------------------------------
@@ -746,20 +548,18 @@ class QueueLifecycle:
     def _admit_in_order(self, now: float) -> None:
         """One FIFO under the queue's limit (deduplicate, cancel_in_progress)."""
         dedup = self.strategy == "deduplicate"
-        while self.admitting and self._fifo:
-            x = next(iter(self._fifo.values()))
-            holders = self._holders.get(x.key) if dedup and x.key is not None else None
-            if holders:
+        while self.admitting and (x := self._admission.head()) is not None:
+            holder = self._admission.holder_of(x.key) if dedup and x.key is not None else None
+            if holder is not None:
                 # Settled without a slot: a duplicate never runs, so it never waits.
-                self._unqueue(x)
-                holder = next(iter(holders))
+                self._admission.unqueue(x)
                 self._finish(x, S.DEDUPLICATED, now, duplicate_of=holder, with_submission=True)
                 continue
             if self._settle_wanted_cancel(x, now):
                 continue
             if not self.has_slot():
                 return
-            self._unqueue(x)
+            self._admission.unqueue(x)
             self._start(x, now)
 
     def _admit_by_key(self, now: float) -> None:
@@ -767,29 +567,18 @@ class QueueLifecycle:
         without holding back the others. Each admission is the earliest arrival
         among the first pending ones of the keys with a free slot (a heap of keys,
         O(log keys)); within a key, FIFO."""
-        while self.admitting and self._ready:
-            seq, key = heapq.heappop(self._ready)
-            if self._ready_at.get(key) != seq:
-                continue  # superseded by a later entry of its key
-            del self._ready_at[key]
-            lane = self._lanes.get(key)
-            if not lane:
-                continue
-            x = next(iter(lane.values()))
-            if x.seq != seq or not self._lane_free(key):
-                self._mark(key)  # marked again when a slot of the key frees
-                continue
+        while self.admitting and (x := self._admission.next_by_key()) is not None:
             if not self._settle_wanted_cancel(x, now):
-                self._unqueue(x)
+                self._admission.unqueue(x)
                 self._start(x, now)
-            self._mark(key)
+            self._admission.mark(x.key)
 
     def _settle_wanted_cancel(self, x: Execution, now: float) -> bool:
         """A cancel asked before the ledger of a takeover had it arrive: ended, unrun."""
         wanted = self._cancels.pop(x.execution_id, None)
         if wanted is None:
             return False
-        self._unqueue(x)
+        self._admission.unqueue(x)
         self._finish(
             x,
             S.CANCELLED,
@@ -800,10 +589,10 @@ class QueueLifecycle:
         return True
 
     def _start(self, x: Execution, now: float) -> None:
-        self._take_slot(x)
+        self._admission.take_slot(x)
         assert x.envelope is not None  # pending executions always carry theirs
         x.deadline = now + x.envelope.run_timeout_seconds
-        self._arm(x.deadline, _Timer.DEADLINE, x)
+        self._arm(x.deadline, Timer.DEADLINE, x)
         self._send(x, now, announce=True)
 
     def _supersede(self, x: Execution, now: float) -> bool:
@@ -815,7 +604,7 @@ class QueueLifecycle:
         workers are told to stop); or ``x`` itself, if a newer one is here. True:
         ``x`` ended.
         """
-        rivals = [*self._holders.get(x.key, {}).values(), *self._lanes.get(x.key, {}).values()]
+        rivals = self._admission.of_key(x.key)
         newest = max(rivals, key=lambda r: r.execution_id, default=None)
         if newest is not None and newest.execution_id > x.execution_id:
             self._finish(
@@ -854,7 +643,13 @@ class QueueLifecycle:
         self._effects.append(Dispatch(x, x.dispatch_id, x.deadline, x.dispatches, x.retries))
         if announce:
             self._effects.append(
-                Emit(S.ADMITTED, x, dispatch_id=x.dispatch_id, with_submission=True, at=_at(now))
+                Emit(
+                    S.ADMITTED,
+                    x,
+                    dispatch_id=x.dispatch_id,
+                    with_submission=True,
+                    at=decided_at(now),
+                )
             )
 
     def _republish(self, x: Execution) -> None:
@@ -896,7 +691,7 @@ class QueueLifecycle:
         x.retry_at, x.retry_of = retry_at, x.dispatch_id
         self._effects.append(self._retry_event(x, failed, now))
         x.dispatch_id = x.lease_until = x.worker_id = x.started_at = None
-        self._arm(retry_at, _Timer.RETRY, x)
+        self._arm(retry_at, Timer.RETRY, x)
         self._ledger(x)
         return True
 
@@ -918,10 +713,10 @@ class QueueLifecycle:
             dispatch_id=x.retry_of,
             worker_id=failed.worker_id,
             error=failed.error,
-            at=_at(now),
+            at=decided_at(now),
             started_at=failed.started_at or x.started_at,
             retry_count=x.retries,
-            retry_at=_at(x.retry_at),
+            retry_at=decided_at(x.retry_at),
         )
 
     def _retry_due(self, x: Execution, now: float) -> None:
@@ -958,7 +753,7 @@ class QueueLifecycle:
         if x.submission is None or x.released:
             return
         x.released = True
-        self._parked += x.stage is Stage.PENDING
+        self._admission.released(x)
         self._ledger(x)
         self._effects.append(Ack(x.submission))
         x.submission = None
@@ -982,7 +777,7 @@ class QueueLifecycle:
         deliveries it settles (``settles``, its submission) are acknowledged only
         once the terminal event is confirmed (``on_announced``)."""
         was = x.stage
-        self._vacate(x)
+        self._admission.vacate(x)
         x.stage = Stage.TERMINAL
         self.executions.pop(x.execution_id, None)
         self._remember(x.execution_id, now)
@@ -993,7 +788,7 @@ class QueueLifecycle:
         x.submission = None
         if settles is not None:
             refs.append(settles)
-        self._ending[x.execution_id] = _Ending(x, was, refs)
+        self._ending[x.execution_id] = Ending(x, was, refs)
         self._effects.append(
             Emit(
                 status,
@@ -1005,7 +800,7 @@ class QueueLifecycle:
                 error=error,
                 with_submission=with_submission,
                 cancelled_by=cancelled_by,
-                at=_at(now),
+                at=decided_at(now),
                 started_at=started_at,
                 terminal=True,
             )
@@ -1013,76 +808,11 @@ class QueueLifecycle:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def _enqueue(self, x: Execution) -> None:
-        self._arrivals += 1
-        x.seq = self._arrivals
-        self._fifo[x.execution_id] = x
-        self._parked += x.released
-        if self.strategy == "deduplicate":
-            return
-        lane = self._lane_of(x)
-        lane[x.execution_id] = x
-        if len(lane) == 1:
-            self._mark(x.key)
-
-    def _lane_of(self, x: Execution) -> OrderedDict[str, Execution]:
-        lane = self._lanes.get(x.key)
-        if lane is None:
-            lane = self._lanes[x.key] = OrderedDict()
-        return lane
-
-    def _unqueue(self, x: Execution) -> None:
-        """No longer pending (admitted, or ended while it waited)."""
-        del self._fifo[x.execution_id]
-        self._parked -= x.released
-        lane = self._lanes.get(x.key)
-        if lane is None:
-            return  # deduplicate: no lanes
-        del lane[x.execution_id]
-        if not lane:
-            del self._lanes[x.key]
-        if self._ready_at.get(x.key) == x.seq:
-            del self._ready_at[x.key]  # it led its key: the next one does
-            self._mark(x.key)
-
-    def _vacate(self, x: Execution) -> None:
-        """It ends: its slot (and key) or its place in the queue is free."""
-        if x.holds_slot:
-            self._used -= 1
-            holders = self._holders[x.key]
-            del holders[x.execution_id]
-            if not holders:
-                del self._holders[x.key]
-            self._mark(x.key)
-        elif x.stage is Stage.PENDING and x.execution_id in self._fifo:
-            self._unqueue(x)
-
-    def _take_slot(self, x: Execution) -> None:
-        self._used += 1
-        holders = self._holders.get(x.key)
-        if holders is None:
-            holders = self._holders[x.key] = {}
-        holders[x.execution_id] = x
-
-    def _lane_free(self, key: str | None) -> bool:
-        return self.limit is None or len(self._holders.get(key, ())) < self.limit
-
-    def _mark(self, key: str | None) -> None:
-        """partition: put the key among those that may admit, if it may."""
-        if self.strategy != "partition" or key in self._ready_at:
-            return
-        lane = self._lanes.get(key)
-        if not lane or not self._lane_free(key):
-            return
-        seq = next(iter(lane.values())).seq
-        self._ready_at[key] = seq
-        heapq.heappush(self._ready, (seq, key))
-
     def _renew(self, x: Execution, now: float) -> None:
         x.lease_until = now + self.tunables.lease_seconds
-        self._arm(x.lease_until, _Timer.LEASE, x)
+        self._arm(x.lease_until, Timer.LEASE, x)
 
-    def _arm(self, when: float, kind: _Timer, x: Execution) -> None:
+    def _arm(self, when: float, kind: Timer, x: Execution) -> None:
         heapq.heappush(self._timers, (when, kind.value, x.execution_id))
 
     def _timer_valid(self, item: tuple[float, str, str]) -> bool:
@@ -1090,11 +820,11 @@ class QueueLifecycle:
         x = self.executions.get(execution_id)
         if x is None:
             return False
-        if kind == _Timer.DEADLINE:
+        if kind == Timer.DEADLINE:
             return x.holds_slot and x.deadline == when
-        if kind == _Timer.LEASE:
+        if kind == Timer.LEASE:
             return x.holds_slot and x.lease_until == when
-        if kind == _Timer.RETRY:
+        if kind == Timer.RETRY:
             return x.stage is Stage.WAITING_RETRY and x.retry_at == when
         return x.submission is not None and not x.released and x.received_at <= when
 
@@ -1110,40 +840,5 @@ class QueueLifecycle:
 
     def _in_ledger_order(self) -> list[Execution]:
         # Pending ones in their queue order (a new owner keeps it), the rest after.
-        pending = [x for x in self._fifo.values() if x.released]
+        pending = [x for x in self._admission.queued() if x.released]
         return pending + [x for x in self.executions.values() if x.holds_slot]
-
-    @staticmethod
-    def _entry(x: Execution, stage_of: Stage | None = None) -> dict[str, Any]:
-        at = stage_of or x.stage
-        stage = at.value if at is not Stage.TERMINAL else "ended"
-        entry: dict[str, Any] = {
-            "execution_id": x.execution_id,
-            "stage": stage,
-            "dispatch_id": x.dispatch_id,
-            "dispatch_count": x.dispatches,
-            "deadline": x.deadline,
-            "attempt": x.attempt,
-            "concurrency_key": x.key,
-            "workflow_id": x.workflow_id,
-            "deployment_id": x.deployment_id,
-        }
-        if x.unsent and at is Stage.DISPATCHED:
-            entry["unsent"] = True
-        if x.retries:
-            entry["retry_count"] = x.retries
-        if x.retry_at is not None:
-            entry["retry_at"] = x.retry_at
-            entry["retry_of"] = x.retry_of
-        if x.released and x.raw is not None:
-            entry["submission"] = orjson.Fragment(x.raw)
-        return entry
-
-    @staticmethod
-    def _cancel_entry(execution_id: str, wanted: _WantedCancel) -> dict[str, Any]:
-        return {
-            "execution_id": execution_id,
-            "stage": "cancel",
-            "requested_by": wanted.requested_by,
-            "until": wanted.until,
-        }
