@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -117,6 +116,7 @@ from schemas.dispatch import (
     Released,
 )
 from schemas.envelope import SubmissionEnvelope
+from schemas.ids import new_hex_id
 from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
 
 # What other modules and the tests import from here (defined in dispatcher/execution.py).
@@ -153,7 +153,7 @@ class QueueLifecycle:
         *,
         owner: str,
         strategy: ConcurrencyStrategy = DEFAULT_CONCURRENCY_STRATEGY,
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        new_id: Callable[[], str] = new_hex_id,
     ) -> None:
         self._admission = Admission(limit, strategy)
         self.admitting = True

@@ -112,6 +112,13 @@ def new_session_id() -> str:
     return _uuid_str(value)
 
 
+def new_hex_id() -> str:
+    """128 random bits as 32 hex digits (dispatch ids), from the same pool."""
+    with _lock:
+        bits = _random_bits(16)
+    return f"{bits:032x}"
+
+
 def uuid7_time_ms(value: uuid.UUID) -> int:
     """The Unix millisecond embedded in a UUIDv7."""
     return value.int >> 80
