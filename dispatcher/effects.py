@@ -157,9 +157,9 @@ class Effector:
             log.error("%s/%s: events not published: %s", self._project_id, self._queue_name, exc)
             self._links.fail(exc)
             return
-        self._lifecycle.on_announced(e.execution for e in events if e.terminal)
+        self._lifecycle.on_announced((e.execution for e in events if e.terminal), time.time())
         await self._ack(acks)
-        self.kick()  # the ends are recorded by the next flush
+        self.kick()  # the ends are recorded by a next flush (or wait a moment for one)
 
     async def _ack(self, acks: list[Ack]) -> None:
         for effect in acks:

@@ -38,6 +38,10 @@ class Tunables:
     hold_seconds: float = 20.0
     cancel_queued_wait_seconds: float = 3600.0
     cancel_unknown_wait_seconds: float = 10.0
+    # A record that would carry only ends (tombstones) waits this long for another
+    # record to ride on, or until this many deliveries wait on it (0: never waits).
+    ends_linger_seconds: float = 0.0
+    ends_batch: int = 64
 
 
 @dataclass(slots=True, eq=False)

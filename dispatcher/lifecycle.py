@@ -164,6 +164,7 @@ class QueueLifecycle:
         self._recent: OrderedDict[str, float] = OrderedDict()  # terminal id -> when
         self._ending: dict[str, Ending] = {}  # terminal, its event not confirmed yet
         self._settled_by_record: list[Ref] = []  # acknowledged behind the next record
+        self._ends_since: float | None = None  # when the oldest end not yet written was told
         self._cancels: dict[str, WantedCancel] = {}
         self._timers: list[tuple[float, str, str]] = []
         self._effects: list[Effect] = []
@@ -207,7 +208,7 @@ class QueueLifecycle:
 
     @property
     def busy(self) -> bool:
-        return bool(self.executions) or bool(self._ending)
+        return bool(self.executions) or bool(self._ending) or bool(self._settled_by_record)
 
     @property
     def announcing(self) -> int:
@@ -230,6 +231,8 @@ class QueueLifecycle:
             wake = min(wake, self._timers[0][0])
         if self._cancels:
             wake = min(wake, min(c.until for c in self._cancels.values()))
+        if self._ends_since is not None:
+            wake = min(wake, self._ends_since + self.tunables.ends_linger_seconds)
         return wake
 
     def take_effects(self) -> list[Effect]:
@@ -435,9 +438,13 @@ class QueueLifecycle:
         acks.extend(Ack(ref) for ref in self._records.checkpointed(write.seq))
         return acks
 
-    def on_announced(self, executions: Iterable[Execution]) -> None:
+    def on_announced(self, executions: Iterable[Execution], now: float) -> None:
         """Their terminal events are confirmed: record their ends, then let go of
-        the deliveries they settle (behind the record, if a record names them)."""
+        the deliveries they settle (behind the record, if a record names them).
+
+        The ends ride the next record; one of their own is written only after
+        ``ends_linger_seconds`` or once ``ends_batch`` deliveries wait on it (at a
+        steady rate there is an admission's record to ride on well before)."""
         for x in executions:
             ending = self._ending.pop(x.execution_id, None)
             if ending is None:
@@ -445,8 +452,23 @@ class QueueLifecycle:
             if x.in_ledger:
                 self._dirty[x.execution_id] = x.execution_id  # a tombstone
                 self._settled_by_record.extend(ending.refs)
+                if self._ends_since is None:
+                    self._ends_since = now
             else:
                 self._effects.extend(Ack(ref) for ref in ending.refs)
+
+    def _ends_may_wait(self, now: float) -> bool:
+        """Whether what is dirty is only ends that may wait for the next record."""
+        if self._ends_since is None or not self.admitting:
+            return False  # nothing waits while draining
+        if now >= self._ends_since + self.tunables.ends_linger_seconds:
+            return False
+        if len(self._settled_by_record) >= self.tunables.ends_batch:
+            return False
+        return all(
+            isinstance(item, str) and not item.startswith("cancel:")
+            for item in self._dirty.values()
+        )
 
     def set_limit(self, limit: int | None, now: float) -> None:
         self._admission.set_limit(limit)
@@ -498,6 +520,8 @@ class QueueLifecycle:
         )
         if not checkpoint and not self._dirty and not self._settled_by_record:
             return None
+        if not checkpoint and self._ends_may_wait(now):
+            return None
         if checkpoint:
             # Ends not announced yet stay as they were: a new owner hears of them again.
             entries = [
@@ -533,6 +557,7 @@ class QueueLifecycle:
             self._since_checkpoint += len(entries)
         self._dirty.clear()
         settles, self._settled_by_record = tuple(self._settled_by_record), []
+        self._ends_since = None
         self._seq += 1
         body = ledger.encode_record(self.owner, self.epoch, self._seq, checkpoint, entries)
         return LedgerWrite(self._seq, checkpoint, body, settles)

@@ -167,8 +167,10 @@ class QueueOwner:
         self._kick()
 
     def drain(self) -> None:
-        """Admit nothing more; what is in flight runs on."""
+        """Admit nothing more; what is in flight runs on (ends waiting for a record get
+        one now)."""
         self.lifecycle.drain()
+        self._kick()
 
     def stop(self) -> None:
         """Forget everything (the connection is closing, or the queue is gone)."""

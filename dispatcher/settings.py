@@ -46,6 +46,14 @@ class Settings(BrokerSettings):
         "(keep it well below the broker's consumer_timeout): then what it says is kept in "
         "the ledger instead",
     )
+    dispatcher_ends_linger_seconds: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="How long the end of an execution (its ledger tombstone) may wait for "
+        "the next ledger record, rather than a record of its own; the deliveries it settles "
+        "stay held meanwhile (0: a record at once)",
+    )
     dispatcher_cancel_queued_wait_seconds: float = Field(
         default=3600.0,
         ge=0,
@@ -105,6 +113,7 @@ class Settings(BrokerSettings):
             hold_seconds=self.dispatcher_hold_seconds,
             cancel_queued_wait_seconds=self.dispatcher_cancel_queued_wait_seconds,
             cancel_unknown_wait_seconds=self.dispatcher_cancel_unknown_wait_seconds,
+            ends_linger_seconds=self.dispatcher_ends_linger_seconds,
         )
 
     def queue_patterns(self) -> tuple[str, ...]:

@@ -70,6 +70,7 @@ class Harness:
     limit: int | None = 2
     owner: str = "a"
     strategy: ConcurrencyStrategy = "deduplicate"
+    ends_linger: float = 0.0
     lc: QueueLifecycle = field(init=False)
     refs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     effects: list[Effect] = field(default_factory=list)
@@ -80,7 +81,7 @@ class Harness:
     def __post_init__(self) -> None:
         self.lc = QueueLifecycle(
             self.limit,
-            Tunables(lease_seconds=LEASE, hold_seconds=HOLD),
+            Tunables(lease_seconds=LEASE, hold_seconds=HOLD, ends_linger_seconds=self.ends_linger),
             owner=self.owner,
             strategy=self.strategy,
             new_id=lambda: f"d{next(self.ids)}",
@@ -104,7 +105,7 @@ class Harness:
             out += effects
             if announce:
                 self.lc.on_announced(
-                    e.execution for e in effects if isinstance(e, Emit) and e.terminal
+                    (e.execution for e in effects if isinstance(e, Emit) and e.terminal), now
                 )
         self.effects += out
         return out
@@ -903,7 +904,7 @@ def test_an_end_is_recorded_and_settled_only_after_its_terminal_event_is_confirm
     assert h.ledger[-1].checkpoint
     assert [(e.execution_id, e.stage) for e in h.ledger[-1].entries] == [("x1", "running")]
     # Confirmed: the end goes into the next record, the deliveries behind it.
-    h.lc.on_announced([h.emitted(1, S.COMPLETED).execution])
+    h.lc.on_announced([h.emitted(1, S.COMPLETED).execution], T0 + HOLD)
     assert h.lc.take_effects() == []
     write = h.lc.take_ledger(T0 + HOLD + 1)
     assert write is not None
@@ -1006,3 +1007,70 @@ def test_a_reported_dispatch_is_no_longer_unsure_for_the_next_owner() -> None:
     b.flush(T0 + 2)
     assert not any(e.unsent for r in b.ledger for e in r.entries if e.stage == "running")
     assert b.events(1) == [S.RUNNING]
+
+
+# -- ends ride the next record --------------------------------------------------------------
+
+LINGER = 0.05
+
+
+def _settles(h: Harness, n: int, now: float) -> tuple[int, int]:
+    """Run x<n> to its end at ``now``; its submission and result refs."""
+    h.heartbeat(n, h.dispatch_of(n), now)
+    return h.submissions[f"x{n}"], h.complete(n, h.dispatch_of(n), now)
+
+
+def test_an_end_rides_the_next_admissions_record_and_is_settled_behind_it() -> None:
+    h = Harness(limit=2, ends_linger=LINGER)
+    h.submit(1)
+    h.flush()
+    records = len(h.ledger)
+    settled = _settles(h, 1, T0 + 0.01)
+    h.flush(T0 + 0.01)
+    assert len(h.ledger) == records  # no record of its own: the end waits
+    assert set(settled).isdisjoint(h.acked())
+    h.submit(2, T0 + 0.02)  # an admission: its record carries the end
+    h.flush(T0 + 0.02)
+    assert len(h.ledger) == records + 1
+    stages = {e.execution_id: e.stage for e in h.ledger[-1].entries}
+    assert stages == {"x2": "dispatched", "x1": "ended"}
+    assert set(settled) <= h.acked()
+
+
+def test_an_end_gets_a_record_of_its_own_once_the_linger_passed() -> None:
+    h = Harness(limit=2, ends_linger=LINGER)
+    h.submit(1)
+    h.flush()
+    settled = _settles(h, 1, T0 + 0.01)
+    h.flush(T0 + 0.01)
+    assert h.lc.busy  # deliveries wait on the record: not idle yet
+    assert h.lc.next_wakeup() == pytest.approx(T0 + 0.01 + LINGER)
+    h.flush(T0 + 0.01 + LINGER)
+    assert _ended(h.ledger[-1]) == {"x1"}
+    assert set(settled) <= h.acked()
+    assert not h.lc.busy
+
+
+def test_ends_do_not_wait_while_draining_or_once_enough_deliveries_wait() -> None:
+    h = Harness(limit=None, ends_linger=LINGER)
+    for n in range(1, 4):
+        h.submit(n)
+    h.flush()
+    _settles(h, 1, T0 + 0.01)
+    h.flush(T0 + 0.01)
+    assert not _ended(h.ledger[-1])
+    h.lc.drain()
+    h.flush(T0 + 0.01)
+    assert _ended(h.ledger[-1]) == {"x1"}
+    # A batch of ends big enough is written at once, linger or not.
+    b = Harness(limit=None, ends_linger=LINGER)
+    b.lc.tunables = Tunables(
+        lease_seconds=LEASE, hold_seconds=HOLD, ends_linger_seconds=LINGER, ends_batch=4
+    )
+    for n in range(1, 3):
+        b.submit(n)
+    b.flush()
+    for n in (1, 2):
+        _settles(b, n, T0 + 0.01)
+    b.flush(T0 + 0.01)
+    assert _ended(b.ledger[-1]) == {"x1", "x2"}  # 4 deliveries waited: no linger
