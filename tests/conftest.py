@@ -553,3 +553,14 @@ def rabbit_cluster() -> Iterator[ClusterFactory]:
     """``rabbit_cluster(3)``: private nodes forming one cluster; removed at the end."""
     with NodeSet() as nodes:
         yield nodes.cluster
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes the test starts; killed at the end if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

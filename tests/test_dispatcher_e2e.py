@@ -7,10 +7,9 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from aio_pika.abc import AbstractConnection
 
 from schemas.dispatch import ExecutionStatus
@@ -27,17 +26,6 @@ from tests.worker_harness import worker_process
 
 S = ExecutionStatus
 LEASE = 3.0
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes the test starts; killed at the end if still running."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def dispatched(event_log: EventLog, execution_id: str) -> list[ExecutionStatus]:

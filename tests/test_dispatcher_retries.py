@@ -12,7 +12,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -210,16 +210,6 @@ async def test_a_cancel_during_the_retry_wait_ends_it_and_no_retry_runs(
     assert len(runs.of(execution_id)) == 1
     record = await _record(store, uid, execution_id)
     assert (record.status, record.retry_count) == (S.CANCELLED, 1)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 async def test_a_retry_waiting_when_its_owner_is_killed_is_dispatched_by_the_next(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -54,17 +54,6 @@ async def probe(amqp_url: str, uid: str) -> AsyncIterator[Probe]:
     yield probe
     for worker in fleet:
         await worker.stop(drain_timeout=0)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes the test starts; killed at the end if still running."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def most_holding(events: list[LifecycleEvent]) -> tuple[int, dict[str | None, int]]:
