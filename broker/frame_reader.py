@@ -7,8 +7,8 @@ machine (the Basic.Deliver, its content header and its body), and aiormq's
 reader was the largest item of the dispatcher's and the worker's profiles
 after the socket writes (18 %; pamqp's ``unmarshal`` alone 10 %).
 
-``FrameReader`` reads a frame with two awaits (its 7-byte head, then the rest)
-and decodes what every message costs directly with ``struct``: Basic.Deliver,
+``FrameReader`` cuts frames out of what the socket delivered, in chunks, and
+decodes what every message costs directly with ``struct``: Basic.Deliver,
 Basic.Ack (publisher confirms), content headers (every property, in pamqp's
 types) and bodies. It returns the same pamqp objects with the same values, so
 aiormq cannot tell; every other frame (connection and channel methods,
@@ -45,6 +45,7 @@ _TAG = struct.Struct(">q")  # signed, as pamqp decodes a longlong
 _HEADER = struct.Struct(">HHQH")  # class id, weight, body size, first property flags
 _SHORT = struct.Struct(">H")
 _FRAME_END = 0xCE
+_CHUNK = 1 << 16  # at most this much taken from the socket's reader at a time
 _METHOD, _CONTENT_HEADER, _BODY = 1, 2, 3
 _DELIVER, _ACK = (60, 60), (60, 80)
 
@@ -156,20 +157,45 @@ def decode_frame(head: bytes, payload: bytes) -> tuple[int, int, Any]:
 
 
 class FrameReader(aiormq.connection.FrameReceiver):
-    """aiormq's ``FrameReceiver``: the same frames, read and decoded with less work."""
+    """aiormq's ``FrameReceiver``: the same frames, read and decoded with less work.
+
+    It takes what the socket delivered in chunks and cuts the frames out of its
+    own buffer: ``StreamReader.readexactly`` deletes each read from the front of
+    the reader's buffer, moving everything behind it, so reading many small
+    frames from a full buffer cost more than decoding them (9 % of the
+    dispatcher)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._buffer = b""
+        self._at = 0
+
+    async def _fill(self, wanted: int) -> None:
+        """Until ``wanted`` bytes past the read position are buffered."""
+        while len(self._buffer) - self._at < wanted:
+            chunk = await self.reader.read(_CHUNK)
+            if not chunk:
+                raise asyncio.IncompleteReadError(self._buffer[self._at :], wanted)
+            self._buffer = self._buffer[self._at :] + chunk
+            self._at = 0
 
     async def get_frame(self) -> Any:
-        reader = self.reader
-        if reader.at_eof():
+        if self._at == len(self._buffer) and self.reader.at_eof():
             del self.reader
             raise StopAsyncIteration
         try:
-            head = await reader.readexactly(7)
+            await self._fill(7)
+            at = self._at
+            head = self._buffer[at : at + 7]
             if not self.started:
                 if head.startswith(b"AMQP"):
                     raise ProtocolSyntaxError("Unexpected AMQP protocol header")
                 self.started = True
-            payload = await reader.readexactly(_HEAD.unpack(head)[2] + 1)
+            size = _HEAD.unpack(head)[2]
+            await self._fill(8 + size)
+            at = self._at
+            payload = self._buffer[at + 7 : at + 8 + size]
+            self._at = at + 8 + size
         except asyncio.IncompleteReadError as e:
             raise AMQPConnectionError(
                 "Server connection unexpectedly closed. "

@@ -219,3 +219,27 @@ async def test_connections_of_ours_read_with_it(amqp_url: str) -> None:
         assert (message.body, message.message_id) == (BODY, "m1")
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize("piece", [1, 7, 13, 4096])
+async def test_frames_cut_anywhere_by_the_socket_read_the_same(piece: int) -> None:
+    big = ContentBody(b"y" * 200_000)  # more than one chunk of the reader
+    frames = [f for _, f in FRAMES] + [big]
+    data = b"".join(frame.marshal(f, 5) for f in frames)
+    reader = asyncio.StreamReader()
+
+    async def feed() -> None:
+        for at in range(0, len(data), piece):
+            reader.feed_data(data[at : at + piece])
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeding = asyncio.create_task(feed())
+    receiver = FrameReader(reader)
+    receiver.started = True
+    ours = [await receiver.get_frame() for _ in frames]
+    await feeding
+    theirs = await read_all(ORIGINAL, data, len(frames))
+    assert [attributes(f) for _, _, f in ours] == [attributes(f) for _, _, f in theirs]
+    with pytest.raises(StopAsyncIteration):
+        await receiver.get_frame()
