@@ -304,8 +304,8 @@ async def peer_e2e(run: Run, front: ServerProcess) -> None:
 
 
 async def profile_e2e(run: Run, pipe: Pipeline) -> None:
-    """Where an execution's cost goes: py-spy on the gateway, the dispatcher and the worker
-    during a closed-loop phase (every phase counts the broker's work: ``bench.broker_work``)."""
+    """Where an execution's cost goes: py-spy on the gateway, the dispatcher, the worker and
+    the recorder during a closed-loop phase (every phase counts the broker's work: ``bench.broker_work``)."""
     from bench.profile import record_profile
     from bench.submit import find_py_spy
 
@@ -314,12 +314,13 @@ async def profile_e2e(run: Run, pipe: Pipeline) -> None:
     seconds = config.warmup_s + config.duration_s + 1
     outs = {
         role: config.results_dir / f"{run.run_id}-{role}-profile.txt"
-        for role in ("dispatcher", "worker", "gateway")
+        for role in ("dispatcher", "worker", "gateway", "recorder")
     }
     pids = {
         "dispatcher": pipe.roles["dispatcher"].pid,
         "worker": pipe.roles["worker"].pid,
         "gateway": pipe.front[0].pid,
+        "recorder": pipe.roles["recorder"].pid,
     }
     await run.quiet()
     saved, run.config = run.config, dataclasses.replace(config, wait_quiet_s=0.0)
