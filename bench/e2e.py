@@ -305,7 +305,8 @@ async def peer_e2e(run: Run, front: ServerProcess) -> None:
 
 async def profile_e2e(run: Run, pipe: Pipeline) -> None:
     """Where an execution's cost goes: py-spy on the gateway, the dispatcher, the worker and
-    the recorder during a closed-loop phase (every phase counts the broker's work: ``bench.broker_work``)."""
+    the recorder during a closed-loop phase (every phase counts the broker's work:
+    ``bench.broker_work``)."""
     from bench.profile import record_profile
     from bench.submit import find_py_spy
 

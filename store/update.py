@@ -37,17 +37,35 @@ and not older (``at``, RFC 3339 text of one format, compares as text). Then:
 Values are stored as JSON text; the script never parses them. Once applied,
 the event (as published) is published on its execution's pub/sub channel
 (``store.layout.events_channel``): the live event streams follow that.
+
+The store sends a batch of a project's events as one call of ``APPLY_BATCH_LUA``
+(``batch_calls``): the event script above as a function, applied to each event
+in turn, its arguments one JSON array (``ARGV[1]``) instead of ~40 Redis
+arguments an event. Redis's ``cjson`` gives back exactly the strings Python
+encoded, so each event is applied as by ``APPLY_EVENT_LUA`` with its
+``script_args`` (tests/test_store_batch.py). One call per project: every key
+of a call shares the project's hash tag (``store.layout``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from schemas.dispatch import ExecutionStatus, LifecycleEvent
-from store.layout import STATUS_POSITION, TERMINAL_RANK, rank
+from store.layout import (
+    STATUS_ORDER,
+    STATUS_POSITION,
+    TERMINAL_RANK,
+    events_channel,
+    index_key,
+    rank,
+    record_key,
+    status_index_keys,
+)
 
 # What a decision sets: cleared when a later attempt supersedes it.
 DECISION_FIELDS = (
@@ -182,11 +200,12 @@ _SUBMISSION_FIELDS = (
 )
 
 
-def _json(value: Any) -> bytes:
-    return orjson.dumps(value)
+def _json(value: Any) -> str:
+    # Text, not bytes: the batch call embeds it in JSON (the same bytes once sent).
+    return orjson.dumps(value).decode()
 
 
-Fields = list[tuple[str, bytes]]
+Fields = list[tuple[str, str]]
 
 
 def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields, Fields]:
@@ -223,7 +242,7 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
         fill.append(("worker_id", worker))
         win.append(("worker_id", worker))
     retrying = event.retry_at is not None
-    if event.error is not None and (retrying or event.status is ExecutionStatus.FAILED):
+    if event.error is not None and (retrying or status == "failed"):
         failure = {
             "attempt": event.retry_count + 1,
             "error": event.error.model_dump(mode="json"),
@@ -235,7 +254,7 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
     # Counted once the retry is decided, not once it starts; absent means 0.
     if retry_count := event.retry_count + retrying:
         highest.append(("retry_count", _json(retry_count)))
-    if rank(event.status) == TERMINAL_RANK:
+    if _RANKS[event.status] == TERMINAL_RANK:
         win.append(("completed_at", at))
         if event.result is not None:
             win.append(("result", _json(event.result)))
@@ -250,21 +269,25 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
     return facts, fill, earliest, highest, win
 
 
+_RANKS = {status: rank(status) for status in ExecutionStatus}
+
+
 def script_args(
     event: LifecycleEvent,
     *,
     ttl_seconds: int,
     trim_bound: str,
     channel: str = "",
-    body: bytes = b"",
+    body: bytes | str = b"",
 ) -> list[bytes | str | int]:
     """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
     (none if empty) once the event is applied."""
     facts, fill, earliest, highest, win = event_fields(event)
+    status = event.status
     args: list[bytes | str | int] = [
-        event.status.value,
-        STATUS_POSITION[event.status],
-        rank(event.status),
+        status.value,
+        STATUS_POSITION[status],
+        _RANKS[status],
         event.at,
         ttl_seconds,
         trim_bound,
@@ -281,3 +304,62 @@ def script_args(
         args.append(name)
         args.append(value)
     return args
+
+
+# KEYS of a batch call: per workflow its index of every execution and one index per
+# status (KEYS[2..] of the event script, in that order), per execution its record.
+_WORKFLOW_KEYS = 1 + len(STATUS_ORDER)
+
+APPLY_BATCH_LUA = f"""
+local function apply_event(KEYS, ARGV)
+{APPLY_EVENT_LUA}
+end
+local batch = cjson.decode(ARGV[1])
+for n = 1, #batch do
+  local item = batch[n]
+  local keys, first = {{KEYS[item[1]]}}, item[2]
+  for j = 0, {_WORKFLOW_KEYS - 1} do keys[j + 2] = KEYS[first + j] end
+  apply_event(keys, item[3])
+end
+return #batch
+"""
+
+APPLY_BATCH_SHA = hashlib.sha1(APPLY_BATCH_LUA.encode()).hexdigest()
+
+
+def batch_calls(
+    events: Sequence[LifecycleEvent],
+    bodies: Sequence[bytes],
+    *,
+    prefix: str,
+    ttl_seconds: int,
+    trim_bound: str,
+) -> list[tuple[list[str], bytes]]:
+    """``(KEYS, ARGV[1])`` of one ``APPLY_BATCH_LUA`` call per project of ``events``
+    (first seen first), each applying that project's events in their order; ``bodies``
+    are published as ``script_args`` says."""
+    calls: dict[str, tuple[list[str], dict[str, int], dict[str, int], list[Any]]] = {}
+    for event, body in zip(events, bodies, strict=True):
+        project, execution = event.project_id, event.execution_id
+        call = calls.get(project)
+        if call is None:
+            call = calls[project] = ([], {}, {}, [])
+        keys, workflows, records, items = call
+        first = workflows.get(event.workflow_id)
+        if first is None:
+            first = workflows[event.workflow_id] = len(keys) + 1
+            keys.append(index_key(prefix, project, event.workflow_id))
+            keys.extend(status_index_keys(prefix, project, event.workflow_id))
+        record = records.get(execution)
+        if record is None:
+            record = records[execution] = len(keys) + 1
+            keys.append(record_key(prefix, project, execution))
+        args = script_args(
+            event,
+            ttl_seconds=ttl_seconds,
+            trim_bound=trim_bound,
+            channel=events_channel(prefix, project, execution),
+            body=body.decode(),
+        )
+        items.append((record, first, args))
+    return [(keys, orjson.dumps(items)) for keys, _, _, items in calls.values()]
