@@ -56,6 +56,7 @@ from typing import Any
 import orjson
 
 from schemas.dispatch import ExecutionStatus, LifecycleEvent
+from schemas.envelope import SubmissionEnvelope
 from store.layout import (
     STATUS_ORDER,
     STATUS_POSITION,
@@ -207,45 +208,60 @@ def _json(value: Any) -> str:
 
 Fields = list[tuple[str, str]]
 
+# The submission's fields in the model's order, and those an event carries itself.
+_ENVELOPE_FIELDS = tuple(n for n in SubmissionEnvelope.model_fields if n in _SUBMISSION_FIELDS)
+_EVENT_FACTS = ("workflow_id", "deployment_id", "queue_name", "concurrency_key")
+
 
 def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields, Fields]:
     """``(facts, fill, earliest, highest, win)`` of the script (see the module docstring).
 
     ``facts`` are the submission's (any attempt may fill them), ``fill`` what
     the event's own decision knows (worker_id, a failed run's error).
+
+    Values are those of the models, as JSON (the envelope's ``payload``, like the
+    event's ``result``, is JSON-decoded data: ``orjson`` writes it as pydantic's
+    JSON mode does). A submission fact equal to the event's own is left out: the
+    script fills a fact only once (``HSETNX``), so it would change nothing.
     """
+    dumps = orjson.dumps
     facts: Fields = []
     fill: Fields = []
     earliest: Fields = []
     highest: Fields = []
     win: Fields = []
-    for name in ("workflow_id", "deployment_id", "queue_name", "concurrency_key"):
+    own: dict[str, Any] = {}
+    for name in _EVENT_FACTS:
         value = getattr(event, name)
         if value is not None:
-            facts.append((name, _json(value)))
+            own[name] = value
+            facts.append((name, dumps(value).decode()))
     submission = event.submission
     if submission is not None:
-        envelope = submission.model_dump(mode="json", include=set(_SUBMISSION_FIELDS))
-        facts.extend((name, _json(value)) for name, value in envelope.items() if value is not None)
+        for name in _ENVELOPE_FIELDS:
+            value = getattr(submission, name)
+            if value is not None and (name not in own or own[name] != value):
+                facts.append((name, dumps(value).decode()))
 
     status = event.status.value
-    at = _json(event.at)
+    at = dumps(event.at).decode()
     if status == "admitted":
         earliest.append(("admitted_at", at))
     elif status == "running":
         earliest.append(("started_at", at))
     if event.started_at is not None:
         # A run that ended before it was reported running says when it started.
-        earliest.append(("started_at", _json(event.started_at)))
+        earliest.append(("started_at", dumps(event.started_at).decode()))
     if event.worker_id is not None:
-        worker = _json(event.worker_id)
+        worker = dumps(event.worker_id).decode()
         fill.append(("worker_id", worker))
         win.append(("worker_id", worker))
     retrying = event.retry_at is not None
-    if event.error is not None and (retrying or status == "failed"):
+    error = event.error
+    if error is not None and (retrying or status == "failed"):
         failure = {
             "attempt": event.retry_count + 1,
-            "error": event.error.model_dump(mode="json"),
+            "error": error.model_dump(mode="json"),
             "at": event.at,
             "retry_at": event.retry_at,
             "worker_id": event.worker_id,
@@ -258,8 +274,8 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
         win.append(("completed_at", at))
         if event.result is not None:
             win.append(("result", _json(event.result)))
-        if event.error is not None:
-            win.append(("error", _json(event.error.model_dump(mode="json"))))
+        if error is not None:
+            win.append(("error", _json(error.model_dump(mode="json"))))
         if event.duplicate_of is not None:
             win.append(("duplicate_of", _json(event.duplicate_of)))
         if status == "cancelled":
@@ -338,7 +354,7 @@ def batch_calls(
     """``(KEYS, ARGV[1])`` of one ``APPLY_BATCH_LUA`` call per project of ``events``
     (first seen first), each applying that project's events in their order; ``bodies``
     are published as ``script_args`` says."""
-    calls: dict[str, tuple[list[str], dict[str, int], dict[str, int], list[Any]]] = {}
+    calls: dict[str, tuple[list[str], dict[str, int], dict[str, tuple[int, str]], list[Any]]] = {}
     for event, body in zip(events, bodies, strict=True):
         project, execution = event.project_id, event.execution_id
         call = calls.get(project)
@@ -350,16 +366,16 @@ def batch_calls(
             first = workflows[event.workflow_id] = len(keys) + 1
             keys.append(index_key(prefix, project, event.workflow_id))
             keys.extend(status_index_keys(prefix, project, event.workflow_id))
-        record = records.get(execution)
-        if record is None:
-            record = records[execution] = len(keys) + 1
+        known = records.get(execution)
+        if known is None:
+            known = records[execution] = (len(keys) + 1, events_channel(prefix, project, execution))
             keys.append(record_key(prefix, project, execution))
         args = script_args(
             event,
             ttl_seconds=ttl_seconds,
             trim_bound=trim_bound,
-            channel=events_channel(prefix, project, execution),
+            channel=known[1],
             body=body.decode(),
         )
-        items.append((record, first, args))
+        items.append((known[0], first, args))
     return [(keys, orjson.dumps(items)) for keys, _, _, items in calls.values()]
