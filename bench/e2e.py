@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import broker_work
+from bench import broker_work, cpu
 from bench.harness import Live
 from bench.phase import HttpPhase, Run, fraction_rate, measure_http, mode, request_body
 from bench.reads import recorder_process
@@ -112,6 +112,15 @@ class Pipeline:
     notes: dict[str, object] = field(default_factory=dict)
 
 
+def _watched(pipe: Pipeline) -> dict[str, list[int]]:
+    """The CPU roles beside the front: the pipeline's processes, and Redis where the
+    recorder writes (the shared one: what else uses it meanwhile counts too)."""
+    roles = {role: p.pids() for role, p in pipe.roles.items()}
+    if "recorder" in roles:
+        roles["redis"] = cpu.find_redis_pids()
+    return roles
+
+
 async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement:
     config = run.config
     tenant = await run.tenant()
@@ -139,7 +148,7 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
                 headers=tenant.headers,
                 rate=rate,
                 role=pipe.front_role,
-                others={role: p.pids() for role, p in pipe.roles.items()},
+                others=_watched(pipe),
                 live_extra=RateMeter(lambda: count_lines(pipe.records())),
             ),
         )
