@@ -151,14 +151,14 @@ class ExecutionStore:
                 with _mapped("record"):
                     raise result
 
-    async def _apply(self, calls: Sequence[tuple[list[str], bytes]]) -> list[Any]:
+    async def _apply(self, calls: Sequence[tuple[list[str], list[bytes | str | int]]]) -> list[Any]:
         """One ``APPLY_BATCH_LUA`` call per project, in one round trip.
 
         A call that fails part way (Redis refused an event) has applied the
         events before that one: the caller writes them again, harmlessly."""
         pipe = self._redis.pipeline(transaction=False)
-        for keys, batch in calls:
-            pipe.execute_command("EVALSHA", APPLY_BATCH_SHA, len(keys), *keys, batch)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", APPLY_BATCH_SHA, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 

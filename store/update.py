@@ -43,8 +43,12 @@ The store sends a batch of a project's events as one call of ``APPLY_BATCH_LUA``
 in turn, its arguments one JSON array (``ARGV[1]``) instead of ~40 Redis
 arguments an event. Redis's ``cjson`` gives back exactly the strings Python
 encoded, so each event is applied as by ``APPLY_EVENT_LUA`` with its
-``script_args`` (tests/test_store_batch.py). One call per project: every key
-of a call shares the project's hash tag (``store.layout``).
+``script_args`` (tests/test_store_batch.py), except that each index is
+trimmed and each key's TTL renewed once per call rather than once per event
+(the same end state). One call per project: every key of a call shares the
+project's hash tag (``store.layout``). An event Redis refuses stops the call
+there: the events before it stay applied, complete, and the caller finds the
+refused one by writing them one at a time (applying an event again is harmless).
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ DECISION_FIELDS = (
 # A failed run's error: ATTEMPT_ERROR_PREFIX + its retry_count (0 for the first run).
 ATTEMPT_ERROR_PREFIX = "attempt_error:"
 
-APPLY_EVENT_LUA = f"""
+_EVENT_LUA = f"""
 local record = KEYS[1]
 local status, pos, rank, at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local ttl, bound, member = tonumber(ARGV[5]), ARGV[6], ARGV[7]
@@ -93,11 +97,7 @@ local n_fill, n_earliest = tonumber(ARGV[10]), tonumber(ARGV[11])
 local channel, body = ARGV[12], ARGV[13]
 local n_highest = tonumber(ARGV[14])
 
-local function touch(index)
-  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
-  redis.call('EXPIRE', index, ttl)
-end
-
+-- touch
 local stored = redis.call('HMGET', record, 'rank', 'status_at', 'sidx', 'attempt')
 local old_rank = -1
 if stored[1] then old_rank = tonumber(stored[1]) end
@@ -132,7 +132,7 @@ if not current then
   -- An earlier attempt's event: only the submission's facts above count.
   redis.call('ZADD', KEYS[2], 0, member)
   touch(KEYS[2])
-  redis.call('EXPIRE', record, ttl)
+  -- expire record
   return 0
 end
 local fill_end = i + 2 * n_fill
@@ -174,13 +174,23 @@ if wins then
 end
 redis.call('ZADD', KEYS[2], 0, member)
 touch(KEYS[2])
-redis.call('EXPIRE', record, ttl)
+-- expire record
 -- In the same step as the write, so a stream that read the record before it
 -- gets the event, and one that reads after it sees it in the record.
 if channel ~= '' then redis.call('PUBLISH', channel, body) end
 if wins then return 1 end
 return 0
 """
+_TOUCH_NOW = """local function touch(index)
+  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
+  redis.call('EXPIRE', index, ttl)
+end
+"""
+_EXPIRE_NOW = "redis.call('EXPIRE', record, ttl)"
+# The script of one event: its indexes trimmed and its keys' TTLs renewed as it goes.
+APPLY_EVENT_LUA = _EVENT_LUA.replace("-- touch", _TOUCH_NOW).replace(
+    "-- expire record", _EXPIRE_NOW
+)
 
 APPLY_EVENT_SHA = hashlib.sha1(APPLY_EVENT_LUA.encode()).hexdigest()
 
@@ -326,16 +336,36 @@ def script_args(
 # status (KEYS[2..] of the event script, in that order), per execution its record.
 _WORKFLOW_KEYS = 1 + len(STATUS_ORDER)
 
+# In a batch, each index is trimmed and each key's TTL renewed once, after its events
+# (the same bound and TTL for all: the same end as after each event).
+_TOUCH_LATER = "local function touch(index) trim[index] = true end"
+_EXPIRE_LATER = "expire[record] = true"
+
 APPLY_BATCH_LUA = f"""
+local trim, expire = {{}}, {{}}
 local function apply_event(KEYS, ARGV)
-{APPLY_EVENT_LUA}
+{_EVENT_LUA.replace("-- touch", _TOUCH_LATER).replace("-- expire record", _EXPIRE_LATER)}
 end
 local batch = cjson.decode(ARGV[1])
-for n = 1, #batch do
-  local item = batch[n]
-  local keys, first = {{KEYS[item[1]]}}, item[2]
-  for j = 0, {_WORKFLOW_KEYS - 1} do keys[j + 2] = KEYS[first + j] end
-  apply_event(keys, item[3])
+local ttl, bound = tonumber(ARGV[2]), ARGV[3]
+local function apply_all()
+  for n = 1, #batch do
+    local item = batch[n]
+    local keys, first = {{KEYS[item[1]]}}, item[2]
+    for j = 0, {_WORKFLOW_KEYS - 1} do keys[j + 2] = KEYS[first + j] end
+    apply_event(keys, item[3])
+  end
+end
+local ok, err = pcall(apply_all)
+-- Also when an event failed: what was applied before it is complete.
+for index in pairs(trim) do
+  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
+  redis.call('EXPIRE', index, ttl)
+end
+for key in pairs(expire) do redis.call('EXPIRE', key, ttl) end
+if not ok then
+  if type(err) == 'table' then return err end
+  return redis.error_reply(tostring(err))
 end
 return #batch
 """
@@ -350,8 +380,8 @@ def batch_calls(
     prefix: str,
     ttl_seconds: int,
     trim_bound: str,
-) -> list[tuple[list[str], bytes]]:
-    """``(KEYS, ARGV[1])`` of one ``APPLY_BATCH_LUA`` call per project of ``events``
+) -> list[tuple[list[str], list[bytes | str | int]]]:
+    """``(KEYS, ARGV)`` of one ``APPLY_BATCH_LUA`` call per project of ``events``
     (first seen first), each applying that project's events in their order; ``bodies``
     are published as ``script_args`` says."""
     calls: dict[str, tuple[list[str], dict[str, int], dict[str, tuple[int, str]], list[Any]]] = {}
@@ -378,4 +408,7 @@ def batch_calls(
             body=body.decode(),
         )
         items.append((known[0], first, args))
-    return [(keys, orjson.dumps(items)) for keys, _, _, items in calls.values()]
+    return [
+        (keys, [orjson.dumps(items), ttl_seconds, trim_bound])
+        for keys, _, _, items in calls.values()
+    ]

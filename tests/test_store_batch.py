@@ -137,7 +137,8 @@ async def test_an_event_redis_refuses_fails_the_batch_and_the_rest_is_written_ag
     redis: aioredis.Redis, uid: str
 ) -> None:
     # Redis refuses an event whose record key holds something else: the batch call
-    # stops there (StoreError); what it applied before is applied again harmlessly.
+    # stops there (StoreError); what it applied before is kept, and applying it
+    # again (the recorder does, one event at a time) is harmless.
     prefix = f"test:{uid}:"
     store = ExecutionStore(redis, RETENTION, key_prefix=prefix)
     before, broken, after = Run(uid), Run(uid), Run(uid)
@@ -148,6 +149,9 @@ async def test_an_event_redis_refuses_fails_the_batch_and_the_rest_is_written_ag
     first = await store.get(uid, before.execution_id)
     assert first is not None
     assert first.status is S.COMPLETED
+    # Complete as written: its keys expire (TTLs are renewed once per batch call).
+    for key in (record_key(prefix, uid, before.execution_id), index_key(prefix, uid, "summarize")):
+        assert 0 < await redis.ttl(key) <= RETENTION
     for event in batch:  # as the recorder does to find the refused one
         try:
             await store.record([event])
