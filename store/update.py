@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -253,7 +254,7 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
             if value is not None and (name not in own or own[name] != value):
                 facts.append((name, dumps(value).decode()))
 
-    status = event.status.value
+    status = event.status  # a StrEnum: compares as its value
     at = dumps(event.at).decode()
     if status == "admitted":
         earliest.append(("admitted_at", at))
@@ -280,7 +281,7 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
     # Counted once the retry is decided, not once it starts; absent means 0.
     if retry_count := event.retry_count + retrying:
         highest.append(("retry_count", _json(retry_count)))
-    if _RANKS[event.status] == TERMINAL_RANK:
+    if _RANKS[status] == TERMINAL_RANK:
         win.append(("completed_at", at))
         if event.result is not None:
             win.append(("result", _json(event.result)))
@@ -296,6 +297,8 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
 
 
 _RANKS = {status: rank(status) for status in ExecutionStatus}
+# ARGV[1..3] of each status: its name, its index's position, its rank.
+_STATUS_ARGS = {s: (s.value, STATUS_POSITION[s], _RANKS[s]) for s in ExecutionStatus}
 
 
 def script_args(
@@ -309,11 +312,8 @@ def script_args(
     """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
     (none if empty) once the event is applied."""
     facts, fill, earliest, highest, win = event_fields(event)
-    status = event.status
     args: list[bytes | str | int] = [
-        status.value,
-        STATUS_POSITION[status],
-        _RANKS[status],
+        *_STATUS_ARGS[event.status],
         event.at,
         ttl_seconds,
         trim_bound,
@@ -326,9 +326,7 @@ def script_args(
         body,
         len(highest),
     ]
-    for name, value in (*facts, *fill, *earliest, *highest, *win):
-        args.append(name)
-        args.append(value)
+    args.extend(chain.from_iterable(chain(facts, fill, earliest, highest, win)))
     return args
 
 
