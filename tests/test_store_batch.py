@@ -12,13 +12,21 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from schemas.dispatch import ErrorInfo, ExecutionStatus, LifecycleEvent, encode
 from store import ExecutionStore, StoreError
-from store.layout import events_channel, index_key, record_key, status_index_keys, trim_bound
-from store.update import APPLY_EVENT_LUA, script_args
+from store.layout import (
+    STATUS_ORDER,
+    events_channel,
+    index_key,
+    record_key,
+    status_index_keys,
+    trim_bound,
+)
+from store.update import APPLY_EVENT_LUA, batch_calls, script_args
 from tests.store_support import Run
 
 S = ExecutionStatus
@@ -161,3 +169,29 @@ async def test_an_event_redis_refuses_fails_the_batch_and_the_rest_is_written_ag
         record = await store.get(uid, run.execution_id)
         assert record is not None
         assert record.status is S.COMPLETED
+
+
+def test_a_batch_is_one_call_per_project_whose_keys_share_its_hash_tag() -> None:
+    # Redis Cluster runs a script only if all its keys are in one slot: a call per
+    # project, each key named once however many events touch it.
+    one, two = Run("p1"), Run("p2", workflow_id="other")
+    events = [*one.lifecycle(), *two.lifecycle(), one.completed()]
+    calls = batch_calls(
+        events, [encode(e) for e in events], prefix="x:", ttl_seconds=60, trim_bound="(0"
+    )
+    assert len(calls) == 2
+    for (keys, args), project, run, count in ((calls[0], "p1", one, 4), (calls[1], "p2", two, 3)):
+        assert all(f"{{{project}}}" in key for key in keys)
+        assert len(keys) == len(set(keys)) == 1 + len(STATUS_ORDER) + 1
+        blob = args[0]
+        assert isinstance(blob, bytes)
+        items = orjson.loads(blob)
+        assert len(items) == count
+        for record, first, argv in items:
+            assert keys[record - 1] == record_key("x:", project, run.execution_id)
+            assert keys[first - 1 :][: 1 + len(STATUS_ORDER)] == [
+                index_key("x:", project, run.workflow_id),
+                *status_index_keys("x:", project, run.workflow_id),
+            ]
+            assert argv[6] == run.execution_id
+        assert args[1:] == [60, "(0"]
