@@ -124,6 +124,22 @@ def find_broker_pids() -> list[int]:
     return pids
 
 
+def find_redis_pids() -> list[int]:
+    """Every ``redis-server`` on this machine (read-only look at /proc): the execution
+    store's CPU, which the recorder's writes cost (shared: other users count too)."""
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "redis-server":
+            pids.append(int(entry.name))
+    return pids
+
+
 @dataclass(frozen=True, slots=True)
 class CpuSnapshot:
     at: float
@@ -150,7 +166,7 @@ def cores_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
         return {}
     used = {
         # A process that exited meanwhile reads 0 afterwards: never below zero.
-        role: round(max(0.0, after.roles[role] - before.roles.get(role, 0.0)) / wall, 2)
+        role: round(max(0.0, after.roles[role] - before.roles.get(role, 0.0)) / wall, 3)
         for role in after.roles
     }
     machine = (after.machine - before.machine) / wall
