@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from observe import setup_logging
+from observe.runtime import tune_gc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ async def _serve(settings: Settings, *, burst: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, dispatcher.request_stop)
+    tune_gc()
     await dispatcher.run(burst=burst)
 
 

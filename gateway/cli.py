@@ -15,6 +15,7 @@ from gateway.queues import configure_queue
 from gateway.server import serve_until_signalled
 from gateway.settings import Settings
 from observe import setup_logging
+from observe.runtime import tune_gc
 from schemas.api import INT32_MAX, QUEUE_NAME_PATTERN
 from schemas.registry import CONCURRENCY_STRATEGIES
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
@@ -72,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings()
     setup_logging(settings.observe)
     if args.command in (None, "serve"):
-        asyncio.run(serve_until_signalled(create_app(settings), settings))
+        app = create_app(settings)
+        tune_gc()
+        asyncio.run(serve_until_signalled(app, settings))
         return 0
     if args.command == "keys":
         if args.keys_command == "create" and args.admin:

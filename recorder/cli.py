@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 
 from broker.connection import retry
 from broker.errors import BrokerUnavailable
 from observe import MetricsServer, setup_logging
+from observe.runtime import tune_gc
 from recorder.observe import RecorderCollector, recorder_registry
 from recorder.service import Recorder
 from recorder.settings import RecorderSettings
@@ -58,7 +58,7 @@ async def _record(settings: RecorderSettings, current: list[Recorder]) -> int:
             return 0
         raise
 
-    _tune_gc()
+    tune_gc()
     stopped = asyncio.create_task(stop.wait())
     loop_ended = asyncio.create_task(recorder.wait_stopped())
     await asyncio.wait({stopped, loop_ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -69,22 +69,6 @@ async def _record(settings: RecorderSettings, current: list[Recorder]) -> int:
     log.info("stopping")
     await recorder.stop()
     return 1 if failed else 0
-
-
-def _tune_gc() -> None:
-    """Fewer garbage collector passes over a batch's objects.
-
-    A batch allocates many containers (decoded events, their models, the script's
-    arguments) that reference counting frees once it is written; at the default
-    threshold (700) the collector ran several times a batch and walked those
-    still alive each time: ~20 % of decoding and building a batch. What start-up
-    left is frozen out of its view.
-    """
-    gc.freeze()
-    gc.set_threshold(_GC_THRESHOLD, 20, 20)
-
-
-_GC_THRESHOLD = 50_000
 
 
 def main() -> int:

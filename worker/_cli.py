@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from observe import setup_logging
+from observe.runtime import tune_gc
 from worker._worker import Worker
 
 
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     worker = load(args.target)
     setup_logging(worker.settings.observe, level=args.log_level)
+    tune_gc()  # the CLI's process only: Worker.run() in a user's own program leaves gc alone
     asyncio.run(worker.run(burst=args.burst))
     return 0
 
