@@ -150,7 +150,7 @@ def cores_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
         return {}
     used = {
         # A process that exited meanwhile reads 0 afterwards: never below zero.
-        role: round(max(0.0, after.roles[role] - before.roles.get(role, 0.0)) / wall, 2)
+        role: round(max(0.0, after.roles[role] - before.roles.get(role, 0.0)) / wall, 3)
         for role in after.roles
     }
     machine = (after.machine - before.machine) / wall
