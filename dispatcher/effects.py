@@ -139,17 +139,27 @@ class Effector:
         events = [e for e in effects if isinstance(e, Emit)]
         sends = [e for e in effects if isinstance(e, Dispatch | SendCancel)]
         acks = [e for e in effects if isinstance(e, Ack)]
-        if sends:
+        if len(sends) == 1:
+            await self._send(sends[0])  # the usual case below saturation: no task for it
+        elif sends:
             await asyncio.gather(*(self._send(e) for e in sends))
         if events:
-            self._spawn(self._announce_then_ack(events, acks))
+            # Into their batches now, in order; awaited as the few batches they make.
+            batches = {f for f in map(self._post, events) if f is not None}
+            self._spawn(self._announce_then_ack(events, batches, acks))
         else:
             await self._ack(acks)
         return True
 
-    async def _announce_then_ack(self, events: list[Emit], acks: list[Ack]) -> None:
+    async def _announce_then_ack(
+        self, events: list[Emit], batches: set[asyncio.Future[None]], acks: list[Ack]
+    ) -> None:
         try:
-            await asyncio.gather(*(self._emit(e) for e in events))
+            if batches:
+                # wait(), not gather(): a batch's future is shared, never cancelled here.
+                await asyncio.wait(batches)
+            for batch in batches:
+                batch.result()  # raises BrokerError if the broker did not take it
         except BrokerError as exc:
             # Nothing these events settle is let go: the session ends, the broker
             # takes the deliveries back, and the next owner (which finds these
@@ -224,8 +234,13 @@ class Effector:
             )
 
     async def _emit(self, effect: Emit) -> None:
+        batch = self._post(effect)
+        if batch is not None:
+            await asyncio.shield(batch)
+
+    def _post(self, effect: Emit) -> asyncio.Future[None] | None:
         x = effect.execution
-        await self._links.notifier.event(
+        return self._links.notifier.post(
             effect.status,
             self._envelope_of(x),
             dispatch_id=effect.dispatch_id,

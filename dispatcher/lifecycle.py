@@ -512,10 +512,14 @@ class QueueLifecycle:
 
     def take_ledger(self, now: float) -> LedgerWrite | None:
         """The record of this flush: what changed, or the whole state when due."""
-        live = len(self.executions) + len(self._cancels)
+        # What a checkpoint would hold: the live state and the recent tombstones
+        # (up to RECENT_TERMINAL). One is written once the deltas since the last
+        # outweigh it, so its cost per change stays bounded whatever the rate: at
+        # saturation the tombstones are most of it.
+        size = len(self.executions) + len(self._cancels) + len(self._recent)
         checkpoint = (
             self._want_checkpoint
-            or self._since_checkpoint + len(self._dirty) >= max(MIN_CHECKPOINT_ENTRIES, live)
+            or self._since_checkpoint + len(self._dirty) >= max(MIN_CHECKPOINT_ENTRIES, size)
             or now >= self._last_checkpoint_at + self.tunables.hold_seconds / 2
         )
         if not checkpoint and not self._dirty and not self._settled_by_record:

@@ -112,6 +112,17 @@ class Notifier:
         await self._publishers.close()
 
     async def event(
+        self, status: ExecutionStatus, envelope: SubmissionEnvelope, **fields: Any
+    ) -> None:
+        """Publish one transition; returns once its batch is confirmed (see ``post``).
+
+        Raises ``BrokerError`` if the broker did not take the batch."""
+        done = self.post(status, envelope, **fields)
+        if done is not None:
+            # Shielded: a caller cancelled while waiting must not cancel the batch of others.
+            await asyncio.shield(done)
+
+    def post(
         self,
         status: ExecutionStatus,
         envelope: SubmissionEnvelope,
@@ -129,11 +140,14 @@ class Notifier:
         attempt: int = 0,
         retry_count: int = 0,
         retry_at: str | None = None,
-    ) -> None:
-        """Publish one transition; returns once its batch is confirmed. ``submission_raw``:
-        the envelope as published, embedded as it is when ``with_submission``.
-
-        Raises ``BrokerError`` if the broker did not take the batch."""
+    ) -> asyncio.Future[None] | None:
+        """Add one transition to its project's open batch, without waiting: the
+        future (shared by the batch; never cancel it) is settled when the broker
+        confirmed the batch, or fails with ``BrokerError`` if it did not take it.
+        None for an event that cannot even be encoded (logged; best effort).
+        ``submission_raw``: the envelope as published, embedded as it is when
+        ``with_submission``. No task or future per event: a flush's events are a
+        few batches, awaited as such."""
         if self._on_event is not None:
             self._on_event(status, envelope)
         try:
@@ -158,9 +172,8 @@ class Notifier:
             # Best effort all the same: an event that cannot even be encoded must
             # not keep the settlement that follows it from acknowledging.
             log.exception("lifecycle event %s of %s not published", status, envelope.execution_id)
-            return
-        # Shielded: a caller cancelled while waiting must not cancel the batch of others.
-        await asyncio.shield(self._add(envelope.project_id, body))
+            return None
+        return self._add(envelope.project_id, body)
 
     def _add(self, project_id: str, body: bytes) -> asyncio.Future[None]:
         batch = self._open.get(project_id)
