@@ -170,9 +170,7 @@ class Batch:
             or lock.locked()
             or underlay.write_queue.full()
         ):
-            self._task = asyncio.get_running_loop().create_task(
-                self._flush(), name="publish-batch"
-            )
+            self._task = asyncio.get_running_loop().create_task(self._flush(), name="publish-batch")
             return
         batch = [p for p in self._pending if p.future is not None and not p.future.done()]
         self._pending = []
