@@ -4,7 +4,7 @@
 
 Plays the dispatcher's part on the wire (as tests/worker_harness.py does): a
 results queue, work messages published at ``--rate`` per second (a batch every
-5 ms), results consumed and acknowledged. The worker is a real ``python -m
+``--tick``, 1 ms), results consumed and acknowledged. The worker is a real ``python -m
 worker bench.e2e_worker:create`` process (the e2e benchmark's no-op
 workflow), run from ``--tree`` (another checkout) or this one. Prints the
 worker's CPU per execution over the measured window. With the gateway and
@@ -36,7 +36,6 @@ from schemas.ids import new_execution_id
 from schemas.topology import results_queue, work_queue
 
 ROOT = Path(__file__).resolve().parent.parent
-TICK_S = 0.005
 
 
 def _work(project: str, queue: str) -> bytes:
@@ -111,6 +110,7 @@ async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    print(f"worker pid {worker.pid}", flush=True)
     try:
         async with asyncio.timeout(30):
             while True:
@@ -121,7 +121,8 @@ async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
                         if declared.declaration_result.consumer_count:
                             break
         loop = asyncio.get_running_loop()
-        per_tick = args.rate * TICK_S
+        tick = args.tick
+        per_tick = args.rate * tick
         owed = 0.0
         pending: set[asyncio.Task[None]] = set()
         start = loop.time()
@@ -140,7 +141,7 @@ async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
                 )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-            next_tick += TICK_S
+            next_tick += tick
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
         assert cpu0 is not None
         assert got0 is not None
@@ -171,6 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", help="run the worker from this checkout")
     parser.add_argument("--rate", type=float, default=800.0, help="work messages a second")
+    parser.add_argument("--tick", type=float, default=0.001, help="seconds between batches")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the worker")
