@@ -41,6 +41,7 @@ from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from yarl import URL
 
+from broker import delivery, frame_reader
 from broker.errors import BrokerUnavailable
 from broker.transport import transport_for
 
@@ -198,6 +199,9 @@ async def connect(
 
 
 def _use_our_transport(connection: aio_pika.Connection, write_linger: float = 0.0) -> None:
+    # Idempotent: frames read with less work, deliveries without a task where asked.
+    frame_reader.install()
+    delivery.install()
     # aio-pika hands its kwargs to aiormq.connect, but keeps only those it knows.
     factory = transport_for(connection.url, linger=write_linger)
     if factory is not None:

@@ -26,6 +26,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from broker.acks import Acks, acks_of
+from broker.delivery import immediate
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,10 @@ class ConsumerPool:
         consumer = Consumer(queue, prefetch, on_message, on_cancelled, slot)
         acks = acks_of(slot.underlay)
 
-        async def deliver(message: DeliveredMessage) -> None:
-            # aiormq runs one task per delivery, in order; everything the
-            # owner does with it happens before the first await, so order holds.
+        @immediate
+        def deliver(message: DeliveredMessage) -> None:
+            # Called in delivery order, without a task each (broker.delivery):
+            # the owner does nothing with it that awaits.
             frame = message.delivery
             assert isinstance(frame, spec.Basic.Deliver)
             consumer.on_message(
