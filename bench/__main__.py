@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tree",
         type=Path,
-        help="run the dispatchers and workers from another checkout (before/after comparisons)",
+        help="run the dispatchers, workers and recorders from another checkout (before/after "
+        "comparisons)",
     )
     parser.add_argument("--label", default="", help="a note stored with the results")
     parser.add_argument("--output", type=Path, help="JSON result file (default bench/results/)")

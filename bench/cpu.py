@@ -124,6 +124,22 @@ def find_broker_pids() -> list[int]:
     return pids
 
 
+def find_redis_pids() -> list[int]:
+    """Every ``redis-server`` on this machine (read-only look at /proc): the execution
+    store's CPU, which the recorder's writes cost (shared: other users count too)."""
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "redis-server":
+            pids.append(int(entry.name))
+    return pids
+
+
 @dataclass(frozen=True, slots=True)
 class CpuSnapshot:
     at: float

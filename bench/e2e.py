@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import broker_work
+from bench import broker_work, cpu
 from bench.harness import Live
 from bench.phase import HttpPhase, Run, fraction_rate, measure_http, mode, request_body
 from bench.reads import recorder_process
@@ -112,6 +112,15 @@ class Pipeline:
     notes: dict[str, object] = field(default_factory=dict)
 
 
+def _watched(pipe: Pipeline) -> dict[str, list[int]]:
+    """The CPU roles beside the front: the pipeline's processes, and Redis where the
+    recorder writes (the shared one: what else uses it meanwhile counts too)."""
+    roles = {role: p.pids() for role, p in pipe.roles.items()}
+    if "recorder" in roles:
+        roles["redis"] = cpu.find_redis_pids()
+    return roles
+
+
 async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement:
     config = run.config
     tenant = await run.tenant()
@@ -139,7 +148,7 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
                 headers=tenant.headers,
                 rate=rate,
                 role=pipe.front_role,
-                others={role: p.pids() for role, p in pipe.roles.items()},
+                others=_watched(pipe),
                 live_extra=RateMeter(lambda: count_lines(pipe.records())),
             ),
         )
@@ -306,8 +315,9 @@ async def peer_e2e(run: Run, front: ServerProcess) -> None:
 
 
 async def profile_e2e(run: Run, pipe: Pipeline) -> None:
-    """Where an execution's cost goes: py-spy on the gateway, the dispatcher and the worker
-    during a closed-loop phase (every phase counts the broker's work: ``bench.broker_work``)."""
+    """Where an execution's cost goes: py-spy on the gateway, the dispatcher, the worker and
+    the recorder during a closed-loop phase (every phase counts the broker's work:
+    ``bench.broker_work``)."""
     from bench.profile import record_profile
     from bench.submit import find_py_spy
 
@@ -316,12 +326,13 @@ async def profile_e2e(run: Run, pipe: Pipeline) -> None:
     seconds = config.warmup_s + config.duration_s + 1
     outs = {
         role: config.results_dir / f"{run.run_id}-{role}-profile.txt"
-        for role in ("dispatcher", "worker", "gateway")
+        for role in ("dispatcher", "worker", "gateway", "recorder")
     }
     pids = {
         "dispatcher": pipe.roles["dispatcher"].pid,
         "worker": pipe.roles["worker"].pid,
         "gateway": pipe.front[0].pid,
+        "recorder": pipe.roles["recorder"].pid,
     }
     await run.quiet()
     saved, run.config = run.config, dataclasses.replace(config, wait_quiet_s=0.0)

@@ -182,14 +182,17 @@ def e2e_table(ms: Sequence[Measurement]) -> str:
     peer_by_fraction = {m.extra.get("fraction_of_saturation"): m for m in ms if m.key == "peer-e2e"}
     lines = [
         "| system | load | submitted/s | executions/s | start p50 / p99 / p99.9 ms "
-        "| result p50 / p99 ms | not ok | CPU us/exec: front / dispatcher / worker / broker "
+        "| result p50 / p99 ms | not ok | CPU us/exec: front / dispatcher / worker / recorder "
+        "/ broker / redis "
         "| cores: SUT / broker / loadgen / other | x limit | x peer: exec/s, start p99 |",
         "|---|---|---:|---:|---|---|---|---|---|---:|---|",
     ]
     for m in rows:
         front = "gateway" if "gateway" in m.cpu else "server"
         worker = "worker" if "worker" in m.cpu else "celery"
-        us = " / ".join(_us(m, r) for r in (front, "dispatcher", worker, "broker"))
+        us = " / ".join(
+            _us(m, r) for r in (front, "dispatcher", worker, "recorder", "broker", "redis")
+        )
         start = f"{_ms(m.p50_ms)} / {_ms(m.p99_ms)} / {_ms(m.p999_ms)}"
         result = f"{_ms(m.extra.get('result_p50_ms'))} / {_ms(m.extra.get('result_p99_ms'))}"
         closed = m.offered_rate is None

@@ -141,6 +141,10 @@ S = ExecutionStatus
 # Terminal execution ids remembered, so a late report or redelivery of one is settled.
 RECENT_TERMINAL = 4096
 MIN_CHECKPOINT_ENTRIES = 64
+# Records written between two checkpoints, at most: the owner holds each until the
+# next checkpoint is confirmed, and they share the results consumer's prefetch with
+# the workers' reports (QueueOwner.start counts them in), so they must not fill it.
+MAX_RECORDS_BETWEEN_CHECKPOINTS = 512
 
 
 class QueueLifecycle:
@@ -173,6 +177,7 @@ class QueueLifecycle:
         self._seq = 0
         self._dirty: OrderedDict[str, Execution | str] = OrderedDict()  # str: a tombstone
         self._since_checkpoint = 0
+        self._records_since_checkpoint = 0
         self._last_checkpoint_at = -math.inf
         self._want_checkpoint = True
         self._records = ledger.HeldRecords()
@@ -520,6 +525,7 @@ class QueueLifecycle:
         checkpoint = (
             self._want_checkpoint
             or self._since_checkpoint + len(self._dirty) >= max(MIN_CHECKPOINT_ENTRIES, size)
+            or self._records_since_checkpoint >= MAX_RECORDS_BETWEEN_CHECKPOINTS
             or now >= self._last_checkpoint_at + self.tunables.hold_seconds / 2
         )
         if not checkpoint and not self._dirty and not self._settled_by_record:
@@ -546,6 +552,7 @@ class QueueLifecycle:
             for x in self.executions.values():
                 x.in_ledger = True
             self._since_checkpoint = 0
+            self._records_since_checkpoint = 0
             self._last_checkpoint_at = now
             self._want_checkpoint = False
         else:
@@ -559,6 +566,7 @@ class QueueLifecycle:
                 elif not item.startswith("cancel:"):
                     entries.append(ledger.ended_entry(execution_id))
             self._since_checkpoint += len(entries)
+            self._records_since_checkpoint += 1
         self._dirty.clear()
         settles, self._settled_by_record = tuple(self._settled_by_record), []
         self._ends_since = None

@@ -37,7 +37,7 @@ from broker.deadletter import dead_letter
 from broker.errors import BrokerError
 from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
 from dispatcher.effects import Deliveries, Effector
-from dispatcher.lifecycle import QueueLifecycle
+from dispatcher.lifecycle import MAX_RECORDS_BETWEEN_CHECKPOINTS, QueueLifecycle
 from dispatcher.work import Links
 from schemas.dispatch import (
     Cancelled,
@@ -141,7 +141,9 @@ class QueueOwner:
 
     async def start(self) -> None:
         """Consume the results queue and ask who owns the queue."""
-        prefetch = min(2 * self.window + 256, 65535)
+        # Room for the reports of a full window, and for the ledger records held
+        # between two checkpoints (each held until the next one is confirmed).
+        prefetch = min(2 * self.window + 256 + MAX_RECORDS_BETWEEN_CHECKPOINTS, 65535)
         self._results = await self.links.pool.consume(
             self.results_name,
             prefetch=prefetch,

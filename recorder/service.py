@@ -1,10 +1,11 @@
 """The recorder: lifecycle events from ``polos.recorder`` into the execution store.
 
-    polos.events (topic) ──#──► polos.recorder (quorum) ──► Recorder ──pipeline──► Redis
-                                                                        └─PUBLISH─► live streams
+    polos.events (topic) ──#──► polos.recorder (quorum) ──► Recorder ──script call──► Redis
+                                                                          └─PUBLISH─► live streams
 
 - Deliveries are batched (up to ``recorder_batch_size`` events, or whatever
-  arrived within ``recorder_batch_wait_seconds``) and written in one round trip.
+  arrived within ``recorder_batch_wait_seconds``) and written in one round trip
+  (one script call per project: ``store.update``).
 - A delivery is acknowledged only after its batch was written. While Redis is
   away the batch is retried with backoff and held unacknowledged; the prefetch
   bounds what is held, the rest waits in the queue. If the recorder dies

@@ -576,15 +576,25 @@ def decode_events(raw: bytes) -> DecodedEvents:
         return DecodedEvents([(LifecycleEvent.model_validate(data), raw)], [])
     if kind != "events" or not isinstance(data.get("events"), list):
         raise ValueError("neither a lifecycle event nor a batch of them")
+    items = data["events"]
+    texts = [orjson.dumps(item) for item in items]
+    try:
+        # The whole batch in one call (a bad item is rare): cheaper than one call each.
+        models = _EVENT_LIST.validate_python(items)
+        return DecodedEvents(list(zip(models, texts, strict=True)), [])
+    except ValidationError:
+        pass
     events: list[tuple[LifecycleEvent, bytes]] = []
     rejected: list[tuple[bytes, str]] = []
-    for item in data["events"]:
-        text = orjson.dumps(item)
+    for item, text in zip(items, texts, strict=True):
         try:
             events.append((LifecycleEvent.model_validate(item), text))
         except ValidationError as exc:
             rejected.append((text, f"undecodable lifecycle event in a batch: {exc}"))
     return DecodedEvents(events, rejected)
+
+
+_EVENT_LIST = TypeAdapter(list[LifecycleEvent])
 
 
 def encode(message: _Message) -> bytes:

@@ -1,7 +1,8 @@
 """The execution store: one Redis hash per execution, indexes per workflow, a TTL on all.
 
-Writes come from the recorder only, in pipelined batches (one round trip per
-batch). Reads serve the status API. Nothing on the submission path touches it.
+Writes come from the recorder only, in batches: one script call per project of a
+batch, all in one round trip. Reads serve the status API. Nothing on the
+submission path touches it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ from store.layout import (
     DEFAULT_PREFIX,
     decode_cursor,
     encode_cursor,
-    events_channel,
     index_key,
     record_key,
-    status_index_keys,
     trim_bound,
 )
-from store.update import APPLY_EVENT_LUA, APPLY_EVENT_SHA, ATTEMPT_ERROR_PREFIX, script_args
+from store.update import APPLY_BATCH_LUA, APPLY_BATCH_SHA, ATTEMPT_ERROR_PREFIX, batch_calls
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 MAX_LIST_LIMIT = 1000
@@ -134,36 +133,32 @@ class ExecutionStore:
         if bodies is None:
             bodies = [encode(event) for event in events]
         bound = trim_bound(int(time.time() * 1000) - self.retention_seconds * 1000)
+        calls = batch_calls(
+            events,
+            bodies,
+            prefix=self.key_prefix,
+            ttl_seconds=self.retention_seconds,
+            trim_bound=bound,
+        )
         with _mapped("record"):
-            results = await self._apply(events, bodies, bound)
+            results = await self._apply(calls)
             if any(isinstance(r, redis_errors.NoScriptError) for r in results):
                 # The script cache is empty (Redis restarted or was flushed).
-                await self._redis.script_load(APPLY_EVENT_LUA)
-                results = await self._apply(events, bodies, bound)
+                await self._redis.script_load(APPLY_BATCH_LUA)
+                results = await self._apply(calls)
         for result in results:
             if isinstance(result, Exception):
                 with _mapped("record"):
                     raise result
 
-    async def _apply(
-        self, events: Sequence[LifecycleEvent], bodies: Sequence[bytes], bound: str
-    ) -> list[Any]:
+    async def _apply(self, calls: Sequence[tuple[list[str], list[bytes | str | int]]]) -> list[Any]:
+        """One ``APPLY_BATCH_LUA`` call per project, in one round trip.
+
+        A call that fails part way (Redis refused an event) has applied the
+        events before that one: the caller writes them again, harmlessly."""
         pipe = self._redis.pipeline(transaction=False)
-        prefix = self.key_prefix
-        for event, body in zip(events, bodies, strict=True):
-            keys = [
-                record_key(prefix, event.project_id, event.execution_id),
-                index_key(prefix, event.project_id, event.workflow_id),
-                *status_index_keys(prefix, event.project_id, event.workflow_id),
-            ]
-            args = script_args(
-                event,
-                ttl_seconds=self.retention_seconds,
-                trim_bound=bound,
-                channel=events_channel(prefix, event.project_id, event.execution_id),
-                body=body,
-            )
-            pipe.evalsha(APPLY_EVENT_SHA, len(keys), *keys, *args)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", APPLY_BATCH_SHA, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 

@@ -37,17 +37,41 @@ and not older (``at``, RFC 3339 text of one format, compares as text). Then:
 Values are stored as JSON text; the script never parses them. Once applied,
 the event (as published) is published on its execution's pub/sub channel
 (``store.layout.events_channel``): the live event streams follow that.
+
+The store sends a batch of a project's events as one call of ``APPLY_BATCH_LUA``
+(``batch_calls``): the event script above as a function, applied to each event
+in turn, its arguments one JSON array (``ARGV[1]``) instead of ~40 Redis
+arguments an event. Redis's ``cjson`` gives back exactly the strings Python
+encoded, so each event is applied as by ``APPLY_EVENT_LUA`` with its
+``script_args`` (tests/test_store_batch.py), except that each index is
+trimmed and each key's TTL renewed once per call rather than once per event
+(the same end state). One call per project: every key of a call shares the
+project's hash tag (``store.layout``). An event Redis refuses stops the call
+there: the events before it stay applied, complete, and the caller finds the
+refused one by writing them one at a time (applying an event again is harmless).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import orjson
 
 from schemas.dispatch import ExecutionStatus, LifecycleEvent
-from store.layout import STATUS_POSITION, TERMINAL_RANK, rank
+from schemas.envelope import SubmissionEnvelope
+from store.layout import (
+    STATUS_ORDER,
+    STATUS_POSITION,
+    TERMINAL_RANK,
+    events_channel,
+    index_key,
+    rank,
+    record_key,
+    status_index_keys,
+)
 
 # What a decision sets: cleared when a later attempt supersedes it.
 DECISION_FIELDS = (
@@ -65,7 +89,7 @@ DECISION_FIELDS = (
 # A failed run's error: ATTEMPT_ERROR_PREFIX + its retry_count (0 for the first run).
 ATTEMPT_ERROR_PREFIX = "attempt_error:"
 
-APPLY_EVENT_LUA = f"""
+_EVENT_LUA = f"""
 local record = KEYS[1]
 local status, pos, rank, at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local ttl, bound, member = tonumber(ARGV[5]), ARGV[6], ARGV[7]
@@ -74,11 +98,7 @@ local n_fill, n_earliest = tonumber(ARGV[10]), tonumber(ARGV[11])
 local channel, body = ARGV[12], ARGV[13]
 local n_highest = tonumber(ARGV[14])
 
-local function touch(index)
-  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
-  redis.call('EXPIRE', index, ttl)
-end
-
+-- touch
 local stored = redis.call('HMGET', record, 'rank', 'status_at', 'sidx', 'attempt')
 local old_rank = -1
 if stored[1] then old_rank = tonumber(stored[1]) end
@@ -113,7 +133,7 @@ if not current then
   -- An earlier attempt's event: only the submission's facts above count.
   redis.call('ZADD', KEYS[2], 0, member)
   touch(KEYS[2])
-  redis.call('EXPIRE', record, ttl)
+  -- expire record
   return 0
 end
 local fill_end = i + 2 * n_fill
@@ -155,13 +175,23 @@ if wins then
 end
 redis.call('ZADD', KEYS[2], 0, member)
 touch(KEYS[2])
-redis.call('EXPIRE', record, ttl)
+-- expire record
 -- In the same step as the write, so a stream that read the record before it
 -- gets the event, and one that reads after it sees it in the record.
 if channel ~= '' then redis.call('PUBLISH', channel, body) end
 if wins then return 1 end
 return 0
 """
+_TOUCH_NOW = """local function touch(index)
+  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
+  redis.call('EXPIRE', index, ttl)
+end
+"""
+_EXPIRE_NOW = "redis.call('EXPIRE', record, ttl)"
+# The script of one event: its indexes trimmed and its keys' TTLs renewed as it goes.
+APPLY_EVENT_LUA = _EVENT_LUA.replace("-- touch", _TOUCH_NOW).replace(
+    "-- expire record", _EXPIRE_NOW
+)
 
 APPLY_EVENT_SHA = hashlib.sha1(APPLY_EVENT_LUA.encode()).hexdigest()
 
@@ -182,11 +212,16 @@ _SUBMISSION_FIELDS = (
 )
 
 
-def _json(value: Any) -> bytes:
-    return orjson.dumps(value)
+def _json(value: Any) -> str:
+    # Text, not bytes: the batch call embeds it in JSON (the same bytes once sent).
+    return orjson.dumps(value).decode()
 
 
-Fields = list[tuple[str, bytes]]
+Fields = list[tuple[str, str]]
+
+# The submission's fields in the model's order, and those an event carries itself.
+_ENVELOPE_FIELDS = tuple(n for n in SubmissionEnvelope.model_fields if n in _SUBMISSION_FIELDS)
+_EVENT_FACTS = ("workflow_id", "deployment_id", "queue_name", "concurrency_key")
 
 
 def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields, Fields]:
@@ -194,39 +229,50 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
 
     ``facts`` are the submission's (any attempt may fill them), ``fill`` what
     the event's own decision knows (worker_id, a failed run's error).
+
+    Values are those of the models, as JSON (the envelope's ``payload``, like the
+    event's ``result``, is JSON-decoded data: ``orjson`` writes it as pydantic's
+    JSON mode does). A submission fact equal to the event's own is left out: the
+    script fills a fact only once (``HSETNX``), so it would change nothing.
     """
+    dumps = orjson.dumps
     facts: Fields = []
     fill: Fields = []
     earliest: Fields = []
     highest: Fields = []
     win: Fields = []
-    for name in ("workflow_id", "deployment_id", "queue_name", "concurrency_key"):
+    own: dict[str, Any] = {}
+    for name in _EVENT_FACTS:
         value = getattr(event, name)
         if value is not None:
-            facts.append((name, _json(value)))
+            own[name] = value
+            facts.append((name, dumps(value).decode()))
     submission = event.submission
     if submission is not None:
-        envelope = submission.model_dump(mode="json", include=set(_SUBMISSION_FIELDS))
-        facts.extend((name, _json(value)) for name, value in envelope.items() if value is not None)
+        for name in _ENVELOPE_FIELDS:
+            value = getattr(submission, name)
+            if value is not None and (name not in own or own[name] != value):
+                facts.append((name, dumps(value).decode()))
 
-    status = event.status.value
-    at = _json(event.at)
+    status = event.status  # a StrEnum: compares as its value
+    at = dumps(event.at).decode()
     if status == "admitted":
         earliest.append(("admitted_at", at))
     elif status == "running":
         earliest.append(("started_at", at))
     if event.started_at is not None:
         # A run that ended before it was reported running says when it started.
-        earliest.append(("started_at", _json(event.started_at)))
+        earliest.append(("started_at", dumps(event.started_at).decode()))
     if event.worker_id is not None:
-        worker = _json(event.worker_id)
+        worker = dumps(event.worker_id).decode()
         fill.append(("worker_id", worker))
         win.append(("worker_id", worker))
     retrying = event.retry_at is not None
-    if event.error is not None and (retrying or event.status is ExecutionStatus.FAILED):
+    error = event.error
+    if error is not None and (retrying or status == "failed"):
         failure = {
             "attempt": event.retry_count + 1,
-            "error": event.error.model_dump(mode="json"),
+            "error": error.model_dump(mode="json"),
             "at": event.at,
             "retry_at": event.retry_at,
             "worker_id": event.worker_id,
@@ -235,12 +281,12 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
     # Counted once the retry is decided, not once it starts; absent means 0.
     if retry_count := event.retry_count + retrying:
         highest.append(("retry_count", _json(retry_count)))
-    if rank(event.status) == TERMINAL_RANK:
+    if _RANKS[status] == TERMINAL_RANK:
         win.append(("completed_at", at))
         if event.result is not None:
             win.append(("result", _json(event.result)))
-        if event.error is not None:
-            win.append(("error", _json(event.error.model_dump(mode="json"))))
+        if error is not None:
+            win.append(("error", _json(error.model_dump(mode="json"))))
         if event.duplicate_of is not None:
             win.append(("duplicate_of", _json(event.duplicate_of)))
         if status == "cancelled":
@@ -250,21 +296,24 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
     return facts, fill, earliest, highest, win
 
 
+_RANKS = {status: rank(status) for status in ExecutionStatus}
+# ARGV[1..3] of each status: its name, its index's position, its rank.
+_STATUS_ARGS = {s: (s.value, STATUS_POSITION[s], _RANKS[s]) for s in ExecutionStatus}
+
+
 def script_args(
     event: LifecycleEvent,
     *,
     ttl_seconds: int,
     trim_bound: str,
     channel: str = "",
-    body: bytes = b"",
+    body: bytes | str = b"",
 ) -> list[bytes | str | int]:
     """ARGV of ``APPLY_EVENT_LUA`` for ``event``; ``body`` is published on ``channel``
     (none if empty) once the event is applied."""
     facts, fill, earliest, highest, win = event_fields(event)
     args: list[bytes | str | int] = [
-        event.status.value,
-        STATUS_POSITION[event.status],
-        rank(event.status),
+        *_STATUS_ARGS[event.status],
         event.at,
         ttl_seconds,
         trim_bound,
@@ -277,7 +326,87 @@ def script_args(
         body,
         len(highest),
     ]
-    for name, value in (*facts, *fill, *earliest, *highest, *win):
-        args.append(name)
-        args.append(value)
+    args.extend(chain.from_iterable(chain(facts, fill, earliest, highest, win)))
     return args
+
+
+# KEYS of a batch call: per workflow its index of every execution and one index per
+# status (KEYS[2..] of the event script, in that order), per execution its record.
+_WORKFLOW_KEYS = 1 + len(STATUS_ORDER)
+
+# In a batch, each index is trimmed and each key's TTL renewed once, after its events
+# (the same bound and TTL for all: the same end as after each event).
+_TOUCH_LATER = "local function touch(index) trim[index] = true end"
+_EXPIRE_LATER = "expire[record] = true"
+
+APPLY_BATCH_LUA = f"""
+local trim, expire = {{}}, {{}}
+local function apply_event(KEYS, ARGV)
+{_EVENT_LUA.replace("-- touch", _TOUCH_LATER).replace("-- expire record", _EXPIRE_LATER)}
+end
+local batch = cjson.decode(ARGV[1])
+local ttl, bound = tonumber(ARGV[2]), ARGV[3]
+local function apply_all()
+  for n = 1, #batch do
+    local item = batch[n]
+    local keys, first = {{KEYS[item[1]]}}, item[2]
+    for j = 0, {_WORKFLOW_KEYS - 1} do keys[j + 2] = KEYS[first + j] end
+    apply_event(keys, item[3])
+  end
+end
+local ok, err = pcall(apply_all)
+-- Also when an event failed: what was applied before it is complete.
+for index in pairs(trim) do
+  if bound ~= '' then redis.call('ZREMRANGEBYLEX', index, '-', bound) end
+  redis.call('EXPIRE', index, ttl)
+end
+for key in pairs(expire) do redis.call('EXPIRE', key, ttl) end
+if not ok then
+  if type(err) == 'table' then return err end
+  return redis.error_reply(tostring(err))
+end
+return #batch
+"""
+
+APPLY_BATCH_SHA = hashlib.sha1(APPLY_BATCH_LUA.encode()).hexdigest()
+
+
+def batch_calls(
+    events: Sequence[LifecycleEvent],
+    bodies: Sequence[bytes],
+    *,
+    prefix: str,
+    ttl_seconds: int,
+    trim_bound: str,
+) -> list[tuple[list[str], list[bytes | str | int]]]:
+    """``(KEYS, ARGV)`` of one ``APPLY_BATCH_LUA`` call per project of ``events``
+    (first seen first), each applying that project's events in their order; ``bodies``
+    are published as ``script_args`` says."""
+    calls: dict[str, tuple[list[str], dict[str, int], dict[str, tuple[int, str]], list[Any]]] = {}
+    for event, body in zip(events, bodies, strict=True):
+        project, execution = event.project_id, event.execution_id
+        call = calls.get(project)
+        if call is None:
+            call = calls[project] = ([], {}, {}, [])
+        keys, workflows, records, items = call
+        first = workflows.get(event.workflow_id)
+        if first is None:
+            first = workflows[event.workflow_id] = len(keys) + 1
+            keys.append(index_key(prefix, project, event.workflow_id))
+            keys.extend(status_index_keys(prefix, project, event.workflow_id))
+        known = records.get(execution)
+        if known is None:
+            known = records[execution] = (len(keys) + 1, events_channel(prefix, project, execution))
+            keys.append(record_key(prefix, project, execution))
+        args = script_args(
+            event,
+            ttl_seconds=ttl_seconds,
+            trim_bound=trim_bound,
+            channel=known[1],
+            body=body.decode(),
+        )
+        items.append((known[0], first, args))
+    return [
+        (keys, [orjson.dumps(items), ttl_seconds, trim_bound])
+        for keys, _, _, items in calls.values()
+    ]

@@ -559,6 +559,27 @@ def test_only_the_newest_records_are_held_and_older_ones_are_acknowledged(
     assert max(held[-recent:]) > recent // 4  # records are held between checkpoints
 
 
+def test_records_held_between_checkpoints_never_fill_the_results_prefetch() -> None:
+    """At a low rate every execution is a record or two: however little each holds,
+    a checkpoint comes once MAX_RECORDS_BETWEEN_CHECKPOINTS were written, so the
+    owner's held records leave the workers' reports their room in the prefetch."""
+    h = Harness()
+    own: list[int] = []
+    held = 0
+    for n in range(1, 3000):
+        h.submit(n)
+        h.flush()
+        h.complete(n, f"d{n}", T0)
+        h.flush()
+        for record in h.ledger[len(own) :]:
+            ref = h.ref()
+            own.append(ref)
+            h.lc.on_own_record(ref, record.seq)
+        held = max(held, len(set(own) - h.acked()))
+    assert len(own) > 4000
+    assert held <= lifecycle_module.MAX_RECORDS_BETWEEN_CHECKPOINTS + 2
+
+
 def test_a_checkpoint_costs_a_bounded_share_of_each_execution_at_any_rate() -> None:
     """At saturation the tombstones of recent ends are most of a checkpoint; one is
     written only once the deltas outweigh it, so the entries written per execution

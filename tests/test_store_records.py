@@ -14,7 +14,7 @@ from schemas.dispatch import ExecutionStatus
 from schemas.records import ExecutionRecord
 from store import ExecutionStore, StoreUnavailable, open_redis
 from store.layout import index_key, record_key
-from store.update import APPLY_EVENT_LUA
+from store.update import APPLY_BATCH_LUA
 from tests.store_support import Run
 
 RETENTION = 3600
@@ -270,12 +270,12 @@ async def test_the_script_is_loaded_again_when_redis_lost_it(
 ) -> None:
     # A script text Redis has never seen: the first EVALSHA answers NOSCRIPT, as
     # after a Redis restart. (The shared Redis's script cache is left alone.)
-    fresh = f"{APPLY_EVENT_LUA}\n-- {uid}\n"
+    fresh = f"{APPLY_BATCH_LUA}\n-- {uid}\n"
     import hashlib
 
-    monkeypatch.setattr(execution_store_module, "APPLY_EVENT_LUA", fresh)
+    monkeypatch.setattr(execution_store_module, "APPLY_BATCH_LUA", fresh)
     monkeypatch.setattr(
-        execution_store_module, "APPLY_EVENT_SHA", hashlib.sha1(fresh.encode()).hexdigest()
+        execution_store_module, "APPLY_BATCH_SHA", hashlib.sha1(fresh.encode()).hexdigest()
     )
     store = ExecutionStore(redis, RETENTION, key_prefix=f"test:{uid}:")
     run = Run(uid)
