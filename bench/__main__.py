@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         help="end to end: fractions of the executions/s at saturation for open-loop runs (0.5)",
     )
     parser.add_argument(
+        "--e2e-rate",
+        default="",
+        help="end to end: fixed executions/s for more open-loop runs, comma-separated (none): "
+        "the same offered load for both sides of an A/B comparison",
+    )
+    parser.add_argument(
         "--queued",
         type=int,
         help="submissions queued for the dispatcher memory check (100000; quick 5000)",
@@ -149,6 +155,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         duration_s=args.duration if args.duration is not None else (1.5 if quick else 10.0),
         open_loop_fractions=fractions,
         e2e_fractions=_fractions(args.e2e_open_loop),
+        e2e_rates=tuple(float(r) for r in args.e2e_rate.split(",") if r.strip()),
         queued_submissions=args.queued or (5_000 if quick else 100_000),
         scaling_queues=args.scaling_queues,
         status_records=args.status_records or (500 if quick else 5_000),

@@ -215,6 +215,8 @@ async def e2e_runs(run: Run, pipe: Pipeline, *, open_loop: bool = True) -> None:
     for fraction in run.config.e2e_fractions if open_loop else ():
         m = await e2e_phase(run, pipe, fraction_rate(saturation.rate, fraction))
         m.extra["fraction_of_saturation"] = fraction
+    for rate in run.config.e2e_rates if open_loop else ():
+        await e2e_phase(run, pipe, rate)
 
 
 @contextlib.asynccontextmanager

@@ -43,6 +43,7 @@ class BenchConfig:
     duration_s: float = 10.0
     open_loop_fractions: tuple[float, ...] = (0.25, 0.5, 0.8)
     e2e_fractions: tuple[float, ...] = (0.5,)
+    e2e_rates: tuple[float, ...] = ()  # fixed executions/s (A/B comparisons)
     per_core_processes: int = 2
     engine: str = "raw"
     repeat: int = 2

@@ -81,7 +81,7 @@ def _scaling_configs(config: BenchConfig) -> tuple[tuple[str, tuple[str, ...]], 
 def expected_phases(config: BenchConfig, systems: Sequence[str]) -> int:
     """How many phases the run will have (for the progress display)."""
     opened = len(config.open_loop_fractions)
-    e2e_runs = 1 + len(config.e2e_fractions)
+    e2e_runs = 1 + len(config.e2e_fractions) + len(config.e2e_rates)
     count = {
         "bare-publish": config.repeat,
         "gateway-1": config.repeat + opened + (1 if config.profile else 0),

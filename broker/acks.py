@@ -16,6 +16,12 @@ waiting for the socket: ``ack`` returns once the frame is queued, and
 channel is closed on purpose, so the close does not overtake them). A channel
 that closes first has handed its deliveries back to their queues already, as
 it would have with ``basic_ack``.
+
+The round's frames go to the writer's queue from a ``call_soon`` callback
+when it has room (nearly always): a task each round, as at first, was one
+more task created, stepped and awaited per execution in the worker. Only a
+full queue (the writer behind) takes a task that waits for room, and until it
+is done later frames follow it, so their order stays the order made.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Acks:
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._channel = cast(aiormq.Channel, channel)
         self._pending: list[bytes] = []
+        self._soon: asyncio.Handle | None = None
         self._task: asyncio.Task[None] | None = None
 
     def ack(self, delivery_tag: int) -> None:
@@ -67,6 +74,9 @@ class Acks:
 
     async def flush(self) -> None:
         """Until what was queued so far is with aiormq's writer (or dropped with the channel)."""
+        if self._soon is not None:
+            self._soon.cancel()
+            self._hand_over()
         task = self._task
         if task is not None:
             await asyncio.shield(task)
@@ -80,8 +90,24 @@ class Acks:
 
     def _add(self, frame: bytes) -> None:
         self._pending.append(frame)
-        if self._task is None:
+        if self._task is None and self._soon is None:
+            self._soon = asyncio.get_running_loop().call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """The round's frames to the writer's queue now, or (full) through ``_write``."""
+        self._soon = None
+        if self._task is not None or not self._pending:
+            return
+        channel = self._channel
+        queue = channel.write_queue
+        if queue.full():
             self._task = asyncio.get_running_loop().create_task(self._write(), name="acks")
+            return
+        frames, self._pending = self._pending, []
+        if channel.is_closed:
+            return  # the broker has taken the deliveries back
+        payload = frames[0] if len(frames) == 1 else b"".join(frames)
+        queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
 
     async def _write(self) -> None:
         channel = self._channel

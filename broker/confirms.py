@@ -100,16 +100,20 @@ def _can_batch(underlay: aiormq.abc.AbstractChannel) -> bool:
 class Batch:
     """The publishes of one channel, written to the socket together.
 
-    A publish joins the pending list; one flush task per channel takes what is
-    pending, registers a delivery tag and a confirm future for each message
-    under the channel lock (as ``basic_publish`` does) and hands all their
-    frames to aiormq's writer as one ``ChannelFrame``. Publishes that arrive
-    while a flush waits go out in its next round.
+    A publish joins the pending list; at the end of the round, what is pending
+    gets a delivery tag and a confirm future for each message (as
+    ``basic_publish`` registers them) and all their frames go to aiormq's
+    writer as one ``ChannelFrame``. That is done in a ``call_soon`` callback
+    when it can be done without waiting (the channel open and unlocked, the
+    writer's queue not full: nearly always), else by a flush task that takes
+    the channel lock and waits; publishes that arrive while a flush waits go
+    out in its next round, after it.
     """
 
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
         self._pending: list[Publish] = []
+        self._soon: asyncio.Handle | None = None
         self._task: asyncio.Task[None] | None = None
         self._checked: tuple[aiormq.abc.AbstractChannel | None, bool] = (None, False)
 
@@ -137,16 +141,49 @@ class Batch:
         if deadlines is not None:
             deadlines.watch(item.future)
         self._pending.append(item)
-        if self._task is None:
-            self._task = asyncio.create_task(self._flush(), name="publish-batch")
+        if self._task is None and self._soon is None:
+            self._soon = asyncio.get_running_loop().call_soon(self._send_soon)
         await item.future
 
     async def close(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         _fail(self._pending, aiormq.exceptions.ChannelInvalidStateError("publisher closed"))
         self._pending = []
+
+    def _send_soon(self) -> None:
+        """The round's publishes to the writer now if nothing needs waiting for, else a task."""
+        self._soon = None
+        if self._task is not None or not self._pending:
+            return
+        underlay = cast(aiormq.Channel | None, self._checked[0])
+        # ``Channel.lock`` is a context manager over this lock (aiormq's own name).
+        lock = getattr(underlay, "_Channel__lock", None)
+        if (
+            underlay is None
+            or underlay.is_closed
+            or not isinstance(lock, asyncio.Lock)
+            or lock.locked()
+            or underlay.write_queue.full()
+        ):
+            self._task = asyncio.get_running_loop().create_task(self._flush(), name="publish-batch")
+            return
+        batch = [p for p in self._pending if p.future is not None and not p.future.done()]
+        self._pending = []
+        if not batch:
+            return
+        # No await from here on: as good as holding the lock.
+        first_tag = underlay.delivery_tag + 1
+        try:
+            payload = self._register(underlay, batch)
+            underlay.write_queue.put_nowait(ChannelFrame(payload, should_close=False))
+        except Exception as exc:
+            _unregister(underlay, first_tag)
+            _fail(batch, exc)
 
     async def _flush(self) -> None:
         try:

@@ -198,12 +198,12 @@ async def connect(
     raise BrokerUnavailable("no broker node answers (" + "; ".join(failures) + ")")
 
 
-def _use_our_transport(connection: aio_pika.Connection) -> None:
+def _use_our_transport(connection: aio_pika.Connection, write_linger: float = 0.0) -> None:
     # Idempotent: frames read with less work, deliveries without a task where asked.
     frame_reader.install()
     delivery.install()
     # aio-pika hands its kwargs to aiormq.connect, but keeps only those it knows.
-    factory = transport_for(connection.url)
+    factory = transport_for(connection.url, linger=write_linger)
     if factory is not None:
         connection.kwargs["transport_factory"] = factory
 
@@ -219,9 +219,11 @@ class _Connection(aio_pika.Connection):
 class FailoverConnection(RobustConnection):
     """A robust connection that goes to the next node when it loses its own."""
 
-    def __init__(self, nodes: Nodes, backoff: Backoff, **kwargs: Any) -> None:
+    def __init__(
+        self, nodes: Nodes, backoff: Backoff, *, write_linger: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(URL(nodes.current), **kwargs)
-        _use_our_transport(self)
+        _use_our_transport(self, write_linger)
         self._nodes = nodes
         self._position = nodes.position
         self._backoff = backoff
@@ -270,12 +272,15 @@ async def connect_robust(
     *,
     timeout: float = CONNECT_TIMEOUT_SECONDS,
     max_backoff: float = DEFAULT_MAX_BACKOFF_SECONDS,
+    write_linger: float = 0.0,
 ) -> FailoverConnection:
     """A connection that reconnects by itself, to whichever node answers, and
     restores its channels; raises BrokerUnavailable if no node answers now.
 
     The name shows in the management UI and in ``rabbitmqctl list_connections``.
     A ``reconnect_interval`` in the URL's query replaces ``max_backoff``.
+    ``write_linger``: how long its writes may wait for more to share a
+    ``send()`` (``broker.transport``; 0: until the next event-loop round).
     """
     in_url = URL(nodes.current).query.get("reconnect_interval")
     if in_url is not None:
@@ -286,6 +291,7 @@ async def connect_robust(
         connection = FailoverConnection(
             nodes,
             Backoff(max_backoff),
+            write_linger=write_linger,
             client_properties={"connection_name": connection_name(role)},
         )
         try:

@@ -8,6 +8,7 @@ the broker confirmed its result.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -185,3 +186,48 @@ async def test_stopping_while_the_broker_is_unreachable_leaves_unreported_work_t
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_with_a_write_linger_work_is_still_acknowledged_only_after_its_confirm(
+    dispatcher: FakeDispatcher,
+    start_worker: StartWorker,
+    amqp_url: str,
+    broker_proxy: TcpProxy,
+    amqp: AbstractConnection,
+) -> None:
+    # A long linger: the result and the acknowledgement of the work, which a
+    # linger lets share a socket write with whatever else is written meanwhile,
+    # must still be written in turn, the acknowledgement after the confirm.
+    gated = Gated()
+
+    async def gate(ctx: ExecutionContext, payload: Any) -> Any:
+        return await gated(ctx, payload)
+
+    worker = await start_worker(
+        {"gated": gate},
+        url=proxied(broker_proxy, amqp_url),
+        settings=WorkerSettings(
+            confirm_timeout_seconds=2.0,
+            worker_running_delay_seconds=30.0,
+            worker_write_linger_seconds=0.1,
+        ),
+    )
+    execution_id = await dispatcher.dispatch("gated")
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 0))
+    await until(lambda: _true(gated.calls == 1))
+
+    broker_proxy.hold()
+    released = time.monotonic()
+    gated.release.set()
+    await dispatcher.wait_for(execution_id, "completed")
+    assert dispatcher.received[-1] - released >= 0.09  # the result lingered
+    await asyncio.sleep(0.3)  # three lingers: an acknowledgement would be out by now
+    broker_proxy.cut()
+    await until(lambda: has_depth(amqp, dispatcher.work_queue, 1))
+
+    broker_proxy.restore()
+    async with asyncio.timeout(15):
+        await worker.wait_idle()
+    await worker.stop()
+    assert gated.calls == 1
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0

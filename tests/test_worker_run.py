@@ -16,7 +16,7 @@ from schemas.limits import MAX_RESULT_DEPTH
 from schemas.topology import work_queue
 from tests.conftest import queue_depth
 from tests.worker_harness import FakeDispatcher, StartWorker, take_dead_letters, until
-from worker import ExecutionContext, Handler, NonRetryableError
+from worker import ExecutionContext, Handler, NonRetryableError, WorkerSettings
 
 
 def until_cancelled() -> tuple[Handler, asyncio.Event]:
@@ -368,3 +368,22 @@ async def test_runs_at_most_concurrency_executions_at_once(
     for execution_id in ids:
         await dispatcher.wait_for(execution_id, "completed")
     assert peak == 2
+
+
+async def test_a_write_linger_delivers_every_result_once_and_acknowledges_all_work(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection
+) -> None:
+    # A linger far longer than the default, so that many executions' results and
+    # acknowledgements share each socket write.
+    worker = await start_worker(settings=WorkerSettings(worker_write_linger_seconds=0.05))
+    ids = [await dispatcher.dispatch("echo", n) for n in range(60)]
+    for n, execution_id in enumerate(ids):
+        completed = await dispatcher.wait_for(execution_id, "completed")
+        assert isinstance(completed, Completed)
+        assert completed.result == n
+    await worker.wait_idle()
+    await worker.stop()
+    assert sorted(r.execution_id for r in dispatcher.results if r.type == "completed") == sorted(
+        ids
+    )
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0

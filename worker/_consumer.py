@@ -88,6 +88,7 @@ class Consumer:
         running_delay: float,
         hold_seconds: float,
         replicas: int | None = None,
+        write_linger: float = 0.0,
     ) -> None:
         self._nodes = Nodes.parse(amqp_url)
         self._replicas = replicas
@@ -101,6 +102,7 @@ class Consumer:
         self._reconnect_interval = reconnect_interval
         self._running_delay = running_delay
         self._hold_seconds = hold_seconds
+        self._write_linger = write_linger
         self.work_queue = work_queue(project, deployment)
         self.cancel_queue = f"polos.cancel.{self.work_queue}.{worker_id}"
         # Cancelled executions (an execution id: any dispatch; a pair: that
@@ -142,6 +144,7 @@ class Consumer:
             self._nodes,
             f"worker-{self._project}-{self._deployment}",
             max_backoff=self._reconnect_interval,
+            write_linger=self._write_linger,
         )
         try:
             await self._setup(connection)

@@ -129,7 +129,14 @@ class Executions:
         results_queue = execution.work.results_queue
         reported = False
         try:
-            await asyncio.wait([execution.handler_task])
+            try:
+                # Awaiting the task itself: cheaper than asyncio.wait (no waiter future,
+                # no callbacks to add and remove); its outcome is read from it below.
+                await execution.handler_task
+            except (Exception, asyncio.CancelledError):
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this supervisor is being cancelled, not (only) the handler
             self._heartbeats.finish(execution)
             self._on_ended(execution.delivery)
             result = outcome(execution)

@@ -79,7 +79,10 @@ class Leases(Generic[K]):
 
     def add(self, key: K, queue: str, lease_seconds: float, started: float) -> None:
         self._held[key] = _Held(queue, lease_seconds, started + self.running_delay)
-        self._queues.setdefault(queue, _Queue()).members.add(key)
+        held = self._queues.get(queue)
+        if held is None:  # (not setdefault: that builds a _Queue per call)
+            held = self._queues[queue] = _Queue()
+        held.members.add(key)
 
     def finish(self, key: K) -> None:
         """The handler of ``key`` ended: if it was never reported, it never will be

@@ -29,6 +29,14 @@ class WorkerSettings(BrokerSettings):
         description="the longest a delivery waits here for a free slot; after half of it the "
         "waiting ones are handed back to the queue",
     )
+    worker_write_linger_seconds: float = Field(
+        default=0.001,
+        ge=0,
+        le=0.1,
+        description="how long the worker's writes to the broker (results, acknowledgements, "
+        "heartbeats) may wait for more to share one socket write; 0: until the next "
+        "event-loop round",
+    )
     worker_reconnect_interval_seconds: float | None = Field(
         default=None, gt=0, description="Former name of POLOS_RECONNECT_INTERVAL_SECONDS"
     )

@@ -4,6 +4,11 @@ One task keeps the consumer at the prefetch the intake wants (a consumer's
 prefetch is fixed when it starts, so a change is a cancel and a new consume),
 hands back deliveries that waited too long, and, while some delivery is not
 yet acknowledged, checks every ``DELIVERY_CHECK_S`` whether its channel died.
+
+A start or an end wakes that task only when it has to act sooner than it
+would (the prefetch is to change, or it sleeps past the next check a new
+delivery needs): under load it sleeps ``DELIVERY_CHECK_S`` at a time and
+was woken, to find nothing to do, once or twice per execution.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -66,6 +72,8 @@ class WorkIntake:
         self._chores: set[asyncio.Task[bool]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Until when the task sleeps (loop time; inf: until woken, or while it is awake).
+        self._asleep_until = math.inf
 
     @property
     def waiting_keys(self) -> list[tuple[str, str]]:
@@ -89,22 +97,33 @@ class WorkIntake:
         admission = self._intake.arrive(delivery, now)
         if admission is Admission.START:
             self._begin(delivery)
+            self._poke(now)
         elif admission is Admission.WAIT:
             self._waiting[delivery.key] = delivery
+            self._poke(now)
         else:
+            self._poke(None)
             await settle(delivery.message, requeue=True)
-        self._changed.set()
 
     def ended(self, delivery: Delivery) -> None:
         """A handler ended: its slot is free (for the oldest waiting delivery)."""
-        for waiting in self._intake.end(delivery):
+        started = self._intake.end(delivery)
+        for waiting in started:
             self._waiting.pop(waiting.key, None)
             self._begin(waiting)
-        self._changed.set()
+        self._poke(None)
 
     def leased(self, delivery: Delivery) -> None:
         self._intake.lease(delivery)
-        self._changed.set()
+        self._poke(None)
+
+    def _poke(self, arrived: float | None) -> None:
+        """Wake the task if it must act before it would wake: the prefetch is to
+        change, or a delivery that ``arrived`` then needs a check sooner."""
+        if self._target() != self._prefetch or (
+            arrived is not None and arrived + DELIVERY_CHECK_S < self._asleep_until
+        ):
+            self._changed.set()
 
     def settle_later(self, settling: Coroutine[Any, Any, bool]) -> None:
         task = asyncio.create_task(settling)
@@ -161,9 +180,14 @@ class WorkIntake:
             if self._waiting or unacknowledged:
                 waits.append(max(0.0, checked_at + DELIVERY_CHECK_S - loop.time()))
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(waits) if waits else None):
-                    await self._changed.wait()
+            timeout = min(waits) if waits else None
+            self._asleep_until = math.inf if timeout is None else loop.time() + timeout
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait()
+            finally:
+                self._asleep_until = math.inf
 
     async def _consume(self) -> None:
         """Consume with the prefetch the intake wants (0: do not consume)."""

@@ -168,6 +168,7 @@ class Worker:
             replicas=settings.quorum_group_size,
             running_delay=settings.worker_running_delay_seconds,
             hold_seconds=settings.worker_hold_seconds,
+            write_linger=settings.worker_write_linger_seconds,
         )
         await self.observer.start()
         try:

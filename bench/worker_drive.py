@@ -1,0 +1,192 @@
+"""The worker alone, at a fixed rate: its CPU per execution, without the rest of the system.
+
+    python -m bench.worker_drive [--tree DIR] [--rate 800] [--duration 10] [--env NAME=VALUE]
+
+Plays the dispatcher's part on the wire (as tests/worker_harness.py does): a
+results queue, work messages published at ``--rate`` per second (a batch every
+``--tick``, 1 ms), results consumed and acknowledged. The worker is a real ``python -m
+worker bench.e2e_worker:create`` process (the e2e benchmark's no-op
+workflow), run from ``--tree`` (another checkout) or this one. Prints the
+worker's CPU per execution over the measured window. With the gateway and
+dispatcher out of the picture, an A/B pair is less at the mercy of how busy
+the shared machine is than ``python -m bench e2e``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+
+from bench.cpu import process_cpu_seconds
+from broker.connection import Nodes, connect_robust
+from broker.publisher import ConfirmedPublisher
+from broker.topology import declare_results_queue
+from schemas.dispatch import encode_work
+from schemas.envelope import encode_submission
+from schemas.ids import new_execution_id
+from schemas.topology import results_queue, work_queue
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _work(project: str, queue: str) -> bytes:
+    execution_id, created_at = new_execution_id()
+    submission = encode_submission(
+        execution_id=execution_id,
+        created_at=created_at,
+        project_id=project,
+        workflow_id="noop",
+        deployment_id="v1",
+        queue_name="q",
+        queue_concurrency_limit=None,
+        concurrency_key=None,
+        run_timeout_seconds=60,
+        payload={"n": 1},
+        initial_state=None,
+        session_id="s",
+        user_id=None,
+        otel_traceparent=None,
+        parent_execution_id=None,
+        root_execution_id=None,
+        step_key=None,
+        wait_for_subworkflow=False,
+        submitted_by="k",
+    )
+    return encode_work(
+        dispatch_id=uuid.uuid4().hex,
+        deadline=time.time() + 60,
+        results_queue=queue,
+        submission_raw=submission,
+    )
+
+
+async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
+    project = f"drive{uuid.uuid4().hex[:8]}"
+    python = tree / ".venv" / "bin" / "python"
+    connection = await connect_robust(Nodes.parse(args.amqp_url), "worker-drive")
+    results = results_queue(project, "q")
+    works = work_queue(project, "v1")
+    await declare_results_queue(connection, results)
+    publisher = ConfirmedPublisher(connection, confirm_timeout=10)
+    await publisher.start()
+    received = 0
+
+    async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal received
+        received += 1
+        await message.ack()
+
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=1000)
+    queue = await channel.declare_queue(results, passive=True)
+    await queue.consume(on_result)
+
+    env = {
+        **os.environ,
+        "POLOS_AMQP_URL": args.amqp_url,
+        "POLOS_WORKER_CONCURRENCY": "256",
+        "BENCH_PROJECT": project,
+        "BENCH_DEPLOYMENT": "v1",
+        "BENCH_WORKFLOW": "noop",
+        "BENCH_RECORDS": records,
+        **dict(item.split("=", 1) for item in args.env),
+    }
+    worker = await asyncio.create_subprocess_exec(
+        str(python),
+        "-m",
+        "worker",
+        "bench.e2e_worker:create",
+        cwd=tree,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    print(f"worker pid {worker.pid}", flush=True)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(Exception):
+                    async with connection.channel() as probe:
+                        declared = await probe.declare_queue(works, passive=True)
+                        if declared.declaration_result.consumer_count:
+                            break
+        loop = asyncio.get_running_loop()
+        tick = args.tick
+        per_tick = args.rate * tick
+        owed = 0.0
+        pending: set[asyncio.Task[None]] = set()
+        start = loop.time()
+        measuring_from = start + args.warmup
+        until = measuring_from + args.duration
+        cpu0 = got0 = None
+        next_tick = start
+        while loop.time() < until:
+            if cpu0 is None and loop.time() >= measuring_from:
+                cpu0, got0, t0 = process_cpu_seconds(worker.pid), received, time.perf_counter()
+            owed += per_tick
+            while owed >= 1:
+                owed -= 1
+                task = asyncio.create_task(
+                    publisher.publish(works, _work(project, results), message_id=uuid.uuid4().hex)
+                )
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            next_tick += tick
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+        assert cpu0 is not None
+        assert got0 is not None
+        cpu = process_cpu_seconds(worker.pid) - cpu0
+        done = received - got0
+        wall = time.perf_counter() - t0
+        print(
+            f"{args.label or tree.name}: {done / wall:,.0f} exec/s offered {args.rate:,.0f}; "
+            f"worker {cpu / wall:.3f} cores, {cpu / max(done, 1) * 1e6:,.0f} µs/exec"
+        )
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        worker.terminate()
+        try:
+            async with asyncio.timeout(10):
+                await worker.wait()
+        except TimeoutError:
+            worker.kill()
+            await worker.wait()
+        with contextlib.suppress(Exception):
+            async with connection.channel() as cleanup:
+                await cleanup.queue_delete(results)
+                await cleanup.queue_delete(works)
+        await connection.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", help="run the worker from this checkout")
+    parser.add_argument("--rate", type=float, default=800.0, help="work messages a second")
+    parser.add_argument("--tick", type=float, default=0.001, help="seconds between batches")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the worker")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    args = parser.parse_args()
+    tree = Path(args.tree).resolve() if args.tree else ROOT
+    handle, records = tempfile.mkstemp(prefix="drive-", suffix=".records")
+    os.close(handle)
+    try:
+        asyncio.run(drive(args, tree, records))
+    finally:
+        Path(records).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
