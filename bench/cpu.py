@@ -111,31 +111,27 @@ def find_broker_pids() -> list[int]:
     pid = _broker_os_pid()
     if pid is not None and Path(f"/proc/{pid}").exists():
         return [pid]
-    pids: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        if comm == "beam.smp":
-            pids.append(int(entry.name))
-    return pids
+    return _pids_named("beam.smp")
 
 
 def find_redis_pids() -> list[int]:
     """Every ``redis-server`` on this machine (read-only look at /proc): the execution
     store's CPU, which the recorder's writes cost (shared: other users count too)."""
+    return _pids_named("redis-server")
+
+
+def _pids_named(comm: str) -> list[int]:
+    """Every process on this machine whose command name is ``comm`` (a read-only look
+    at /proc)."""
     pids: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            comm = (entry / "comm").read_text().strip()
+            name = (entry / "comm").read_text().strip()
         except OSError:
             continue
-        if comm == "redis-server":
+        if name == comm:
             pids.append(int(entry.name))
     return pids
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from broker.errors import BrokerError
 from dispatcher.consumers import Delivery
-from dispatcher.lifecycle import Ack, Dispatch, Effect, Emit, Execution, QueueLifecycle, SendCancel
+from dispatcher.lifecycle import Ack, Dispatch, Emit, Execution, QueueLifecycle, SendCancel
 from dispatcher.work import Links
 from schemas.dispatch import encode_work
 from schemas.envelope import SubmissionEnvelope
@@ -187,12 +187,10 @@ class Effector:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("%s: announcing or acknowledging failed", self._results_name, exc_info=exc)
 
-    async def _send(self, effect: Effect) -> None:
+    async def _send(self, effect: Dispatch | SendCancel) -> None:
         if isinstance(effect, Dispatch):
             await self._dispatch(effect)
-        elif isinstance(effect, Emit):
-            await self._emit(effect)
-        elif isinstance(effect, SendCancel):
+        else:
             x = effect.execution
             if not x.deployment_id:
                 return  # an execution we know nothing of: nowhere to send it
@@ -232,11 +230,6 @@ class Effector:
             self._lifecycle.on_dispatch_failed(
                 x, effect.dispatch_id, f"cannot dispatch: {type(exc).__name__}: {exc}", time.time()
             )
-
-    async def _emit(self, effect: Emit) -> None:
-        batch = self._post(effect)
-        if batch is not None:
-            await asyncio.shield(batch)
 
     def _post(self, effect: Emit) -> asyncio.Future[None] | None:
         x = effect.execution
