@@ -38,11 +38,26 @@ from schemas.topology import work_queue
 log = logging.getLogger(__name__)
 
 
+class _Shared:
+    """One delivery that carries several reports (a worker's ``Results``)."""
+
+    __slots__ = ("delivery", "left")
+
+    def __init__(self, delivery: Delivery, left: int) -> None:
+        self.delivery = delivery
+        self.left = left
+
+
 class Deliveries:
-    """The deliveries an owner holds, by the handle its lifecycle knows them by."""
+    """The deliveries an owner holds, by the handle its lifecycle knows them by.
+
+    A delivery that carries several reports is held once per report
+    (``hold_shared``): the lifecycle settles each report on its own, and the
+    delivery is handed back for its acknowledgement when the last one is.
+    """
 
     def __init__(self) -> None:
-        self._held: dict[int, Delivery] = {}
+        self._held: dict[int, Delivery | _Shared] = {}
         self._next = 0
 
     def __len__(self) -> int:
@@ -53,8 +68,23 @@ class Deliveries:
         self._held[self._next] = delivery
         return self._next
 
+    def hold_shared(self, delivery: Delivery, count: int) -> range:
+        """``count`` handles of one delivery (at least one)."""
+        shared = _Shared(delivery, count)
+        first = self._next + 1
+        self._next += count
+        held = self._held
+        for ref in range(first, self._next + 1):
+            held[ref] = shared
+        return range(first, self._next + 1)
+
     def take(self, ref: int) -> Delivery | None:
-        return self._held.pop(ref, None)
+        """The delivery, once nothing else holds it (``None`` while others do)."""
+        held = self._held.pop(ref, None)
+        if type(held) is _Shared:
+            held.left -= 1
+            return held.delivery if held.left == 0 else None
+        return held  # type: ignore[return-value]
 
     def clear(self) -> None:
         self._held.clear()

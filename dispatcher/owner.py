@@ -50,6 +50,7 @@ from schemas.dispatch import (
     LedgerRecord,
     OwnerProbe,
     Released,
+    Results,
     ResultsQueueMessage,
     Running,
     WorkMessage,
@@ -274,6 +275,17 @@ class QueueOwner:
         if isinstance(message, OwnerProbe | WorkMessage | Dispatched):
             # A standby's probe, a stale one of ours, or a marker of the old design.
             self._spawn(delivery.ack())
+            return
+        if isinstance(message, Results):
+            # Several reports in one delivery: each settled on its own, the delivery
+            # acknowledged once all of them are.
+            refs = self.deliveries.hold_shared(delivery, len(message.reports))
+            for ref, report in zip(refs, message.reports, strict=True):
+                if isinstance(report, Released):
+                    lifecycle.on_released(ref, report, now)
+                else:
+                    lifecycle.on_result(ref, report, now)
+            self._kick()
             return
         ref = self.deliveries.hold(delivery)
         if isinstance(message, LedgerRecord):

@@ -2,7 +2,7 @@
 
     dispatcher ──WorkMessage──► polos.work.<project>.<deployment> ──► worker
     worker ──Heartbeat (running + lease renewals, one per worker and flush)─┐
-    worker ──Completed/Failed/Cancelled/Released─────────────────────────────┤
+    worker ──Completed/Failed/Cancelled/Released, or a Results batch of them─┤
     owner  ──LedgerRecord (its durable in-flight state, to itself)───────────┤
     dispatcher ──OwnerProbe (who owns it? / a sync marker)───────────────────┤
                                                 polos.results.<project>.<queue>
@@ -234,8 +234,32 @@ class Released(_Message):
     reason: str
 
 
+Report = Annotated[Completed | Failed | Cancelled | Released, Field(discriminator="type")]
+
+
+class Results(_Message):
+    """Several reports of one worker to one results queue, in one message.
+
+    A worker's results that are decided in the same event-loop round go out
+    together: one quorum enqueue, delivery and acknowledgement for all of them
+    (DESIGN §5: batch derived messages). The owner takes each report as if it
+    had come alone and acknowledges the message once it is done with all of
+    them. A worker sends a lone report as itself, not as a batch of one.
+    ``reports`` nest one object and one array deeper than a lone report
+    (``schemas.limits.RESULTS_BATCH_NESTING``): a deeper one goes alone.
+    """
+
+    type: Literal["results"] = "results"
+    reports: list[Report] = Field(min_length=1)
+
+
+def encode_results(reports: Sequence[bytes]) -> bytes:
+    """A ``Results`` message of already encoded reports (not encoded again)."""
+    return b'{"type":"results","reports":[' + b",".join(reports) + b"]}"
+
+
 ResultMessage = Annotated[
-    Dispatched | Running | Completed | Failed | Cancelled | Released | Heartbeat,
+    Dispatched | Running | Completed | Failed | Cancelled | Released | Heartbeat | Results,
     Field(discriminator="type"),
 ]
 RESULT_MESSAGE: TypeAdapter[ResultMessage] = TypeAdapter(ResultMessage)
@@ -243,6 +267,18 @@ RESULT_MESSAGE: TypeAdapter[ResultMessage] = TypeAdapter(ResultMessage)
 
 def decode_result(raw: bytes) -> ResultMessage:
     return RESULT_MESSAGE.validate_json(raw)
+
+
+# One report as the owner takes it, whether it came alone or in a ``Results`` batch.
+LoneReport = Dispatched | Running | Completed | Failed | Cancelled | Released | Heartbeat
+
+
+def decode_reports(raw: bytes) -> list[LoneReport]:
+    """What a worker said in one message: a ``Results`` batch unpacked, else the one."""
+    message = decode_result(raw)
+    if isinstance(message, Results):
+        return list(message.reports)
+    return [message]
 
 
 class CancelRequest(_Message):
@@ -341,6 +377,7 @@ ResultsQueueMessage = Annotated[
     | Cancelled
     | Released
     | Heartbeat
+    | Results
     | WorkMessage
     | CancelRequest
     | LedgerRecord

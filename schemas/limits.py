@@ -12,9 +12,11 @@ inside the messages that carry it:
     work message, the owner's marker {"submission": {"payload": v}}      2
     lifecycle events (recorder, SSE) {"submission": {"payload": v}}      2
     a worker's result, its event     {"result": v}                       1
+    a result in a worker's batch     {"reports": [{"result": v}]}        3
 
 so ``payload`` and ``initial_state`` may nest ``MAX_VALUE_DEPTH`` levels and a
-handler's result ``MAX_RESULT_DEPTH``. Depth counts arrays and objects: a
+handler's result ``MAX_RESULT_DEPTH`` (a result deeper than a batch leaves room
+for is sent alone, not in a worker's ``Results`` batch). Depth counts arrays and objects: a
 scalar is 0, ``[]`` is 1, ``{"a": [1]}`` is 2. (pydantic counts the scalar
 at the bottom as a level too, so an empty innermost array would pass with one
 level more; the budget does not tell the two apart and allows the lesser.)
@@ -38,6 +40,8 @@ SUBMISSION_NESTING = 2
 RESULT_NESTING = 1
 MAX_VALUE_DEPTH = JSON_NESTING_LIMIT - SUBMISSION_NESTING
 MAX_RESULT_DEPTH = JSON_NESTING_LIMIT - RESULT_NESTING
+# What a worker's ``Results`` batch adds around each report: its object and the list.
+RESULTS_BATCH_NESTING = 2
 
 # orjson writes integers in [-2**63, 2**64 - 1] and raises beyond; it reads
 # larger ones as floats (silently inexact), so the gateway refuses them.

@@ -18,15 +18,18 @@ from schemas.dispatch import (
     Completed,
     ExecutionStatus,
     LifecycleEvent,
+    Results,
     decode_lifecycle,
     decode_results_queue,
     decode_work,
     encode,
     encode_queued_event,
+    encode_results,
     encode_work,
 )
 from schemas.envelope import decode_submission
 from schemas.limits import (
+    JSON_NESTING_LIMIT,
     MAX_BODY_BYTES_CAP,
     MAX_INT,
     MAX_RESULT_DEPTH,
@@ -34,9 +37,11 @@ from schemas.limits import (
     MIN_INT,
     ORJSON_ENCODE_DEPTH,
     ORJSON_READ_DEPTH,
+    RESULTS_BATCH_NESTING,
     nests_deeper,
 )
 from tests.envelopes import make_submission
+from worker._reporting import MAX_BATCHED_BRACKETS
 
 
 def nested(depth: int) -> Any:
@@ -114,6 +119,24 @@ def test_a_result_at_its_budget_is_read_by_the_owner_and_the_recorder() -> None:
     both(nested(MAX_RESULT_DEPTH))
     with pytest.raises(ValidationError):
         both(nested(MAX_RESULT_DEPTH + 1))
+
+
+def test_a_batched_result_is_read_by_the_owner_up_to_what_the_worker_batches() -> None:
+    def batched(result: Any) -> None:
+        completed = Completed(
+            execution_id="e", dispatch_id="d", worker_id="w", at="t", result=result
+        )
+        report = encode(completed)
+        decoded = decode_results_queue(encode_results([report, report]))
+        assert isinstance(decoded, Results)
+        assert [r.result for r in decoded.reports if isinstance(r, Completed)] == [result] * 2
+
+    # The worker batches a report whose brackets are at most MAX_BATCHED_BRACKETS
+    # (the report's own object counts one): that deep, a batch still decodes.
+    batched(nested(MAX_BATCHED_BRACKETS - 1))
+    with pytest.raises(ValidationError):
+        batched(nested(MAX_BATCHED_BRACKETS))
+    assert MAX_BATCHED_BRACKETS == JSON_NESTING_LIMIT - RESULTS_BATCH_NESTING
 
 
 @pytest.mark.parametrize(

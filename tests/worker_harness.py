@@ -33,8 +33,8 @@ from schemas.dispatch import (
     DEFAULT_LEASE_SECONDS,
     CancelMessage,
     Heartbeat,
-    ResultMessage,
-    decode_result,
+    LoneReport,
+    decode_reports,
     encode,
     encode_work,
 )
@@ -60,9 +60,11 @@ class FakeDispatcher:
         self.queue_name = queue_name
         self.work_queue = work_queue(project, deployment)
         self.results_queue = results_queue(project, queue_name)
-        self.results: list[ResultMessage] = []
+        self.results: list[LoneReport] = []
         self.received: list[float] = []
         """Monotonic arrival time of each of ``results``."""
+        self.messages = 0
+        """Messages received (a worker's ``Results`` batch is one, for all it carries)."""
         self._arrived = asyncio.Condition()
         self._channel: AbstractChannel | None = None
 
@@ -84,8 +86,10 @@ class FakeDispatcher:
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
         async with self._arrived:
-            self.results.append(decode_result(message.body))
-            self.received.append(time.monotonic())
+            reports = decode_reports(message.body)
+            self.messages += 1
+            self.results.extend(reports)
+            self.received.extend(time.monotonic() for _ in reports)
             self._arrived.notify_all()
 
     # -- work -----------------------------------------------------------------------
@@ -169,7 +173,7 @@ class FakeDispatcher:
 
     # -- results --------------------------------------------------------------------
 
-    def results_of(self, execution_id: str) -> list[ResultMessage]:
+    def results_of(self, execution_id: str) -> list[LoneReport]:
         return [
             r
             for r in self.results
@@ -199,12 +203,10 @@ class FakeDispatcher:
             ) from None
         return self.heartbeats_of(execution_id)[count - 1][1]
 
-    async def wait_for(
-        self, execution_id: str, kind: str, *, timeout: float = 10.0
-    ) -> ResultMessage:
+    async def wait_for(self, execution_id: str, kind: str, *, timeout: float = 10.0) -> LoneReport:
         """The first result of ``kind`` for ``execution_id``; fails if none arrives in time."""
 
-        def found() -> ResultMessage | None:
+        def found() -> LoneReport | None:
             for result in self.results_of(execution_id):
                 if result.type == kind:
                     return result

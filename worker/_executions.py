@@ -28,7 +28,7 @@ from schemas.ids import now_rfc3339
 from worker._context import ExecutionContext
 from worker._delivery import Delivery, Recent, settle
 from worker._heartbeats import Heartbeats
-from worker._reporting import Reporter
+from worker._reporting import Reporter, ResultBatches
 from worker._runner import Execution, Stop, call_with_deadline, outcome, released
 
 log = logging.getLogger("worker")
@@ -53,6 +53,8 @@ class Executions:
     ) -> None:
         self._publisher = publisher
         self._reporter = reporter
+        # The results decided in one event-loop round share one message per queue.
+        self._results = ResultBatches(reporter, batch_id=worker_id)
         self._worker_id = worker_id
         self._work_queue = work_queue
         self._confirm_timeout = confirm_timeout
@@ -79,6 +81,7 @@ class Executions:
 
     async def close(self) -> None:
         await self._heartbeats.close()
+        await self._results.close()
         for chore in list(self._chores):
             chore.cancel()
         await asyncio.gather(*self._chores, return_exceptions=True)
@@ -147,7 +150,7 @@ class Executions:
             # The owner must not see a heartbeat after the result.
             await self._heartbeats.flushed(execution)
             try:
-                await self._reporter.publish(results_queue, result_body, message_id=result_id)
+                await self._results.publish(results_queue, result_body, message_id=result_id)
             except Unroutable:
                 # The owner's results queue is gone: keep the work, with why,
                 # rather than loop it or lose it.
