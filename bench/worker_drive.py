@@ -1,6 +1,7 @@
 """The worker alone, at a fixed rate: its CPU per execution, without the rest of the system.
 
     python -m bench.worker_drive [--tree DIR] [--rate 800] [--duration 10] [--env NAME=VALUE]
+    python -m bench.worker_drive [--tree DIR] --preload 20000
 
 Plays the dispatcher's part on the wire (as tests/worker_harness.py does): a
 results queue, work messages published at ``--rate`` per second (a batch every
@@ -10,6 +11,12 @@ workflow), run from ``--tree`` (another checkout) or this one. Prints the
 worker's CPU per execution over the measured window. With the gateway and
 dispatcher out of the picture, an A/B pair is less at the mercy of how busy
 the shared machine is than ``python -m bench e2e``.
+
+``--preload N`` queues N work messages before the worker starts instead and
+measures from its first result to its last: the worker at full speed, with
+no publisher in the loop to keep up (nor to share the cores with). Executions
+are counted by the reports the results carry (a worker's ``Results`` message
+carries many).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
@@ -29,8 +37,8 @@ import aio_pika
 from bench.cpu import process_cpu_seconds
 from broker.connection import Nodes, connect_robust
 from broker.publisher import ConfirmedPublisher
-from broker.topology import declare_results_queue
-from schemas.dispatch import encode_work
+from broker.topology import declare_results_queue, declare_work_queue
+from schemas.dispatch import decode_reports, encode_work
 from schemas.envelope import encode_submission
 from schemas.ids import new_execution_id
 from schemas.topology import results_queue, work_queue
@@ -79,11 +87,29 @@ async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
     publisher = ConfirmedPublisher(connection, confirm_timeout=10)
     await publisher.start()
     received = 0
+    first: tuple[float, int, float] | None = None  # --preload: CPU, count, time at the first
+    worker_pid = 0
+    drained = asyncio.Event()
 
     async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        nonlocal received
-        received += 1
+        nonlocal received, first
+        received += len(decode_reports(message.body))
+        if args.preload:
+            if first is None:
+                first = process_cpu_seconds(worker_pid), received, time.perf_counter()
+            if received >= args.preload:
+                drained.set()
         await message.ack()
+
+    if args.preload:
+        await declare_work_queue(connection, works)
+        for sent in range(0, args.preload, 500):
+            await asyncio.gather(
+                *(
+                    publisher.publish(works, _work(project, results), message_id=uuid.uuid4().hex)
+                    for _ in range(min(500, args.preload - sent))
+                )
+            )
 
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=1000)
@@ -111,7 +137,11 @@ async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
         stderr=subprocess.DEVNULL,
     )
     print(f"worker pid {worker.pid}", flush=True)
+    worker_pid = worker.pid
     try:
+        if args.preload:
+            await _drained(args, tree, worker_pid, drained, lambda: (first, received))
+            return
         async with asyncio.timeout(30):
             while True:
                 await asyncio.sleep(0.2)
@@ -168,6 +198,26 @@ async def drive(args: argparse.Namespace, tree: Path, records: str) -> None:
         await connection.close()
 
 
+async def _drained(
+    args: argparse.Namespace,
+    tree: Path,
+    pid: int,
+    drained: asyncio.Event,
+    counts: Callable[[], tuple[tuple[float, int, float] | None, int]],
+) -> None:
+    async with asyncio.timeout(args.preload / 100 + 60):
+        await drained.wait()
+    first, received = counts()
+    assert first is not None
+    cpu = process_cpu_seconds(pid) - first[0]
+    done = received - first[1]
+    wall = time.perf_counter() - first[2]
+    print(
+        f"{args.label or tree.name}: {done / wall:,.0f} exec/s draining {args.preload:,}; "
+        f"worker {cpu / wall:.3f} cores, {cpu / max(done, 1) * 1e6:,.0f} µs/exec"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", help="run the worker from this checkout")
@@ -176,6 +226,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the worker")
+    parser.add_argument(
+        "--preload", type=int, default=0, help="queue this many first, measure their draining"
+    )
     parser.add_argument("--label", default="")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     args = parser.parse_args()

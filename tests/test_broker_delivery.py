@@ -99,3 +99,60 @@ async def test_other_consumers_run_as_aiormq_runs_them(connection: AbstractConne
     assert got == [b"a", b"b"]
     assert len(tasks) == 2  # a task each
     assert isinstance(underlay, aiormq.Channel)
+
+
+async def test_an_immediate_consumer_through_an_aio_pika_queue_gets_aiormqs_messages_in_one_task(
+    connection: AbstractConnection,
+) -> None:
+    bodies = [str(n).encode() for n in range(200)]
+    name, _ = await _queue_with(connection, bodies)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(name, passive=True)
+    got: list[bytes] = []
+    tasks: set[asyncio.Task[object] | None] = set()
+    done = asyncio.Event()
+
+    @immediate
+    def on_message(message: DeliveredMessage) -> None:
+        assert isinstance(message, DeliveredMessage)  # not aio-pika's IncomingMessage
+        got.append(message.body)
+        tasks.add(asyncio.current_task())
+        if len(got) == len(bodies):
+            done.set()
+
+    # aio-pika wraps it (its queue consumer: an IncomingMessage and a task more).
+    await queue.consume(on_message, no_ack=True)
+    await asyncio.wait_for(done.wait(), 10)
+    assert got == bodies
+    assert len(tasks) == 1
+
+
+async def test_an_immediate_callback_run_by_aio_pika_gets_the_same_message_rebuilt(
+    connection: AbstractConnection,
+) -> None:
+    # What it gets if broker.delivery is not installed: aio-pika's message, made
+    # back into aiormq's.
+    name, _ = await _queue_with(connection, [])
+    channel = await connection.channel()
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"x", message_id="m-1", headers={"h": 1}), routing_key=name
+    )
+    queue = await channel.declare_queue(name, passive=True)
+    incoming = await queue.get(timeout=5)
+    assert incoming is not None
+    got: list[DeliveredMessage] = []
+
+    @immediate
+    def on_message(message: DeliveredMessage) -> None:
+        got.append(message)
+
+    await on_message(incoming)
+    [message] = got
+    assert (message.body, message.delivery_tag, message.redelivered) == (
+        b"x",
+        incoming.delivery_tag,
+        False,
+    )
+    assert message.header.properties.message_id == "m-1"
+    assert message.header.properties.headers == {"h": 1}
+    assert message.channel is await channel.get_underlay_channel()

@@ -30,6 +30,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
 from pydantic import ValidationError
 
 from broker.connection import Backoff, Nodes, connect_robust, retry
@@ -43,6 +44,7 @@ from worker._delivery import (
     SETTLE_ERRORS,
     Delivery,
     Handler,
+    Received,
     Recent,
     close_quietly,
     flush_settlements,
@@ -220,34 +222,41 @@ class Consumer:
 
     # -- work -------------------------------------------------------------------
 
-    async def _on_work(self, message: AbstractIncomingMessage) -> None:
-        # No await before the delivery is recorded: deliveries are handled in
-        # concurrent tasks, and a duplicate must see the first one.
+    def _on_work(self, delivered: DeliveredMessage) -> None:
+        # Called in the work channel reader's step, in delivery order, without a
+        # task (broker.delivery): nothing here awaits; what must (dead-lettering)
+        # runs in a task of its own.
         assert self._executions is not None
         assert self._intake is not None
         executions, intake = self._executions, self._intake
+        message = Received(delivered)
         now = self._last_arrival = asyncio.get_running_loop().time()
         if self._stopping:
-            await settle(message, requeue=True)
+            settle(message, requeue=True)
             return
         try:
             work = decode_work(message.body)
         except ValidationError as exc:
-            await self._poison(message, f"undecodable work message: {exc}")
+            intake.later(self._poison(message, f"undecodable work message: {exc}"))
             return
         submission = work.submission
         if (submission.project_id, submission.deployment_id) != (self._project, self._deployment):
-            await self._poison(
-                message,
-                f"work for {submission.project_id}/{submission.deployment_id} "
-                f"on the queue of {self._project}/{self._deployment}",
+            intake.later(
+                self._poison(
+                    message,
+                    f"work for {submission.project_id}/{submission.deployment_id} "
+                    f"on the queue of {self._project}/{self._deployment}",
+                )
             )
             return
         handler = self._workflows.get(submission.workflow_id)
         if handler is None:
-            await self._poison(
-                message,
-                f"unknown workflow {submission.workflow_id!r} in deployment {self._deployment!r}",
+            intake.later(
+                self._poison(
+                    message,
+                    f"unknown workflow {submission.workflow_id!r} "
+                    f"in deployment {self._deployment!r}",
+                )
             )
             return
         policy = self._policies.get(submission.workflow_id) or RetryPolicy()
@@ -258,7 +267,7 @@ class Consumer:
         if held is not None:
             if held.acked or held.delivery_alive:
                 log.info("dropping a duplicate delivery of running %s", execution_id)
-                await settle(message)
+                settle(message)
                 return
             if held.handler_task.done():
                 # Its result is decided (no second copy can overlap): this live
@@ -270,18 +279,18 @@ class Consumer:
         if waiting is not None:
             if waiting.alive:
                 log.info("dropping a duplicate delivery of waiting %s", execution_id)
-                await settle(message)
+                settle(message)
                 return
             intake.withdraw(key)
         if execution_id in self._cancelled or key in self._cancelled or key in executions.finished:
             log.info("dropping a delivery of %s, finished or cancelled here", execution_id)
-            await settle(message)
+            settle(message)
             return
         if work.deadline <= time.time():
             log.info("dropping %s: its deadline passed before it started", execution_id)
-            await settle(message)
+            settle(message)
             return
-        await intake.admit(delivery, now)
+        intake.admit(delivery, now)
 
     def _slot_freed(self, delivery: Delivery) -> None:
         if self._intake is not None:
@@ -291,7 +300,7 @@ class Consumer:
         if self._intake is not None:
             self._intake.leased(delivery)
 
-    async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _poison(self, message: Received, reason: str) -> None:
         assert self._reporter is not None
         log.error("dead-lettering a message from %s: %s", self.work_queue, reason)
         try:
@@ -306,7 +315,7 @@ class Consumer:
             # takes it back with the channel.
             log.error("could not dead-letter a message from %s: %r", self.work_queue, exc)
             return
-        await settle(message)
+        settle(message)
 
     # -- cancel -------------------------------------------------------------------
 
@@ -327,7 +336,7 @@ class Consumer:
         for key in [key for key in self._intake.waiting_keys if targeted(key)]:
             delivery = self._intake.withdraw(key)
             if delivery is not None:
-                self._intake.settle_later(settle(delivery.message))
+                settle(delivery.message)
         for execution in self._executions:
             if not targeted(execution.key) or execution.handler_task.done():
                 continue

@@ -1,4 +1,9 @@
-"""Work deliveries: settling them, and remembering which ones to drop."""
+"""Work deliveries: settling them, and remembering which ones to drop.
+
+A work delivery is aiormq's message, taken without aio-pika's ``IncomingMessage``
+and without a task (``broker.delivery``); it is settled with ``broker.acks``
+on the aiormq channel it came on, whose closing hands it back to the queue.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
 
 from broker.acks import acks_of, flush_all
 from schemas.dispatch import WorkMessage
@@ -29,7 +35,6 @@ RECENT_IDS = 10_000
 
 SETTLE_ERRORS = (
     ChannelInvalidStateError,
-    MessageProcessError,
     aiormq.exceptions.AMQPError,
     ConnectionError,
     RuntimeError,
@@ -59,12 +64,28 @@ async def close_quietly(connection: AbstractRobustConnection | None) -> None:
             await connection.close()
 
 
-# aio-pika's own mark of a settled message (a second ack or nack raises
-# ``MessageProcessError``); where it is missing, messages settle through aio-pika.
-_PROCESSED = "_IncomingMessage__processed"
+class Received:
+    """A work delivery as aiormq handed it (``broker.delivery``): what the worker
+    reads of it, and whether it is settled (a second ack or nack is refused)."""
+
+    __slots__ = ("body", "channel", "message_id", "redelivered", "settled", "tag")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        self.channel = message.channel
+        self.body = message.body
+        self.message_id: str | None = message.header.properties.message_id
+        frame = message.delivery
+        self.tag: int = getattr(frame, "delivery_tag", None) or 0
+        self.redelivered: bool = bool(getattr(frame, "redelivered", False))
+        self.settled = False
+
+    @property
+    def alive(self) -> bool:
+        """Whether it can still be settled (its channel is open)."""
+        return not self.channel.is_closed
 
 
-async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> bool:
+def settle(message: Received, *, requeue: bool | None = None) -> bool:
     """Ack (or nack with requeue) a delivery; whether it could be.
 
     The frame is queued for the channel's next write with the other settlements
@@ -72,28 +93,19 @@ async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = Non
     ``flush_settlements`` before closing a channel on purpose. A delivery whose
     channel died is already back in its queue.
     """
+    if message.settled:
+        log.info("could not settle a delivery (settled already)")
+        return False
     try:
-        if not hasattr(message, _PROCESSED):
-            if requeue is None:
-                await message.ack()
-            else:
-                await message.nack(requeue=requeue)
-            return True
-        if message.processed:
-            raise MessageProcessError("Message already processed", message)
-        acks = acks_of(message.channel)  # ChannelInvalidStateError once it is closed
-        tag = message.delivery_tag
-        if tag is not None:
-            if requeue is None:
-                acks.ack(tag)
-            else:
-                acks.nack(tag, requeue=requeue)
-        setattr(message, _PROCESSED, True)
-        if not message.locked:
-            message.lock()
+        acks = acks_of(message.channel)
+        if requeue is None:
+            acks.ack(message.tag)  # ChannelInvalidStateError once the channel is closed
+        else:
+            acks.nack(message.tag, requeue=requeue)
     except SETTLE_ERRORS as exc:
         log.info("could not settle a delivery (%r); the broker requeues it", exc)
         return False
+    message.settled = True
     return True
 
 
@@ -107,7 +119,7 @@ class Delivery:
     """A work delivery to run: a slot of the intake, then an execution."""
 
     work: WorkMessage
-    message: AbstractIncomingMessage
+    message: Received
     handler: Handler
     policy: RetryPolicy
 
@@ -117,12 +129,4 @@ class Delivery:
 
     @property
     def alive(self) -> bool:
-        return channel_open(self.message)
-
-
-def channel_open(message: AbstractIncomingMessage) -> bool:
-    """Whether ``message`` can still be settled (its channel is open)."""
-    try:
-        return not message.channel.is_closed
-    except ChannelInvalidStateError:
-        return False
+        return self.message.alive

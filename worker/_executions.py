@@ -163,7 +163,7 @@ class Executions:
             reported = True
             if not execution.acked:
                 execution.acked = True
-                await settle(execution.message)
+                settle(execution.message)
         except BrokerError as exc:
             # Stopping while the broker is away, or no dead-letter queue to keep
             # the work in: an unacknowledged delivery goes back with the channel.
@@ -172,7 +172,7 @@ class Executions:
             # Stopping past the drain grace, or the lease ended while reporting.
             execution.handler_task.cancel()
             if not reported and not execution.acked:
-                await settle(execution.message, requeue=True)
+                settle(execution.message, requeue=True)
             raise
         finally:
             self._forget(execution)
@@ -187,14 +187,14 @@ class Executions:
             if not execution.acked:
                 # The owner has moved on: a requeued copy would only be cancelled again.
                 execution.acked = True
-                await settle(execution.message)
+                settle(execution.message)
         elif stop is Stop.LEASE_LOST:
             await self._release(execution, "lease_lost", attempts=1)
         elif stop is Stop.SHUTDOWN:
             if execution.acked:
                 await self._release(execution, "shutdown")
             else:
-                await settle(execution.message, requeue=True)
+                settle(execution.message, requeue=True)
 
     async def _release(self, execution: Execution, reason: str, attempts: int = 0) -> None:
         """Publish ``Released`` (confirmed): the owner dispatches again at once instead
@@ -258,10 +258,10 @@ class Executions:
             if execution.acked or execution.stop is not None:
                 continue
             execution.acked = True
-            self._chore(self._ack(execution))
+            self._ack(execution)
 
-    async def _ack(self, execution: Execution) -> None:
-        if execution.delivery_alive and await settle(execution.message):
+    def _ack(self, execution: Execution) -> None:
+        if execution.delivery_alive and settle(execution.message):
             self._on_leased(execution.delivery)
             return
         # The ack did not reach the broker: it requeues the delivery.

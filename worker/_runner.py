@@ -15,7 +15,6 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic_core import PydanticSerializationError
 
 from schemas.dispatch import (
@@ -30,7 +29,7 @@ from schemas.dispatch import (
 from schemas.ids import now_rfc3339
 from schemas.limits import MAX_RESULT_DEPTH, nests_deeper
 from worker._context import ExecutionContext
-from worker._delivery import Delivery, Handler, channel_open
+from worker._delivery import Delivery, Handler, Received
 
 # Large tracebacks (deep recursion) would bloat the results queue; the tail
 # keeps the frames closest to the error.
@@ -65,7 +64,7 @@ class Execution:
     """A dispatch this worker runs, from its start until it is settled."""
 
     work: WorkMessage
-    message: AbstractIncomingMessage
+    message: Received
     """The delivery to settle; a redelivery after a lost channel may replace it once the
     handler is done (the result is decided: no second copy can overlap)."""
     ctx: ExecutionContext
@@ -87,7 +86,7 @@ class Execution:
 
     @property
     def delivery_alive(self) -> bool:
-        return channel_open(self.message)
+        return self.message.alive
 
 
 async def call_with_deadline(handler: Handler, ctx: ExecutionContext, payload: Any) -> Any:

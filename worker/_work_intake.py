@@ -17,13 +17,15 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
 
+from broker.delivery import immediate
 from broker.errors import BrokerError
 from worker._delivery import Delivery, settle
 from worker._intake import Admission, Intake
@@ -52,7 +54,7 @@ class WorkIntake:
         hold_seconds: float,
         timeout: float,
         retry_interval: float,
-        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        on_message: Callable[[DeliveredMessage], None],
         begin: Callable[[Delivery], None],
         check_deliveries: Callable[[], bool],
     ) -> None:
@@ -60,7 +62,10 @@ class WorkIntake:
         self._queue = queue
         self._timeout = timeout
         self._retry_interval = retry_interval
-        self._on_message = on_message
+        # Called in the channel reader's step, without a task per delivery
+        # (broker.delivery); consumed through the robust queue, which consumes
+        # again with it after a reconnect.
+        self._on_message = immediate(on_message)
         self._begin = begin
         self._check_deliveries = check_deliveries
         self._intake: Intake[Delivery] = Intake(concurrency, hold_seconds)
@@ -69,7 +74,7 @@ class WorkIntake:
         self._prefetch = 0
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self._chores: set[asyncio.Task[bool]] = set()
+        self._chores: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # Until when the task sleeps (loop time; inf: until woken, or while it is awake).
@@ -93,7 +98,7 @@ class WorkIntake:
             self._intake.withdraw(delivery)
         return delivery
 
-    async def admit(self, delivery: Delivery, now: float) -> None:
+    def admit(self, delivery: Delivery, now: float) -> None:
         admission = self._intake.arrive(delivery, now)
         if admission is Admission.START:
             self._begin(delivery)
@@ -103,7 +108,7 @@ class WorkIntake:
             self._poke(now)
         else:
             self._poke(None)
-            await settle(delivery.message, requeue=True)
+            settle(delivery.message, requeue=True)
 
     def ended(self, delivery: Delivery) -> None:
         """A handler ended: its slot is free (for the oldest waiting delivery)."""
@@ -125,8 +130,9 @@ class WorkIntake:
         ):
             self._changed.set()
 
-    def settle_later(self, settling: Coroutine[Any, Any, bool]) -> None:
-        task = asyncio.create_task(settling)
+    def later(self, chore: Coroutine[Any, Any, None]) -> None:
+        """Run ``chore`` in a task of its own (``close`` waits for it, up to its grace)."""
+        task = asyncio.create_task(chore)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
@@ -135,7 +141,7 @@ class WorkIntake:
         self._stopping = True
         for delivery in self._intake.drain():
             self._waiting.pop(delivery.key, None)
-            await settle(delivery.message, requeue=True)
+            settle(delivery.message, requeue=True)
         with contextlib.suppress(*CONSUME_ERRORS):
             await self._consume()
 
@@ -173,7 +179,7 @@ class WorkIntake:
                 log.warning("cannot change the work consumer (%r); retrying", exc)
                 waits.append(self._retry_interval)
             for delivery in handed:
-                self.settle_later(settle(delivery.message, requeue=True))
+                settle(delivery.message, requeue=True)
             due = self._intake.next_due()
             if due is not None:
                 waits.append(max(0.0, due - loop.time()))
