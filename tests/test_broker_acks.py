@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractConnection
 from aiormq import spec
 from aiormq.abc import ChannelFrame, DeliveredMessage
 
-from broker.acks import ack_frame, acks_of, nack_frame, plan
+from broker.acks import ack_frame, acks_of, nack_frame
 
 TAGS = (1, 2, 255, 256, 2**32 + 5, 2**63 - 1)
 
@@ -29,36 +29,9 @@ def test_frames_are_pamqps(channel: int, tag: int) -> None:
         return ChannelFrame.marshall(channel_number=channel, frames=[frame]).payload
 
     assert ack_frame(channel, tag) == pamqp(spec.Basic.Ack(delivery_tag=tag))
-    multiple = pamqp(spec.Basic.Ack(delivery_tag=tag, multiple=True))
-    assert ack_frame(channel, tag, multiple=True) == multiple
     for requeue in (True, False):
         expected = pamqp(spec.Basic.Nack(delivery_tag=tag, requeue=requeue))
         assert nack_frame(channel, tag, requeue=requeue) == expected
-
-
-@pytest.mark.parametrize(
-    ("floor", "above", "acks", "nacked", "expected"),
-    [
-        # (floor, above before) + a round's acks and nacks -> (floor, multiple, singles, above)
-        (0, set(), [1, 2, 3], [], (3, 3, [], set())),
-        (0, set(), [1], [], (1, None, [1], set())),  # one ack: no multiple
-        (0, set(), [2, 3], [], (0, None, [2, 3], {2, 3})),  # 1 still held
-        (0, {2, 3}, [1], [], (3, None, [1], set())),  # 2, 3 went one by one before
-        (0, {2, 3}, [1, 4], [], (4, 4, [], set())),  # covers 2, 3: settled already
-        (0, set(), [1, 3], [2], (3, 3, [], set())),  # a nack (written first) closes the gap
-        (2, set(), [5, 4, 3, 7], [], (5, 5, [7], {7})),  # out of order; 6 held
-        (0, set(), [2, 4, 5], [1], (2, None, [2, 4, 5], {4, 5})),  # 3 settled elsewhere or held
-        (10, {12}, [13, 14], [], (10, None, [13, 14], {12, 13, 14})),
-    ],
-)
-def test_a_round_acknowledges_its_settled_prefix_with_one_multiple_ack(
-    floor: int,
-    above: set[int],
-    acks: list[int],
-    nacked: list[int],
-    expected: tuple[int, int | None, list[int], set[int]],
-) -> None:
-    assert (*plan(floor, above, acks, nacked), above) == expected
 
 
 async def _fill(amqp: AbstractConnection, queue: str, count: int) -> None:
@@ -157,41 +130,3 @@ async def test_acks_on_a_closed_channel_raise_and_leave_the_deliveries_queued(
     await acks_of(consumer.underlay).flush()
 
     assert await _ready(amqp, uid, 5) == 5
-
-
-async def test_a_multiple_ack_never_covers_a_delivery_still_held(
-    amqp: AbstractConnection, uid: str, delete_queues: Callable[[str], None]
-) -> None:
-    delete_queues(uid)
-    await _fill(amqp, uid, 20)
-    channel = await amqp.channel()
-    consumer = _Consumer(await channel.get_underlay_channel())
-    await consumer.start(uid, 20)
-    await consumer.wait_for(20)
-    acks = acks_of(consumer.underlay)
-    tags = [tag for tag, _ in consumer.deliveries]
-    assert tags == list(range(1, 21))
-
-    # 5 is held while 1-4 and 6-10 are acknowledged, then 11-15 (a later round).
-    for tag in [*tags[:4], *tags[5:10]]:
-        acks.ack(tag)
-    await acks.flush()
-    await asyncio.sleep(0.1)
-    for tag in tags[10:15]:
-        acks.ack(tag)
-    await acks.flush()
-    await asyncio.sleep(0.1)
-    await channel.close()
-    # Exactly the six held come back (5 and 16-20), the fourteen acknowledged do not.
-    assert await _ready(amqp, uid, 6) == 6
-    channel = await amqp.channel()
-    queue = await channel.declare_queue(uid, passive=True)
-    bodies = []
-    async with queue.iterator() as messages:
-        async for message in messages:
-            bodies.append(int(message.body))
-            await message.ack()
-            if len(bodies) == 6:
-                break
-    await channel.close()
-    assert sorted(bodies) == [4, *range(15, 20)]
