@@ -48,7 +48,14 @@ async def test_undecodable_submission_and_result_are_dead_lettered_once(
     assert (await event_log.wait_terminal([good]))[good].status is S.COMPLETED
     publisher = ConfirmedPublisher(amqp, confirm_timeout=5.0, channels=1)
     await publisher.start()
-    await publisher.publish(results_queue(uid, "q"), b'{"type": "bogus"}', message_id="x")
+    bogus = [
+        b'{"type": "bogus"}',
+        # A worker's batch of reports with none in it, or with one that is not a report.
+        b'{"type": "results", "reports": []}',
+        b'{"type": "results", "reports": [{"type": "heartbeat", "worker_id": "w"}]}',
+    ]
+    for n, body in enumerate(bogus):
+        await publisher.publish(results_queue(uid, "q"), body, message_id=f"x{n}")
     await publisher.close()
 
     dead = await dead_letters(amqp, submit_queue(uid, "q"), 2)
@@ -57,8 +64,9 @@ async def test_undecodable_submission_and_result_are_dead_lettered_once(
         b'{"type": "submission", "execution_id": 42}',
     ]
     assert all("undecodable submission" in str(m.headers[REASON_HEADER]) for m in dead)
-    [result] = await dead_letters(amqp, results_queue(uid, "q"), 1)
-    assert result.body == b'{"type": "bogus"}'
+    results = await dead_letters(amqp, results_queue(uid, "q"), len(bogus))
+    assert sorted(m.body for m in results) == sorted(bogus)
+    assert all("undecodable result" in str(m.headers[REASON_HEADER]) for m in results)
     await dispatcher.stop()
     assert await dead_letters(amqp, submit_queue(uid, "q"), 0, timeout=1.0) == []
     # Acknowledged after being kept: nothing comes back to be tried again.
