@@ -39,7 +39,7 @@ from bench.stats import Measurement
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_queue
-from schemas.envelope import encode_submission
+from schemas.envelope import make_submission
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.registry import QueueDeclared
 from schemas.topology import results_queue, submit_queue, submit_queue_arguments
@@ -92,25 +92,17 @@ class Filler:
 
     def _envelope(self, queue_name: str) -> tuple[str, bytes]:
         execution_id, created_at = new_execution_id()
-        return execution_id, encode_submission(
+        return execution_id, make_submission(
             execution_id=execution_id,
             created_at=created_at,
             project_id=self._project,
             workflow_id="bench_submit",
             deployment_id="bench-v1",
             queue_name=queue_name,
-            queue_concurrency_limit=None,
-            concurrency_key=None,
             run_timeout_seconds=3600,
             payload=self._payload,
-            initial_state=None,
             session_id="sess_5d1e7b",
             user_id="user_42",
-            otel_traceparent=None,
-            parent_execution_id=None,
-            root_execution_id=None,
-            step_key=None,
-            wait_for_subworkflow=False,
             submitted_by="key_0123456789abcdef",
         )
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from dispatcher.lifecycle import Dispatch, Emit, QueueLifecycle, Tunables
 from schemas.dispatch import Completed
-from schemas.envelope import SubmissionEnvelope, encode_submission
+from schemas.envelope import SubmissionEnvelope, make_submission
 
 EXECUTIONS = 20_000
 BACKLOG = 1_000
@@ -34,26 +34,13 @@ ROUNDS = 5
 
 
 def _envelope(n: int, key: str | None) -> tuple[SubmissionEnvelope, bytes]:
-    raw = encode_submission(
+    raw = make_submission(
         execution_id=f"{n:012d}",
         created_at="2026-12-01T00:00:00Z",
-        project_id="p",
         workflow_id="wf",
         deployment_id="d1",
-        queue_name="q",
-        queue_concurrency_limit=None,
         concurrency_key=key,
         run_timeout_seconds=3600,
-        payload=None,
-        initial_state=None,
-        session_id="s",
-        user_id=None,
-        otel_traceparent=None,
-        parent_execution_id=None,
-        root_execution_id=None,
-        step_key=None,
-        wait_for_subworkflow=False,
-        submitted_by="k",
     )
     return SubmissionEnvelope.model_validate_json(raw), raw
 

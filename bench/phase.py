@@ -27,7 +27,7 @@ from bench.servers import (
     purge_queues,
 )
 from bench.stats import Measurement, summarize
-from schemas.envelope import encode_submission
+from schemas.envelope import make_submission
 from schemas.ids import new_execution_id
 
 PATH = f"/api/v1/workflows/{WORKFLOW}/run"
@@ -102,25 +102,17 @@ def submission(
     body = orjson.loads(request_body(queue_name))
     body["payload"]["sent_at"] = sent_at
     execution_id, created_at = new_execution_id()
-    return encode_submission(
+    return make_submission(
         execution_id=execution_id,
         created_at=created_at,
         project_id=project_id,
         workflow_id=WORKFLOW,
         deployment_id=deployment_id,
         queue_name=queue_name,
-        queue_concurrency_limit=None,
-        concurrency_key=None,
         run_timeout_seconds=3600,
         payload=body["payload"],
-        initial_state=None,
         session_id=body["session_id"],
         user_id=body["user_id"],
-        otel_traceparent=None,
-        parent_execution_id=None,
-        root_execution_id=None,
-        step_key=None,
-        wait_for_subworkflow=False,
         submitted_by="key_0123456789abcdef",
     )
 

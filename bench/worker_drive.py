@@ -39,7 +39,7 @@ from broker.connection import Nodes, connect_robust
 from broker.publisher import ConfirmedPublisher
 from broker.topology import declare_results_queue, declare_work_queue
 from schemas.dispatch import decode_reports, encode_work
-from schemas.envelope import encode_submission
+from schemas.envelope import make_submission
 from schemas.ids import new_execution_id
 from schemas.topology import results_queue, work_queue
 
@@ -48,26 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _work(project: str, queue: str) -> bytes:
     execution_id, created_at = new_execution_id()
-    submission = encode_submission(
+    submission = make_submission(
         execution_id=execution_id,
         created_at=created_at,
         project_id=project,
         workflow_id="noop",
-        deployment_id="v1",
-        queue_name="q",
-        queue_concurrency_limit=None,
-        concurrency_key=None,
-        run_timeout_seconds=60,
         payload={"n": 1},
-        initial_state=None,
-        session_id="s",
-        user_id=None,
-        otel_traceparent=None,
-        parent_execution_id=None,
-        root_execution_id=None,
-        step_key=None,
-        wait_for_subworkflow=False,
-        submitted_by="k",
     )
     return encode_work(
         dispatch_id=uuid.uuid4().hex,

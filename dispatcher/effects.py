@@ -81,10 +81,10 @@ class Deliveries:
     def take(self, ref: int) -> Delivery | None:
         """The delivery, once nothing else holds it (``None`` while others do)."""
         held = self._held.pop(ref, None)
-        if type(held) is _Shared:
+        if isinstance(held, _Shared):
             held.left -= 1
             return held.delivery if held.left == 0 else None
-        return held  # type: ignore[return-value]
+        return held
 
     def clear(self) -> None:
         self._held.clear()

@@ -99,5 +99,52 @@ def encode_submission(
     return orjson.dumps(envelope)
 
 
+def make_submission(
+    *,
+    execution_id: str,
+    created_at: str,
+    project_id: str = "p",
+    workflow_id: str = "w",
+    deployment_id: str = "v1",
+    queue_name: str = "q",
+    queue_concurrency_limit: int | None = None,
+    concurrency_key: str | None = None,
+    run_timeout_seconds: int = 60,
+    payload: Any = None,
+    initial_state: Any = None,
+    session_id: str = "s",
+    user_id: str | None = None,
+    otel_traceparent: str | None = None,
+    parent_execution_id: str | None = None,
+    root_execution_id: str | None = None,
+    step_key: str | None = None,
+    wait_for_subworkflow: bool = False,
+    submitted_by: str = "k",
+) -> bytes:
+    """``encode_submission`` with every field a caller does not name unset (tests
+    and benchmarks; the gateway's hot path names them all)."""
+    return encode_submission(
+        execution_id=execution_id,
+        created_at=created_at,
+        project_id=project_id,
+        workflow_id=workflow_id,
+        deployment_id=deployment_id,
+        queue_name=queue_name,
+        queue_concurrency_limit=queue_concurrency_limit,
+        concurrency_key=concurrency_key,
+        run_timeout_seconds=run_timeout_seconds,
+        payload=payload,
+        initial_state=initial_state,
+        session_id=session_id,
+        user_id=user_id,
+        otel_traceparent=otel_traceparent,
+        parent_execution_id=parent_execution_id,
+        root_execution_id=root_execution_id,
+        step_key=step_key,
+        wait_for_subworkflow=wait_for_subworkflow,
+        submitted_by=submitted_by,
+    )
+
+
 def decode_submission(raw: bytes) -> SubmissionEnvelope:
     return SubmissionEnvelope.model_validate_json(raw)

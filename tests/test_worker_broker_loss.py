@@ -42,23 +42,29 @@ def running_delay(request: pytest.FixtureRequest) -> float:
     return float(request.param)
 
 
-@pytest.fixture
-async def gated_worker(
-    start_worker: StartWorker, amqp_url: str, broker_proxy: TcpProxy, running_delay: float
+async def start_gated(
+    start_worker: StartWorker, amqp_url: str, broker_proxy: TcpProxy, settings: WorkerSettings
 ) -> tuple[Worker, Gated]:
+    """A worker behind the proxy whose ``gated`` workflow runs until released."""
     gated = Gated()
 
     async def gate(ctx: ExecutionContext, payload: Any) -> Any:
         return await gated(ctx, payload)
 
     worker = await start_worker(
-        {"gated": gate},
-        url=proxied(broker_proxy, amqp_url),
-        settings=WorkerSettings(
-            confirm_timeout_seconds=0.5, worker_running_delay_seconds=running_delay
-        ),
+        {"gated": gate}, url=proxied(broker_proxy, amqp_url), settings=settings
     )
     return worker, gated
+
+
+@pytest.fixture
+async def gated_worker(
+    start_worker: StartWorker, amqp_url: str, broker_proxy: TcpProxy, running_delay: float
+) -> tuple[Worker, Gated]:
+    settings = WorkerSettings(
+        confirm_timeout_seconds=0.5, worker_running_delay_seconds=running_delay
+    )
+    return await start_gated(start_worker, amqp_url, broker_proxy, settings)
 
 
 async def test_result_decided_during_an_outage_is_delivered_when_the_broker_returns(
@@ -198,15 +204,11 @@ async def test_with_a_write_linger_work_is_still_acknowledged_only_after_its_con
     # A long linger: the result and the acknowledgement of the work, which a
     # linger lets share a socket write with whatever else is written meanwhile,
     # must still be written in turn, the acknowledgement after the confirm.
-    gated = Gated()
-
-    async def gate(ctx: ExecutionContext, payload: Any) -> Any:
-        return await gated(ctx, payload)
-
-    worker = await start_worker(
-        {"gated": gate},
-        url=proxied(broker_proxy, amqp_url),
-        settings=WorkerSettings(
+    worker, gated = await start_gated(
+        start_worker,
+        amqp_url,
+        broker_proxy,
+        WorkerSettings(
             confirm_timeout_seconds=2.0,
             worker_running_delay_seconds=30.0,
             worker_write_linger_seconds=0.1,
