@@ -39,16 +39,21 @@ the event (as published) is published on its execution's pub/sub channel
 (``store.layout.events_channel``): the live event streams follow that.
 
 The store sends a batch of a project's events as one call of ``APPLY_BATCH_LUA``
-(``batch_calls``): the event script above as a function, applied to each event
-in turn, its arguments one JSON array (``ARGV[1]``) instead of ~40 Redis
-arguments an event. Redis's ``cjson`` gives back exactly the strings Python
-encoded, so each event is applied as by ``APPLY_EVENT_LUA`` with its
-``script_args`` (tests/test_store_batch.py), except that each index is
-trimmed and each key's TTL renewed once per call rather than once per event
-(the same end state). One call per project: every key of a call shares the
-project's hash tag (``store.layout``). An event Redis refuses stops the call
-there: the events before it stay applied, complete, and the caller finds the
-refused one by writing them one at a time (applying an event again is harmless).
+(``batch_calls``): the rules above applied to each event in turn, its arguments one
+JSON array (``ARGV[1]``) instead of ~40 Redis arguments an event, and the bodies to
+publish one after another in ``ARGV[5]`` (not escaped into the JSON). Redis's
+``cjson`` gives back exactly the strings Python encoded. ``APPLY_EVENT_LUA`` with
+``script_args`` is the reference: each event of a batch is applied as by it, one call
+an event (tests/test_store_batch.py), with fewer Redis commands: one ``HMGET`` reads
+the record's state and every field the event may fill or compare, one ``HSET`` writes
+what the rules decide (in the reference's order, so a small hash lists its fields in
+the same order), each index is trimmed and each key's TTL renewed once per call
+rather than once per event, an execution enters its workflow's index once a call, and
+a fact an earlier event of the call sent for the record is not sent again (the same
+end state). One call per project: every key of a call shares the project's hash tag
+(``store.layout``). An event Redis refuses stops the call there: the events before it
+stay applied, complete, and the caller finds the refused one by writing them one at a
+time (applying an event again is harmless).
 """
 
 from __future__ import annotations
@@ -224,7 +229,9 @@ _ENVELOPE_FIELDS = tuple(n for n in SubmissionEnvelope.model_fields if n in _SUB
 _EVENT_FACTS = ("workflow_id", "deployment_id", "queue_name", "concurrency_key")
 
 
-def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields, Fields]:
+def event_fields(
+    event: LifecycleEvent, sent: set[str] | None = None
+) -> tuple[Fields, Fields, Fields, Fields, Fields]:
     """``(facts, fill, earliest, highest, win)`` of the script (see the module docstring).
 
     ``facts`` are the submission's (any attempt may fill them), ``fill`` what
@@ -232,8 +239,10 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
 
     Values are those of the models, as JSON (the envelope's ``payload``, like the
     event's ``result``, is JSON-decoded data: ``orjson`` writes it as pydantic's
-    JSON mode does). A submission fact equal to the event's own is left out: the
-    script fills a fact only once (``HSETNX``), so it would change nothing.
+    JSON mode does). A fact named in ``sent`` (those an earlier event of the same
+    call sent for the record; the names sent are added to it), or the submission's
+    of a fact the event carries itself, is left out: the script fills a fact only
+    once (``HSETNX``) and never deletes one, so it would change nothing.
     """
     dumps = orjson.dumps
     facts: Fields = []
@@ -241,18 +250,22 @@ def event_fields(event: LifecycleEvent) -> tuple[Fields, Fields, Fields, Fields,
     earliest: Fields = []
     highest: Fields = []
     win: Fields = []
-    own: dict[str, Any] = {}
+    if sent is None:
+        sent = set()
     for name in _EVENT_FACTS:
-        value = getattr(event, name)
-        if value is not None:
-            own[name] = value
-            facts.append((name, dumps(value).decode()))
+        if name not in sent:
+            value = getattr(event, name)
+            if value is not None:
+                sent.add(name)
+                facts.append((name, dumps(value).decode()))
     submission = event.submission
     if submission is not None:
         for name in _ENVELOPE_FIELDS:
-            value = getattr(submission, name)
-            if value is not None and (name not in own or own[name] != value):
-                facts.append((name, dumps(value).decode()))
+            if name not in sent:
+                value = getattr(submission, name)
+                if value is not None:
+                    sent.add(name)
+                    facts.append((name, dumps(value).decode()))
 
     status = event.status  # a StrEnum: compares as its value
     at = dumps(event.at).decode()
@@ -334,25 +347,157 @@ def script_args(
 # status (KEYS[2..] of the event script, in that order), per execution its record.
 _WORKFLOW_KEYS = 1 + len(STATUS_ORDER)
 
-# In a batch, each index is trimmed and each key's TTL renewed once, after its events
-# (the same bound and TTL for all: the same end as after each event).
-_TOUCH_LATER = "local function touch(index) trim[index] = true end"
-_EXPIRE_LATER = "expire[record] = true"
+_STATUS_LUA = ", ".join(
+    f"{status.value} = {{{position}, {_RANKS[status]}}}"
+    for status, position in STATUS_POSITION.items()
+)
+_DECISION_LUA = ", ".join(f"{name} = true" for name in DECISION_FIELDS)
+# A fact is never deleted (a later attempt clears decisions only): once a call has sent
+# one for a record, the record has it for the rest of the call.
+assert not set(_EVENT_FACTS + _SUBMISSION_FIELDS) & set(DECISION_FIELDS)
+assert not any(n.startswith(ATTEMPT_ERROR_PREFIX) for n in _EVENT_FACTS + _SUBMISSION_FIELDS)
 
+# The event script's rules with fewer Redis commands an event: one HMGET reads the
+# record's state and every field the event may fill (or compare), one HSET writes what
+# the rules decide, in the order the event script writes it (so the same fields come
+# first, as ``HGETALL`` lists them), and each execution enters its workflow's index once
+# a call. Trims and TTLs once a call, as above.
 APPLY_BATCH_LUA = f"""
-local trim, expire = {{}}, {{}}
-local function apply_event(KEYS, ARGV)
-{_EVENT_LUA.replace("-- touch", _TOUCH_LATER).replace("-- expire record", _EXPIRE_LATER)}
+local items = cjson.decode(ARGV[1])
+local ttl, bound, channels, bodies = tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local STATUS = {{{_STATUS_LUA}}}
+local DECISION = {{{_DECISION_LUA}}}
+local function attempt_error(name)
+  return string.sub(name, 1, {len(ATTEMPT_ERROR_PREFIX)}) == '{ATTEMPT_ERROR_PREFIX}'
 end
-local batch = cjson.decode(ARGV[1])
-local ttl, bound = tonumber(ARGV[2]), ARGV[3]
-local function apply_all()
-  for n = 1, #batch do
-    local item = batch[n]
-    local keys, first = {{KEYS[item[1]]}}, item[2]
-    for j = 0, {_WORKFLOW_KEYS - 1} do keys[j + 2] = KEYS[first + j] end
-    apply_event(keys, item[3])
+local trim, expire, indexed = {{}}, {{}}, {{}}
+local offset = 1
+
+local function index_all(first, member)
+  local seen = indexed[first]
+  if not seen then
+    seen = {{}}
+    indexed[first] = seen
   end
+  if not seen[member] then
+    redis.call('ZADD', KEYS[first], 0, member)
+    seen[member] = true
+  end
+  trim[KEYS[first]] = true
+end
+
+local function apply_event(item)
+  local record, first = KEYS[item[1]], item[2]
+  local status, at, member, attempt = item[3], item[4], item[5], item[6]
+  local pos, rank = STATUS[status][1], STATUS[status][2]
+  local body = string.sub(bodies, offset, offset + item[7] - 1)
+  offset = offset + item[7]
+  local n_facts, n_fill, n_earliest, n_highest = item[8], item[9], item[10], item[11]
+
+  local read = {{'rank', 'status_at', 'sidx', 'attempt'}}
+  local read_end = 12 + 2 * (n_facts + n_fill + n_earliest + n_highest)
+  for i = 12, read_end - 1, 2 do read[#read + 1] = item[i] end
+  local stored = redis.call('HMGET', record, unpack(read))
+  local cur = {{}}
+  for k = 5, #read do cur[read[k]] = stored[k] end
+
+  local old_rank = -1
+  if stored[1] then old_rank = tonumber(stored[1]) end
+  local old_attempt = tonumber(stored[4] or '0')
+  local current = attempt >= old_attempt
+  if attempt > old_attempt and stored[1] then
+    -- The decisions of earlier attempts were not durable: this one supersedes them.
+    redis.call('HDEL', record, {", ".join(repr(f) for f in DECISION_FIELDS)})
+    for _, name in ipairs(redis.call('HKEYS', record)) do
+      if attempt_error(name) then redis.call('HDEL', record, name) end
+    end
+    -- What was read of the fields just deleted is gone too.
+    for name in pairs(cur) do
+      if DECISION[name] or attempt_error(name) then cur[name] = false end
+    end
+    old_rank = -1
+  end
+  local wins = false
+  if not current then
+    wins = false
+  elseif rank > old_rank then
+    wins = true
+  elseif rank == old_rank and rank < {TERMINAL_RANK} then
+    wins = at >= (stored[2] or '')
+  end
+
+  local writes, n = {{}}, 0
+  local i = 12
+  local facts_end = i + 2 * n_facts
+  while i < facts_end do
+    local name, value = item[i], item[i + 1]
+    if not cur[name] then
+      writes[n + 1], writes[n + 2], n = name, value, n + 2
+      cur[name] = value
+    end
+    i = i + 2
+  end
+  if not current then
+    -- An earlier attempt's event: only the submission's facts above count.
+    if n > 0 then redis.call('HSET', record, unpack(writes)) end
+    index_all(first, member)
+    expire[record] = true
+    return
+  end
+  local fill_end = i + 2 * n_fill
+  while i < fill_end do
+    local name, value = item[i], item[i + 1]
+    if not cur[name] then
+      writes[n + 1], writes[n + 2], n = name, value, n + 2
+      cur[name] = value
+    end
+    i = i + 2
+  end
+  local earliest_end = i + 2 * n_earliest
+  while i < earliest_end do
+    local name, value = item[i], item[i + 1]
+    if not cur[name] or value < cur[name] then
+      writes[n + 1], writes[n + 2], n = name, value, n + 2
+      cur[name] = value
+    end
+    i = i + 2
+  end
+  local highest_end = i + 2 * n_highest
+  while i < highest_end do
+    local name, value = item[i], item[i + 1]
+    if not cur[name] or tonumber(value) > tonumber(cur[name]) then
+      writes[n + 1], writes[n + 2], n = name, value, n + 2
+      cur[name] = value
+    end
+    i = i + 2
+  end
+  if wins then
+    while i < #item do
+      writes[n + 1], writes[n + 2], n = item[i], item[i + 1], n + 2
+      i = i + 2
+    end
+    writes[n + 1], writes[n + 2], writes[n + 3], writes[n + 4] = 'status', status, 'sidx', pos
+    writes[n + 5], writes[n + 6], writes[n + 7], writes[n + 8] = 'rank', rank, 'status_at', at
+    writes[n + 9], writes[n + 10], n = 'attempt', attempt, n + 10
+  end
+  if n > 0 then redis.call('HSET', record, unpack(writes)) end
+  if wins then
+    if stored[3] and tonumber(stored[3]) ~= pos then
+      redis.call('ZREM', KEYS[first + tonumber(stored[3])], member)
+    end
+    local index = KEYS[first + pos]
+    redis.call('ZADD', index, 0, member)
+    trim[index] = true
+  end
+  index_all(first, member)
+  expire[record] = true
+  -- In the same step as the write, so a stream that read the record before it
+  -- gets the event, and one that reads after it sees it in the record.
+  redis.call('PUBLISH', channels .. member, body)
+end
+
+local function apply_all()
+  for n = 1, #items do apply_event(items[n]) end
 end
 local ok, err = pcall(apply_all)
 -- Also when an event failed: what was applied before it is complete.
@@ -365,10 +510,11 @@ if not ok then
   if type(err) == 'table' then return err end
   return redis.error_reply(tostring(err))
 end
-return #batch
+return #items
 """
 
 APPLY_BATCH_SHA = hashlib.sha1(APPLY_BATCH_LUA.encode()).hexdigest()
+_STATUS_NAMES = {s: s.value for s in ExecutionStatus}
 
 
 def batch_calls(
@@ -381,14 +527,22 @@ def batch_calls(
 ) -> list[tuple[list[str], list[bytes | str | int]]]:
     """``(KEYS, ARGV)`` of one ``APPLY_BATCH_LUA`` call per project of ``events``
     (first seen first), each applying that project's events in their order; ``bodies``
-    are published as ``script_args`` says."""
-    calls: dict[str, tuple[list[str], dict[str, int], dict[str, tuple[int, str]], list[Any]]] = {}
+    are published as ``script_args`` says.
+
+    ARGV: the events as one JSON array, the TTL, the trim bound, the project's
+    events channel without the execution id, and the bodies one after another
+    (each item says how long its body is: no JSON escaping of it on either side).
+    A fact an earlier event of the call sent for the record is not sent again."""
+    calls: dict[
+        str,
+        tuple[list[str], dict[str, int], dict[str, tuple[int, set[str]]], list[Any], list[bytes]],
+    ] = {}
     for event, body in zip(events, bodies, strict=True):
         project, execution = event.project_id, event.execution_id
         call = calls.get(project)
         if call is None:
-            call = calls[project] = ([], {}, {}, [])
-        keys, workflows, records, items = call
+            call = calls[project] = ([], {}, {}, [], [])
+        keys, workflows, records, items, texts = call
         first = workflows.get(event.workflow_id)
         if first is None:
             first = workflows[event.workflow_id] = len(keys) + 1
@@ -396,17 +550,35 @@ def batch_calls(
             keys.extend(status_index_keys(prefix, project, event.workflow_id))
         known = records.get(execution)
         if known is None:
-            known = records[execution] = (len(keys) + 1, events_channel(prefix, project, execution))
+            known = records[execution] = (len(keys) + 1, set())
             keys.append(record_key(prefix, project, execution))
-        args = script_args(
-            event,
-            ttl_seconds=ttl_seconds,
-            trim_bound=trim_bound,
-            channel=known[1],
-            body=body.decode(),
-        )
-        items.append((known[0], first, args))
+        facts, fill, earliest, highest, win = event_fields(event, known[1])
+        item: list[Any] = [
+            known[0],
+            first,
+            _STATUS_NAMES[event.status],
+            event.at,
+            execution,
+            event.attempt,
+            len(body),
+            len(facts),
+            len(fill),
+            len(earliest),
+            len(highest),
+        ]
+        item.extend(chain.from_iterable(chain(facts, fill, earliest, highest, win)))
+        items.append(item)
+        texts.append(body)
     return [
-        (keys, [orjson.dumps(items), ttl_seconds, trim_bound])
-        for keys, _, _, items in calls.values()
+        (
+            keys,
+            [
+                orjson.dumps(items),
+                ttl_seconds,
+                trim_bound,
+                events_channel(prefix, project, ""),
+                b"".join(texts),
+            ],
+        )
+        for project, (keys, _, _, items, texts) in calls.items()
     ]

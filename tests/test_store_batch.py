@@ -68,13 +68,18 @@ def _histories(project: str, other_project: str) -> list[LifecycleEvent]:
 
 
 async def _snapshot(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
-    """Every key under ``prefix`` (without it): its contents and whether it expires."""
+    """Every key under ``prefix`` (without it): its contents (a hash's encoding too, and
+    in which order a small one lists its fields) and whether it expires."""
     found: dict[str, Any] = {}
     async for raw in redis.scan_iter(match=f"{prefix}*", count=1000):
         key = raw.decode()
         kind = (await redis.type(raw)).decode()  # type: ignore[union-attr]
         if kind == "hash":
-            value: Any = sorted((await redis.hgetall(raw)).items())
+            encoding = await redis.object("encoding", raw)
+            fields = list((await redis.hgetall(raw)).items())
+            # A small hash (a listpack) lists its fields in the order they were first
+            # written; a large one's order is Redis's hash table's (seeded at start-up).
+            value: Any = (encoding, fields if encoding == b"listpack" else sorted(fields))
         elif kind == "zset":
             value = await redis.zrange(raw, 0, -1, withscores=True)
         else:
@@ -106,12 +111,12 @@ def _by_channel(published: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
     return channels
 
 
-async def test_a_batch_call_records_and_publishes_exactly_what_one_call_per_event_does(
-    redis: aioredis.Redis, uid: str
-) -> None:
-    events = _histories(uid, f"{uid}b")
-    random.Random(7).shuffle(events)
-    events += events[:5]  # redeliveries inside the same batch
+async def _compare(
+    redis: aioredis.Redis, uid: str, events: list[LifecycleEvent], *, calls: int = 1
+) -> dict[str, Any]:
+    """Write ``events`` one reference call each under one prefix, and in ``calls`` batch
+    calls of ``ExecutionStore.record`` under another: the same keys, the same messages
+    on each channel in the same order. Returns the reference's keys."""
     batched, single = f"test:{uid}:batch:", f"test:{uid}:single:"
     store = ExecutionStore(redis, RETENTION, key_prefix=batched)
     bound = trim_bound(0)
@@ -129,16 +134,76 @@ async def test_a_batch_call_records_and_publishes_exactly_what_one_call_per_even
             )
             await redis.eval(APPLY_EVENT_LUA, len(keys), *keys, *args)
 
-    published_single = await _published(redis, single, one_call_each)
-    published_batch = await _published(redis, batched, lambda: store.record(events))
+    async def in_batches() -> None:
+        size = -(-len(events) // calls)
+        for start in range(0, len(events), size):
+            await store.record(events[start : start + size])
 
-    # An earlier attempt's event arriving after a later one's is not published.
-    assert len(events) - 5 <= len(published_single) < len(events)
+    published_single = await _published(redis, single, one_call_each)
+    published_batch = await _published(redis, batched, in_batches)
     # In the same order on each channel (a project's calls are apart from another's).
     assert _by_channel(published_batch) == _by_channel(published_single)
     snapshot = await _snapshot(redis, single)
-    assert len([k for k in snapshot if k.startswith("exec:")]) == 6
     assert await _snapshot(redis, batched) == snapshot
+    return snapshot
+
+
+async def test_a_batch_call_records_and_publishes_exactly_what_one_call_per_event_does(
+    redis: aioredis.Redis, uid: str
+) -> None:
+    events = _histories(uid, f"{uid}b")
+    random.Random(7).shuffle(events)
+    events += events[:5]  # redeliveries inside the same batch
+    snapshot = await _compare(redis, uid, events)
+    records = [value for key, (_, value, _) in snapshot.items() if key.startswith("exec:")]
+    assert len(records) == 6
+    # Both kinds of hash occur (a listpack's field order is compared as it is).
+    assert {encoding for encoding, _ in records} == {b"listpack", b"hashtable"}
+
+
+def _random_history(rng: random.Random, run: Run) -> list[LifecycleEvent]:
+    """Events of one execution as attempts, retries, takeovers and redeliveries mix them."""
+    error = ErrorInfo(type="E", message=rng.choice(["x", "y" * 80]), traceback=None)
+    events = []
+    for _ in range(rng.randint(1, 8)):
+        status = rng.choice(list(S))
+        fields: dict[str, Any] = {"attempt": rng.choice([0, 0, 1, 2])}
+        if rng.random() < 0.4:
+            fields["submission"] = run.submission()
+        if rng.random() < 0.6:
+            fields["worker_id"] = rng.choice(["w1", "w2"])
+        if rng.random() < 0.4:
+            fields["retry_count"] = rng.randint(0, 2)
+        if rng.random() < 0.3:
+            fields["started_at"] = run.at()
+        if status in (S.FAILED, S.RUNNING) and rng.random() < 0.6:
+            fields["error"] = error
+            if status is S.RUNNING:
+                fields["retry_at"] = run.at()
+        if status is S.COMPLETED:
+            fields["result"] = rng.choice([None, 0, "r", {"big": "z" * 70}])
+        if status is S.CANCELLED and rng.random() < 0.5:
+            fields["cancelled_by"] = "key_1"
+        if status is S.DEDUPLICATED:
+            fields["duplicate_of"] = "0190b6c5-0000-7000-8000-000000000000"
+        events.append(run.event(status, **fields))
+    return events
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_histories_in_batch_calls_end_as_one_call_per_event(
+    redis: aioredis.Redis, uid: str, seed: int
+) -> None:
+    rng = random.Random(seed)
+    payloads = [None, {"p": "q" * 80}, [1, 2.5, "\u2603"]]
+    runs = [
+        Run(uid, workflow_id=rng.choice(["a", "b:c"]), payload=rng.choice(payloads))
+        for _ in range(5)
+    ]
+    events = [event for run in runs for event in _random_history(rng, run)]
+    rng.shuffle(events)
+    events += rng.sample(events, k=min(4, len(events)))  # redeliveries
+    await _compare(redis, uid, events, calls=rng.randint(1, 3))
 
 
 async def test_an_event_redis_refuses_fails_the_batch_and_the_rest_is_written_again(
@@ -187,11 +252,13 @@ def test_a_batch_is_one_call_per_project_whose_keys_share_its_hash_tag() -> None
         assert isinstance(blob, bytes)
         items = orjson.loads(blob)
         assert len(items) == count
-        for record, first, argv in items:
+        for record, first, _status, _at, member, *_ in items:
             assert keys[record - 1] == record_key("x:", project, run.execution_id)
             assert keys[first - 1 :][: 1 + len(STATUS_ORDER)] == [
                 index_key("x:", project, run.workflow_id),
                 *status_index_keys("x:", project, run.workflow_id),
             ]
-            assert argv[6] == run.execution_id
-        assert args[1:] == [60, "(0"]
+            assert member == run.execution_id
+        # The channel without the execution id, and the bodies as they are, in order.
+        assert args[1:4] == [60, "(0", events_channel("x:", project, "")]
+        assert args[4] == b"".join(encode(e) for e in events if e.project_id == project)
