@@ -274,10 +274,12 @@ async def recorder_phase(run: Run, processes: int) -> Measurement:
             for i in range(processes)
         ]
         broker = cpu.find_broker_pids()
+        # Where the recorder writes (the shared Redis: what else uses it meanwhile counts).
+        redis_pids = cpu.find_redis_pids()
 
         def roles() -> dict[str, list[int]]:
             pids = [p for r in recorders if r.started for p in r.pids()]
-            return {"recorder": pids, "broker": broker}
+            return {"recorder": pids, "broker": broker, "redis": redis_pids}
 
         index = index_key(prefix, project_id, WORKFLOW)
         watch = asyncio.create_task(_watch(redis, index, count, 60.0 + count / 500, roles))
