@@ -372,6 +372,8 @@ local function attempt_error(name)
 end
 local trim, expire, indexed = {{}}, {{}}, {{}}
 local offset = 1
+-- An event's writes, reused (only its first n entries count): no table an event.
+local writes = {{}}
 
 local function index_all(first, member)
   local seen = indexed[first]
@@ -393,13 +395,12 @@ local function apply_event(item)
   local body = string.sub(bodies, offset, offset + item[7] - 1)
   offset = offset + item[7]
   local n_facts, n_fill, n_earliest, n_highest = item[8], item[9], item[10], item[11]
-
-  local read = {{'rank', 'status_at', 'sidx', 'attempt'}}
-  local read_end = 12 + 2 * (n_facts + n_fill + n_earliest + n_highest)
-  for i = 12, read_end - 1, 2 do read[#read + 1] = item[i] end
-  local stored = redis.call('HMGET', record, unpack(read))
-  local cur = {{}}
-  for k = 5, #read do cur[read[k]] = stored[k] end
+  -- The names of the fields read, then their values; the winner's fields in pairs after.
+  local n_read = n_facts + n_fill + n_earliest + n_highest
+  local names, values = 11, 11 + n_read
+  local stored = redis.call(
+    'HMGET', record, 'rank', 'status_at', 'sidx', 'attempt', unpack(item, 12, 11 + n_read)
+  )
 
   local old_rank = -1
   if stored[1] then old_rank = tonumber(stored[1]) end
@@ -412,8 +413,9 @@ local function apply_event(item)
       if attempt_error(name) then redis.call('HDEL', record, name) end
     end
     -- What was read of the fields just deleted is gone too.
-    for name in pairs(cur) do
-      if DECISION[name] or attempt_error(name) then cur[name] = false end
+    for k = 1, n_read do
+      local name = item[names + k]
+      if DECISION[name] or attempt_error(name) then stored[4 + k] = false end
     end
     old_rank = -1
   end
@@ -426,52 +428,51 @@ local function apply_event(item)
     wins = at >= (stored[2] or '')
   end
 
-  local writes, n = {{}}, 0
-  local i = 12
-  local facts_end = i + 2 * n_facts
-  while i < facts_end do
-    local name, value = item[i], item[i + 1]
-    if not cur[name] then
-      writes[n + 1], writes[n + 2], n = name, value, n + 2
-      cur[name] = value
+  -- Each name read occurs once, but for one field ``earliest`` may name twice in a row.
+  local n = 0
+  local k = 1
+  while k <= n_facts do
+    if not stored[4 + k] then
+      writes[n + 1], writes[n + 2], n = item[names + k], item[values + k], n + 2
     end
-    i = i + 2
+    k = k + 1
   end
   if not current then
     -- An earlier attempt's event: only the submission's facts above count.
-    if n > 0 then redis.call('HSET', record, unpack(writes)) end
+    if n > 0 then redis.call('HSET', record, unpack(writes, 1, n)) end
     index_all(first, member)
     expire[record] = true
     return
   end
-  local fill_end = i + 2 * n_fill
-  while i < fill_end do
-    local name, value = item[i], item[i + 1]
-    if not cur[name] then
-      writes[n + 1], writes[n + 2], n = name, value, n + 2
-      cur[name] = value
+  local fill_end = n_facts + n_fill
+  while k <= fill_end do
+    if not stored[4 + k] then
+      writes[n + 1], writes[n + 2], n = item[names + k], item[values + k], n + 2
     end
-    i = i + 2
+    k = k + 1
   end
-  local earliest_end = i + 2 * n_earliest
-  while i < earliest_end do
-    local name, value = item[i], item[i + 1]
-    if not cur[name] or value < cur[name] then
+  local earliest_end = fill_end + n_earliest
+  local last_name, last_value = nil, nil
+  while k <= earliest_end do
+    local name, value = item[names + k], item[values + k]
+    local current_value = stored[4 + k]
+    if name == last_name then current_value = last_value end
+    if not current_value or value < current_value then
       writes[n + 1], writes[n + 2], n = name, value, n + 2
-      cur[name] = value
+      current_value = value
     end
-    i = i + 2
+    last_name, last_value = name, current_value
+    k = k + 1
   end
-  local highest_end = i + 2 * n_highest
-  while i < highest_end do
-    local name, value = item[i], item[i + 1]
-    if not cur[name] or tonumber(value) > tonumber(cur[name]) then
-      writes[n + 1], writes[n + 2], n = name, value, n + 2
-      cur[name] = value
+  while k <= n_read do
+    local value, current_value = item[values + k], stored[4 + k]
+    if not current_value or tonumber(value) > tonumber(current_value) then
+      writes[n + 1], writes[n + 2], n = item[names + k], value, n + 2
     end
-    i = i + 2
+    k = k + 1
   end
   if wins then
+    local i = 12 + 2 * n_read
     while i < #item do
       writes[n + 1], writes[n + 2], n = item[i], item[i + 1], n + 2
       i = i + 2
@@ -480,7 +481,7 @@ local function apply_event(item)
     writes[n + 5], writes[n + 6], writes[n + 7], writes[n + 8] = 'rank', rank, 'status_at', at
     writes[n + 9], writes[n + 10], n = 'attempt', attempt, n + 10
   end
-  if n > 0 then redis.call('HSET', record, unpack(writes)) end
+  if n > 0 then redis.call('HSET', record, unpack(writes, 1, n)) end
   if wins then
     if stored[3] and tonumber(stored[3]) ~= pos then
       redis.call('ZREM', KEYS[first + tonumber(stored[3])], member)
@@ -566,7 +567,12 @@ def batch_calls(
             len(earliest),
             len(highest),
         ]
-        item.extend(chain.from_iterable(chain(facts, fill, earliest, highest, win)))
+        read = facts + fill + earliest + highest
+        if read:
+            names, values = zip(*read, strict=True)
+            item.extend(names)
+            item.extend(values)
+        item.extend(chain.from_iterable(win))
         items.append(item)
         texts.append(body)
     return [
