@@ -64,6 +64,8 @@ def _histories(project: str, other_project: str) -> list[LifecycleEvent]:
     events += elsewhere.lifecycle()
     late = Run(project)
     events += [late.completed(result=[1, "two", None]), late.running(), late.admitted()]
+    ahead = Run(project)  # a worker whose clock is ahead: started after it was running
+    events += [ahead.event(S.RUNNING, worker_id="w1", started_at="2999-01-01T00:00:00.000000Z")]
     return events
 
 
@@ -156,7 +158,7 @@ async def test_a_batch_call_records_and_publishes_exactly_what_one_call_per_even
     events += events[:5]  # redeliveries inside the same batch
     snapshot = await _compare(redis, uid, events)
     records = [value for key, (_, value, _) in snapshot.items() if key.startswith("exec:")]
-    assert len(records) == 6
+    assert len(records) == 7
     # Both kinds of hash occur (a listpack's field order is compared as it is).
     assert {encoding for encoding, _ in records} == {b"listpack", b"hashtable"}
 
@@ -175,7 +177,8 @@ def _random_history(rng: random.Random, run: Run) -> list[LifecycleEvent]:
         if rng.random() < 0.4:
             fields["retry_count"] = rng.randint(0, 2)
         if rng.random() < 0.3:
-            fields["started_at"] = run.at()
+            # Before the event's own time, or (a clock ahead) after it.
+            fields["started_at"] = rng.choice([run.at(), "2999-01-01T00:00:00.000000Z"])
         if status in (S.FAILED, S.RUNNING) and rng.random() < 0.6:
             fields["error"] = error
             if status is S.RUNNING:
