@@ -68,7 +68,6 @@ import orjson
 from schemas.dispatch import ExecutionStatus, LifecycleEvent
 from schemas.envelope import SubmissionEnvelope
 from store.layout import (
-    STATUS_ORDER,
     STATUS_POSITION,
     TERMINAL_RANK,
     events_channel,
@@ -345,7 +344,6 @@ def script_args(
 
 # KEYS of a batch call: per workflow its index of every execution and one index per
 # status (KEYS[2..] of the event script, in that order), per execution its record.
-_WORKFLOW_KEYS = 1 + len(STATUS_ORDER)
 
 _STATUS_LUA = ", ".join(
     f"{status.value} = {{{position}, {_RANKS[status]}}}"
@@ -530,10 +528,12 @@ def batch_calls(
     (first seen first), each applying that project's events in their order; ``bodies``
     are published as ``script_args`` says.
 
-    ARGV: the events as one JSON array, the TTL, the trim bound, the project's
-    events channel without the execution id, and the bodies one after another
-    (each item says how long its body is: no JSON escaping of it on either side).
-    A fact an earlier event of the call sent for the record is not sent again."""
+    ARGV: the events as one JSON array (per event the positions of its record's and
+    its workflow's keys, status, time, id, attempt, its body's length, how many fields
+    of each kind it reads, their names, their values, then the winner's fields in
+    pairs), the TTL, the trim bound, the project's events channel without the
+    execution id, and the bodies one after another (no JSON escaping of them on either
+    side). A fact an earlier event of the call sent for the record is not sent again."""
     calls: dict[
         str,
         tuple[list[str], dict[str, int], dict[str, tuple[int, set[str]]], list[Any], list[bytes]],
