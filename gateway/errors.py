@@ -16,7 +16,7 @@ repeats a request header's value: a header may carry the API key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -184,10 +184,18 @@ def error_response(error: ApiError, retry_after_seconds: int) -> web.Response:
     return web.Response(status=status, body=body, headers=headers)
 
 
-def error_middleware(retry_after_seconds: int) -> Middleware:
+def error_middleware(
+    retry_after_seconds: int, check: Callable[[web.Request], None] | None = None
+) -> Middleware:
+    """Every error as the one JSON shape; ``check`` (what a request must meet before its
+    handler runs) raises ``ApiError`` the same way. One middleware, not one per check:
+    each layer is a coroutine frame every request passes through twice."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            if check is not None:
+                check(request)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, retry_after_seconds)

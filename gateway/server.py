@@ -30,9 +30,10 @@ import asyncio
 import logging
 import resource
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from itertools import chain
 from typing import Any
 
 from aiohttp import StreamReader, web
@@ -44,7 +45,6 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
-from aiohttp.typedefs import Handler, Middleware
 
 from gateway import errors
 from gateway.errors import ApiError, render
@@ -78,21 +78,21 @@ def connection_limit(settings: Settings) -> int:
     return max(64, soft - _RESERVED_FILES)
 
 
-def head_size_middleware(settings: Settings) -> Middleware:
+def head_size_check(settings: Settings) -> Callable[[web.Request], None]:
     """``max_header_bytes`` for a head that arrived whole (one that is still arriving
-    is measured by ``GatewayProtocol``), under aiohttp's own runners too."""
+    is measured by ``GatewayProtocol``), under aiohttp's own runners too; run by
+    ``errors.error_middleware``."""
+    limit = settings.max_header_bytes
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        size = len(request.method) + len(request.raw_path) + 12  # "GET / HTTP/1.1\r\n"
-        size += sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-        if size > settings.max_header_bytes:
-            raise errors.HEADERS_TOO_LARGE(
-                f"The request's headers exceed {settings.max_header_bytes} bytes."
-            )
-        return await handler(request)
+    def check(request: web.Request) -> None:
+        raw = request.raw_headers
+        # "GET / HTTP/1.1\r\n", "name: value\r\n" per field (summed in C), "\r\n":
+        # the bytes GatewayProtocol counts.
+        size = len(request.method) + len(request.raw_path) + 14 + 4 * len(raw)
+        if size + sum(map(len, chain.from_iterable(raw))) > limit:
+            raise errors.HEADERS_TOO_LARGE(f"The request's headers exceed {limit} bytes.")
 
-    return middleware
+    return check
 
 
 class Doorman:

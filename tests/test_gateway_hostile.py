@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractConnection
+from aiohttp.test_utils import TestServer
 
 from broker.registry import register_deployment
 from gateway.app import create_app
@@ -250,6 +251,58 @@ async def test_max_header_bytes_is_exact_however_the_head_is_split(
     writer.close()
 
     assert answer.status == status
+
+
+def head_of(size: int, *, field_bytes: int) -> bytes:
+    """A GET /health head of exactly ``size`` bytes, its blank line included."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    field = b"X-Pad: " + b"a" * (field_bytes // 2) + b"\r\n"  # each line within its bound
+    while size - len(head) > 2 * len(field):
+        head += field
+    head += b"X-End: " + b"a" * (size - len(head) - len(b"X-End: \r\n\r\n")) + b"\r\n\r\n"
+    assert len(head) == size
+    return head
+
+
+def statuses(raw: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 431)])
+async def test_max_header_bytes_is_exact_for_a_pipelined_request(
+    gateway: Gateway, over: int, status: int
+) -> None:
+    # The second head arrives while the first request is handled: the middleware's
+    # count, not the connection's, decides it, and both count the same bytes.
+    first = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    limits = gateway.settings
+    second = head_of(limits.max_header_bytes + over, field_bytes=limits.max_header_line_bytes)
+
+    answer = await gateway.exchange(first + second)
+
+    assert statuses(answer.raw) == [200, status]
+
+
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 431)])
+async def test_max_header_bytes_is_exact_under_aiohttps_own_runner(
+    gateway: Gateway, over: int, status: int
+) -> None:
+    limits = gateway.settings
+    head = head_of(limits.max_header_bytes + over, field_bytes=limits.max_header_line_bytes)
+    app = create_app(limits)
+    async with TestServer(app, host="127.0.0.1") as server:  # aiohttp's runner, not ours
+        await app[APP_LINK].wait_ready()
+        assert server.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(head)
+            answer = parse(await read_all(reader, 3.0))
+        finally:
+            writer.close()
+
+    assert answer.status == status
+    if status == 431:
+        assert answer.error()["error_type"] == "HEADERS_TOO_LARGE"
 
 
 async def test_a_whole_head_over_max_header_bytes_is_refused(gateway: Gateway) -> None:
