@@ -218,9 +218,10 @@ class GatewayProtocol(web.RequestHandler):
         """Whether the head cannot end within ``max_header_bytes``: judged before the
         parser sees the excess, so an oversized head costs a search, not a parse."""
         room = max(0, self._settings.max_header_bytes - self._head_bytes)
-        window = self._tail + data[:room]
-        self._tail = (self._tail + data)[-3:]
-        if len(data) <= room:
+        window = self._tail + data[:room] if len(data) > room else b""
+        # The last bytes, for an end of head split across reads (no copy of the rest).
+        self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
+        if len(data) <= room:  # almost every read: the whole head fits
             return False
         # Empty lines before a request line are allowed (RFC 9112 2.2); they end nothing.
         start = len(window) - len(window.lstrip(b"\r\n")) if not self._head_bytes else 0
