@@ -79,6 +79,7 @@ BAD_HTTP_REQUEST = _kind(400, "BAD_HTTP_REQUEST", "Malformed HTTP (request line,
 REQUEST_TIMEOUT = _kind(408, "REQUEST_TIMEOUT", "Headers or body not received in time")
 URI_TOO_LONG = _kind(414, "URI_TOO_LONG", "Request line over the limit")
 HEADERS_TOO_LARGE = _kind(431, "HEADERS_TOO_LARGE", "Header fields over the size or count limit")
+EXPECTATION_FAILED = _kind(417, "EXPECTATION_FAILED", "An Expect header other than 100-continue")
 TOO_MANY_CONNECTIONS = _kind(
     503, "TOO_MANY_CONNECTIONS", "The process is at its connection limit", retry=True
 )
@@ -152,6 +153,7 @@ _HTTP_EXCEPTION_KINDS = {
     404: ROUTE_NOT_FOUND,
     405: METHOD_NOT_ALLOWED,
     413: PAYLOAD_TOO_LARGE,
+    417: EXPECTATION_FAILED,
 }
 # Headers of an aiohttp HTTPException worth keeping (a 405 lists the allowed methods).
 _KEPT_HEADERS = ("Allow",)

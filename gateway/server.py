@@ -10,7 +10,8 @@ refused, which may be the API key. Here, per connection (``GatewayProtocol``):
 - the head (request line and fields) is bounded in all (``max_header_bytes``:
   431), besides aiohttp's per-line and count bounds, and must arrive within
   ``header_timeout_seconds`` of its first byte (408);
-- every error is the JSON of gateway/errors.py and repeats nothing it got;
+- every error is the JSON of gateway/errors.py and repeats nothing it got, also
+  those aiohttp answers itself before any middleware (an unknown ``Expect``: 417);
 
 and per listening socket (``Doorman``): at most ``max_connections`` open. At
 the limit a new connection takes the place of the one that has waited longest
@@ -238,6 +239,11 @@ class GatewayProtocol(web.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            # aiohttp answered before the app's middleware could (an Expect it does not
+            # know: 417, quoting the header): the one JSON shape instead, quoting nothing.
+            error = errors.from_http_exception(resp)
+            resp = errors.error_response(error, self._settings.retry_after_seconds)
         done = await super().finish_response(request, resp, start_time)
         self._finished += 1
         if not request.content.is_eof():

@@ -196,6 +196,36 @@ async def test_a_body_left_unread_is_not_taken_for_the_next_head(gateway: Gatewa
     assert statuses == [b"415", b"200"], raw[-500:]
 
 
+@pytest.mark.parametrize("path", [RUN, "/no/such/route"])
+async def test_an_expectation_other_than_100_continue_is_refused_in_json(
+    gateway: Gateway, path: str
+) -> None:
+    # aiohttp answers it before any middleware, in text quoting the header.
+    body = b'{"payload": 1}'
+    raw = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + gateway.auth()
+        + b"Expect: secret-token-1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+    answer = await gateway.exchange(raw)
+
+    assert answer.status == 417
+    assert answer.error()["error_type"] == "EXPECTATION_FAILED"
+    assert b"secret-token-1" not in answer.raw
+
+
+async def test_expect_100_continue_is_honoured(gateway: Gateway) -> None:
+    headers = {**gateway.tenant.headers, "Expect": "100-continue"}
+    async with (
+        aiohttp.ClientSession(gateway.url) as session,
+        session.post(RUN, json={"payload": 1}, headers=headers) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert "execution_id" in await response.json()
+
+
 # -- 8: heads and bodies that never end; connections ----------------------------------------
 
 
