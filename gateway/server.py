@@ -79,10 +79,18 @@ def connection_limit(settings: Settings) -> int:
     return max(64, soft - _RESERVED_FILES)
 
 
-def head_size_check(settings: Settings) -> Callable[[web.Request], None]:
-    """``max_header_bytes`` for a head that arrived whole (one that is still arriving
-    is measured by ``GatewayProtocol``), under aiohttp's own runners too; run by
-    ``errors.error_middleware``."""
+# Headers that say who is asking and what the request means: a second copy would make
+# it ambiguous which one counts (a proxy's or the client's), so it is refused.
+SINGLE_HEADERS = ("Authorization", "Cookie", "X-Project-ID", "Idempotency-Key")
+
+
+def head_check(settings: Settings) -> Callable[[web.Request], None]:
+    """What every head must meet before its handler, run by ``errors.error_middleware``:
+
+    - ``max_header_bytes``, for a head that arrived whole (one that is still
+      arriving is measured by ``GatewayProtocol``), under aiohttp's own runners too;
+    - at most one of each of ``SINGLE_HEADERS``.
+    """
     limit = settings.max_header_bytes
 
     def check(request: web.Request) -> None:
@@ -92,6 +100,13 @@ def head_size_check(settings: Settings) -> Callable[[web.Request], None]:
         size = len(request.method) + len(request.raw_path) + 14 + 4 * len(raw)
         if size + sum(map(len, chain.from_iterable(raw))) > limit:
             raise errors.HEADERS_TOO_LARGE(f"The request's headers exceed {limit} bytes.")
+        headers = request.headers
+        for name in SINGLE_HEADERS:
+            if name in headers and len(headers.getall(name)) > 1:
+                raise errors.BAD_HTTP_REQUEST(
+                    f"The {name} header is sent more than once.",
+                    [{"field": name, "message": "sent more than once"}],
+                )
 
     return check
 

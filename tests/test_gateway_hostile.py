@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.context import APP_LINK
-from gateway.server import GatewaySite, serving
+from gateway.server import SINGLE_HEADERS, GatewaySite, serving
 from gateway.settings import Settings
 from schemas.topology import submit_queue
 from tests.conftest import ERROR_TYPE_RE, Tenant, new_tenant, queue_exists
@@ -194,6 +194,37 @@ async def test_a_body_left_unread_is_not_taken_for_the_next_head(gateway: Gatewa
 
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
     assert statuses == [b"415", b"200"], raw[-500:]
+
+
+@pytest.mark.parametrize("name", SINGLE_HEADERS)
+async def test_a_header_that_decides_who_asks_or_what_is_meant_is_refused_twice(
+    gateway: Gateway, name: str
+) -> None:
+    # Either copy alone is a valid request; which one would count is the ambiguity.
+    copies = {
+        "Authorization": [f"Bearer {gateway.tenant.api_key}"] * 2,
+        "Cookie": [f"polos_auth={gateway.tenant.api_key}"] * 2,
+        "X-Project-ID": [gateway.tenant.project_id] * 2,
+        "Idempotency-Key": ["first-key", "second-key"],
+    }[name]
+    auth = {k: v for k, v in gateway.tenant.headers.items() if k != name}
+    if name == "Cookie":
+        auth.pop("Authorization")
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth.items())
+    head += "".join(f"{name}: {value}\r\n" for value in copies)
+    body = b'{"payload": 1}'
+    raw = (
+        f"POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    answer = await gateway.exchange(raw)
+
+    assert answer.status == 400
+    error = answer.error()
+    assert error["error_type"] == "BAD_HTTP_REQUEST"
+    assert error["details"] == [{"field": name, "message": "sent more than once"}]
+    assert gateway.tenant.api_key.encode() not in answer.raw
 
 
 @pytest.mark.parametrize("path", [RUN, "/no/such/route"])
