@@ -112,7 +112,9 @@ VALIDATION_ERROR = _kind(
 PAYLOAD_TOO_LARGE = _kind(413, "PAYLOAD_TOO_LARGE", "Body over POLOS_MAX_BODY_BYTES")
 UNSUPPORTED_MEDIA_TYPE = _kind(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type is not JSON")
 UNSUPPORTED_CONTENT_ENCODING = _kind(
-    415, "UNSUPPORTED_CONTENT_ENCODING", "Content-Encoding other than identity (never inflated)"
+    415,
+    "UNSUPPORTED_CONTENT_ENCODING",
+    "Content-Encoding other than identity, or transfer coding other than chunked (never inflated)",
 )
 # -- submissions (gateway/submission.py) -----------------------------------------------------
 DEPLOYMENT_NOT_FOUND = _kind(404, "DEPLOYMENT_NOT_FOUND", "Deployment not found, or none")

@@ -178,6 +178,31 @@ async def test_a_compressed_body_is_refused_415_on_every_route_that_reads_one(
             assert response.status == 200, await response.text()
 
 
+@pytest.mark.parametrize("path", [RUN, "/api/v1/workflows/batch_run"])
+@pytest.mark.parametrize(("coding", "status"), [("gzip, chunked", 415), ("chunked", 200)])
+async def test_a_transfer_coding_other_than_chunked_is_refused_415(
+    gateway: Gateway, path: str, coding: str, status: int
+) -> None:
+    # aiohttp frames "gzip, chunked" as chunked and would hand on the gzip bytes.
+    body = (
+        b'{"payload": 1}'
+        if path == RUN
+        else b'{"workflows": [{"workflow_id": "hello", "payload": 1}]}'
+    )
+    raw = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + gateway.auth()
+        + f"Transfer-Encoding: {coding}\r\nConnection: close\r\n\r\n".encode()
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+
+    answer = await gateway.exchange(raw)
+
+    assert answer.status == status, answer.raw
+    if status == 415:
+        assert answer.error()["error_type"] == "UNSUPPORTED_CONTENT_ENCODING"
+
+
 async def test_a_body_left_unread_is_not_taken_for_the_next_head(gateway: Gateway) -> None:
     # Beyond what aiohttp buffers before it pauses reading: most of it is read (and
     # dropped) after the 415, and the next request on the connection follows it.
