@@ -89,7 +89,8 @@ def head_check(settings: Settings) -> Callable[[web.Request], None]:
 
     - ``max_header_bytes``, for a head that arrived whole (one that is still
       arriving is measured by ``GatewayProtocol``), under aiohttp's own runners too;
-    - at most one of each of ``SINGLE_HEADERS``.
+    - at most one of each of ``SINGLE_HEADERS``, and of each query parameter (no
+      route takes a list there: of two, which one counts would be a guess).
     """
     limit = settings.max_header_bytes
 
@@ -107,6 +108,13 @@ def head_check(settings: Settings) -> Callable[[web.Request], None]:
                     f"The {name} header is sent more than once.",
                     [{"field": name, "message": "sent more than once"}],
                 )
+        query = request.query if request.query_string else None
+        if query and len(query) != len(query.keys()):  # keys() holds each name once
+            repeated = sorted(n for n in set(query) if len(query.getall(n)) > 1)
+            raise errors.VALIDATION_ERROR(
+                f"Invalid query parameter(s): {', '.join(repeated)}.",
+                [{"field": n, "message": "given more than once"} for n in repeated],
+            )
 
     return check
 

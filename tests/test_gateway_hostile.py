@@ -252,6 +252,18 @@ async def test_a_header_that_decides_who_asks_or_what_is_meant_is_refused_twice(
     assert gateway.tenant.api_key.encode() not in answer.raw
 
 
+async def test_a_query_parameter_given_twice_is_refused(gateway: Gateway) -> None:
+    path = "/api/v1/workflows/hello/runs?limit=1&status=queued&limit=2"
+    async with (
+        aiohttp.ClientSession(gateway.url, headers=gateway.tenant.headers) as session,
+        session.get(path) as response,
+    ):
+        assert response.status == 400
+        error = await response.json()
+    assert error["error_type"] == "VALIDATION_ERROR"
+    assert error["details"] == [{"field": "limit", "message": "given more than once"}]
+
+
 @pytest.mark.parametrize("path", [RUN, "/no/such/route"])
 async def test_an_expectation_other_than_100_continue_is_refused_in_json(
     gateway: Gateway, path: str
