@@ -24,7 +24,6 @@ This is the one module that uses aiormq's channel internals
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -214,24 +213,118 @@ class Batch:
             _fail(batch, exc)
 
     def _register(self, underlay: aiormq.Channel, batch: list[Publish]) -> bytes:
-        """Delivery tags and confirm futures for ``batch``, in order; returns its frames."""
+        """Delivery tags and confirmations for ``batch``, in order; returns its frames."""
         parts: list[bytes] = []
+        group = _Group(underlay)
+        confirmations = cast(dict[int, Any], underlay.confirmations)
         for item in batch:
             assert item.future is not None
             underlay.delivery_tag += 1
             tag = underlay.delivery_tag
             message_id = item.message_id
-            confirmation = underlay.create_future()
-            underlay.confirmations[tag] = confirmation
+            confirmations[tag] = group.add(message_id, tag, item.future)
             # aiormq finds the confirm of a returned (unroutable) message by its id.
             underlay.message_id_delivery_tag[message_id] = tag
-            confirmation.add_done_callback(
-                functools.partial(_settle, underlay, message_id, tag, item.future)
-            )
             # A reconnect in between may have given the channel another number.
             same = item.number == underlay.number
             parts.append(item.frames if same else item.frames_for(underlay))
         return b"".join(parts)
+
+
+class _Confirmation:
+    """What aiormq's ``Channel.confirmations`` holds for one batched publish, in place of
+    the future ``basic_publish`` registers there.
+
+    aiormq settles it with the calls it makes on that future (``set_result`` for an
+    ack or a return, ``set_exception`` for a nack or a raising return, ``done``
+    first), and it passes the answer to the publisher's own future at once. An
+    aiormq future instead schedules four done callbacks per settle (two stores'
+    removers, its exception reader, the hand-over): four event-loop callbacks per
+    message. Channel loss, which aiormq signals by failing the futures of its
+    store, reaches these through their batch's one future there (``_Group``).
+    """
+
+    __slots__ = ("_done", "_future", "_group", "_message_id", "_tag")
+
+    def __init__(
+        self, group: _Group, message_id: str, tag: int, future: asyncio.Future[None]
+    ) -> None:
+        self._group = group
+        self._message_id = message_id
+        self._tag = tag
+        self._future = future
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _result: object) -> None:
+        if self._finish() and not self._future.done():
+            self._future.set_result(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self._finish() and not self._future.done():
+            self._future.set_exception(exc)
+
+    def _finish(self) -> bool:
+        if self._done:
+            return False
+        self._done = True
+        ids = self._group.underlay.message_id_delivery_tag
+        if ids.get(self._message_id) == self._tag:
+            del ids[self._message_id]
+        self._group.settled()
+        return True
+
+
+class _Group:
+    """The confirmations of one batch, and its one future in the channel's store: when
+    aiormq fails that future (the channel closed), it fails those not yet settled;
+    once all are settled, it is resolved and leaves the store."""
+
+    __slots__ = ("_guard", "_members", "_open", "underlay")
+
+    def __init__(self, underlay: aiormq.Channel) -> None:
+        self.underlay = underlay
+        self._members: list[_Confirmation] = []
+        self._open = 0
+        self._guard = underlay.create_future()
+        self._guard.add_done_callback(self._lost)
+
+    def add(self, message_id: str, tag: int, future: asyncio.Future[None]) -> _Confirmation:
+        confirmation = _Confirmation(self, message_id, tag, future)
+        self._members.append(confirmation)
+        self._open += 1
+        return confirmation
+
+    def settled(self) -> None:
+        self._open -= 1
+        if self._open == 0 and not self._guard.done():
+            self._members = []
+            self._guard.set_result(None)
+
+    def cancel(self) -> None:
+        """Nothing of the batch reached the writer: its callers are failed by the caller."""
+        for confirmation in self._members:
+            confirmation._done = True
+        self._members = []
+        if not self._guard.done():
+            self._guard.set_result(None)
+
+    def _lost(self, guard: asyncio.Future[None]) -> None:
+        if guard.cancelled():
+            exc: BaseException = aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        else:
+            found = guard.exception()
+            if found is None:
+                return
+            exc = found
+        members, self._members = self._members, []
+        for confirmation in members:
+            confirmation.set_exception(exc)
 
 
 class Deadlines:
@@ -277,33 +370,16 @@ class Deadlines:
         self._queue.clear()
 
 
-def _settle(
-    underlay: aiormq.Channel,
-    message_id: str,
-    tag: int,
-    future: asyncio.Future[None],
-    confirmation: asyncio.Future[Any],
-) -> None:
-    """Pass the broker's answer for one message (or the channel's loss) to its caller."""
-    if underlay.message_id_delivery_tag.get(message_id) == tag:
-        del underlay.message_id_delivery_tag[message_id]
-    if future.done():
-        return  # the caller gave up (timeout, cancellation)
-    if confirmation.cancelled():
-        future.set_exception(aiormq.exceptions.ChannelInvalidStateError("channel closed"))
-        return
-    exc = confirmation.exception()
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(None)
-
-
 def _unregister(underlay: aiormq.Channel, first_tag: int) -> None:
+    groups: set[_Group] = set()
     for tag in range(first_tag, underlay.delivery_tag + 1):
         confirmation = underlay.confirmations.pop(tag, None)
-        if isinstance(confirmation, asyncio.Future):
+        if isinstance(confirmation, _Confirmation):
+            groups.add(confirmation._group)
+        elif isinstance(confirmation, asyncio.Future):
             confirmation.cancel()
+    for group in groups:
+        group.cancel()
     underlay.delivery_tag = first_tag - 1
 
 

@@ -28,7 +28,7 @@ from gateway.errors import error_middleware
 from gateway.link import BrokerLink
 from gateway.openapi import openapi_json
 from gateway.routes import ROUTES, add_routes
-from gateway.server import handler_args, head_size_middleware
+from gateway.server import handler_args, head_check
 from gateway.settings import Settings
 from gateway.watch import Watch
 from store import ExecutionStore, open_redis
@@ -94,10 +94,7 @@ async def _end_event_streams(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[
-            error_middleware(settings.retry_after_seconds),
-            head_size_middleware(settings),
-        ],
+        middlewares=[error_middleware(settings.retry_after_seconds, head_check(settings))],
         handler_args=handler_args(settings),
     )
     app[APP_SETTINGS] = settings

@@ -16,7 +16,7 @@ repeats a request header's value: a header may carry the API key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -79,6 +79,7 @@ BAD_HTTP_REQUEST = _kind(400, "BAD_HTTP_REQUEST", "Malformed HTTP (request line,
 REQUEST_TIMEOUT = _kind(408, "REQUEST_TIMEOUT", "Headers or body not received in time")
 URI_TOO_LONG = _kind(414, "URI_TOO_LONG", "Request line over the limit")
 HEADERS_TOO_LARGE = _kind(431, "HEADERS_TOO_LARGE", "Header fields over the size or count limit")
+EXPECTATION_FAILED = _kind(417, "EXPECTATION_FAILED", "An Expect header other than 100-continue")
 TOO_MANY_CONNECTIONS = _kind(
     503, "TOO_MANY_CONNECTIONS", "The process is at its connection limit", retry=True
 )
@@ -111,7 +112,9 @@ VALIDATION_ERROR = _kind(
 PAYLOAD_TOO_LARGE = _kind(413, "PAYLOAD_TOO_LARGE", "Body over POLOS_MAX_BODY_BYTES")
 UNSUPPORTED_MEDIA_TYPE = _kind(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type is not JSON")
 UNSUPPORTED_CONTENT_ENCODING = _kind(
-    415, "UNSUPPORTED_CONTENT_ENCODING", "Content-Encoding other than identity (never inflated)"
+    415,
+    "UNSUPPORTED_CONTENT_ENCODING",
+    "Content-Encoding other than identity, or transfer coding other than chunked (never inflated)",
 )
 # -- submissions (gateway/submission.py) -----------------------------------------------------
 DEPLOYMENT_NOT_FOUND = _kind(404, "DEPLOYMENT_NOT_FOUND", "Deployment not found, or none")
@@ -152,6 +155,7 @@ _HTTP_EXCEPTION_KINDS = {
     404: ROUTE_NOT_FOUND,
     405: METHOD_NOT_ALLOWED,
     413: PAYLOAD_TOO_LARGE,
+    417: EXPECTATION_FAILED,
 }
 # Headers of an aiohttp HTTPException worth keeping (a 405 lists the allowed methods).
 _KEPT_HEADERS = ("Allow",)
@@ -184,10 +188,18 @@ def error_response(error: ApiError, retry_after_seconds: int) -> web.Response:
     return web.Response(status=status, body=body, headers=headers)
 
 
-def error_middleware(retry_after_seconds: int) -> Middleware:
+def error_middleware(
+    retry_after_seconds: int, check: Callable[[web.Request], None] | None = None
+) -> Middleware:
+    """Every error as the one JSON shape; ``check`` (what a request must meet before its
+    handler runs) raises ``ApiError`` the same way. One middleware, not one per check:
+    each layer is a coroutine frame every request passes through twice."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            if check is not None:
+                check(request)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, retry_after_seconds)

@@ -2,7 +2,8 @@
 ``POLOS_MAX_BODY_BYTES``, arrived within ``POLOS_BODY_TIMEOUT_SECONDS`` of its headers.
 
 Compressed bodies are refused (415 ``UNSUPPORTED_CONTENT_ENCODING``), never
-inflated. aiohttp inflates ``gzip``/``deflate`` on the event loop as the bytes
+inflated: a ``Content-Encoding`` other than identity, or a transfer coding other
+than chunked. aiohttp inflates ``gzip``/``deflate`` on the event loop as the bytes
 arrive (a 1 MB body inflating to 1 GiB held every other client for seconds),
 answers a corrupt one 500 and takes an unknown coding for plain bytes; our
 bodies are small JSON and no client of the API compresses them. So the server
@@ -37,6 +38,13 @@ async def read_json_body(request: web.Request, settings: Settings) -> bytes:
         raise errors.UNSUPPORTED_CONTENT_ENCODING(
             "Compressed bodies are not accepted: send the body without Content-Encoding.",
             [{"field": "Content-Encoding", "message": "only identity is accepted"}],
+        )
+    coding = request.headers.get("Transfer-Encoding")
+    if coding is not None and coding.replace(" ", "").lower() != "chunked":
+        # aiohttp frames "gzip, chunked" as chunked and hands on the coded bytes.
+        raise errors.UNSUPPORTED_CONTENT_ENCODING(
+            "Transfer codings other than chunked are not accepted.",
+            [{"field": "Transfer-Encoding", "message": "only chunked is accepted"}],
         )
     limit = settings.max_body_bytes
     length = request.content_length

@@ -67,6 +67,7 @@ HTTP_ERRORS = (
     errors.REQUEST_TIMEOUT,
     errors.URI_TOO_LONG,
     errors.HEADERS_TOO_LARGE,
+    errors.EXPECTATION_FAILED,
     errors.INTERNAL_ERROR,
     errors.TOO_MANY_CONNECTIONS,
 )

@@ -10,7 +10,8 @@ refused, which may be the API key. Here, per connection (``GatewayProtocol``):
 - the head (request line and fields) is bounded in all (``max_header_bytes``:
   431), besides aiohttp's per-line and count bounds, and must arrive within
   ``header_timeout_seconds`` of its first byte (408);
-- every error is the JSON of gateway/errors.py and repeats nothing it got;
+- every error is the JSON of gateway/errors.py and repeats nothing it got, also
+  those aiohttp answers itself before any middleware (an unknown ``Expect``: 417);
 
 and per listening socket (``Doorman``): at most ``max_connections`` open. At
 the limit a new connection takes the place of the one that has waited longest
@@ -30,9 +31,10 @@ import asyncio
 import logging
 import resource
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from itertools import chain
 from typing import Any
 
 from aiohttp import StreamReader, web
@@ -44,7 +46,6 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
-from aiohttp.typedefs import Handler, Middleware
 
 from gateway import errors
 from gateway.errors import ApiError, render
@@ -78,21 +79,44 @@ def connection_limit(settings: Settings) -> int:
     return max(64, soft - _RESERVED_FILES)
 
 
-def head_size_middleware(settings: Settings) -> Middleware:
-    """``max_header_bytes`` for a head that arrived whole (one that is still arriving
-    is measured by ``GatewayProtocol``), under aiohttp's own runners too."""
+# Headers that say who is asking and what the request means: a second copy would make
+# it ambiguous which one counts (a proxy's or the client's), so it is refused.
+SINGLE_HEADERS = ("Authorization", "Cookie", "X-Project-ID", "Idempotency-Key")
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        size = len(request.method) + len(request.raw_path) + 12  # "GET / HTTP/1.1\r\n"
-        size += sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-        if size > settings.max_header_bytes:
-            raise errors.HEADERS_TOO_LARGE(
-                f"The request's headers exceed {settings.max_header_bytes} bytes."
+
+def head_check(settings: Settings) -> Callable[[web.Request], None]:
+    """What every head must meet before its handler, run by ``errors.error_middleware``:
+
+    - ``max_header_bytes``, for a head that arrived whole (one that is still
+      arriving is measured by ``GatewayProtocol``), under aiohttp's own runners too;
+    - at most one of each of ``SINGLE_HEADERS``, and of each query parameter (no
+      route takes a list there: of two, which one counts would be a guess).
+    """
+    limit = settings.max_header_bytes
+
+    def check(request: web.Request) -> None:
+        raw = request.raw_headers
+        # "GET / HTTP/1.1\r\n", "name: value\r\n" per field (summed in C), "\r\n":
+        # the bytes GatewayProtocol counts.
+        size = len(request.method) + len(request.raw_path) + 14 + 4 * len(raw)
+        if size + sum(map(len, chain.from_iterable(raw))) > limit:
+            raise errors.HEADERS_TOO_LARGE(f"The request's headers exceed {limit} bytes.")
+        headers = request.headers
+        for name in SINGLE_HEADERS:
+            if name in headers and len(headers.getall(name)) > 1:
+                raise errors.BAD_HTTP_REQUEST(
+                    f"The {name} header is sent more than once.",
+                    [{"field": name, "message": "sent more than once"}],
+                )
+        query = request.query if request.query_string else None
+        if query and len(query) != len(query.keys()):  # keys() holds each name once
+            repeated = sorted(n for n in set(query) if len(query.getall(n)) > 1)
+            raise errors.VALIDATION_ERROR(
+                f"Invalid query parameter(s): {', '.join(repeated)}.",
+                [{"field": n, "message": "given more than once"} for n in repeated],
             )
-        return await handler(request)
 
-    return middleware
+    return check
 
 
 class Doorman:
@@ -218,9 +242,10 @@ class GatewayProtocol(web.RequestHandler):
         """Whether the head cannot end within ``max_header_bytes``: judged before the
         parser sees the excess, so an oversized head costs a search, not a parse."""
         room = max(0, self._settings.max_header_bytes - self._head_bytes)
-        window = self._tail + data[:room]
-        self._tail = (self._tail + data)[-3:]
-        if len(data) <= room:
+        window = self._tail + data[:room] if len(data) > room else b""
+        # The last bytes, for an end of head split across reads (no copy of the rest).
+        self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
+        if len(data) <= room:  # almost every read: the whole head fits
             return False
         # Empty lines before a request line are allowed (RFC 9112 2.2); they end nothing.
         start = len(window) - len(window.lstrip(b"\r\n")) if not self._head_bytes else 0
@@ -237,6 +262,11 @@ class GatewayProtocol(web.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            # aiohttp answered before the app's middleware could (an Expect it does not
+            # know: 417, quoting the header): the one JSON shape instead, quoting nothing.
+            error = errors.from_http_exception(resp)
+            resp = errors.error_response(error, self._settings.retry_after_seconds)
         done = await super().finish_response(request, resp, start_time)
         self._finished += 1
         if not request.content.is_eof():

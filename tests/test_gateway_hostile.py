@@ -23,11 +23,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractConnection
+from aiohttp.test_utils import TestServer
 
 from broker.registry import register_deployment
 from gateway.app import create_app
 from gateway.context import APP_LINK
-from gateway.server import GatewaySite, serving
+from gateway.server import SINGLE_HEADERS, GatewaySite, serving
 from gateway.settings import Settings
 from schemas.topology import submit_queue
 from tests.conftest import ERROR_TYPE_RE, Tenant, new_tenant, queue_exists
@@ -177,6 +178,31 @@ async def test_a_compressed_body_is_refused_415_on_every_route_that_reads_one(
             assert response.status == 200, await response.text()
 
 
+@pytest.mark.parametrize("path", [RUN, "/api/v1/workflows/batch_run"])
+@pytest.mark.parametrize(("coding", "status"), [("gzip, chunked", 415), ("chunked", 200)])
+async def test_a_transfer_coding_other_than_chunked_is_refused_415(
+    gateway: Gateway, path: str, coding: str, status: int
+) -> None:
+    # aiohttp frames "gzip, chunked" as chunked and would hand on the gzip bytes.
+    body = (
+        b'{"payload": 1}'
+        if path == RUN
+        else b'{"workflows": [{"workflow_id": "hello", "payload": 1}]}'
+    )
+    raw = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + gateway.auth()
+        + f"Transfer-Encoding: {coding}\r\nConnection: close\r\n\r\n".encode()
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+
+    answer = await gateway.exchange(raw)
+
+    assert answer.status == status, answer.raw
+    if status == 415:
+        assert answer.error()["error_type"] == "UNSUPPORTED_CONTENT_ENCODING"
+
+
 async def test_a_body_left_unread_is_not_taken_for_the_next_head(gateway: Gateway) -> None:
     # Beyond what aiohttp buffers before it pauses reading: most of it is read (and
     # dropped) after the 415, and the next request on the connection follows it.
@@ -193,6 +219,79 @@ async def test_a_body_left_unread_is_not_taken_for_the_next_head(gateway: Gatewa
 
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
     assert statuses == [b"415", b"200"], raw[-500:]
+
+
+@pytest.mark.parametrize("name", SINGLE_HEADERS)
+async def test_a_header_that_decides_who_asks_or_what_is_meant_is_refused_twice(
+    gateway: Gateway, name: str
+) -> None:
+    # Either copy alone is a valid request; which one would count is the ambiguity.
+    copies = {
+        "Authorization": [f"Bearer {gateway.tenant.api_key}"] * 2,
+        "Cookie": [f"polos_auth={gateway.tenant.api_key}"] * 2,
+        "X-Project-ID": [gateway.tenant.project_id] * 2,
+        "Idempotency-Key": ["first-key", "second-key"],
+    }[name]
+    auth = {k: v for k, v in gateway.tenant.headers.items() if k != name}
+    if name == "Cookie":
+        auth.pop("Authorization")
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth.items())
+    head += "".join(f"{name}: {value}\r\n" for value in copies)
+    body = b'{"payload": 1}'
+    raw = (
+        f"POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    answer = await gateway.exchange(raw)
+
+    assert answer.status == 400
+    error = answer.error()
+    assert error["error_type"] == "BAD_HTTP_REQUEST"
+    assert error["details"] == [{"field": name, "message": "sent more than once"}]
+    assert gateway.tenant.api_key.encode() not in answer.raw
+
+
+async def test_a_query_parameter_given_twice_is_refused(gateway: Gateway) -> None:
+    path = "/api/v1/workflows/hello/runs?limit=1&status=queued&limit=2"
+    async with (
+        aiohttp.ClientSession(gateway.url, headers=gateway.tenant.headers) as session,
+        session.get(path) as response,
+    ):
+        assert response.status == 400
+        error = await response.json()
+    assert error["error_type"] == "VALIDATION_ERROR"
+    assert error["details"] == [{"field": "limit", "message": "given more than once"}]
+
+
+@pytest.mark.parametrize("path", [RUN, "/no/such/route"])
+async def test_an_expectation_other_than_100_continue_is_refused_in_json(
+    gateway: Gateway, path: str
+) -> None:
+    # aiohttp answers it before any middleware, in text quoting the header.
+    body = b'{"payload": 1}'
+    raw = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + gateway.auth()
+        + b"Expect: secret-token-1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+    answer = await gateway.exchange(raw)
+
+    assert answer.status == 417
+    assert answer.error()["error_type"] == "EXPECTATION_FAILED"
+    assert b"secret-token-1" not in answer.raw
+
+
+async def test_expect_100_continue_is_honoured(gateway: Gateway) -> None:
+    headers = {**gateway.tenant.headers, "Expect": "100-continue"}
+    async with (
+        aiohttp.ClientSession(gateway.url) as session,
+        session.post(RUN, json={"payload": 1}, headers=headers) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert "execution_id" in await response.json()
 
 
 # -- 8: heads and bodies that never end; connections ----------------------------------------
@@ -250,6 +349,58 @@ async def test_max_header_bytes_is_exact_however_the_head_is_split(
     writer.close()
 
     assert answer.status == status
+
+
+def head_of(size: int, *, field_bytes: int) -> bytes:
+    """A GET /health head of exactly ``size`` bytes, its blank line included."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    field = b"X-Pad: " + b"a" * (field_bytes // 2) + b"\r\n"  # each line within its bound
+    while size - len(head) > 2 * len(field):
+        head += field
+    head += b"X-End: " + b"a" * (size - len(head) - len(b"X-End: \r\n\r\n")) + b"\r\n\r\n"
+    assert len(head) == size
+    return head
+
+
+def statuses(raw: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 431)])
+async def test_max_header_bytes_is_exact_for_a_pipelined_request(
+    gateway: Gateway, over: int, status: int
+) -> None:
+    # The second head arrives while the first request is handled: the middleware's
+    # count, not the connection's, decides it, and both count the same bytes.
+    first = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    limits = gateway.settings
+    second = head_of(limits.max_header_bytes + over, field_bytes=limits.max_header_line_bytes)
+
+    answer = await gateway.exchange(first + second)
+
+    assert statuses(answer.raw) == [200, status]
+
+
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 431)])
+async def test_max_header_bytes_is_exact_under_aiohttps_own_runner(
+    gateway: Gateway, over: int, status: int
+) -> None:
+    limits = gateway.settings
+    head = head_of(limits.max_header_bytes + over, field_bytes=limits.max_header_line_bytes)
+    app = create_app(limits)
+    async with TestServer(app, host="127.0.0.1") as server:  # aiohttp's runner, not ours
+        await app[APP_LINK].wait_ready()
+        assert server.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(head)
+            answer = parse(await read_all(reader, 3.0))
+        finally:
+            writer.close()
+
+    assert answer.status == status
+    if status == 431:
+        assert answer.error()["error_type"] == "HEADERS_TOO_LARGE"
 
 
 async def test_a_whole_head_over_max_header_bytes_is_refused(gateway: Gateway) -> None:
