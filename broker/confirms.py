@@ -217,17 +217,21 @@ class Batch:
         parts: list[bytes] = []
         group = _Group(underlay)
         confirmations = cast(dict[int, Any], underlay.confirmations)
-        for item in batch:
-            assert item.future is not None
-            underlay.delivery_tag += 1
-            tag = underlay.delivery_tag
-            message_id = item.message_id
-            confirmations[tag] = group.add(message_id, tag, item.future)
-            # aiormq finds the confirm of a returned (unroutable) message by its id.
-            underlay.message_id_delivery_tag[message_id] = tag
-            # A reconnect in between may have given the channel another number.
-            same = item.number == underlay.number
-            parts.append(item.frames if same else item.frames_for(underlay))
+        try:
+            for item in batch:
+                assert item.future is not None
+                underlay.delivery_tag += 1
+                tag = underlay.delivery_tag
+                message_id = item.message_id
+                confirmations[tag] = group.add(message_id, tag, item.future)
+                # aiormq finds the confirm of a returned (unroutable) message by its id.
+                underlay.message_id_delivery_tag[message_id] = tag
+                # A reconnect in between may have given the channel another number.
+                same = item.number == underlay.number
+                parts.append(item.frames if same else item.frames_for(underlay))
+        except BaseException:
+            group.cancel()  # the caller gives the tags back and fails the batch
+            raise
         return b"".join(parts)
 
 
@@ -244,12 +248,12 @@ class _Confirmation:
     store, reaches these through their batch's one future there (``_Group``).
     """
 
-    __slots__ = ("_done", "_future", "_group", "_message_id", "_tag")
+    __slots__ = ("_done", "_future", "_message_id", "_tag", "group")
 
     def __init__(
         self, group: _Group, message_id: str, tag: int, future: asyncio.Future[None]
     ) -> None:
-        self._group = group
+        self.group = group
         self._message_id = message_id
         self._tag = tag
         self._future = future
@@ -269,14 +273,18 @@ class _Confirmation:
         if self._finish() and not self._future.done():
             self._future.set_exception(exc)
 
+    def drop(self) -> None:
+        """Never sent: nothing will settle it, and its caller is failed by the batch."""
+        self._done = True
+
     def _finish(self) -> bool:
         if self._done:
             return False
         self._done = True
-        ids = self._group.underlay.message_id_delivery_tag
+        ids = self.group.underlay.message_id_delivery_tag
         if ids.get(self._message_id) == self._tag:
             del ids[self._message_id]
-        self._group.settled()
+        self.group.settled()
         return True
 
 
@@ -309,7 +317,7 @@ class _Group:
     def cancel(self) -> None:
         """Nothing of the batch reached the writer: its callers are failed by the caller."""
         for confirmation in self._members:
-            confirmation._done = True
+            confirmation.drop()
         self._members = []
         if not self._guard.done():
             self._guard.set_result(None)
@@ -371,14 +379,13 @@ class Deadlines:
 
 
 def _unregister(underlay: aiormq.Channel, first_tag: int) -> None:
-    groups: set[_Group] = set()
+    """Give back the tags of a batch that did not reach the writer (one ``_Group``)."""
+    group: _Group | None = None
     for tag in range(first_tag, underlay.delivery_tag + 1):
         confirmation = underlay.confirmations.pop(tag, None)
         if isinstance(confirmation, _Confirmation):
-            groups.add(confirmation._group)
-        elif isinstance(confirmation, asyncio.Future):
-            confirmation.cancel()
-    for group in groups:
+            group = confirmation.group
+    if group is not None:
         group.cancel()
     underlay.delivery_tag = first_tag - 1
 

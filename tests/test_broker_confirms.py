@@ -31,6 +31,13 @@ async def _underlay(channel: AbstractChannel) -> Any:
     return await channel.get_underlay_channel()
 
 
+async def _publish_all(batch: Batch, items: list[Publish]) -> list[Any]:
+    """Each publish's outcome (None or its exception), in order; no confirm timeout, so
+    a publish that nothing settles fails the test after 10 s."""
+    publishes = (batch.publish(item, None) for item in items)
+    return await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), 10)
+
+
 async def _quorum_queue(channel: AbstractChannel, name: str) -> None:
     await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
 
@@ -70,10 +77,7 @@ async def test_a_publish_the_broker_refuses_routing_is_unroutable_and_the_rest_c
     items = [_publish(queue, n) for n in range(20)]
     items.insert(10, _publish(f"no-such-queue-{uid}", 99))  # mandatory: returned
 
-    results = await asyncio.wait_for(
-        asyncio.gather(*(batch.publish(item, None) for item in items), return_exceptions=True),
-        10,
-    )
+    results = await _publish_all(batch, items)
 
     assert isinstance(results.pop(10), aiormq.exceptions.PublishError)
     assert results == [None] * 20
@@ -96,11 +100,7 @@ async def test_a_channel_the_broker_closes_fails_every_publish_still_waiting(
     items = [_publish(queue, n) for n in range(200)]
     items.append(_publish(queue, 999, exchange=f"no-such-exchange-{uid}"))
 
-    # No confirm timeout: a publish that nothing fails would wait here until the test's.
-    results = await asyncio.wait_for(
-        asyncio.gather(*(batch.publish(item, None) for item in items), return_exceptions=True),
-        10,
-    )
+    results = await _publish_all(batch, items)
 
     assert any(isinstance(r, BaseException) for r in results[:-1]), "no confirm was pending"
     assert all(r is None or isinstance(r, aiormq.exceptions.AMQPError) for r in results)
