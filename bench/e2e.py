@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import broker_work, cpu
+from bench import broker_work, cpu, disk
 from bench.harness import Live
 from bench.phase import HttpPhase, Run, fraction_rate, measure_http, mode, request_body
 from bench.reads import recorder_process
@@ -134,71 +134,74 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
     run.progress.phase(f"{pipe.system}: {'closed loop' if rate is None else f'{rate:,.0f}/s'}")
     # Broker work: from before the first submission to after the last execution (the
     # readings take the broker a moment: outside the measured window).
-    lines_before = count_lines(pipe.records())
-    counted_before = await broker_work.read_async(run.vhost)
-    purged = 0
-    try:
-        result = await measure_http(
-            run,
-            HttpPhase(
-                key=f"{pipe.key}-submit",
+    async with disk.watching() as io:
+        lines_before = count_lines(pipe.records())
+        counted_before = await broker_work.read_async(run.vhost)
+        purged = 0
+        try:
+            result = await measure_http(
+                run,
+                HttpPhase(
+                    key=f"{pipe.key}-submit",
+                    system=pipe.system,
+                    servers=pipe.front,
+                    bodies=bodies,
+                    headers=tenant.headers,
+                    rate=rate,
+                    role=pipe.front_role,
+                    others=_watched(pipe),
+                    live_extra=RateMeter(lambda: count_lines(pipe.records())),
+                ),
+            )
+            await asyncio.sleep(0.2)  # the last results of the window arrive
+            window = result.window
+            records = read_records(pipe.records())
+            inside = started_in(records, window.start, window.end)
+            start = LatencySummary.of(
+                [(r.started_at - r.sent_at) * 1000.0 for r in inside if not math.isnan(r.sent_at)]
+            )
+            http = result.measurement
+            m = Measurement(
+                key=pipe.key,
                 system=pipe.system,
-                servers=pipe.front,
-                bodies=bodies,
-                headers=tenant.headers,
-                rate=rate,
-                role=pipe.front_role,
-                others=_watched(pipe),
-                live_extra=RateMeter(lambda: count_lines(pipe.records())),
-            ),
-        )
-        await asyncio.sleep(0.2)  # the last results of the window arrive
-        window = result.window
-        records = read_records(pipe.records())
-        inside = started_in(records, window.start, window.end)
-        start = LatencySummary.of(
-            [(r.started_at - r.sent_at) * 1000.0 for r in inside if not math.isnan(r.sent_at)]
-        )
-        http = result.measurement
-        m = Measurement(
-            key=pipe.key,
-            system=pipe.system,
-            mode=mode(config, rate),
-            duration_s=config.duration_s,
-            ok=len(inside),
-            rate=len(inside) / config.duration_s,
-            p50_ms=start.p50_ms,
-            p90_ms=math.nan,
-            p99_ms=start.p99_ms,
-            p999_ms=start.p999_ms,
-            max_ms=start.max_ms,
-            errors=http.errors,
-            non_ok=http.non_ok,
-            error_samples=http.error_samples,
-            offered_rate=rate,
-            unsent=http.unsent,
-            cpu=http.cpu,
-            loadavg_before=http.loadavg_before,
-        )
-        m.extra.update(http.extra)
-        m.extra.update(pipe.notes)
-        m.extra["submitted_per_s"] = round(http.rate, 1)
-        m.extra["submit_p50_ms"] = http.p50_ms
-        m.extra["submit_p99_ms"] = http.p99_ms
-        m.extra["queues"] = len(names)
-        m.extra["concurrency_limit"] = config.e2e_limit
-        if follower is not None:
-            got = LatencySummary.of(follower.result_latencies_ms(records, window.start, window.end))
-            m.extra["result_samples"] = got.count
-            m.extra["result_p50_ms"] = got.p50_ms
-            m.extra["result_p99_ms"] = got.p99_ms
-            m.extra["result_p999_ms"] = got.p999_ms
-    finally:
-        # A saturation phase leaves a backlog: drop it, let what is in flight finish.
-        purged = await purge_queues(run.amqp_url, pipe.submission_queues(names))
-        await settle(pipe.records())
-        if follower is not None:
-            await follower.close()
+                mode=mode(config, rate),
+                duration_s=config.duration_s,
+                ok=len(inside),
+                rate=len(inside) / config.duration_s,
+                p50_ms=start.p50_ms,
+                p90_ms=math.nan,
+                p99_ms=start.p99_ms,
+                p999_ms=start.p999_ms,
+                max_ms=start.max_ms,
+                errors=http.errors,
+                non_ok=http.non_ok,
+                error_samples=http.error_samples,
+                offered_rate=rate,
+                unsent=http.unsent,
+                cpu=http.cpu,
+                loadavg_before=http.loadavg_before,
+            )
+            m.extra.update(http.extra)
+            m.extra.update(pipe.notes)
+            m.extra["submitted_per_s"] = round(http.rate, 1)
+            m.extra["submit_p50_ms"] = http.p50_ms
+            m.extra["submit_p99_ms"] = http.p99_ms
+            m.extra["queues"] = len(names)
+            m.extra["concurrency_limit"] = config.e2e_limit
+            if follower is not None:
+                got = LatencySummary.of(
+                    follower.result_latencies_ms(records, window.start, window.end)
+                )
+                m.extra["result_samples"] = got.count
+                m.extra["result_p50_ms"] = got.p50_ms
+                m.extra["result_p99_ms"] = got.p99_ms
+                m.extra["result_p999_ms"] = got.p999_ms
+        finally:
+            # A saturation phase leaves a backlog: drop it, let what is in flight finish.
+            purged = await purge_queues(run.amqp_url, pipe.submission_queues(names))
+            await settle(pipe.records())
+            if follower is not None:
+                await follower.close()
     counted_after = await broker_work.read_async(run.vhost)
     if counted_before is not None and counted_after is not None:
         work = broker_work.work_between(counted_before, counted_after)
@@ -206,6 +209,8 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
         per = work.per(executed, purged=purged, purged_kind=pipe.submission_kind)
         m.extra["broker_per_execution"] = per
         run.progress.note(broker_work.describe(per))
+    if (on_disk := io.per_execution(count_lines(pipe.records()) - lines_before)) is not None:
+        m.extra["disk_per_execution"] = on_disk
     run.record(m)
     return m
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from bench import broker_work, idempotency
+from bench import broker_work, disk, idempotency
 from bench.stats import Measurement
 
 _SUT_ROLES = ("gateway", "server", "publisher", "dispatcher", "worker", "celery", "recorder")
@@ -215,6 +215,11 @@ def broker_table(ms: Sequence[Measurement]) -> str:
     return broker_work.broker_table(rows)
 
 
+def disk_table(ms: Sequence[Measurement]) -> str:
+    rows = [(m.system, m.mode, m.extra.get("disk_per_execution") or {}) for m in ms]
+    return disk.disk_table(rows)
+
+
 def memory_table(ms: Sequence[Measurement], memory: Iterable[dict[str, Any]]) -> str:
     lines = ["| process | state | RSS MiB | |", "|---|---|---:|---|"]
     shown = {
@@ -405,6 +410,7 @@ def markdown_report(ms: Sequence[Measurement], memory: Sequence[dict[str, Any]])
         ("Idempotency keys", idempotency_table(ms)),
         ("End to end", e2e_table(ms)),
         ("Broker work per execution", broker_table(ms)),
+        ("The disk, per execution (from the first submission to the last start)", disk_table(ms)),
         ("Memory", memory_table(ms, memory)),
         ("Dispatcher scaling", scaling_table(ms)),
         ("DESIGN §7", targets_table(targets(ms, memory))),
