@@ -1,9 +1,12 @@
 """What every process needs to reach the broker, from ``POLOS_*`` environment variables.
 
-Gateway, dispatcher, worker and recorder settings derive from ``BrokerSettings``.
+Gateway, dispatcher, worker and recorder settings derive from ``BrokerSettings`` (and
+so does the one setting they share that is not the broker's: the event loop).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +40,13 @@ class BrokerSettings(BaseSettings):
         description="Replicas of every quorum queue and of the registry stream when they are "
         "first declared; unset = the broker's default (quorum queues: 3, or every node of a "
         "smaller cluster). Every process of a deployment must be given the same value",
+    )
+
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="The event loop a gateway, dispatcher, worker or recorder process runs on "
+        "(python -m ...): auto = uvloop where it is installed (it is a dependency on Linux "
+        "and macOS), else asyncio's own",
     )
 
     @field_validator("amqp_url")

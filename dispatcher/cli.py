@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
 from observe import setup_logging
-from observe.runtime import tune_gc
+from observe.runtime import run, tune_gc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,5 +38,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
     setup_logging(settings.observe)
-    asyncio.run(_serve(settings, burst=args.burst))
+    run(_serve(settings, burst=args.burst), settings.event_loop)
     return 0

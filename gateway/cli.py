@@ -15,7 +15,7 @@ from gateway.queues import configure_queue
 from gateway.server import serve_until_signalled
 from gateway.settings import Settings
 from observe import setup_logging
-from observe.runtime import tune_gc
+from observe.runtime import run, tune_gc
 from schemas.api import INT32_MAX, QUEUE_NAME_PATTERN
 from schemas.registry import CONCURRENCY_STRATEGIES
 from schemas.topology import DEPLOYMENT_ID_PATTERN, MAX_WORKFLOW_ID_LENGTH, PROJECT_ID_PATTERN
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in (None, "serve"):
         app = create_app(settings)
         tune_gc()
-        asyncio.run(serve_until_signalled(app, settings))
+        run(serve_until_signalled(app, settings), settings.event_loop)
         return 0
     if args.command == "keys":
         if args.keys_command == "create" and args.admin:

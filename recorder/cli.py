@@ -9,7 +9,7 @@ import signal
 from broker.connection import retry
 from broker.errors import BrokerUnavailable
 from observe import MetricsServer, setup_logging
-from observe.runtime import tune_gc
+from observe.runtime import run, tune_gc
 from recorder.observe import RecorderCollector, recorder_registry
 from recorder.service import Recorder
 from recorder.settings import RecorderSettings
@@ -74,4 +74,4 @@ async def _record(settings: RecorderSettings, current: list[Recorder]) -> int:
 def main() -> int:
     settings = RecorderSettings()
     setup_logging(settings.observe)
-    return asyncio.run(serve(settings))
+    return run(serve(settings), settings.event_loop)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from collections.abc import Sequence
 
 from observe import setup_logging
-from observe.runtime import tune_gc
+from observe.runtime import run, tune_gc
 from worker._worker import Worker
 
 
@@ -41,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = load(args.target)
     setup_logging(worker.settings.observe, level=args.log_level)
     tune_gc()  # the CLI's process only: Worker.run() in a user's own program leaves gc alone
-    asyncio.run(worker.run(burst=args.burst))
+    # The CLI's process only, like gc: a user's own program runs its own loop.
+    run(worker.run(burst=args.burst), worker.settings.event_loop)
     return 0
 
 
