@@ -115,7 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="before each phase, wait up to this long for the machine to be nearly idle",
     )
-    parser.add_argument("--uvloop", action="store_true", help="experiment: gateways on uvloop")
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        help="POLOS_EVENT_LOOP for every process the run starts (default: as the environment "
+        "says; auto = uvloop where installed)",
+    )
     parser.add_argument(
         "--gateway-tree",
         type=Path,
@@ -174,7 +179,6 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         repeat=args.repeat if args.repeat is not None else (1 if quick else 2),
         profile=args.profile,
         gateway_env=env,
-        uvloop=args.uvloop,
         wait_quiet_s=args.wait_quiet,
         gateway_tree=args.gateway_tree.resolve() if args.gateway_tree else None,
         tree=args.tree.resolve() if args.tree else None,
@@ -183,6 +187,8 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.event_loop:
+        os.environ["POLOS_EVENT_LOOP"] = args.event_loop  # every process inherits it
     config = _config(args)
     try:
         systems = expand(args.systems)

@@ -249,7 +249,6 @@ async def ours(run: Run) -> Any:
         tenant=tenant,
         directory=run.directory,
         extra_env={"POLOS_REDIS_KEY_PREFIX": run.redis_prefix, **config.gateway_env},
-        uvloop=config.uvloop,
         tree=config.gateway_tree,
     )
     # The execution store is part of the pipeline: its recorder consumes a queue of its own

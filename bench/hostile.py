@@ -293,7 +293,6 @@ async def run(args: argparse.Namespace) -> None:
             tenant=tenant,
             directory=directory,
             extra_env=env,
-            uvloop=False,
             tree=Path(args.tree) if args.tree else None,
         )
         await gateway.start()

@@ -49,7 +49,6 @@ class BenchConfig:
     repeat: int = 2
     profile: bool = False
     gateway_env: Mapping[str, str] = field(default_factory=dict)
-    uvloop: bool = False
     wait_quiet_s: float = 0.0
     gateway_tree: Path | None = None
     tree: Path | None = None  # dispatchers and workers from another checkout

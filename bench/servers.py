@@ -189,7 +189,6 @@ def gateway_process(
     tenant: Tenant,
     directory: Path,
     extra_env: Mapping[str, str],
-    uvloop: bool,
     tree: Path | None = None,
 ) -> ServerProcess:
     """A gateway as a user runs it; ``tree``: from another checkout (before/after runs)."""
@@ -202,20 +201,9 @@ def gateway_process(
         "POLOS_PROJECTS_FILE": str(tenant.projects_file),
         **extra_env,
     }
-    if uvloop:
-        # An experiment, not how the gateway ships: same entry point on uvloop's loop.
-        argv = [
-            sys.executable,
-            "-c",
-            "import asyncio, sys, uvloop; "
-            "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-            "from gateway.cli import main; sys.exit(main())",
-        ]
-    else:
-        argv = [sys.executable, "-m", "gateway"]
     return ServerProcess(
         f"gateway[{index}]",
-        argv,
+        [sys.executable, "-m", "gateway"],
         port=port,
         env=env,
         log=directory / f"gateway-{index}.log",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -122,8 +123,8 @@ async def _gateway_phase(
     measurement.extra["processes"] = len(servers)
     if run.config.gateway_env:
         measurement.extra["gateway_env"] = dict(run.config.gateway_env)
-    if run.config.uvloop:
-        measurement.extra["uvloop"] = True
+    if os.environ.get("POLOS_EVENT_LOOP"):
+        measurement.extra["event_loop"] = os.environ["POLOS_EVENT_LOOP"]
     if run.config.gateway_tree:
         measurement.extra["gateway_tree"] = str(run.config.gateway_tree)
     run.record(measurement)
@@ -141,7 +142,6 @@ async def gateways(run: Run, count: int) -> AsyncIterator[list[ServerProcess]]:
             tenant=tenant,
             directory=run.directory,
             extra_env={"POLOS_REDIS_KEY_PREFIX": run.redis_prefix, **run.config.gateway_env},
-            uvloop=run.config.uvloop,
             tree=run.config.gateway_tree,
         )
         for i in range(count)
