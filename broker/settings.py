@@ -6,12 +6,11 @@ so does the one setting they share that is not the broker's: the event loop).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.connection import DEFAULT_MAX_BACKOFF_SECONDS, Backoff, Nodes, parse_urls
+from observe.runtime import EventLoop
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -42,7 +41,7 @@ class BrokerSettings(BaseSettings):
         "smaller cluster). Every process of a deployment must be given the same value",
     )
 
-    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+    event_loop: EventLoop = Field(
         default="auto",
         description="The event loop a gateway, dispatcher, worker or recorder process runs on "
         "(python -m ...): auto = uvloop where it is installed (it is a dependency on Linux "

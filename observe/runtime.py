@@ -37,7 +37,7 @@ def loop_factory(choice: EventLoop = "auto") -> Callable[[], asyncio.AbstractEve
     Every role is a loop of small socket reads and writes (HTTP requests, AMQP
     frames, Redis replies) with little work between them, which is where
     uvloop's libuv-based loop saves most: end to end, the Python roles spent
-    ~15 % less CPU per execution on it (``docs/benchmarks.md``, issue 8, sixth
+    8-10 % less CPU per execution on it (``docs/benchmarks.md``, issue 8, sixth
     round). ``POLOS_EVENT_LOOP=asyncio`` keeps asyncio's own loop.
     """
     if choice == "asyncio":
