@@ -5,7 +5,9 @@ running gateway without pausing it (``--nonblocking``) and writes collapsed
 stacks. ``summarize_profile`` turns them into the two lists that say where a
 process's time goes: self time per function (where the CPU is spent) and
 inclusive time (which call paths are expensive), plus the share of samples in
-which the event loop was idle (waiting in ``select``), i.e. not CPU-bound.
+which the event loop was idle (waiting in ``select``), i.e. not CPU-bound. On
+uvloop that share also holds the loop's own C work (its socket reads and
+writes): there it is an upper bound.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ _IDLE_LEAVES = (
     "select (selectors.py)",
     "poll (selectors.py)",
     "_run_once (asyncio/base_events.py)",
+    # On uvloop (every role's default) the loop is C code under the runner: a sample
+    # there is the loop waiting, or doing its own work (polling, socket reads and
+    # writes), which py-spy cannot tell apart without native stacks.
+    "Runner.run (asyncio/runners.py)",
 )
 
 
@@ -79,7 +85,8 @@ def summarize_profile(collapsed: str, *, top: int = 30) -> str:
             inclusive[frame] += count
     busy = max(1, total - idle)
     lines = [
-        f"samples: {total}; event loop idle (in select): {idle / max(1, total):.1%}",
+        f"samples: {total}; event loop idle (in select, or in uvloop's own code): "
+        f"{idle / max(1, total):.1%}",
         "",
         f"self time, share of busy samples ({busy}):",
     ]
