@@ -74,9 +74,9 @@ def read() -> Reading | None:
     try:
         diskstats = Path("/proc/diskstats").read_text()
         stat_line = Path("/proc/stat").read_text().splitlines()[0]
-    except OSError:
-        return None
-    return parse(diskstats, stat_line, disks)
+        return parse(diskstats, stat_line, disks)
+    except (OSError, IndexError, ValueError):
+        return None  # not Linux, or a kernel whose lines read otherwise: no disk figures
 
 
 def stalled(before: Reading, after: Reading, seconds: float) -> bool:
