@@ -28,7 +28,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -39,6 +38,7 @@ from observe import OTHER, ObserveSettings, QueueLabels, tracer_for
 from observe.metrics import DURATION_BUCKETS
 from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus
 from schemas.envelope import SubmissionEnvelope
+from schemas.ids import unix_seconds
 
 if TYPE_CHECKING:
     from dispatcher.owner import QueueOwner
@@ -122,7 +122,7 @@ class DispatcherObserver:
             )
         child.inc()
         if status is ExecutionStatus.ADMITTED:
-            created = _unix(envelope.created_at)
+            created = unix_seconds(envelope.created_at)
             now = time.time()
             if created is not None:
                 latency = self._latencies.get(key[:2])
@@ -173,13 +173,6 @@ class DispatcherObserver:
     async def close(self) -> None:
         if self.tracer is not None:
             await self.tracer.flush()
-
-
-def _unix(rfc3339: str) -> float | None:
-    try:
-        return datetime.fromisoformat(rfc3339).timestamp()
-    except ValueError:
-        return None
 
 
 def _attributes(envelope: SubmissionEnvelope) -> dict[str, str]:

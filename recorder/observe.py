@@ -14,13 +14,13 @@ polos_recorder_store_available            0 while Redis is away
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import datetime
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from recorder.service import Recorder
+from schemas.ids import unix_seconds
 
 
 class RecorderCollector(Collector):
@@ -54,12 +54,9 @@ class RecorderCollector(Collector):
                 value=self.backlog,
             )
         lag = 0.0
-        if stats.last_event_at is not None:
-            try:
-                at = datetime.fromisoformat(stats.last_event_at).timestamp()
-                lag = max(0.0, stats.last_written - at)
-            except ValueError:
-                pass
+        at = unix_seconds(stats.last_event_at) if stats.last_event_at is not None else None
+        if at is not None:
+            lag = max(0.0, stats.last_written - at)
         yield GaugeMetricFamily(
             "polos_recorder_lag_seconds",
             "The newest event written: from its transition to its write to the store",

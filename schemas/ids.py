@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from datetime import datetime
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -126,3 +127,11 @@ def uuid7_time_ms(value: uuid.UUID) -> int:
 
 def now_rfc3339() -> str:
     return rfc3339(time.time_ns())
+
+
+def unix_seconds(value: str) -> float | None:
+    """The Unix time an RFC 3339 timestamp (``rfc3339``'s) names; ``None`` if it is none."""
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None

@@ -229,6 +229,10 @@ async def test_each_process_counts_what_happened_in_a_small_run(run: Run, uid: s
     assert value(worker, runs, workflow="sleep", outcome="completed") == 1
     assert value(worker, "polos_worker_running") == 1
     assert value(worker, "polos_worker_handler_duration_seconds_count", workflow="echo") == 3
+    # Each first run's wait from its submission's creation: there, and plausible.
+    waited = "polos_worker_start_latency_seconds"
+    assert value(worker, f"{waited}_count", workflow="echo") == 3
+    assert 0 < value(worker, f"{waited}_sum", workflow="echo") < 3 * 30
 
     recorder = await scrape(run.ports["recorder"])
     # queued (gateway) + what the dispatcher announced, every one written once.

@@ -11,6 +11,10 @@ belongs to that run alone.
                                                       timed_out (a hand-back on shutdown
                                                       counts as cancelled)
     polos_worker_handler_duration_seconds{workflow}
+    polos_worker_start_latency_seconds{workflow}      from the submission's creation (the
+                                                      gateway's clock) to its first run's
+                                                      start here; retries and redeliveries
+                                                      are not counted
 
 ``workflow`` is bounded by the workflows the code registers.
 """
@@ -29,8 +33,12 @@ from prometheus_client.registry import Collector
 
 from observe import MetricsServer, ObserveSettings, bind, tracer_for
 from observe.metrics import DURATION_BUCKETS
+from schemas.ids import unix_seconds
 from worker._context import ExecutionContext
 from worker._delivery import Handler
+
+# Start latency is milliseconds when the queues keep up, minutes when they do not.
+START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 # The deadline's timer and the wall clock may differ by a hair.
 DEADLINE_SLACK_SECONDS = 0.05
@@ -69,6 +77,13 @@ class WorkerObserver:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.start_latency = Histogram(
+            "polos_worker_start_latency_seconds",
+            "From a submission's creation (gateway) to its first run's start on this worker",
+            ["workflow"],
+            buckets=START_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_Running(running, concurrency))
         self.tracer = tracer_for("polos-worker")
         self._server: MetricsServer | None = None
@@ -76,6 +91,7 @@ class WorkerObserver:
     def wrap(self, workflow_id: str, handler: Handler) -> Handler:
         executions, duration, tracer = self.executions, self.duration, self.tracer
         observe = duration.labels(workflow_id).observe
+        waited = self.start_latency.labels(workflow_id).observe
         # The counters of each outcome, looked up once instead of per run.
         ended = {
             outcome: executions.labels(workflow_id, outcome).inc
@@ -102,6 +118,10 @@ class WorkerObserver:
                         "polos.worker_id": ctx.worker_id,
                     },
                 )
+            if not ctx.retry_count and not ctx.redelivered:
+                created = unix_seconds(ctx.submission.created_at)
+                if created is not None:
+                    waited(max(0.0, time.time() - created))
             started = time.perf_counter()
             outcome, error = "failed", None
             try:
