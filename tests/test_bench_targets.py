@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import targets
+from bench.report import targets, targets_table
 from bench.stats import Measurement
 
 
@@ -50,6 +50,32 @@ def test_end_to_end_targets_are_ratios_to_celery_in_the_same_run() -> None:
         "quorum enqueues per execution, recorder running (saturation)": ("<= 3", 3.1, False),
         "quorum enqueues per execution, recorder running (half load)": ("<= 3", 2.9, True),
     }
+
+
+def test_a_disk_stall_in_either_half_load_phase_is_named_beside_the_p99_ratio() -> None:
+    def phases(ours_stalled: float, peer_stalled: float) -> list[Measurement]:
+        return [
+            run("peer-e2e", 1000),
+            run(
+                "peer-e2e", 500, p99=5.0, half=True, disk_per_execution={"stalled_s": peer_stalled}
+            ),
+            run("e2e", 2100),
+            run("e2e", 1050, p99=40.0, half=True, disk_per_execution={"stalled_s": ours_stalled}),
+        ]
+
+    def p99_target(ms: list[Measurement]) -> Any:
+        return next(t for t in targets(ms) if t.name.startswith("submit-to-worker-start"))
+
+    stalled = p99_target(phases(1.25, 0.0))
+    assert stalled.note == "disk stalled 1.25 s in ours, 0.00 s in Celery"
+    assert "(disk stalled 1.25 s in ours, 0.00 s in Celery) | <= 1 | 8.00 | **no** |" in (
+        targets_table([stalled])
+    )
+    assert stalled.as_dict()["note"] == stalled.note
+    quiet = p99_target(phases(0.0, 0.0))
+    assert quiet.note == ""
+    assert "note" not in quiet.as_dict()
+    assert "disk" not in targets_table([quiet])
 
 
 def test_gateway_targets_are_ratios_to_the_bare_loop_and_the_peer() -> None:
