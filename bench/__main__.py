@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 from bench import cpu
 from bench.chart import write_chart
@@ -19,6 +20,7 @@ from bench.progress import Progress
 from bench.report import machine_info, markdown_report, write_json
 from bench.servers import broker_version
 from bench.suite import GROUPS, SYSTEMS, expand, expected_phases, git_revision, run_suite
+from observe.runtime import EventLoop
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -117,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--event-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=get_args(EventLoop),
         help="POLOS_EVENT_LOOP for every process the run starts (default: as the environment "
         "says; auto = uvloop where installed)",
     )
@@ -217,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_dict["tree"] = str(config.tree) if config.tree else None
     config_dict["amqp_url"] = "<redacted>"
     config_dict["vhost"] = run.vhost
+    config_dict["event_loop"] = os.environ.get("POLOS_EVENT_LOOP", "auto")
     chart = write_chart(
         run.results,
         args.chart or output.with_suffix(".png"),

@@ -67,8 +67,7 @@ def parse(diskstats: str, stat_line: str, disks: set[str]) -> Reading:
     return Reading(writes, flushes, busy, iowait)
 
 
-def read() -> Reading | None:
-    disks = _whole_disks()
+def read(disks: set[str]) -> Reading | None:
     if not disks:
         return None
     try:
@@ -115,7 +114,8 @@ class Watch:
 async def watching() -> AsyncIterator[Watch]:
     """Sample the disks every ``SAMPLE_S`` while the body runs."""
     loop = asyncio.get_running_loop()
-    watch = Watch(first=read(), started=loop.time())
+    disks = _whole_disks()
+    watch = Watch(first=read(disks), started=loop.time())
     watch.last = watch.first
 
     async def sample() -> None:
@@ -123,7 +123,7 @@ async def watching() -> AsyncIterator[Watch]:
         while watch.last is not None:
             await asyncio.sleep(SAMPLE_S)
             before = watch.last
-            watch.last = read()
+            watch.last = read(disks)
             if watch.last is None:
                 return
             if stalled(before, watch.last, SAMPLE_S):
@@ -141,7 +141,7 @@ async def watching() -> AsyncIterator[Watch]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        watch.last = read() if watch.first is not None else None
+        watch.last = read(disks) if watch.first is not None else None
         watch.ended = loop.time()
 
 

@@ -203,13 +203,13 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
             if follower is not None:
                 await follower.close()
     counted_after = await broker_work.read_async(run.vhost)
+    executed = count_lines(pipe.records()) - lines_before
     if counted_before is not None and counted_after is not None:
         work = broker_work.work_between(counted_before, counted_after)
-        executed = count_lines(pipe.records()) - lines_before
         per = work.per(executed, purged=purged, purged_kind=pipe.submission_kind)
         m.extra["broker_per_execution"] = per
         run.progress.note(broker_work.describe(per))
-    if (on_disk := io.per_execution(count_lines(pipe.records()) - lines_before)) is not None:
+    if (on_disk := io.per_execution(executed)) is not None:
         m.extra["disk_per_execution"] = on_disk
     run.record(m)
     return m

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -123,8 +122,6 @@ async def _gateway_phase(
     measurement.extra["processes"] = len(servers)
     if run.config.gateway_env:
         measurement.extra["gateway_env"] = dict(run.config.gateway_env)
-    if os.environ.get("POLOS_EVENT_LOOP"):
-        measurement.extra["event_loop"] = os.environ["POLOS_EVENT_LOOP"]
     if run.config.gateway_tree:
         measurement.extra["gateway_tree"] = str(run.config.gateway_tree)
     run.record(measurement)
