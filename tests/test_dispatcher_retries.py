@@ -212,6 +212,28 @@ async def test_a_cancel_during_the_retry_wait_ends_it_and_no_retry_runs(
     assert (record.status, record.retry_count) == (S.CANCELLED, 1)
 
 
+async def test_work_for_a_workflow_the_worker_lacks_ends_failed_and_frees_its_slot(
+    system: QueueKit, event_log: EventLog, runs: Runs, store: ExecutionStore, uid: str
+) -> None:
+    # A rolling deploy under one deployment id: the registry names a workflow that
+    # this worker does not register. The run fails as a handler's would (the default
+    # policy: two retries, each perhaps on a worker that has it), not held till its
+    # run timeout.
+    started = time.monotonic()
+    missing = await system.submit("one", None, workflow="added_later", run_timeout=3600)
+    failed = await event_log.wait_status(missing, S.FAILED, timeout=20)
+    assert time.monotonic() - started < 15
+    assert failed.error is not None
+    assert failed.error.type == "WorkflowNotRegistered"
+    assert "'added_later' is not registered" in failed.error.message
+    assert runs.of(missing) == []
+    record = await _record(store, uid, missing)
+    assert (record.status, record.retry_count) == (S.FAILED, 2)
+    # Its slot (limit 1) is free: the next one runs.
+    following = await system.submit("one", None, workflow="quick")
+    await event_log.wait_status(following, S.COMPLETED, timeout=10)
+
+
 async def test_a_retry_waiting_when_its_owner_is_killed_is_dispatched_by_the_next(
     queue_kit: QueueKit,
     event_log: EventLog,

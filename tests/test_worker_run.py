@@ -267,11 +267,9 @@ async def test_poison_messages_are_dead_lettered_once_with_the_reason(
 ) -> None:
     worker = await start_worker()
     garbage = b'{"type": "work", "oops'
-    _, unknown = dispatcher.work("no-such-workflow")
     _, foreign = dispatcher.work("echo", project_id=f"{uid}x")
 
     await dispatcher.publish(garbage, message_id=f"{uid}-garbage")
-    await dispatcher.publish(unknown, message_id=f"{uid}-unknown")
     await dispatcher.publish(foreign, message_id=f"{uid}-foreign")
     later = await dispatcher.dispatch("echo", "after")
     await dispatcher.wait_for(later, "completed")
@@ -279,14 +277,40 @@ async def test_poison_messages_are_dead_lettered_once_with_the_reason(
 
     dead = await take_dead_letters(amqp, dispatcher.work_queue)
     by_id = {str(message.message_id): message for message in dead}
-    assert sorted(by_id) == [f"{uid}-foreign", f"{uid}-garbage", f"{uid}-unknown"]
-    assert len(dead) == 3
+    assert sorted(by_id) == [f"{uid}-foreign", f"{uid}-garbage"]
+    assert len(dead) == 2
     assert by_id[f"{uid}-garbage"].body == garbage
-    assert by_id[f"{uid}-unknown"].body == unknown
     reasons = {key: str((m.headers or {})[REASON_HEADER]) for key, m in by_id.items()}
     assert reasons[f"{uid}-garbage"].startswith("undecodable work message")
-    assert "unknown workflow 'no-such-workflow'" in reasons[f"{uid}-unknown"]
     assert f"work for {uid}x/v1" in reasons[f"{uid}-foreign"]
+    assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+async def test_work_for_a_workflow_not_registered_here_is_reported_failed_not_run(
+    dispatcher: FakeDispatcher, start_worker: StartWorker, amqp: AbstractConnection, uid: str
+) -> None:
+    worker = await start_worker()
+    first, body = dispatcher.work("added_later")
+    last, last_body = dispatcher.work("added_later", retry_count=2)
+    await dispatcher.publish(body)
+    await dispatcher.publish(last_body)
+
+    failed = await dispatcher.wait_for(first, "failed")
+    assert isinstance(failed, Failed)
+    assert failed.error.type == "WorkflowNotRegistered"
+    assert "'added_later' is not registered" in failed.error.message
+    assert failed.started_at is None  # nothing ran
+    # The default policy: two retries (perhaps on a worker that has it), then none.
+    assert failed.retry_in is not None
+    assert failed.retry_in > 0
+    final = await dispatcher.wait_for(last, "failed")
+    assert isinstance(final, Failed)
+    assert final.retry_in is None
+    later = await dispatcher.dispatch("echo", "after")
+    await dispatcher.wait_for(later, "completed")
+    await worker.stop()
+    # Acknowledged, not dead-lettered, not requeued.
+    assert await take_dead_letters(amqp, dispatcher.work_queue) == []
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
 
 

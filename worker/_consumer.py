@@ -1,7 +1,8 @@
 """The connected part of a worker: consuming work and cancels, draining.
 
     polos.work.<project>.<deployment> ──WorkMessage──► on_work
-        │ poison                          → polos.dead (reason), ack
+        │ poison (undecodable, another's) → polos.dead (reason), ack
+        │ workflow not registered here    → Failed (default retries), ack
         │ this dispatch runs here already → ack, drop   (at-least-once delivery)
         │ finished or cancelled here      → ack, drop
         │ deadline passed                 → ack, drop   (the dispatcher timed it out)
@@ -53,7 +54,7 @@ from worker._delivery import (
 from worker._executions import Executions
 from worker._reporting import Reporter
 from worker._retry import RetryPolicy
-from worker._runner import Stop
+from worker._runner import Stop, WorkflowNotRegistered
 from worker._work_intake import WorkIntake
 
 log = logging.getLogger("worker")
@@ -251,13 +252,13 @@ class Consumer:
             return
         handler = self._workflows.get(submission.workflow_id)
         if handler is None:
-            intake.later(
-                self._poison(
-                    message,
-                    f"unknown workflow {submission.workflow_id!r} "
-                    f"in deployment {self._deployment!r}",
-                )
+            error = WorkflowNotRegistered(
+                f"workflow {submission.workflow_id!r} is not registered on worker "
+                f"{self._worker_id} of deployment {self._deployment!r} (it registers: "
+                f"{', '.join(sorted(self._workflows))})"
             )
+            log.error("refusing %s: %s", submission.execution_id, error)
+            intake.later(executions.refuse(work, message, error))
             return
         policy = self._policies.get(submission.workflow_id) or RetryPolicy()
         delivery = Delivery(work, message, handler, policy)

@@ -23,13 +23,13 @@ from typing import Any
 
 from broker.errors import BrokerError, Unroutable
 from broker.publisher import ConfirmedPublisher
-from schemas.dispatch import HeartbeatEntry
+from schemas.dispatch import HeartbeatEntry, WorkMessage
 from schemas.ids import now_rfc3339
 from worker._context import ExecutionContext
-from worker._delivery import Delivery, Recent, settle
+from worker._delivery import Delivery, Received, Recent, settle
 from worker._heartbeats import Heartbeats
 from worker._reporting import Reporter, ResultBatches
-from worker._runner import Execution, Stop, call_with_deadline, outcome, released
+from worker._runner import Execution, Stop, call_with_deadline, outcome, refusal, released
 
 log = logging.getLogger("worker")
 
@@ -126,6 +126,29 @@ class Executions:
         execution.supervisor = supervisor
         self.supervisors.add(supervisor)
         supervisor.add_done_callback(self.supervisors.discard)
+
+    async def refuse(self, work: WorkMessage, message: Received, error: Exception) -> None:
+        """Report a dispatch this worker cannot run as failed, without running it, and
+        acknowledge its delivery once the report is confirmed: the owner ends the
+        execution (its slot free at once) or dispatches it again, as it would a
+        failed run."""
+        result_id, body = refusal(work, self._worker_id, error)
+        try:
+            try:
+                await self._results.publish(work.results_queue, body, message_id=result_id)
+            except Unroutable:
+                await self._reporter.dead_letter(
+                    message.body,
+                    source_queue=self._work_queue,
+                    reason=f"{error}; results queue {work.results_queue!r} does not exist",
+                    message_id=message.message_id,
+                )
+        except BrokerError as exc:
+            # Stopping while the broker is away: the delivery goes back with the channel.
+            log.error("could not report %s: %r", work.submission.execution_id, exc)
+            return
+        self.finished.add((work.submission.execution_id, work.dispatch_id))
+        settle(message)
 
     async def _supervise(self, execution: Execution) -> None:
         ctx = execution.ctx

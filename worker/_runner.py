@@ -30,6 +30,7 @@ from schemas.ids import now_rfc3339
 from schemas.limits import MAX_RESULT_DEPTH, nests_deeper
 from worker._context import ExecutionContext
 from worker._delivery import Delivery, Handler, Received
+from worker._retry import RetryPolicy
 
 # Large tracebacks (deep recursion) would bloat the results queue; the tail
 # keeps the frames closest to the error.
@@ -39,6 +40,12 @@ TIMEOUT_REASON = "timeout"
 
 class DeadlineExceeded(Exception):
     """The execution's deadline passed while its handler ran."""
+
+
+class WorkflowNotRegistered(Exception):
+    """Work for a workflow this worker does not register: a rolling deploy under one
+    deployment id, or a worker started without it. Reported as the run's failure
+    (retried by the default policy, perhaps on a worker that has it), never run."""
 
 
 class Stop(StrEnum):
@@ -112,6 +119,24 @@ def released(execution: Execution, reason: str) -> tuple[str, bytes]:
         reason=reason,
     )
     return message_id(ctx, f"released-{reason}"), encode(message)
+
+
+def refusal(work: WorkMessage, worker_id: str, error: Exception) -> tuple[str, bytes]:
+    """The ``Failed`` report (message id, body) of a dispatch this worker cannot run.
+
+    Nothing started, so it carries no ``started_at``; the default retry policy
+    decides whether another run is wanted (the workflow's own is unknown here).
+    """
+    execution_id = work.submission.execution_id
+    failure = Failed(
+        execution_id=execution_id,
+        dispatch_id=work.dispatch_id,
+        worker_id=worker_id,
+        at=now_rfc3339(),
+        error=ErrorInfo(type=type(error).__qualname__, message=str(error)),
+        retry_in=RetryPolicy().retry_in(work.retry_count, error),
+    )
+    return f"{execution_id}/{work.dispatch_id}/failed", encode(failure)
 
 
 def outcome(execution: Execution) -> tuple[str, bytes] | None:
