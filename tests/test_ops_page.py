@@ -109,16 +109,23 @@ async def test_the_page_shows_a_queue_and_an_execution_changing_live(
     assert cells[5] not in ("", "—"), "the owning dispatcher"
 
     def open_execution() -> str:
-        Select(browser.find_element(By.ID, "project")).select_by_value(project)
-        row = _wait(
-            browser,
-            lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-execution="{execution_id}"]'),
-        )
+        # Each element is looked up and used in one step, retried while stale: the
+        # page redraws the project list and the tables as their data refreshes.
+        def choose(d: webdriver.Chrome) -> bool:
+            Select(d.find_element(By.ID, "project")).select_by_value(project)
+            return True
+
+        def click_row(d: webdriver.Chrome) -> bool:
+            d.find_element(By.CSS_SELECTOR, f'tr[data-execution="{execution_id}"]').click()
+            return True
+
+        _wait(browser, choose)
         browser.execute_script("window.polosNotReloaded = true;")
-        row.click()
-        status = _wait(browser, lambda d: d.find_element(By.ID, "timeline-status"))
-        _wait(browser, lambda d: status.get_attribute("data-status"))
-        return str(status.get_attribute("data-status"))
+        _wait(browser, click_row)
+        status: str = _wait(
+            browser, lambda d: d.find_element(By.ID, "timeline-status").get_attribute("data-status")
+        )
+        return status
 
     first = await off_loop(open_execution)
     assert first in ("admitted", "running"), first
@@ -130,10 +137,13 @@ async def test_the_page_shows_a_queue_and_an_execution_changing_live(
                 d.find_element(By.ID, "timeline-status").get_attribute("data-status") == "completed"
             ),
         )
-        steps = [
-            li.get_attribute("data-status")
-            for li in browser.find_elements(By.CSS_SELECTOR, "#timeline-events li")
-        ]
+        steps: list[str | None] = _wait(
+            browser,
+            lambda d: [
+                li.get_attribute("data-status")
+                for li in d.find_elements(By.CSS_SELECTOR, "#timeline-events li")
+            ],
+        )
         assert steps[-1] == "completed", steps
         assert "running" in steps, steps
         assert browser.execute_script("return window.polosNotReloaded === true;")
