@@ -161,6 +161,9 @@ class Effector:
                 write.body,
                 message_id=f"{lifecycle.owner}/{lifecycle.epoch}/{write.seq}",
             )
+            self._links.ledger_written(
+                self._project_id, self._queue_name, write.checkpoint, len(write.body)
+            )
             effects += lifecycle.on_ledger_written(write)
         # Work and cancels before the next flush: its record may name what follows
         # from them. Events are awaited only by this flush's acknowledgements (a

@@ -3,14 +3,19 @@ from its queue owners when scraped, and spans.
 
 Nothing here sits inside the per-queue core. Every lifecycle transition goes
 through ``Notifier.event``, which calls ``DispatcherObserver.event`` first;
-everything else (limits, slots held, queues owned) is read from the session's
-owners at scrape time (``OwnersCollector``).
+each confirmed ledger record goes through ``DispatcherObserver.ledger_written``
+(``Effector``); everything else (limits, slots held, queues owned) is read from
+the session's owners at scrape time (``OwnersCollector``).
 
     polos_queue_transitions_total{project,queue,status}   admitted, running, completed,
                                                           failed, timed_out, cancelled,
                                                           deduplicated (at-least-once: a
                                                           takeover may repeat a terminal one)
     polos_queue_admission_latency_seconds{project,queue}  submission created → admitted
+    polos_queue_ledger_records_total{project,queue,kind}  confirmed ledger records (record,
+                                                          checkpoint): quorum enqueues of the
+                                                          owner's own, beside the executions'
+    polos_queue_ledger_bytes_total{project,queue}
     polos_queue_concurrency_limit{project,queue}          owned queues; +Inf = unlimited
     polos_queue_holding{project,queue}                    executions holding a slot
     polos_dispatcher_queues{state=owned|standby}
@@ -91,6 +96,21 @@ class DispatcherObserver:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        # The ledger's share of the broker's work (docs/architecture.md, Dispatcher):
+        # below saturation about one record per flush per queue.
+        self.ledger_records = Counter(
+            "polos_queue_ledger_records",
+            "Ledger records the broker confirmed, by queue and kind (record, checkpoint)",
+            ["project", "queue", "kind"],
+            registry=self.registry,
+        )
+        self.ledger_bytes = Counter(
+            "polos_queue_ledger_bytes",
+            "Bytes of the ledger records the broker confirmed, by queue",
+            ["project", "queue"],
+            registry=self.registry,
+        )
+        self._ledger_children: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
         self.takeovers = 0  # counted by the status sampler (dispatcher/status.py)
         # Per queue, transitions by status: the operator page's rates.
         self.counts: defaultdict[QueueKey, defaultdict[str, int]] = defaultdict(
@@ -108,6 +128,25 @@ class DispatcherObserver:
         except Exception:
             # Watching must never keep a transition from being announced.
             log.exception("observing %s of %s failed", status, envelope.execution_id)
+
+    def ledger_written(self, project_id: str, queue_name: str, checkpoint: bool, size: int) -> None:
+        """One ledger record confirmed (``Effector``); never raises."""
+        try:
+            key = (project_id, queue_name, checkpoint)
+            children = self._ledger_children.get(key)
+            if children is None:
+                if len(self._ledger_children) >= MAX_CACHED_CHILDREN:
+                    self._ledger_children.clear()
+                label = self.labels(project_id, queue_name)
+                children = self._ledger_children[key] = (
+                    self.ledger_records.labels(*label, "checkpoint" if checkpoint else "record"),
+                    self.ledger_bytes.labels(*label),
+                )
+            records, size_bytes = children
+            records.inc()
+            size_bytes.inc(size)
+        except Exception:
+            log.exception("observing a ledger record of %s/%s failed", project_id, queue_name)
 
     def _count(self, status: ExecutionStatus, envelope: SubmissionEnvelope) -> None:
         project_id, queue_name = envelope.project_id, envelope.queue_name

@@ -135,6 +135,7 @@ class Dispatcher:
                 activity=self._touch,
                 first=self._owned,
                 on_event=self.observer.event,
+                on_ledger=self.observer.ledger_written,
             )
             if not await self._start_session(session):
                 await session.close()

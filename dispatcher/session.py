@@ -60,6 +60,10 @@ DISCOVERY_CONCURRENCY = 16
 REPLAY_TIMEOUT_SECONDS = 60.0
 
 
+def _ignore_ledger(project_id: str, queue_name: str, checkpoint: bool, size: int) -> None:
+    pass
+
+
 class Session:
     def __init__(
         self,
@@ -70,10 +74,12 @@ class Session:
         activity: Callable[[], None],
         first: Collection[QueueKey] = (),
         on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
+        on_ledger: Callable[[str, str, bool, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self._nodes = nodes
         self._on_event = on_event
+        self._on_ledger = on_ledger or _ignore_ledger
         self._first = first
         self.broken = asyncio.Event()
         self.owners: dict[QueueKey, QueueOwner] = {}
@@ -144,6 +150,7 @@ class Session:
             gone=self._gone,
             busy_changed=self._busy_changed,
             activity=self._activity,
+            ledger_written=self._on_ledger,
         )
         follower = RegistryFollower(
             connection, RegistryWriter(publisher), self._state, replicas=replicas

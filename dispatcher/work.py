@@ -74,3 +74,5 @@ class Links:
     gone: Callable[[str, str], None]
     busy_changed: Callable[[bool], None]
     activity: Callable[[], None]
+    # (project, queue, checkpoint, bytes) of each ledger record the broker confirmed.
+    ledger_written: Callable[[str, str, bool, int], None]

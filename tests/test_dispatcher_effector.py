@@ -77,6 +77,7 @@ def make_effector(confirms: Confirms) -> tuple[QueueLifecycle, Effector, Deliver
         work_queues=SimpleNamespace(publish=work),
         notifier=SimpleNamespace(post=post),
         fail=failures.append,
+        ledger_written=lambda project, queue, checkpoint, size: None,
     )
     deliveries = Deliveries()
     effector = Effector(

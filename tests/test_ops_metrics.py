@@ -211,6 +211,14 @@ async def test_each_process_counts_what_happened_in_a_small_run(run: Run, uid: s
     assert value(dispatcher, "polos_dispatcher_queues", state="owned") == len(expected)
     assert value(dispatcher, "polos_dispatcher_sessions_total") == 1
     assert value(dispatcher, "polos_queue_admission_latency_seconds_count", project=uid) == 7
+    # Every admission is in a confirmed ledger record before its work goes out.
+    for queue in expected:
+        kind = "record"
+        records = value(
+            dispatcher, "polos_queue_ledger_records_total", project=uid, queue=queue, kind=kind
+        )
+        assert records >= 1, queue
+        assert value(dispatcher, "polos_queue_ledger_bytes_total", project=uid, queue=queue) > 0
 
     gateway = await scrape(run.ports["gateway"])
     submits = "polos_gateway_requests_total"
