@@ -64,6 +64,7 @@ class FakeDispatcher:
         self.received: list[float] = []
         """Monotonic arrival time of each of ``results``."""
         self.messages = 0
+        self.result_messages = 0  # messages carrying a result (not heartbeats only)
         """Messages received (a worker's ``Results`` batch is one, for all it carries)."""
         self._arrived = asyncio.Condition()
         self._channel: AbstractChannel | None = None
@@ -88,6 +89,8 @@ class FakeDispatcher:
         async with self._arrived:
             reports = decode_reports(message.body)
             self.messages += 1
+            if any(not isinstance(r, Heartbeat) for r in reports):
+                self.result_messages += 1
             self.results.extend(reports)
             self.received.extend(time.monotonic() for _ in reports)
             self._arrived.notify_all()
