@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
 from schemas.topology import RECORDER_QUEUE, RESULTS_PREFIX, SUBMIT_PREFIX, WORK_PREFIX
 
 # One expression for ``rabbitmqctl eval``; ``{vhost}`` is an Erlang binary literal.
@@ -193,6 +195,9 @@ class Work:
         }
 
 
+_SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
 def _add(into: dict[str, int], queue: str, value: int) -> None:
     if value:
         kind = queue_kind(queue)
@@ -221,6 +226,39 @@ def work_between(before: Reading, after: Reading) -> Work:
     return work
 
 
+LEDGER_RECORDS = "polos_queue_ledger_records_total"
+# The family's declaration, there before its first sample (no record written yet);
+# prometheus-client names it with or without the suffix, by version.
+_LEDGER_TYPES = ("# TYPE polos_queue_ledger_records ", f"# TYPE {LEDGER_RECORDS} ")
+
+
+def ledger_records(metrics: str) -> int | None:
+    """The ledger records a dispatcher's ``GET /metrics`` text counts, all queues and
+    kinds; None if it does not declare them (a tree from before the metric)."""
+    total: float | None = None
+    for line in metrics.splitlines():
+        if line.startswith((f"{LEDGER_RECORDS}{{", f"{LEDGER_RECORDS} ")):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith(_LEDGER_TYPES):
+            total = total or 0.0
+    return None if total is None else int(total)
+
+
+async def scrape_ledger_records(port: int) -> int | None:
+    """``ledger_records`` of the dispatcher serving metrics on ``port``; None if it
+    cannot be read (not up, an older tree)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics", timeout=_SCRAPE_TIMEOUT) as response,
+        ):
+            if response.status != 200:
+                return None
+            return ledger_records(await response.text())
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
 def describe(per: Mapping[str, Any]) -> str:
     """One line for the progress output."""
     if not per:
@@ -231,9 +269,11 @@ def describe(per: Mapping[str, Any]) -> str:
         inner = ", ".join(f"{k} {v:.2f}" for k, v in by.items())
         return f"{name} {per[name]:.2f}" + (f" ({inner})" if inner else "")
 
+    ledger = per.get("ledger_records")
     text = (
-        f"per execution ({per['executions']:,}): quorum {parts('enqueues')}; "
-        f"{parts('deliveries')}; {parts('acks')}; "
+        f"per execution ({per['executions']:,}): quorum {parts('enqueues')}"
+        + (f" [of the results: ledger records {ledger:.2f}]" if ledger is not None else "")
+        + f"; {parts('deliveries')}; {parts('acks')}; "
         f"publishes received {per['publishes_broker_wide']:.2f} (broker-wide)"
     )
     notes = []
@@ -260,6 +300,8 @@ def broker_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]]) -> str:
     ]
     for system, load, per in counted:
         by = ", ".join(f"{k} {v:.2f}" for k, v in per.get("enqueues_by_queue", {}).items())
+        if (ledger := per.get("ledger_records")) is not None:
+            by += f" (of the results: ledger records {ledger:.2f})"
         lines.append(
             f"| {system} | {load} | {per['executions']:,} | {per['enqueues']:.2f} "
             f"| {per['deliveries']:.2f} | {per['acks']:.2f} "

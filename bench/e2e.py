@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from bench.servers import (
     celery_worker_process,
     delete_queues,
     dispatcher_process,
+    free_port,
     gateway_process,
     purge_queues,
     running,
@@ -110,6 +111,8 @@ class Pipeline:
     follower_project: str | None = None
     submission_kind: str = "submit"  # of bench.broker_work.queue_kind
     notes: dict[str, object] = field(default_factory=dict)
+    # The dispatcher's ledger records so far (its metrics), None where there are none.
+    ledger_records: Callable[[], Awaitable[int | None]] | None = None
 
 
 def _watched(pipe: Pipeline) -> dict[str, list[int]]:
@@ -137,6 +140,7 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
     async with disk.watching() as io:
         lines_before = count_lines(pipe.records())
         counted_before = await broker_work.read_async(run.vhost)
+        ledger_before = await pipe.ledger_records() if pipe.ledger_records else None
         purged = 0
         try:
             result = await measure_http(
@@ -203,10 +207,13 @@ async def e2e_phase(run: Run, pipe: Pipeline, rate: float | None) -> Measurement
             if follower is not None:
                 await follower.close()
     counted_after = await broker_work.read_async(run.vhost)
+    ledger_after = await pipe.ledger_records() if pipe.ledger_records else None
     executed = count_lines(pipe.records()) - lines_before
     if counted_before is not None and counted_after is not None:
         work = broker_work.work_between(counted_before, counted_after)
         per = work.per(executed, purged=purged, purged_kind=pipe.submission_kind)
+        if per and ledger_before is not None and ledger_after is not None:
+            per["ledger_records"] = round((ledger_after - ledger_before) / executed, 3)
         m.extra["broker_per_execution"] = per
         run.progress.note(broker_work.describe(per))
     if (on_disk := io.per_execution(executed)) is not None:
@@ -232,8 +239,14 @@ async def ours(run: Run) -> Any:
     project = tenant.project_id
     records = run.directory / "ours-records.txt"
     records.touch()
+    metrics_port = free_port()
     dispatcher = dispatcher_process(
-        0, amqp_url=run.amqp_url, queues=f"{project}/e*", directory=run.directory, tree=config.tree
+        0,
+        amqp_url=run.amqp_url,
+        queues=f"{project}/e*",
+        directory=run.directory,
+        tree=config.tree,
+        metrics_port=metrics_port,
     )
     worker = worker_process(
         amqp_url=run.amqp_url,
@@ -271,6 +284,7 @@ async def ours(run: Run) -> Any:
                 submission_queues=lambda names: [submit_queue(project, n) for n in names],
                 side_queues=lambda names: [results_queue(project, n) for n in names],
                 follower_project=project,
+                ledger_records=lambda: broker_work.scrape_ledger_records(metrics_port),
                 notes={
                     "worker_concurrency": config.worker_concurrency,
                     "dispatchers": 1,

@@ -219,9 +219,11 @@ def dispatcher_process(
     directory: Path,
     name: str = "dispatcher",
     tree: Path | None = None,
+    metrics_port: int | None = None,
 ) -> ServerProcess:
     """``python -m dispatcher`` owning the queues that match ``queues``, no execution store
-    (its queue would keep every event of the run: no recorder runs here)."""
+    (its queue would keep every event of the run: no recorder runs here); with
+    ``metrics_port``, its ``GET /metrics`` there."""
     env = {
         **os.environ,
         "POLOS_AMQP_URL": amqp_url,
@@ -230,6 +232,8 @@ def dispatcher_process(
         # Stopped at the end of a phase whose backlog is not wanted any more.
         "POLOS_DISPATCHER_DRAIN_TIMEOUT_SECONDS": "0.5",
     }
+    if metrics_port is not None:
+        env["POLOS_METRICS_PORT"] = str(metrics_port)
     return ServerProcess(
         f"{name}[{index}]",
         [sys.executable, "-m", "dispatcher"],

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from bench import broker_work
 from schemas.topology import results_queue, submit_queue, work_queue
 from tests.conftest import GatewayProcess, GatewayProcessFactory, Tenant, free_port
 from tests.ops_support import Command, commands, label_values, scrape, value, wait_scrape
@@ -219,6 +220,13 @@ async def test_each_process_counts_what_happened_in_a_small_run(run: Run, uid: s
         )
         assert records >= 1, queue
         assert value(dispatcher, "polos_queue_ledger_bytes_total", project=uid, queue=queue) > 0
+    # What the benchmark reads of them (bench/broker_work.py): every series summed.
+    total = await broker_work.scrape_ledger_records(run.ports["dispatcher"])
+    assert total is not None
+    assert total >= sum(
+        value(dispatcher, "polos_queue_ledger_records_total", project=uid, queue=q, kind="record")
+        for q in expected
+    )
 
     gateway = await scrape(run.ports["gateway"])
     submits = "polos_gateway_requests_total"
