@@ -17,6 +17,7 @@ from schemas.topology import work_queue
 from tests.conftest import queue_depth
 from tests.worker_harness import FakeDispatcher, StartWorker, take_dead_letters, until
 from worker import ExecutionContext, Handler, NonRetryableError, WorkerSettings
+from worker._consumer import _names
 
 
 def until_cancelled() -> tuple[Handler, asyncio.Event]:
@@ -411,3 +412,13 @@ async def test_a_write_linger_delivers_every_result_once_and_acknowledges_all_wo
         ids
     )
     assert await queue_depth(amqp, dispatcher.work_queue) == 0
+
+
+def test_the_not_registered_error_lists_a_few_of_the_workers_workflows() -> None:
+    async def handler(ctx: ExecutionContext, payload: Any) -> Any:
+        return None
+
+    few = {"b": handler, "a": handler}
+    assert _names(few) == "a, b"
+    many = {f"w{n:02d}": handler for n in range(25)}
+    assert _names(many, shown=3) == "w00, w01, w02 and 22 more"

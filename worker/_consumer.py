@@ -65,6 +65,8 @@ HAND_BACK_GRACE_S = 5.0
 # Burst mode: the worker is idle once nothing ran or arrived for this long.
 BURST_IDLE_S = 0.5
 PUBLISH_CHANNELS = 2
+# Workflow names a WorkflowNotRegistered error lists (it is kept in the record).
+NAMES_SHOWN = 20
 
 _START_ERRORS = (
     BrokerError,
@@ -73,6 +75,13 @@ _START_ERRORS = (
     OSError,
     TimeoutError,
 )
+
+
+def _names(workflows: Mapping[str, Handler], shown: int = NAMES_SHOWN) -> str:
+    """Some of a worker's workflow names, for an error message that stays short."""
+    names = sorted(workflows)
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 class Consumer:
@@ -255,7 +264,7 @@ class Consumer:
             error = WorkflowNotRegistered(
                 f"workflow {submission.workflow_id!r} is not registered on worker "
                 f"{self._worker_id} of deployment {self._deployment!r} (it registers: "
-                f"{', '.join(sorted(self._workflows))})"
+                f"{_names(self._workflows)})"
             )
             log.error("refusing %s: %s", submission.execution_id, error)
             intake.later(executions.refuse(work, message, error))
