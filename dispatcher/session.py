@@ -60,10 +60,6 @@ DISCOVERY_CONCURRENCY = 16
 REPLAY_TIMEOUT_SECONDS = 60.0
 
 
-def _ignore_ledger(project_id: str, queue_name: str, checkpoint: bool, size: int) -> None:
-    pass
-
-
 class Session:
     def __init__(
         self,
@@ -73,13 +69,13 @@ class Session:
         busy_changed: Callable[[bool], None],
         activity: Callable[[], None],
         first: Collection[QueueKey] = (),
+        on_ledger: Callable[[str, str, bool, int], None],
         on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
-        on_ledger: Callable[[str, str, bool, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self._nodes = nodes
         self._on_event = on_event
-        self._on_ledger = on_ledger or _ignore_ledger
+        self._on_ledger = on_ledger
         self._first = first
         self.broken = asyncio.Event()
         self.owners: dict[QueueKey, QueueOwner] = {}

@@ -136,7 +136,7 @@ def refusal(work: WorkMessage, worker_id: str, error: Exception) -> tuple[str, b
         error=ErrorInfo(type=type(error).__qualname__, message=str(error)),
         retry_in=RetryPolicy().retry_in(work.retry_count, error),
     )
-    return f"{execution_id}/{work.dispatch_id}/failed", encode(failure)
+    return report_id(execution_id, work.dispatch_id, "failed"), encode(failure)
 
 
 def outcome(execution: Execution) -> tuple[str, bytes] | None:
@@ -212,6 +212,10 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 
 def message_id(ctx: ExecutionContext, kind: str) -> str:
+    return report_id(ctx.execution_id, ctx.dispatch_id, kind)
+
+
+def report_id(execution_id: str, dispatch_id: str, kind: str) -> str:
     # Stable per dispatch and kind: a result published twice (retry after a
     # lost confirm) is recognisably the same message.
-    return f"{ctx.execution_id}/{ctx.dispatch_id}/{kind}"
+    return f"{execution_id}/{dispatch_id}/{kind}"
