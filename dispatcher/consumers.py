@@ -6,6 +6,12 @@ so no other consume slips in between) gives every consumer its own window
 without a channel per queue: a dispatcher owning thousands of queues needs
 ``queues / POLOS_DISPATCHER_CONSUMERS_PER_CHANNEL`` channels, far below ``channel_max``.
 
+Consumers of one kind share channels only with their own kind
+(``consume(kind=...)``): an acknowledgement stands for many of its channel's
+deliveries only while none below it is still held (``broker.acks``), and the
+results queues' ledger records, each held until the next checkpoint, would
+stop the submissions' acknowledgements from coalescing on a shared channel.
+
 A channel that closes under us hands every delivery we hold on it back to its
 queue, so the state kept for those deliveries is void: ``on_lost`` tells the
 session, which is then rebuilt from scratch.
@@ -91,6 +97,7 @@ class Consumer:
 
 @dataclass(slots=True, eq=False)
 class _Slot:
+    kind: str
     channel: AbstractChannel
     underlay: aiormq.abc.AbstractChannel
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -118,14 +125,21 @@ class ConsumerPool:
         return len(self._slots)
 
     async def consume(
-        self, queue: str, *, prefetch: int, on_message: OnMessage, on_cancelled: OnCancelled
+        self,
+        queue: str,
+        *,
+        kind: str,
+        prefetch: int,
+        on_message: OnMessage,
+        on_cancelled: OnCancelled,
     ) -> Consumer:
-        """Start consuming ``queue``; ``on_message`` is called in delivery order.
+        """Start consuming ``queue`` on a channel of ``kind``'s; ``on_message`` is called
+        in delivery order.
 
         Raises aiormq/aio-pika errors; a failed consume closes its channel and
         so ends the session (``on_lost``).
         """
-        slot = await self._reserve()
+        slot = await self._reserve(kind)
         consumer = Consumer(queue, prefetch, on_message, on_cancelled, slot)
         acks = acks_of(slot.underlay)
 
@@ -173,15 +187,19 @@ class ConsumerPool:
                 await slot.channel.close()
         self._slots.clear()
 
-    async def _reserve(self) -> _Slot:
+    async def _reserve(self, kind: str) -> _Slot:
         async with self._open_lock:
             for slot in self._slots:
-                if slot.reserved < self._per_channel and not slot.channel.is_closed:
+                if (
+                    slot.kind == kind
+                    and slot.reserved < self._per_channel
+                    and not slot.channel.is_closed
+                ):
                     slot.reserved += 1
                     return slot
             channel = await self._connection.channel(publisher_confirms=False)
             underlay = await channel.get_underlay_channel()
-            slot = _Slot(channel, underlay, reserved=1)
+            slot = _Slot(kind, channel, underlay, reserved=1)
             underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker(slot))
             channel.close_callbacks.add(self._channel_closed)
             self._slots.append(slot)

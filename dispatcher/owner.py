@@ -147,6 +147,7 @@ class QueueOwner:
         prefetch = min(2 * self.window + 256 + MAX_RECORDS_BETWEEN_CHECKPOINTS, 65535)
         self._results = await self.links.pool.consume(
             self.results_name,
+            kind="results",
             prefetch=prefetch,
             on_message=self._on_result,
             on_cancelled=self._on_gone,
@@ -346,6 +347,7 @@ class QueueOwner:
             if prefetch > 0 and self.state is OwnerState.OWNING:
                 self._submissions = await self.links.pool.consume(
                     self.name,
+                    kind="submissions",
                     prefetch=prefetch,
                     on_message=self._on_submission,
                     on_cancelled=self._on_gone,
