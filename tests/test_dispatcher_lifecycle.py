@@ -369,6 +369,14 @@ def test_a_second_worker_reporting_the_same_dispatch_is_stopped_unless_redeliver
     h.flush(T0 + 3)
     assert h.events(1) == [S.ADMITTED, S.RUNNING, S.RUNNING]
     assert h.emitted(1, S.RUNNING).worker_id == "w1"
+    # The older copy (its ack lost with its link) is stopped at its next beat.
+    h.heartbeat(1, "d1", T0 + 4, worker="w1")
+    h.flush(T0 + 4)
+    stops = h.cancels()
+    assert stops[-1] == ("x1", "superseded", "d1", "w1")
+    h.heartbeat(1, "d1", T0 + 5, worker="w3")
+    h.flush(T0 + 5)
+    assert h.cancels() == stops  # w3 runs on
 
 
 def test_duplicate_and_late_reports_change_nothing() -> None:
