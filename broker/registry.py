@@ -4,15 +4,27 @@ Every reader replays the stream from its first offset. To know when the replay
 is complete, a reader appends a ``replay_marker`` with a fresh nonce before it
 starts consuming; reading its own marker back means it has seen everything
 written before it started.
+
+The stream keeps a bounded number of bytes (its retention drops the oldest
+segments). So that nothing is forgotten with them, a reader that has replayed
+appends a ``registry_snapshot`` of its whole state once the events since the
+last snapshot outgrow a threshold well inside the retention: what the stream
+keeps always starts before a snapshot. A reader takes every snapshot it meets
+as its state and applies again what it read after the snapshot's ``through``
+offset (``RegistryLog``), which is what it had anyway if it saw the whole
+history, and the history it missed if the retention dropped it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import ValidationError
@@ -28,11 +40,19 @@ from schemas.registry import (
     QueueLimitSet,
     QueueStrategySet,
     RegistryEvent,
+    RegistrySnapshot,
     ReplayMarker,
+    SnapshotDeployment,
+    SnapshotQueue,
     decode_event,
     encode_event,
 )
-from schemas.topology import REGISTRY_STREAM, REGISTRY_STREAM_ARGUMENTS, replicated
+from schemas.topology import (
+    REGISTRY_SNAPSHOT_EVERY_BYTES,
+    REGISTRY_STREAM,
+    REGISTRY_STREAM_ARGUMENTS,
+    replicated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +107,49 @@ class RegistryState:
             config = self.queues.setdefault(key, QueueConfig(event.project_id, event.queue_name))
             config.concurrency_strategy = event.concurrency_strategy
 
+    def snapshot(self, through: int) -> RegistrySnapshot:
+        """The whole state as an event: what every event up to ``through`` made it."""
+        return RegistrySnapshot(
+            at=now_rfc3339(),
+            through=through,
+            deployments=tuple(
+                SnapshotDeployment(
+                    project_id=project_id,
+                    deployment_id=deployment.deployment_id,
+                    workflows=tuple(sorted(deployment.workflows)),
+                )
+                for (project_id, _), deployment in self.deployments.items()
+            ),
+            latest=dict(self.latest),
+            queues=tuple(
+                SnapshotQueue(
+                    project_id=config.project_id,
+                    queue_name=config.queue_name,
+                    concurrency_limit=config.concurrency_limit,
+                    concurrency_strategy=config.concurrency_strategy,
+                )
+                for config in self.queues.values()
+            ),
+        )
+
+    def restore(self, snapshot: RegistrySnapshot) -> None:
+        """Become what the snapshot says, in place (others hold this object)."""
+        self.deployments.clear()
+        self.latest.clear()
+        self.queues.clear()
+        for deployment in snapshot.deployments:
+            self.deployments[(deployment.project_id, deployment.deployment_id)] = Deployment(
+                deployment.deployment_id, frozenset(deployment.workflows)
+            )
+        self.latest.update(snapshot.latest)
+        for queue in snapshot.queues:
+            self.queues[(queue.project_id, queue.queue_name)] = QueueConfig(
+                queue.project_id,
+                queue.queue_name,
+                queue.concurrency_limit,
+                queue.concurrency_strategy,
+            )
+
     def resolve(self, project_id: str, deployment_id: str | None) -> Deployment | None:
         """The named deployment of a project, or its latest when none is named."""
         if deployment_id is None:
@@ -96,22 +159,81 @@ class RegistryState:
         return self.deployments.get((project_id, deployment_id))
 
 
-async def declare_registry(connection: AbstractConnection, *, replicas: int | None = None) -> None:
+class RegistryLog:
+    """What a reader makes of each event it reads, in stream order. No I/O.
+
+    ``read`` applies an event to ``state`` and returns what listeners should
+    hear of it. A snapshot replaces the state, then the events read after its
+    ``through`` offset (kept, the last ``recent`` of them) are applied again; the
+    listeners hear of each queue whose configuration that changed.
+    ``since_snapshot`` counts the bytes read since the last snapshot.
+    """
+
+    def __init__(self, state: RegistryState, *, recent: int = 4096) -> None:
+        self.state = state
+        self.first_offset: int | None = None  # where the retained stream began
+        self.last_offset = -1
+        self.since_snapshot = 0
+        self._recent: deque[tuple[int, RegistryEvent]] = deque(maxlen=recent)
+
+    def read(self, offset: int | None, event: RegistryEvent, size: int) -> list[RegistryEvent]:
+        if offset is not None:
+            if offset <= self.last_offset:
+                return []  # read again after a reconnect: already applied
+            if self.first_offset is None:
+                self.first_offset = offset
+            self.last_offset = offset
+        if isinstance(event, RegistrySnapshot):
+            self.since_snapshot = 0
+            return self._restore(event)
+        self.since_snapshot += size
+        if isinstance(event, ReplayMarker):
+            return [event]
+        if offset is not None:
+            self._recent.append((offset, event))
+        self.state.apply(event)
+        return [event]
+
+    def _restore(self, snapshot: RegistrySnapshot) -> list[RegistryEvent]:
+        before = {key: replace(config) for key, config in self.state.queues.items()}
+        self.state.restore(snapshot)
+        for offset, event in self._recent:
+            if offset > snapshot.through:
+                self.state.apply(event)
+        return [
+            QueueDeclared(
+                at=snapshot.at,
+                project_id=config.project_id,
+                queue_name=config.queue_name,
+                concurrency_limit=config.concurrency_limit,
+                concurrency_strategy=config.concurrency_strategy,
+            )
+            for key, config in self.state.queues.items()
+            if before.get(key) != config
+        ]
+
+
+async def declare_registry(
+    connection: AbstractConnection,
+    *,
+    replicas: int | None = None,
+    stream: str = REGISTRY_STREAM,
+    arguments: dict[str, Any] | None = None,
+) -> None:
     await declare_queue(
-        connection, REGISTRY_STREAM, replicated(REGISTRY_STREAM_ARGUMENTS, replicas)
+        connection, stream, replicated(arguments or REGISTRY_STREAM_ARGUMENTS, replicas)
     )
 
 
 class RegistryWriter:
     """Appends events to the stream with a publisher confirm."""
 
-    def __init__(self, publisher: ConfirmedPublisher) -> None:
+    def __init__(self, publisher: ConfirmedPublisher, *, stream: str = REGISTRY_STREAM) -> None:
         self._publisher = publisher
+        self.stream = stream
 
     async def append(self, event: RegistryEvent) -> None:
-        await self._publisher.publish(
-            REGISTRY_STREAM, encode_event(event), message_id=uuid.uuid4().hex
-        )
+        await self._publisher.publish(self.stream, encode_event(event), message_id=uuid.uuid4().hex)
 
     async def register_deployment(
         self, project_id: str, deployment_id: str, workflows: Iterable[str]
@@ -156,7 +278,10 @@ class RegistryFollower:
 
     ``replayed`` is set once everything written before ``start()`` was applied.
     Listeners are called after each event is applied (dispatchers use this to
-    discover queues and limit changes).
+    discover queues and limit changes). Once replayed, the follower appends a
+    snapshot when the stream has grown ``snapshot_every_bytes`` since the last
+    one (after a random pause of up to ``snapshot_jitter`` seconds, so that of
+    many followers usually one writes it; a second is harmless).
     """
 
     PREFETCH = 1000
@@ -168,29 +293,41 @@ class RegistryFollower:
         state: RegistryState,
         *,
         replicas: int | None = None,
+        arguments: dict[str, Any] | None = None,
+        snapshot_every_bytes: int = REGISTRY_SNAPSHOT_EVERY_BYTES,
+        snapshot_jitter: float = 2.0,
     ) -> None:
         self._connection = connection
         self._replicas = replicas
+        self._arguments = arguments
         self._writer = writer
         self.state = state
+        self.log = RegistryLog(state)
         self.replayed = asyncio.Event()
         self._listeners: list[Listener] = []
         self._nonce = uuid.uuid4().hex
-        self._last_offset = -1
         self._channel: AbstractChannel | None = None
+        self._snapshot_every = snapshot_every_bytes
+        self._snapshot_jitter = snapshot_jitter
+        self._snapshotting: asyncio.Task[None] | None = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        await declare_registry(self._connection, replicas=self._replicas)
+        stream = self._writer.stream
+        await declare_registry(
+            self._connection, replicas=self._replicas, stream=stream, arguments=self._arguments
+        )
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.PREFETCH)
-        queue = await self._channel.declare_queue(REGISTRY_STREAM, passive=True)
+        queue = await self._channel.declare_queue(stream, passive=True)
         await self._writer.append(ReplayMarker(at=now_rfc3339(), nonce=self._nonce))
         await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
 
     async def close(self) -> None:
+        if self._snapshotting is not None:
+            self._snapshotting.cancel()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
 
@@ -198,19 +335,48 @@ class RegistryFollower:
         # A stream ack only grants credit; nothing is removed.
         await message.ack()
         offset = (message.headers or {}).get("x-stream-offset")
-        if isinstance(offset, int):
-            if offset <= self._last_offset:
-                return  # replayed again after a reconnect: already applied
-            self._last_offset = offset
+        if not isinstance(offset, int):
+            offset = None
         try:
             event = decode_event(message.body)
         except ValidationError:
+            if offset is not None:
+                self.log.last_offset = max(self.log.last_offset, offset)
             log.warning("skipping undecodable registry event at offset %s", offset)
             return
-        if isinstance(event, ReplayMarker):
-            if event.nonce == self._nonce:
-                self.replayed.set()
-            return
-        self.state.apply(event)
-        for listener in self._listeners:
-            listener(event)
+        for heard in self.log.read(offset, event, len(message.body)):
+            if isinstance(heard, ReplayMarker):
+                if heard.nonce == self._nonce:
+                    self.replayed.set()
+                continue
+            for listener in self._listeners:
+                listener(heard)
+        self._maybe_snapshot()
+
+    def _maybe_snapshot(self) -> None:
+        if (
+            self.replayed.is_set()
+            and self.log.since_snapshot >= self._snapshot_every
+            and self._snapshotting is None
+        ):
+            self._snapshotting = asyncio.create_task(self._snapshot())
+
+    async def _snapshot(self) -> None:
+        try:
+            await asyncio.sleep(random.uniform(0, self._snapshot_jitter))
+            if self.log.since_snapshot < self._snapshot_every:
+                return  # another follower wrote one meanwhile
+            snapshot = self.state.snapshot(self.log.last_offset)
+            await self._writer.append(snapshot)
+            log.info(
+                "registry snapshot through offset %d: %d deployments, %d queues",
+                snapshot.through,
+                len(snapshot.deployments),
+                len(snapshot.queues),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the broker's: the next event tries again
+            log.warning("cannot append a registry snapshot: %r", exc)
+        finally:
+            self._snapshotting = None

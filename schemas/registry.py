@@ -6,8 +6,11 @@ Worker fleets append ``deployment_registered``; gateways append
 ``queue_concurrency_limit`` or ``concurrency_strategy``, or the operator's
 ``python -m gateway queues set``). Every gateway and dispatcher replays the log
 from the start and follows it, so the log *is* the configuration: the latest
-event wins. A reader skips an event it cannot decode (an older process meeting
-a newer event type), so new event types never break old readers.
+event wins. Readers also append a ``registry_snapshot`` (the whole state) once
+the events since the last one outgrow ``REGISTRY_SNAPSHOT_EVERY_BYTES``, so the
+stream's retention can drop what came before it. A reader skips an event it
+cannot decode (an older process meeting a newer event type), so new event types
+never break old readers.
 """
 
 from __future__ import annotations
@@ -82,8 +85,46 @@ class ReplayMarker(_Event):
     nonce: str
 
 
+class SnapshotDeployment(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    project_id: str
+    deployment_id: str
+    workflows: tuple[str, ...]
+
+
+class SnapshotQueue(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    project_id: str
+    queue_name: str
+    concurrency_limit: int | None = None
+    concurrency_strategy: ConcurrencyStrategy | None = None
+
+
+class RegistrySnapshot(_Event):
+    """The whole registry as one reader saw it through stream offset ``through``.
+
+    Written so that the stream can drop its oldest segments (its retention):
+    a reader that meets one takes it as its state and applies again what it
+    read after ``through`` (events another process appended while the snapshot
+    was on its way), so a snapshot never undoes a newer event.
+    """
+
+    type: Literal["registry_snapshot"] = "registry_snapshot"
+    through: int = Field(ge=-1)
+    deployments: tuple[SnapshotDeployment, ...] = ()
+    latest: dict[str, str] = Field(default_factory=dict)
+    queues: tuple[SnapshotQueue, ...] = ()
+
+
 RegistryEvent = Annotated[
-    DeploymentRegistered | QueueDeclared | QueueLimitSet | QueueStrategySet | ReplayMarker,
+    DeploymentRegistered
+    | QueueDeclared
+    | QueueLimitSet
+    | QueueStrategySet
+    | ReplayMarker
+    | RegistrySnapshot,
     Field(discriminator="type"),
 ]
 QueueEvent = QueueDeclared | QueueLimitSet | QueueStrategySet

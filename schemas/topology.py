@@ -84,7 +84,27 @@ WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
     "x-consumer-timeout": CONSUMER_TIMEOUT_MS,
 }
 DEAD_LETTER_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
-REGISTRY_STREAM_ARGUMENTS: dict[str, Any] = {"x-queue-type": "stream"}
+# Retention: the stream drops whole segments, oldest first, beyond the maximum;
+# readers append a snapshot of the whole registry once the events since the last
+# one outgrow REGISTRY_SNAPSHOT_EVERY_BYTES, so what is kept always holds one
+# (``broker/registry.py``). A stream declared before these were set keeps growing
+# until a policy sets them (README, "Upgrading").
+REGISTRY_MAX_BYTES = 8 * 1024 * 1024
+REGISTRY_SEGMENT_BYTES = 1024 * 1024
+REGISTRY_SNAPSHOT_EVERY_BYTES = 1024 * 1024
+
+
+def registry_stream_arguments(
+    *, max_bytes: int = REGISTRY_MAX_BYTES, segment_bytes: int = REGISTRY_SEGMENT_BYTES
+) -> dict[str, Any]:
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": max_bytes,
+        "x-stream-max-segment-size-bytes": segment_bytes,
+    }
+
+
+REGISTRY_STREAM_ARGUMENTS: dict[str, Any] = registry_stream_arguments()
 
 # -- dispatch -------------------------------------------------------------------
 
