@@ -46,6 +46,7 @@ from schemas.registry import (
     SnapshotQueue,
     decode_event,
     encode_event,
+    event_type_known,
 )
 from schemas.topology import (
     REGISTRY_SNAPSHOT_EVERY_BYTES,
@@ -167,6 +168,9 @@ class RegistryLog:
     ``through`` offset (kept, the last ``recent`` of them) are applied again; the
     listeners hear of each queue whose configuration that changed.
     ``since_snapshot`` counts the bytes read since the last snapshot.
+    ``blind``: since the last snapshot an event of a type this release does not
+    know went by (a newer release's); a snapshot of this state would drop what
+    it said, so none is written until a snapshot (a newer reader's) covers it.
     """
 
     def __init__(self, state: RegistryState, *, recent: int = 4096) -> None:
@@ -174,17 +178,15 @@ class RegistryLog:
         self.first_offset: int | None = None  # where the retained stream began
         self.last_offset = -1
         self.since_snapshot = 0
+        self.blind = False
         self._recent: deque[tuple[int, RegistryEvent]] = deque(maxlen=recent)
 
     def read(self, offset: int | None, event: RegistryEvent, size: int) -> list[RegistryEvent]:
-        if offset is not None:
-            if offset <= self.last_offset:
-                return []  # read again after a reconnect: already applied
-            if self.first_offset is None:
-                self.first_offset = offset
-            self.last_offset = offset
+        if not self._advance(offset):
+            return []  # read again after a reconnect: already applied
         if isinstance(event, RegistrySnapshot):
             self.since_snapshot = 0
+            self.blind = False
             return self._restore(event)
         self.since_snapshot += size
         if isinstance(event, ReplayMarker):
@@ -193,6 +195,23 @@ class RegistryLog:
             self._recent.append((offset, event))
         self.state.apply(event)
         return [event]
+
+    def unreadable(self, offset: int | None, raw: bytes) -> None:
+        """An event that does not decode: skipped, counted, remembered if newer."""
+        if self._advance(offset):
+            self.since_snapshot += len(raw)
+            if not event_type_known(raw):
+                self.blind = True
+
+    def _advance(self, offset: int | None) -> bool:
+        if offset is None:
+            return True
+        if offset <= self.last_offset:
+            return False
+        if self.first_offset is None:
+            self.first_offset = offset
+        self.last_offset = offset
+        return True
 
     def _restore(self, snapshot: RegistrySnapshot) -> list[RegistryEvent]:
         before = {key: replace(config) for key, config in self.state.queues.items()}
@@ -340,8 +359,7 @@ class RegistryFollower:
         try:
             event = decode_event(message.body)
         except ValidationError:
-            if offset is not None:
-                self.log.last_offset = max(self.log.last_offset, offset)
+            self.log.unreadable(offset, message.body)
             log.warning("skipping undecodable registry event at offset %s", offset)
             return
         for heard in self.log.read(offset, event, len(message.body)):
@@ -356,6 +374,7 @@ class RegistryFollower:
     def _maybe_snapshot(self) -> None:
         if (
             self.replayed.is_set()
+            and not self.log.blind
             and self.log.since_snapshot >= self._snapshot_every
             and self._snapshotting is None
         ):
@@ -364,7 +383,7 @@ class RegistryFollower:
     async def _snapshot(self) -> None:
         try:
             await asyncio.sleep(random.uniform(0, self._snapshot_jitter))
-            if self.log.since_snapshot < self._snapshot_every:
+            if self.log.since_snapshot < self._snapshot_every or self.log.blind:
                 return  # another follower wrote one meanwhile
             snapshot = self.state.snapshot(self.log.last_offset)
             await self._writer.append(snapshot)

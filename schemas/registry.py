@@ -136,5 +136,28 @@ def encode_event(event: RegistryEvent) -> bytes:
     return orjson.dumps(event.model_dump(mode="json"))
 
 
+REGISTRY_EVENT_TYPES: Final[frozenset[str]] = frozenset(
+    model.model_fields["type"].default
+    for model in (
+        DeploymentRegistered,
+        QueueDeclared,
+        QueueLimitSet,
+        QueueStrategySet,
+        ReplayMarker,
+        RegistrySnapshot,
+    )
+)
+
+
 def decode_event(raw: bytes) -> RegistryEvent:
     return REGISTRY_EVENT.validate_json(raw)
+
+
+def event_type_known(raw: bytes) -> bool:
+    """Whether an undecodable event is of a type this release knows (an invalid
+    one, skipped by every release) rather than a newer release's."""
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return True
+    return not isinstance(decoded, dict) or decoded.get("type") in REGISTRY_EVENT_TYPES

@@ -287,3 +287,32 @@ async def test_a_snapshot_the_broker_refuses_is_tried_again_at_the_next_event(
     restored = RegistryState()
     restored.restore(snapshot)
     assert same(restored, state)
+
+
+async def test_no_snapshot_from_a_reader_that_skipped_a_newer_type_until_one_covers_it() -> None:
+    follower = RegistryFollower(
+        cast("AbstractConnection", None),
+        _FlakyWriter(),
+        RegistryState(),
+        snapshot_every_bytes=1,
+        snapshot_jitter=0,
+    )
+    follower.replayed.set()
+    log = follower.log
+    # Invalid events of a known type are skipped by every release: not blind.
+    log.unreadable(0, b'{"type": "deployment_registered", "project_id": "bad id!"}')
+    log.unreadable(1, b"not json")
+    assert not log.blind
+    assert log.since_snapshot > 0
+    log.unreadable(2, b'{"type": "queue_retired", "at": "t", "queue_name": "q"}')
+    assert log.blind
+    follower._maybe_snapshot()
+    assert follower._snapshotting is None  # its snapshot would drop queue_retired
+    log.read(3, RegistryState().snapshot(2), 10)  # a newer reader's, covering it
+    assert not log.blind
+    log.unreadable(3, b'{"type": "queue_retired"}')  # read again: already counted
+    assert not log.blind
+    log.read(4, declared("q"), 10)
+    follower._maybe_snapshot()
+    assert follower._snapshotting is not None
+    follower._snapshotting.cancel()
