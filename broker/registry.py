@@ -364,7 +364,8 @@ class RegistryFollower:
             return
         for heard in self.log.read(offset, event, len(message.body)):
             if isinstance(heard, ReplayMarker):
-                if heard.nonce == self._nonce:
+                if heard.nonce == self._nonce and not self.replayed.is_set():
+                    log.info("registry replayed from offset %s", self.log.first_offset)
                     self.replayed.set()
                 continue
             for listener in self._listeners:

@@ -136,16 +136,9 @@ def encode_event(event: RegistryEvent) -> bytes:
     return orjson.dumps(event.model_dump(mode="json"))
 
 
+# Every member of the ``RegistryEvent`` union, by its ``type`` tag.
 REGISTRY_EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    model.model_fields["type"].default
-    for model in (
-        DeploymentRegistered,
-        QueueDeclared,
-        QueueLimitSet,
-        QueueStrategySet,
-        ReplayMarker,
-        RegistrySnapshot,
-    )
+    model.model_fields["type"].default for model in get_args(get_args(RegistryEvent)[0])
 )
 
 

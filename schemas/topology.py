@@ -88,7 +88,7 @@ DEAD_LETTER_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 # readers append a snapshot of the whole registry once the events since the last
 # one outgrow REGISTRY_SNAPSHOT_EVERY_BYTES, so what is kept always holds one
 # (``broker/registry.py``). A stream declared before these were set keeps growing
-# until a policy sets them (README, "Upgrading").
+# until a policy sets them (README, "Deployments").
 REGISTRY_MAX_BYTES = 8 * 1024 * 1024
 REGISTRY_SEGMENT_BYTES = 1024 * 1024
 REGISTRY_SNAPSHOT_EVERY_BYTES = 1024 * 1024
