@@ -64,12 +64,39 @@ class Deployment:
     workflows: frozenset[str]
 
 
+# How many of a queue's latest registry event ids a reader remembers (``has_heard``),
+# and how many a snapshot carries (each costs a snapshot ~35 bytes per queue).
+CONFIG_IDS_KEPT = 16
+CONFIG_IDS_IN_SNAPSHOT = 4
+
+
 @dataclass(slots=True)
 class QueueConfig:
     project_id: str
     queue_name: str
     concurrency_limit: int | None = None
     concurrency_strategy: ConcurrencyStrategy | None = None  # None: never set (deduplicate)
+    # The ids (AMQP message ids) of the latest events about the queue, newest last:
+    # a submission names the one that set what it carries (``queue_config_id``),
+    # and its dispatcher admits it once it has read that event (DESIGN §3).
+    event_ids: tuple[str, ...] = ()
+
+    def heard(self, event_id: str | None) -> None:
+        if event_id is None:
+            return
+        ids = (*(i for i in self.event_ids if i != event_id), event_id)
+        self.event_ids = ids[-CONFIG_IDS_KEPT:]
+
+    @property
+    def latest_event_id(self) -> str | None:
+        return self.event_ids[-1] if self.event_ids else None
+
+    def same_config(self, other: QueueConfig | None) -> bool:
+        return (
+            other is not None
+            and self.concurrency_limit == other.concurrency_limit
+            and self.concurrency_strategy == other.concurrency_strategy
+        )
 
 
 @dataclass(slots=True)
@@ -80,7 +107,8 @@ class RegistryState:
     latest: dict[str, str] = field(default_factory=dict)
     queues: dict[tuple[str, str], QueueConfig] = field(default_factory=dict)
 
-    def apply(self, event: RegistryEvent) -> None:
+    def apply(self, event: RegistryEvent, event_id: str | None = None) -> None:
+        """``event_id``: the event's message id, remembered for a queue's events."""
         if isinstance(event, DeploymentRegistered):
             key = (event.project_id, event.deployment_id)
             known = self.deployments.get(key)
@@ -99,14 +127,22 @@ class RegistryState:
                 config.concurrency_limit = event.concurrency_limit
             if event.concurrency_strategy is not None:
                 config.concurrency_strategy = event.concurrency_strategy
+            config.heard(event_id)
         elif isinstance(event, QueueLimitSet):
             key = (event.project_id, event.queue_name)
             config = self.queues.setdefault(key, QueueConfig(event.project_id, event.queue_name))
             config.concurrency_limit = event.concurrency_limit
+            config.heard(event_id)
         elif isinstance(event, QueueStrategySet):
             key = (event.project_id, event.queue_name)
             config = self.queues.setdefault(key, QueueConfig(event.project_id, event.queue_name))
             config.concurrency_strategy = event.concurrency_strategy
+            config.heard(event_id)
+
+    def has_heard(self, project_id: str, queue_name: str, event_id: str) -> bool:
+        """Whether the queue's event ``event_id`` was read (among its latest ones)."""
+        config = self.queues.get((project_id, queue_name))
+        return config is not None and event_id in config.event_ids
 
     def snapshot(self, through: int) -> RegistrySnapshot:
         """The whole state as an event: what every event up to ``through`` made it."""
@@ -128,6 +164,7 @@ class RegistryState:
                     queue_name=config.queue_name,
                     concurrency_limit=config.concurrency_limit,
                     concurrency_strategy=config.concurrency_strategy,
+                    event_ids=config.event_ids[-CONFIG_IDS_IN_SNAPSHOT:],
                 )
                 for config in self.queues.values()
             ),
@@ -149,6 +186,7 @@ class RegistryState:
                 queue.queue_name,
                 queue.concurrency_limit,
                 queue.concurrency_strategy,
+                queue.event_ids,
             )
 
     def resolve(self, project_id: str, deployment_id: str | None) -> Deployment | None:
@@ -179,9 +217,11 @@ class RegistryLog:
         self.last_offset = -1
         self.since_snapshot = 0
         self.blind = False
-        self._recent: deque[tuple[int, RegistryEvent]] = deque(maxlen=recent)
+        self._recent: deque[tuple[int, RegistryEvent, str | None]] = deque(maxlen=recent)
 
-    def read(self, offset: int | None, event: RegistryEvent, size: int) -> list[RegistryEvent]:
+    def read(
+        self, offset: int | None, event: RegistryEvent, size: int, event_id: str | None = None
+    ) -> list[RegistryEvent]:
         if not self._advance(offset):
             return []  # read again after a reconnect: already applied
         if isinstance(event, RegistrySnapshot):
@@ -192,8 +232,8 @@ class RegistryLog:
         if isinstance(event, ReplayMarker):
             return [event]
         if offset is not None:
-            self._recent.append((offset, event))
-        self.state.apply(event)
+            self._recent.append((offset, event, event_id))
+        self.state.apply(event, event_id)
         return [event]
 
     def unreadable(self, offset: int | None, raw: bytes) -> None:
@@ -216,9 +256,9 @@ class RegistryLog:
     def _restore(self, snapshot: RegistrySnapshot) -> list[RegistryEvent]:
         before = {key: replace(config) for key, config in self.state.queues.items()}
         self.state.restore(snapshot)
-        for offset, event in self._recent:
+        for offset, event, event_id in self._recent:
             if offset > snapshot.through:
-                self.state.apply(event)
+                self.state.apply(event, event_id)
         return [
             QueueDeclared(
                 at=snapshot.at,
@@ -228,7 +268,7 @@ class RegistryLog:
                 concurrency_strategy=config.concurrency_strategy,
             )
             for key, config in self.state.queues.items()
-            if before.get(key) != config
+            if not config.same_config(before.get(key))
         ]
 
 
@@ -251,8 +291,11 @@ class RegistryWriter:
         self._publisher = publisher
         self.stream = stream
 
-    async def append(self, event: RegistryEvent) -> None:
-        await self._publisher.publish(self.stream, encode_event(event), message_id=uuid.uuid4().hex)
+    async def append(self, event: RegistryEvent, *, event_id: str | None = None) -> str:
+        """Append with a confirm; returns the event's id (its message id)."""
+        event_id = event_id or uuid.uuid4().hex
+        await self._publisher.publish(self.stream, encode_event(event), message_id=event_id)
+        return event_id
 
     async def register_deployment(
         self, project_id: str, deployment_id: str, workflows: Iterable[str]
@@ -362,7 +405,7 @@ class RegistryFollower:
             self.log.unreadable(offset, message.body)
             log.warning("skipping undecodable registry event at offset %s", offset)
             return
-        for heard in self.log.read(offset, event, len(message.body)):
+        for heard in self.log.read(offset, event, len(message.body), message.message_id):
             if isinstance(heard, ReplayMarker):
                 if heard.nonce == self._nonce and not self.replayed.is_set():
                     log.info("registry replayed from offset %s", self.log.first_offset)

@@ -142,10 +142,16 @@ class QueueDirectory:
         else:
             events = queue_events(config, project_id, queue_name, limit, strategy)
         for event in events:
-            await self._writer.append(event)
+            event_id = await self._writer.append(event)
             # Apply now rather than wait for the stream to echo it back, so the
             # next submission does not record the same change again.
-            self._state.apply(event)
+            self._state.apply(event, event_id)
+
+    def config_id(self, project_id: str, queue_name: str) -> str | None:
+        """The id of the latest registry event about the queue that this gateway knows:
+        the one a submission carrying the queue's limit or strategy names."""
+        config = self._state.queues.get((project_id, queue_name))
+        return config.latest_event_id if config is not None else None
 
 
 def queue_events(

@@ -29,7 +29,7 @@ from gateway.link import BrokerLink
 from gateway.settings import Settings
 from schemas.api import QUEUE_NAME_PATTERN, BatchRunRequest, SubmitWorkflowRequest
 from schemas.dispatch import encode_queued_event
-from schemas.envelope import encode_submission
+from schemas.envelope import encode_submission, with_queue_config
 from schemas.ids import new_execution_id, new_session_id
 from schemas.limits import MAX_INT, MAX_VALUE_DEPTH, MIN_INT, ORJSON_READ_DEPTH, nests_deeper
 from schemas.registry import ConcurrencyStrategy
@@ -318,6 +318,11 @@ async def publish(link: BrokerLink, settings: Settings, stamped: Stamped) -> Non
                 routing_key = await queues.ensure(
                     project_id, queue_name, stamped.limit, stamped.strategy
                 )
+        if stamped.limit is not None or stamped.strategy is not None:
+            # What it carries travels on the registry: its dispatcher waits for that.
+            config_id = queues.config_id(project_id, queue_name)
+            if config_id is not None:
+                stamped.envelope = with_queue_config(stamped.envelope, config_id)
         try:
             await publisher.publish(routing_key, stamped.envelope, message_id=stamped.execution_id)
         except Unroutable:

@@ -34,6 +34,10 @@ class SubmissionEnvelope(BaseModel):
     # make this envelope undecodable for an older dispatcher or worker.
     concurrency_strategy: str | None = None
     concurrency_key: str | None = None
+    # The registry event that set the limit or strategy this submission carries
+    # (absent when it carries neither): its dispatcher admits it only once it has
+    # read that event, or after POLOS_DISPATCHER_CONFIG_WAIT_SECONDS.
+    queue_config_id: str | None = None
     run_timeout_seconds: int
     payload: Any = None
     initial_state: Any = None
@@ -97,6 +101,13 @@ def encode_submission(
     if concurrency_strategy is not None:  # absent otherwise: envelopes stay as they were
         envelope["concurrency_strategy"] = concurrency_strategy
     return orjson.dumps(envelope)
+
+
+def with_queue_config(envelope: bytes, config_id: str) -> bytes:
+    """``envelope`` (``encode_submission``'s: an object) naming the registry event
+    ``config_id``, without decoding it again."""
+    assert envelope.endswith(b"}")
+    return b'%s,"queue_config_id":%s}' % (envelope[:-1], orjson.dumps(config_id))
 
 
 def make_submission(

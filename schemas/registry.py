@@ -100,6 +100,8 @@ class SnapshotQueue(BaseModel):
     queue_name: str
     concurrency_limit: int | None = None
     concurrency_strategy: ConcurrencyStrategy | None = None
+    # The ids of the latest events about the queue, newest last (``has_heard``).
+    event_ids: tuple[str, ...] = ()
 
 
 class RegistrySnapshot(_Event):

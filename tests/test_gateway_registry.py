@@ -9,14 +9,16 @@ import sys
 from collections.abc import Awaitable, Callable
 
 import aio_pika
+from aio_pika.abc import AbstractConnection
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryFollower, RegistryState, RegistryWriter
+from schemas.envelope import decode_submission
 from schemas.registry import QueueEvent, RegistryEvent
 from schemas.topology import submit_queue
-from tests.conftest import GatewayFactory, Tenant
+from tests.conftest import GatewayFactory, Tenant, take_messages
 
 Client = TestClient[web.Request, web.Application]
 Register = Callable[[str, str, list[str]], Awaitable[None]]
@@ -221,3 +223,28 @@ async def test_a_batch_item_carrying_a_strategy_sets_its_queues(
 
     _, state = await _queue_events(amqp_url, project)
     assert state.queues[(project, "batched")].concurrency_strategy == "cancel_in_progress"
+
+
+async def test_a_submission_carrying_a_limit_names_the_event_that_recorded_it(
+    make_gateway: GatewayFactory,
+    tenant: Tenant,
+    register: Register,
+    amqp_url: str,
+    amqp: AbstractConnection,
+    delete_queues: Callable[[str], None],
+) -> None:
+    project = tenant.project_id
+    name = submit_queue(project, "named")
+    delete_queues(name)
+    await register(project, "v1", ["hello"])
+    client = await make_gateway()
+
+    await _submit(client, tenant, "named", 3)  # queue_declared
+    await _submit(client, tenant, "named", 5)  # queue_limit_set
+    await _submit(client, tenant, "named", 5)  # nothing new: names the same event
+    await _submit(client, tenant, "named", None)  # carries nothing: names nothing
+
+    _, state = await _queue_events(amqp_url, project)
+    declared, limited = state.queues[(project, "named")].event_ids
+    envelopes = [decode_submission(m.body) for m in await take_messages(amqp, name, 4)]
+    assert [e.queue_config_id for e in envelopes] == [declared, limited, limited, None]

@@ -120,6 +120,9 @@ async def test_200_comes_after_the_broker_stored_the_message_with_every_field(
     assert message.message_id == answer["execution_id"]
     assert message.content_type == "application/json"
     envelope = decode_submission(message.body)
+    # The registry event that recorded its limit and strategy (its dispatcher waits
+    # for it: tests/test_dispatcher_config_wait.py).
+    assert re.fullmatch("[0-9a-f]{32}", envelope.queue_config_id or "")
     assert envelope.model_dump() == {
         "type": "submission",
         "schema_version": 1,
@@ -132,6 +135,7 @@ async def test_200_comes_after_the_broker_stored_the_message_with_every_field(
         "queue_concurrency_limit": 4,
         "concurrency_strategy": "partition",
         "concurrency_key": "customer-42",
+        "queue_config_id": envelope.queue_config_id,
         "run_timeout_seconds": 120,
         "payload": body["payload"],
         "initial_state": {"step": 0},
