@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from broker.deadletter import dead_letter
 from broker.errors import BrokerError
+from dispatcher.config_wait import ConfigWait
 from dispatcher.consumers import CHANNEL_GONE, Consumer, Delivery
 from dispatcher.effects import Deliveries, Effector
 from dispatcher.lifecycle import MAX_RECORDS_BETWEEN_CHECKPOINTS, QueueLifecycle
@@ -58,11 +59,16 @@ from schemas.dispatch import (
     encode,
     own_ledger_seq,
 )
-from schemas.envelope import decode_submission
+from schemas.envelope import SubmissionEnvelope, decode_submission
 from schemas.registry import DEFAULT_CONCURRENCY_STRATEGY, ConcurrencyStrategy
 from schemas.topology import results_queue, submit_queue
 
 log = logging.getLogger(__name__)
+
+
+# A submission between its delivery and the lifecycle: (delivery ref, envelope,
+# body, attempt).
+Intake = tuple[int, SubmissionEnvelope, bytes, int]
 
 
 class OwnerState(StrEnum):
@@ -110,6 +116,9 @@ class QueueOwner:
         self._records: list[tuple[int, LedgerRecord]] = []
         self._buffer: list[tuple[Delivery, ResultsQueueMessage]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._config_wait: ConfigWait[Intake] = ConfigWait(self.settings.config_wait_seconds)
+        self._config_timer: asyncio.TimerHandle | None = None
+        self._config_timeouts_told = 0
         self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -170,6 +179,12 @@ class QueueOwner:
         self.lifecycle.set_strategy(strategy, time.time())
         self._kick()
 
+    def registry_heard(self) -> None:
+        """The registry delivered an event about this queue (applied already): admit
+        the submissions that waited for it."""
+        if self.state is OwnerState.OWNING and len(self._config_wait):
+            self._admit(self._config_wait.release(self._heard, time.time()))
+
     def drain(self) -> None:
         """Admit nothing more; what is in flight runs on (ends waiting for a record get
         one now)."""
@@ -182,6 +197,9 @@ class QueueOwner:
         self.effector.stop()
         if self._timer is not None:
             self._timer.cancel()
+        if self._config_timer is not None:
+            self._config_timer.cancel()
+        self._config_wait.clear()
         for task in self._tasks:
             task.cancel()
         self.deliveries.clear()
@@ -333,10 +351,46 @@ class QueueOwner:
         except ValidationError as exc:
             self._spawn(self.poison(delivery, self.name, f"undecodable submission: {exc}"))
             return
-        self.lifecycle.on_submission(
-            self.deliveries.hold(delivery), envelope, delivery.body, delivery.attempt, time.time()
-        )
-        self._kick()
+        intake = (self.deliveries.hold(delivery), envelope, delivery.body, delivery.attempt)
+        config_id = envelope.queue_config_id
+        self._admit(self._config_wait.offer(intake, config_id, self._heard, time.time()))
+
+    def _heard(self, event_id: str) -> bool:
+        return self.links.registry_heard(self.project_id, self.queue_name, event_id)
+
+    def _admit(self, admitted: list[Intake]) -> None:
+        """Hand the lifecycle what no longer waits for the registry, in order."""
+        now = time.time()
+        for ref, envelope, body, attempt in admitted:
+            self.lifecycle.on_submission(ref, envelope, body, attempt, now)
+        if admitted:
+            self._kick()
+        self._arm_config_timer(now)
+        wait = self._config_wait
+        if wait.timed_out > self._config_timeouts_told:
+            log.warning(
+                "%s: %d submission(s) admitted without the registry event they name "
+                "(waited %.1fs): decided under the limit and strategy the registry says",
+                self.name,
+                wait.timed_out - self._config_timeouts_told,
+                wait.bound,
+            )
+            self._config_timeouts_told = wait.timed_out
+
+    def _arm_config_timer(self, now: float) -> None:
+        if self._config_timer is not None:
+            self._config_timer.cancel()
+            self._config_timer = None
+        deadline = self._config_wait.deadline()
+        if deadline is not None:
+            self._config_timer = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - now), self._on_config_timer
+            )
+
+    def _on_config_timer(self) -> None:
+        self._config_timer = None
+        if self.state is OwnerState.OWNING:
+            self._admit(self._config_wait.release(self._heard, time.time()))
 
     async def _consume_submissions(self, prefetch: int) -> None:
         self._intake_busy = True

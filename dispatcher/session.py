@@ -147,6 +147,7 @@ class Session:
             busy_changed=self._busy_changed,
             activity=self._activity,
             ledger_written=self._on_ledger,
+            registry_heard=self._state.has_heard,
         )
         follower = RegistryFollower(
             connection, RegistryWriter(publisher), self._state, replicas=replicas
@@ -204,6 +205,7 @@ class Session:
         if owner is not None:
             owner.set_limit(self._limit_of(key))
             owner.set_strategy(self._strategy_of(key))
+            owner.registry_heard()
         else:
             self._spawn(self._discover(key))
 

@@ -31,6 +31,14 @@ class Settings(BrokerSettings):
         le=MAX_PREFETCH,
         description="Prefetch of an unlimited queue: how many submissions are held in memory",
     )
+    dispatcher_config_wait_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="How long a submission carrying a new limit or strategy waits for the "
+        "registry event that records it before it is admitted under what the registry says "
+        "(its delivery held meanwhile: less than the hold time)",
+    )
     dispatcher_lease_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -103,9 +111,26 @@ class Settings(BrokerSettings):
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
 
     @model_validator(mode="after")
+    def _config_wait_inside_hold(self) -> Settings:
+        if (
+            "dispatcher_config_wait_seconds" in self.model_fields_set
+            and self.dispatcher_config_wait_seconds >= self.dispatcher_hold_seconds
+        ):
+            raise ValueError(
+                "POLOS_DISPATCHER_CONFIG_WAIT_SECONDS must be less than "
+                "POLOS_DISPATCHER_HOLD_SECONDS (a waiting submission's delivery is held)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _former_reconnect(self) -> Settings:
         self._adopt_reconnect(self.dispatcher_reconnect_max_seconds)
         return self
+
+    @property
+    def config_wait_seconds(self) -> float:
+        """The wait, inside the hold bound when only the hold was set (shorter)."""
+        return min(self.dispatcher_config_wait_seconds, self.dispatcher_hold_seconds / 2)
 
     def tunables(self) -> Tunables:
         return Tunables(

@@ -76,3 +76,5 @@ class Links:
     activity: Callable[[], None]
     # (project, queue, checkpoint, bytes) of each ledger record the broker confirmed.
     ledger_written: Callable[[str, str, bool, int], None]
+    # (project, queue, event id): whether the registry delivered that event.
+    registry_heard: Callable[[str, str, str], bool]

@@ -28,6 +28,7 @@ from broker.publisher import ConfirmedPublisher
 from broker.registry import RegistryWriter, declare_registry
 from broker.topology import declare_dead_letters, declare_dispatch_exchanges, declare_queue
 from schemas.dispatch import TERMINAL_STATUSES, ExecutionStatus, LifecycleEvent, decode_events
+from schemas.envelope import with_queue_config
 from schemas.ids import new_execution_id, now_rfc3339
 from schemas.registry import ConcurrencyStrategy, QueueDeclared, QueueLimitSet, QueueStrategySet
 from schemas.topology import (
@@ -105,11 +106,13 @@ class QueueKit:
             )
         )
 
-    async def set_limit(self, queue: str, limit: int) -> None:
-        await self._writer.append(
+    async def set_limit(self, queue: str, limit: int, *, event_id: str | None = None) -> str:
+        """Append ``queue_limit_set``; returns the event's id."""
+        return await self._writer.append(
             QueueLimitSet(
                 at=now_rfc3339(), project_id=self.project, queue_name=queue, concurrency_limit=limit
-            )
+            ),
+            event_id=event_id,
         )
 
     async def submit(
@@ -120,8 +123,13 @@ class QueueKit:
         workflow: str = "sleep",
         key: str | None = None,
         run_timeout: int = 60,
+        limit: int | None = None,
+        config_id: str | None = None,
     ) -> str:
-        """Publish one submission (confirmed); returns its execution id."""
+        """Publish one submission (confirmed); returns its execution id.
+
+        ``limit`` and ``config_id``: what the gateway stamps on a submission that
+        carries a limit (the registry event that recorded it)."""
         execution_id, created_at = new_execution_id()
         body = make_submission(
             execution_id=execution_id,
@@ -135,7 +143,10 @@ class QueueKit:
             payload=payload,
             session_id=str(uuid.uuid4()),
             submitted_by="key_test",
+            queue_concurrency_limit=limit,
         )
+        if config_id is not None:
+            body = with_queue_config(body, config_id)
         await self.publish_raw(queue, body, message_id=execution_id)
         return execution_id
 
