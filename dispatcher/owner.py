@@ -146,8 +146,9 @@ class QueueOwner:
 
     @property
     def pending(self) -> int:
-        """Submissions received and waiting for a slot."""
-        return self.lifecycle.pending
+        """Submissions received and waiting for a slot (or for the registry event
+        they name)."""
+        return self.lifecycle.pending + len(self._config_wait)
 
     async def start(self) -> None:
         """Consume the results queue and ask who owns the queue."""
@@ -365,6 +366,8 @@ class QueueOwner:
             self.lifecycle.on_submission(ref, envelope, body, attempt, now)
         if admitted:
             self._kick()
+        elif len(self._config_wait):
+            self._set_busy(True)  # a burst-mode dispatcher must not end meanwhile
         self._arm_config_timer(now)
         wait = self._config_wait
         if wait.timed_out > self._config_timeouts_told:
@@ -440,7 +443,7 @@ class QueueOwner:
         delay = max(0.0, self.lifecycle.next_wakeup() - time.time())
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
         self._adjust_intake()
-        self._set_busy(self.lifecycle.busy)
+        self._set_busy(self.lifecycle.busy or bool(len(self._config_wait)))
 
     def _on_timer(self) -> None:
         self._timer = None

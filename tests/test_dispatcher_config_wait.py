@@ -166,7 +166,7 @@ async def test_a_submission_read_before_its_new_limit_waits_for_it_and_runs_unde
 ) -> None:
     await queue_kit.declare("q", limit=4)
     probe = await start_probe(concurrency=20)
-    await make_dispatcher(dispatcher_config_wait_seconds=15)
+    dispatcher = await make_dispatcher(dispatcher_config_wait_seconds=15)
     await asyncio.sleep(0.3)  # the dispatcher owns the queue
     # The gateway's order, as the dispatcher may read it: the submissions lowering
     # the limit to 1 first, the registry event that records it after them.
@@ -176,6 +176,7 @@ async def test_a_submission_read_before_its_new_limit_waits_for_it_and_runs_unde
     ]
     await asyncio.sleep(0.5)
     assert probe.runs == []  # under the old limit, all four would be running now
+    assert not dispatcher.idle.is_set()  # waiting is work: a burst dispatcher stays
 
     await queue_kit.set_limit("q", 1, event_id=event_id)
 
