@@ -16,6 +16,9 @@ the session's owners at scrape time (``OwnersCollector``).
                                                           checkpoint): quorum enqueues of the
                                                           owner's own, beside the executions'
     polos_queue_ledger_bytes_total{project,queue}
+    polos_queue_config_wait_timeouts_total{project,queue}  submissions admitted without the
+                                                          registry event they name (after
+                                                          POLOS_DISPATCHER_CONFIG_WAIT_SECONDS)
     polos_queue_concurrency_limit{project,queue}          owned queues; +Inf = unlimited
     polos_queue_holding{project,queue}                    executions holding a slot
     polos_dispatcher_queues{state=owned|standby}
@@ -111,6 +114,14 @@ class DispatcherObserver:
             registry=self.registry,
         )
         self._ledger_children: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
+        # A registry reader far behind, or events lost: an operator's alert.
+        self.config_wait_timeouts = Counter(
+            "polos_queue_config_wait_timeouts",
+            "Submissions admitted without the registry event naming their limit or strategy "
+            "(they waited POLOS_DISPATCHER_CONFIG_WAIT_SECONDS for it)",
+            ["project", "queue"],
+            registry=self.registry,
+        )
         self.takeovers = 0  # counted by the status sampler (dispatcher/status.py)
         # Per queue, transitions by status: the operator page's rates.
         self.counts: defaultdict[QueueKey, defaultdict[str, int]] = defaultdict(
@@ -147,6 +158,13 @@ class DispatcherObserver:
             size_bytes.inc(size)
         except Exception:
             log.exception("observing a ledger record of %s/%s failed", project_id, queue_name)
+
+    def config_timed_out(self, project_id: str, queue_name: str, count: int) -> None:
+        """Submissions admitted without their registry event (rare: no cache); never raises."""
+        try:
+            self.config_wait_timeouts.labels(*self.labels(project_id, queue_name)).inc(count)
+        except Exception:
+            log.exception("observing a config wait of %s/%s failed", project_id, queue_name)
 
     def _count(self, status: ExecutionStatus, envelope: SubmissionEnvelope) -> None:
         project_id, queue_name = envelope.project_id, envelope.queue_name

@@ -371,6 +371,9 @@ class QueueOwner:
         self._arm_config_timer(now)
         wait = self._config_wait
         if wait.timed_out > self._config_timeouts_told:
+            self.links.config_timed_out(
+                self.project_id, self.queue_name, wait.timed_out - self._config_timeouts_told
+            )
             log.warning(
                 "%s: %d submission(s) admitted without the registry event they name "
                 "(waited %.1fs): decided under the limit and strategy the registry says",

@@ -136,6 +136,7 @@ class Dispatcher:
                 first=self._owned,
                 on_event=self.observer.event,
                 on_ledger=self.observer.ledger_written,
+                on_config_timeout=self.observer.config_timed_out,
             )
             if not await self._start_session(session):
                 await session.close()

@@ -71,11 +71,13 @@ class Session:
         first: Collection[QueueKey] = (),
         on_ledger: Callable[[str, str, bool, int], None],
         on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
+        on_config_timeout: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self._nodes = nodes
         self._on_event = on_event
         self._on_ledger = on_ledger
+        self._on_config_timeout = on_config_timeout or (lambda _project, _queue, _count: None)
         self._first = first
         self.broken = asyncio.Event()
         self.owners: dict[QueueKey, QueueOwner] = {}
@@ -148,6 +150,7 @@ class Session:
             activity=self._activity,
             ledger_written=self._on_ledger,
             registry_heard=self._state.has_heard,
+            config_timed_out=self._on_config_timeout,
         )
         follower = RegistryFollower(
             connection, RegistryWriter(publisher), self._state, replicas=replicas

@@ -78,3 +78,5 @@ class Links:
     ledger_written: Callable[[str, str, bool, int], None]
     # (project, queue, event id): whether the registry delivered that event.
     registry_heard: Callable[[str, str, str], bool]
+    # (project, queue, count): submissions admitted without the event they name.
+    config_timed_out: Callable[[str, str, int], None]

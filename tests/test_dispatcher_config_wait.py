@@ -195,7 +195,7 @@ async def test_a_submission_whose_event_never_comes_is_admitted_at_the_bound(
 ) -> None:
     await queue_kit.declare("q", limit=2)
     probe = await start_probe()
-    await make_dispatcher(dispatcher_config_wait_seconds=1.0)
+    dispatcher = await make_dispatcher(dispatcher_config_wait_seconds=1.0)
     await asyncio.sleep(0.3)
     began = time.monotonic()
     # The event it names never reaches this dispatcher (its registry reader is far
@@ -212,3 +212,8 @@ async def test_a_submission_whose_event_never_comes_is_admitted_at_the_bound(
     assert admitted == [lost, plain]
     assert sorted(probe.runs) == sorted([lost, plain])
     assert "admitted without the registry event they name" in caplog.text
+    timeouts = dispatcher.observer.registry.get_sample_value(
+        "polos_queue_config_wait_timeouts_total",
+        {"project": queue_kit.project, "queue": "q"},
+    )
+    assert timeouts == 1  # the plain one behind it named nothing: not counted
