@@ -405,6 +405,11 @@ class QueueOwner:
                 await self.links.pool.cancel(self._submissions)
                 self._submissions = None
             if prefetch > 0 and self.state is OwnerState.OWNING:
+                if not await self.links.queue_exists(self.name):
+                    # Deleted (we took over from an owner that let it go for that):
+                    # consuming it would close a channel other consumers share.
+                    self._on_gone("the queue does not exist")
+                    return
                 self._submissions = await self.links.pool.consume(
                     self.name,
                     kind="submissions",
@@ -413,7 +418,7 @@ class QueueOwner:
                     on_cancelled=self._on_gone,
                 )
             self._submissions_prefetch = prefetch if self._submissions is not None else 0
-        except CHANNEL_GONE as exc:
+        except (*CHANNEL_GONE, BrokerError) as exc:
             self.links.fail(exc)
         finally:
             self._intake_busy = False
@@ -456,10 +461,8 @@ class QueueOwner:
 
     # -- the rest --------------------------------------------------------------------------
 
-    def _on_gone(self) -> None:
-        log.warning(
-            "%s: consumer cancelled by the broker (queue deleted); letting it go", self.name
-        )
+    def _on_gone(self, why: str = "consumer cancelled by the broker (queue deleted)") -> None:
+        log.warning("%s: %s; letting it go", self.name, why)
         self.stop()
         self.links.gone(self.project_id, self.queue_name)
         self._tasks.add(asyncio.ensure_future(self._cancel_consumers()))

@@ -151,6 +151,7 @@ class Session:
             ledger_written=self._on_ledger,
             registry_heard=self._state.has_heard,
             config_timed_out=self._on_config_timeout,
+            queue_exists=self._queue_exists,
         )
         follower = RegistryFollower(
             connection, RegistryWriter(publisher), self._state, replicas=replicas
@@ -263,6 +264,11 @@ class Session:
         )
         await owner.start()
         return True
+
+    async def _queue_exists(self, name: str) -> bool:
+        if self.probe is None:
+            raise BrokerUnavailable("the session has no probe connection")
+        return await self.probe.ready_count(name) is not None
 
     def _gone(self, project_id: str, queue_name: str) -> None:
         self.owners.pop((project_id, queue_name), None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractConnection
@@ -78,5 +78,8 @@ class Links:
     ledger_written: Callable[[str, str, bool, int], None]
     # (project, queue, event id): whether the registry delivered that event.
     registry_heard: Callable[[str, str, str], bool]
+    # Whether a queue exists (a passive declare on the probe connection, so that
+    # a missing one never closes a consumer channel); raises BrokerUnavailable.
+    queue_exists: Callable[[str], Awaitable[bool]]
     # (project, queue, count): submissions admitted without the event they name.
     config_timed_out: Callable[[str, str, int], None]

@@ -150,3 +150,40 @@ async def test_a_queue_the_gateway_declares_again_after_its_deletion_is_owned(
     assert ends[second].status is S.COMPLETED
     assert set(session.owners) == {(project, "q")}
     assert dispatcher.sessions == 1
+
+
+async def test_a_queue_deleted_under_its_owner_costs_the_standby_nothing(
+    queue_kit: QueueKit,
+    event_log: EventLog,
+    make_dispatcher: DispatcherFactory,
+    probe: Probe,
+    amqp: AbstractConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    project = queue_kit.project
+    await queue_kit.declare("doomed")
+    await queue_kit.declare("kept")
+    owner = await make_dispatcher()
+    standby = await make_dispatcher()
+    session = standby.session
+    assert session is not None
+    await until(lambda: len(session.owners) == 2, what="the standby on both results queues")
+    first = await queue_kit.submit("doomed", {"seconds": 0})
+    await event_log.wait_terminal([first])
+
+    # An operator deletes a queue; its owner lets it go, and later stops (a rolling
+    # restart): the standby becomes the results queue's active consumer, takes
+    # over, and finds no queue to consume.
+    async with amqp.channel() as channel:
+        await channel.queue_delete(submit_queue(project, "doomed"))
+    await until(lambda: "consumer cancelled by the broker" in caplog.text, what="the owner")
+    await owner.stop()
+    await until(lambda: (project, "doomed") not in session.owners, timeout=10, what="the standby")
+
+    kept = await queue_kit.submit("kept", {"seconds": 0})
+    ends = await event_log.wait_terminal([kept])
+    assert ends[kept].status is S.COMPLETED
+    assert "the queue does not exist; letting it go" in caplog.text
+    assert "session broken" not in caplog.text  # it cost no session, its or the owner's
+    assert standby.sessions == 1
+    assert set(session.owners) == {(project, "kept")}
