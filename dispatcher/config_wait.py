@@ -6,8 +6,9 @@ A submission carrying a limit or strategy (``queue_concurrency_limit``,
 submission on its own queue, so the submission may arrive first: admitted
 then, it would be decided under the old limit or strategy. Its owner holds it
 here until the registry has delivered that event, or for ``bound`` seconds at
-most (the event may have been lost with a gateway that crashed after its
-append; the submission is then admitted under what the registry says).
+most (the gateway appended it, confirmed, before it published the submission,
+but this reader may be far behind, or the id pushed out of the few it keeps
+per queue); the submission is then admitted under what the registry says.
 
 Order is kept: while one waits, every later submission waits behind it (they
 were sent after the change too), and leaves with or after it.

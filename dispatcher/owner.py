@@ -184,7 +184,8 @@ class QueueOwner:
         """The registry delivered an event about this queue (applied already): admit
         the submissions that waited for it."""
         if self.state is OwnerState.OWNING and len(self._config_wait):
-            self._admit(self._config_wait.release(self._heard, time.time()))
+            now = time.time()
+            self._admit(self._config_wait.release(self._heard, now), now)
 
     def drain(self) -> None:
         """Admit nothing more; what is in flight runs on (ends waiting for a record get
@@ -353,15 +354,15 @@ class QueueOwner:
             self._spawn(self.poison(delivery, self.name, f"undecodable submission: {exc}"))
             return
         intake = (self.deliveries.hold(delivery), envelope, delivery.body, delivery.attempt)
+        now = time.time()
         config_id = envelope.queue_config_id
-        self._admit(self._config_wait.offer(intake, config_id, self._heard, time.time()))
+        self._admit(self._config_wait.offer(intake, config_id, self._heard, now), now)
 
     def _heard(self, event_id: str) -> bool:
         return self.links.registry_heard(self.project_id, self.queue_name, event_id)
 
-    def _admit(self, admitted: list[Intake]) -> None:
+    def _admit(self, admitted: list[Intake], now: float) -> None:
         """Hand the lifecycle what no longer waits for the registry, in order."""
-        now = time.time()
         for ref, envelope, body, attempt in admitted:
             self.lifecycle.on_submission(ref, envelope, body, attempt, now)
         if admitted:
@@ -396,7 +397,8 @@ class QueueOwner:
     def _on_config_timer(self) -> None:
         self._config_timer = None
         if self.state is OwnerState.OWNING:
-            self._admit(self._config_wait.release(self._heard, time.time()))
+            now = time.time()
+            self._admit(self._config_wait.release(self._heard, now), now)
 
     async def _consume_submissions(self, prefetch: int) -> None:
         self._intake_busy = True

@@ -70,14 +70,14 @@ class Session:
         activity: Callable[[], None],
         first: Collection[QueueKey] = (),
         on_ledger: Callable[[str, str, bool, int], None],
+        on_config_timeout: Callable[[str, str, int], None],
         on_event: Callable[[ExecutionStatus, SubmissionEnvelope], None] | None = None,
-        on_config_timeout: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self._nodes = nodes
         self._on_event = on_event
         self._on_ledger = on_ledger
-        self._on_config_timeout = on_config_timeout or (lambda _project, _queue, _count: None)
+        self._on_config_timeout = on_config_timeout
         self._first = first
         self.broken = asyncio.Event()
         self.owners: dict[QueueKey, QueueOwner] = {}
@@ -248,8 +248,7 @@ class Session:
     async def _own(self, key: QueueKey) -> bool:
         """Consume the queue if it exists (and only then declare its results queue)."""
         assert self._links is not None
-        assert self.probe is not None
-        if await self.probe.ready_count(submit_queue(*key)) is None:
+        if not await self._queue_exists(submit_queue(*key)):
             if key not in self.missing and self._up:
                 log.info("%s/%s is recorded but does not exist; not consuming it", *key)
             self.missing.add(key)
